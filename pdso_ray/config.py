@@ -1,0 +1,433 @@
+"""One typed configuration for the whole pipeline.
+
+Nested dataclasses, one per stage, with the defaults of DESIGN §3. Loaded from YAML, overridden with
+dotted ``--set a.b=c`` assignments (values parsed as YAML scalars, then checked against the field's
+type), validated, and saved resolved (secrets redacted) beside the outputs. Every error names the
+offending key and value.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import hashlib
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any
+
+import yaml
+
+STAGES = (
+    "features",
+    "cluster",
+    "denoise",
+    "purify",
+    "pseudo_labels",
+    "finetune",
+    "predict",
+    "evaluate",
+    "report",
+)
+
+# Published per-benchmark saliency thresholds for pixel pseudo labels (DESIGN §3.5).
+DEFAULT_SALIENCY_THRESHOLDS = {50: 0.41, 300: 0.40, 919: 0.37}
+
+SECRET_KEYS = ("key", "secret", "token", "password", "session_token", "aws_secret_access_key")
+REDACTED = "***"
+
+
+class ConfigError(ValueError):
+    """A configuration value is missing, unknown or of the wrong type; the message names the key."""
+
+
+# ---- schema ---------------------------------------------------------------------------------------
+@dataclass
+class S3Config:
+    endpoint_url: str | None = None  # e.g. http://127.0.0.1:9000 for MinIO; None = AWS
+    key: str | None = None  # None = environment / instance profile
+    secret: str | None = None
+    token: str | None = None
+    anon: bool = False
+
+
+@dataclass
+class StorageConfig:
+    s3: S3Config = field(default_factory=S3Config)
+
+
+@dataclass
+class DataConfig:
+    root: str = "demo/data"  # folder or URL holding ImageNetS{classes}/
+    classes: int = 50
+    class_list: str | None = None  # optional file with one wnid per line (benchmark order)
+    features: str | None = None  # precomputed features folder: stage 1 is skipped
+    max_pixels: int = 89_478_485  # decompression-bomb limit per image
+    train_split: str = "train"
+    eval_splits: list[str] = field(default_factory=lambda: ["validation", "test"])
+    limit: int | None = None  # use only the first N train images (debugging)
+
+
+@dataclass
+class DinoConfig:
+    arch: str = "vit_small_patch8"
+    checkpoint: str | None = None  # URL of an official DINO .pth or a timm state dict
+    image_size: int = 224
+
+
+@dataclass
+class SamConfig:
+    arch: str = "vit_b"
+    checkpoint: str | None = None  # URL of an official SAM .pth (sam_vit_b_01ec64.pth)
+    image_size: int | None = None  # None = the architecture's native 1024
+    compile: bool = False  # torch.compile the image encoder (GPU only; off-switch for old GPUs)
+
+
+@dataclass
+class ModelsConfig:
+    dino: DinoConfig = field(default_factory=DinoConfig)
+    sam: SamConfig = field(default_factory=SamConfig)
+    allow_random_init: bool = False  # only for demos/tests: run with random weights when no checkpoint
+
+
+@dataclass
+class FeaturesConfig:
+    batch_size: int = 64
+    min_actors: int = 1
+    max_actors: int = 4
+    gpus_per_actor: float = 1.0  # ignored (0) when the cluster has no GPU
+    cpus_per_actor: float = 1.0
+    decode_cpus: float = 1.0
+    rows_per_file: int = 50_000
+
+
+@dataclass
+class ClusterConfig:
+    niter: int = 20
+    nredo: int = 1
+    seed: int = 0
+    num_shards: int | None = None  # None = one per CPU (or GPU) in the cluster
+
+
+@dataclass
+class DenoiseConfig:
+    keep_ratio: float = 0.5
+    epochs_f: int = 15
+    epochs_g: int = 50
+    epochs_h: int = 50
+    hidden_dim: int = 256  # D' of the MLP h: D -> D' -> C
+    lr: float = 1e-3
+    batch_size: int = 1024
+    seed: int = 0
+
+
+@dataclass
+class PurifyConfig:
+    dist_quantile: float = 0.8
+    alpha: float = 2.0
+    topk: int = 50
+    niter: int = 20
+    seed: int = 0
+
+
+@dataclass
+class RefineConfig:
+    method: str = "spo"  # spo | sam_select | gmm | none
+    sigma: float = 0.8  # secondary classes: candidates with distance <= sigma
+    min_area: int = 100  # ignore components smaller than this (pixels)
+    gmm_confidence: float = 0.5
+    sam_select_points_per_side: int = 16
+
+
+@dataclass
+class PseudoLabelsConfig:
+    threshold: float | None = None  # None = published value for data.classes (0.41/0.40/0.37)
+    image_size: int = 448  # DINO input size for patch features
+    batch_size: int = 8
+    min_actors: int = 1
+    max_actors: int = 4
+    gpus_per_actor: float = 1.0
+    refine: RefineConfig = field(default_factory=RefineConfig)
+
+
+@dataclass
+class FinetuneConfig:
+    backbone: str = "dino"  # dino (the stage-1 ViT) | resnet50
+    epochs: int = 20
+    lr: float = 1e-4
+    weight_decay: float = 0.05
+    batch_size: int = 32  # per worker
+    crop_size: int = 224
+    num_workers: int = 2
+    use_gpu: bool = True  # ignored when the cluster has no GPU
+    cpus_per_worker: float = 1.0
+    max_failures: int = 2
+    seed: int = 0
+
+
+@dataclass
+class PredictConfig:
+    short_side: int = 256
+    batch_size: int = 8
+    min_actors: int = 1
+    max_actors: int = 4
+    gpus_per_actor: float = 1.0
+
+
+@dataclass
+class RayConfig:
+    address: str | None = None  # None = connect to a running cluster if any, else start locally
+    num_cpus: int | None = None  # local start only
+
+
+@dataclass
+class PipelineConfig:
+    output: str = "runs/demo"
+    stages: list[str] = field(default_factory=lambda: list(STAGES))
+    data: DataConfig = field(default_factory=DataConfig)
+    storage: StorageConfig = field(default_factory=StorageConfig)
+    models: ModelsConfig = field(default_factory=ModelsConfig)
+    features: FeaturesConfig = field(default_factory=FeaturesConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    denoise: DenoiseConfig = field(default_factory=DenoiseConfig)
+    purify: PurifyConfig = field(default_factory=PurifyConfig)
+    pseudo_labels: PseudoLabelsConfig = field(default_factory=PseudoLabelsConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    predict: PredictConfig = field(default_factory=PredictConfig)
+    ray: RayConfig = field(default_factory=RayConfig)
+
+    # -- derived values --
+    def saliency_threshold(self) -> float:
+        if self.pseudo_labels.threshold is not None:
+            return self.pseudo_labels.threshold
+        nearest = min(DEFAULT_SALIENCY_THRESHOLDS, key=lambda c: abs(c - self.data.classes))
+        return DEFAULT_SALIENCY_THRESHOLDS[nearest]
+
+    def storage_options(self) -> dict[str, dict[str, Any]]:
+        """fsspec options per protocol, for :class:`pdso_ray.storage.Storage`."""
+        s3 = self.storage.s3
+        opts: dict[str, Any] = {}
+        if s3.endpoint_url:
+            opts["endpoint_url"] = s3.endpoint_url
+        if s3.key:
+            opts["key"] = s3.key
+        if s3.secret:
+            opts["secret"] = s3.secret
+        if s3.token:
+            opts["token"] = s3.token
+        if s3.anon:
+            opts["anon"] = True
+        return {"s3": opts, "s3a": opts}
+
+    def section_hash(self, *sections: str) -> str:
+        """Stable hash of some config sections (secrets excluded): a stage's identity in manifests."""
+        full = to_dict(self, redact=True)
+        picked = {name: _get_dotted(full, name) for name in sorted(sections)}
+        blob = json.dumps(picked, sort_keys=True, default=str).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]
+
+
+# ---- validation -----------------------------------------------------------------------------------
+def validate(cfg: PipelineConfig) -> PipelineConfig:
+    def need(cond: bool, key: str, value: Any, why: str) -> None:
+        if not cond:
+            raise ConfigError(f"{key}={value!r}: {why}")
+
+    need(cfg.data.classes >= 1, "data.classes", cfg.data.classes, "must be >= 1")
+    need(bool(cfg.output), "output", cfg.output, "must name a run folder or URL")
+    for s in cfg.stages:
+        if s not in STAGES:
+            hint = difflib.get_close_matches(s, STAGES, n=1)
+            need(False, "stages", s, f"unknown stage{f' (did you mean {hint[0]!r}?)' if hint else ''}; "
+                 f"stages are {', '.join(STAGES)}")
+    need(0 < cfg.denoise.keep_ratio <= 1, "denoise.keep_ratio", cfg.denoise.keep_ratio, "must be in (0, 1]")
+    need(0 < cfg.purify.dist_quantile <= 1, "purify.dist_quantile", cfg.purify.dist_quantile,
+         "must be in (0, 1]")
+    need(cfg.purify.alpha >= 1, "purify.alpha", cfg.purify.alpha, "must be >= 1")
+    need(cfg.purify.topk >= 1, "purify.topk", cfg.purify.topk, "must be >= 1")
+    need(cfg.cluster.niter >= 1, "cluster.niter", cfg.cluster.niter, "must be >= 1")
+    need(cfg.cluster.nredo >= 1, "cluster.nredo", cfg.cluster.nredo, "must be >= 1")
+    if cfg.pseudo_labels.threshold is not None:
+        need(0 <= cfg.pseudo_labels.threshold <= 1, "pseudo_labels.threshold",
+             cfg.pseudo_labels.threshold, "must be in [0, 1]")
+    refiners = ("spo", "sam_select", "gmm", "none")
+    need(cfg.pseudo_labels.refine.method in refiners, "pseudo_labels.refine.method",
+         cfg.pseudo_labels.refine.method, f"must be one of {', '.join(refiners)}")
+    need(cfg.finetune.backbone in ("dino", "resnet50"), "finetune.backbone", cfg.finetune.backbone,
+         "must be dino or resnet50")
+    for key in ("features.batch_size", "pseudo_labels.batch_size", "finetune.batch_size",
+                "predict.batch_size", "features.min_actors", "features.max_actors",
+                "finetune.num_workers", "models.dino.image_size"):
+        value = _get_attr(cfg, key)
+        need(value >= 1, key, value, "must be >= 1")
+    need(cfg.features.min_actors <= cfg.features.max_actors, "features.min_actors",
+         cfg.features.min_actors, f"must be <= features.max_actors ({cfg.features.max_actors})")
+    return cfg
+
+
+# ---- loading and overrides ------------------------------------------------------------------------
+def load_config(path: str | None = None, overrides: list[str] | tuple[str, ...] = (),
+                text: str | None = None) -> PipelineConfig:
+    """Load a YAML config (file path or ``text``), apply ``key=value`` overrides, validate."""
+    raw: dict[str, Any] = {}
+    source = "<defaults>"
+    if text is None and path is not None:
+        source = path
+        try:
+            with open(path, encoding="utf-8") as f:
+                text = f.read()
+        except FileNotFoundError:
+            raise ConfigError(f"config file not found: {path}") from None
+    if text is not None:
+        try:
+            raw = yaml.safe_load(text) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{source}: not valid YAML: {e}") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{source}: top level must be a mapping, got {type(raw).__name__}")
+    cfg = _build(PipelineConfig, raw, prefix="")
+    for item in overrides:
+        apply_override(cfg, item)
+    return validate(cfg)
+
+
+def apply_override(cfg: PipelineConfig, assignment: str) -> None:
+    """Apply one ``a.b.c=value`` assignment; the value is parsed as YAML, then type-checked."""
+    if "=" not in assignment:
+        raise ConfigError(f"override {assignment!r}: expected key=value")
+    key, text = assignment.split("=", 1)
+    key = key.strip()
+    try:
+        value = yaml.safe_load(text) if text.strip() else None
+    except yaml.YAMLError:
+        value = text
+    parts = key.split(".")
+    obj: Any = cfg
+    for i, part in enumerate(parts):
+        fields = {f.name: f for f in dataclasses.fields(obj)}
+        if part not in fields:
+            _unknown_key(".".join(parts[: i + 1]), fields)
+        if i == len(parts) - 1:
+            hint = _field_types(type(obj))[part]
+            if key == "stages" and isinstance(value, str):
+                value = [s.strip() for s in value.split(",") if s.strip()]
+            setattr(obj, part, _coerce(value, hint, key))
+        else:
+            obj = getattr(obj, part)
+            if not dataclasses.is_dataclass(obj):
+                raise ConfigError(f"{key}: {'.'.join(parts[: i + 1])} is a value, not a section")
+
+
+def _build(cls: type, raw: Any, prefix: str) -> Any:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{prefix or 'config'}: expected a mapping, got {raw!r}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    hints = _field_types(cls)
+    kwargs = {}
+    for name, value in raw.items():
+        key = f"{prefix}{name}"
+        if name not in fields:
+            _unknown_key(key, fields)
+        hint = hints[name]
+        if dataclasses.is_dataclass(hint):
+            kwargs[name] = _build(hint, value or {}, prefix=f"{key}.")
+        else:
+            if name == "stages" and not prefix and isinstance(value, str):
+                value = [s.strip() for s in value.split(",") if s.strip()]
+            kwargs[name] = _coerce(value, hint, key)
+    return cls(**kwargs)
+
+
+def _unknown_key(key: str, fields: dict[str, Any]) -> None:
+    leaf = key.rsplit(".", 1)[-1]
+    hint = difflib.get_close_matches(leaf, list(fields), n=1)
+    suggestion = f" (did you mean {key[: -len(leaf)]}{hint[0]!r}?)" if hint else ""
+    raise ConfigError(f"unknown config key {key!r}{suggestion}; known here: {', '.join(fields)}")
+
+
+def _field_types(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _coerce(value: Any, hint: Any, key: str) -> Any:
+    """Check ``value`` against the type ``hint``; convert where lossless (int -> float, str -> list)."""
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, key)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0] if errors else f"{key}={value!r}: invalid")
+    if origin is list:
+        (item_type,) = args
+        if isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}={value!r}: expected a list")
+        return [_coerce(v, item_type, f"{key}[{i}]") for i, v in enumerate(value)]
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}={value!r}: expected true or false")
+    if hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}={value!r}: expected an integer")
+    if hint is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise ConfigError(f"{key}={value!r}: expected a number")
+    if hint is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise ConfigError(f"{key}={value!r}: expected a string")
+    raise ConfigError(f"{key}: unsupported type {hint}")
+
+
+# ---- saving ---------------------------------------------------------------------------------------
+def to_dict(cfg: Any, redact: bool = True) -> dict[str, Any]:
+    """The config as plain data; with ``redact`` every secret-named value becomes ``***``."""
+    out = dataclasses.asdict(cfg)
+    return _redact(out) if redact else out
+
+
+def _redact(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {
+            k: (REDACTED if _is_secret(k) and v not in (None, "") else _redact(v)) for k, v in obj.items()
+        }
+    if isinstance(obj, list):
+        return [_redact(v) for v in obj]
+    return obj
+
+
+def _is_secret(name: str) -> bool:
+    name = name.lower()
+    return any(name == s or name.endswith("_" + s) for s in SECRET_KEYS)
+
+
+def dump_yaml(cfg: PipelineConfig) -> str:
+    """The resolved config as YAML, secrets redacted."""
+    return yaml.safe_dump(to_dict(cfg, redact=True), sort_keys=False)
+
+
+def _get_dotted(data: dict[str, Any], key: str) -> Any:
+    for part in key.split("."):
+        data = data[part]
+    return data
+
+
+def _get_attr(cfg: Any, key: str) -> Any:
+    for part in key.split("."):
+        cfg = getattr(cfg, part)
+    return cfg

@@ -1,0 +1,78 @@
+import pytest
+import yaml
+
+from pdso_ray.config import STAGES, ConfigError, dump_yaml, load_config
+
+
+def test_defaults_follow_design():
+    cfg = load_config()
+    assert cfg.stages == list(STAGES)
+    assert cfg.denoise.keep_ratio == 0.5 and cfg.denoise.epochs_f == 15 and cfg.denoise.epochs_g == 50
+    assert cfg.purify.dist_quantile == 0.8 and cfg.purify.alpha == 2 and cfg.purify.topk == 50
+    assert cfg.cluster.niter == 20
+    assert cfg.pseudo_labels.refine.method == "spo" and cfg.pseudo_labels.refine.sigma == 0.8
+    assert cfg.predict.short_side == 256
+
+
+@pytest.mark.parametrize("classes,expected", [(50, 0.41), (300, 0.40), (919, 0.37), (5, 0.41)])
+def test_saliency_threshold_per_benchmark(classes, expected):
+    assert load_config(overrides=[f"data.classes={classes}"]).saliency_threshold() == expected
+
+
+def test_yaml_and_overrides(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("data:\n  root: s3://bkt/imagenet\n  classes: 919\ncluster:\n  niter: 5\n")
+    cfg = load_config(str(path), ["cluster.niter=7", "stages=features,cluster",
+                                  "denoise.lr=0.01", "models.dino.checkpoint=s3://w/dino.pth",
+                                  "pseudo_labels.threshold=0.5", "denoise.keep_ratio=1"])
+    assert cfg.data.root == "s3://bkt/imagenet" and cfg.data.classes == 919
+    assert cfg.cluster.niter == 7
+    assert cfg.stages == ["features", "cluster"]
+    assert cfg.denoise.lr == 0.01 and cfg.denoise.keep_ratio == 1.0
+    assert cfg.models.dino.checkpoint == "s3://w/dino.pth"
+    assert cfg.pseudo_labels.threshold == 0.5
+
+
+@pytest.mark.parametrize("override,needle", [
+    ("cluster.niterr=3", "cluster.niterr"),              # unknown key, with a suggestion
+    ("cluster.niter=abc", "cluster.niter='abc'"),         # wrong type
+    ("cluster.niter=2.5", "cluster.niter=2.5"),
+    ("features.batch_size=0", "features.batch_size=0"),  # out of range
+    ("stages=features,clustr", "clustr"),                 # unknown stage
+    ("denoise.keep_ratio=1.5", "denoise.keep_ratio"),
+    ("pseudo_labels.refine.method=crf", "pseudo_labels.refine.method='crf'"),
+    ("models.allow_random_init=maybe", "models.allow_random_init"),
+    ("data=3", "data"),
+    ("niter", "expected key=value"),
+])
+def test_override_errors_name_the_key(override, needle):
+    with pytest.raises(ConfigError) as e:
+        load_config(overrides=[override])
+    assert needle in str(e.value)
+
+
+def test_unknown_yaml_key_suggests(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("denoise:\n  keep_ration: 0.3\n")
+    with pytest.raises(ConfigError, match=r"denoise\.keep_ration.*did you mean.*keep_ratio"):
+        load_config(str(path))
+
+
+def test_missing_config_file():
+    with pytest.raises(ConfigError, match="not found: /nope.yaml"):
+        load_config("/nope.yaml")
+
+
+def test_dump_redacts_secrets():
+    cfg = load_config(overrides=["storage.s3.key=AKIAXXXX", "storage.s3.secret=sekret123",
+                                 "storage.s3.endpoint_url=http://127.0.0.1:9"])
+    text = dump_yaml(cfg)
+    assert "AKIAXXXX" not in text and "sekret123" not in text
+    back = yaml.safe_load(text)
+    assert back["storage"]["s3"]["secret"] == "***"
+    assert back["storage"]["s3"]["endpoint_url"] == "http://127.0.0.1:9"
+    # the hash used for manifests doesn't depend on secrets
+    other = load_config(overrides=["storage.s3.key=OTHER", "storage.s3.secret=other",
+                                   "storage.s3.endpoint_url=http://127.0.0.1:9"])
+    assert cfg.section_hash("storage") == other.section_hash("storage")
+    assert cfg.section_hash("cluster") != load_config(overrides=["cluster.seed=3"]).section_hash("cluster")
