@@ -1,0 +1,135 @@
+"""The one stage shape.
+
+Two kinds of thing live here:
+
+* :class:`BatchStep` — a per-batch transform (decode, DINO, SAM, write): ``setup()`` loads models once
+  per worker, ``__call__(batch)`` maps a ``dict[str, np.ndarray]`` batch to another, and
+  :class:`Resources` declares what a worker needs. Tests call a step directly on a tiny batch;
+  :func:`map_step` is the single adapter that runs any step through Ray Data ``map_batches``.
+* :class:`Stage` — one pipeline stage of DESIGN §2 (``features``, ``cluster``, ...): ``run(ctx)``
+  reads earlier stages' artifacts from the run folder and writes its own, returning counts for the
+  manifest. :mod:`pdso_ray.pipeline` orders, skips and resumes stages.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import numpy as np
+
+from pdso_ray.config import PipelineConfig
+from pdso_ray.storage import Storage
+
+if TYPE_CHECKING:
+    import ray.data
+
+log = logging.getLogger("pdso_ray")
+
+Batch = dict[str, np.ndarray]
+
+
+@dataclass(frozen=True)
+class Resources:
+    """What one worker of a step needs; GPUs are dropped when the cluster has none."""
+
+    batch_size: int = 32
+    num_cpus: float = 1.0
+    num_gpus: float = 0.0
+    min_actors: int = 1  # ignored for stateless (task) steps
+    max_actors: int = 1
+    stateful: bool = True  # actor pool (models loaded once) vs. plain tasks
+
+
+class BatchStep:
+    """A per-batch transform. Subclasses set attributes in ``__init__`` (cheap, picklable) and load
+    heavy state in :meth:`setup`, which runs once per worker before the first batch."""
+
+    def setup(self) -> None:  # pragma: no cover - default is a no-op
+        return None
+
+    def __call__(self, batch: Batch) -> Batch:
+        raise NotImplementedError
+
+
+class _ActorAdapter:
+    """Ray Data instantiates this once per actor: build the step, run its setup, then map."""
+
+    def __init__(self, step: BatchStep):
+        self.step = step
+        self.step.setup()
+
+    def __call__(self, batch: Batch) -> Batch:
+        return self.step(batch)
+
+
+def _run_stateless(batch: Batch, step: BatchStep) -> Batch:
+    return step(batch)
+
+
+def map_step(ds: "ray.data.Dataset", step: BatchStep, resources: Resources,
+             cluster_has_gpu: bool) -> "ray.data.Dataset":
+    """Apply ``step`` to ``ds`` with ``map_batches``: an autoscaling actor pool for stateful steps
+    (models), plain tasks otherwise. The step is set up once per actor."""
+    import ray.data
+
+    num_gpus = resources.num_gpus if cluster_has_gpu else 0.0
+    if resources.stateful:
+        return ds.map_batches(
+            _ActorAdapter,
+            fn_constructor_args=(step,),
+            batch_size=resources.batch_size,
+            batch_format="numpy",
+            num_cpus=resources.num_cpus,
+            num_gpus=num_gpus,
+            compute=ray.data.ActorPoolStrategy(min_size=resources.min_actors,
+                                               max_size=resources.max_actors),
+        )
+    step.setup()  # stateless steps have nothing heavy to set up; keep the contract anyway
+    return ds.map_batches(
+        _run_stateless,
+        fn_args=(step,),
+        batch_size=resources.batch_size,
+        batch_format="numpy",
+        num_cpus=resources.num_cpus,
+        num_gpus=num_gpus,
+    )
+
+
+@dataclass
+class RunContext:
+    """What a stage gets: the resolved config, storage, and the run folder's layout."""
+
+    cfg: PipelineConfig
+    storage: Storage
+    cluster_has_gpu: bool = False
+    notes: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def output(self) -> str:
+        return self.cfg.output
+
+    def path(self, *parts: str) -> str:
+        return self.storage.join(self.cfg.output, *parts)
+
+    def stage_dir(self, name: str) -> str:
+        return self.path(name)
+
+
+class Stage:
+    """One pipeline stage. ``name`` is its folder in the run; ``config_sections`` are the config
+    keys whose values define its output (their hash goes into the manifest); ``depends_on`` the
+    stages whose outputs it reads (their manifests' hashes chain into its own)."""
+
+    name: ClassVar[str]
+    config_sections: ClassVar[tuple[str, ...]] = ()
+    depends_on: ClassVar[tuple[str, ...]] = ()
+    extra_outputs: ClassVar[tuple[str, ...]] = ()  # run-folder dirs it writes besides its own
+
+    def output_dir(self, ctx: RunContext) -> str:
+        return ctx.stage_dir(self.name)
+
+    def run(self, ctx: RunContext) -> dict[str, Any]:
+        """Do the work; return JSON-able counts for the manifest and summary."""
+        raise NotImplementedError

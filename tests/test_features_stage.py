@@ -1,0 +1,147 @@
+"""Stage 1 on Ray: accounting of every image (odd, corrupt, ignored files), fault tolerance,
+resume, and the step classes called directly without Ray."""
+
+import os
+
+import numpy as np
+import pytest
+
+from pdso_ray.config import load_config
+from pdso_ray.data.synthetic import make_demo_dataset, odd_and_corrupt_samples
+from pdso_ray.pipeline import init_ray, run_pipeline
+from pdso_ray.stages.base import RunContext
+from pdso_ray.stages.features import DinoFeatures, FeaturesStage, ReadDecode, WriteShards
+from pdso_ray.storage import Storage
+from pdso_ray.tables import read_folder
+
+CLASSES = 3
+
+
+def _cfg(root, output, *extra):
+    return load_config("jobs/configs/demo.yaml", [
+        f"data.root={root}", f"output={output}", f"data.classes={CLASSES}",
+        "features.batch_size=4", *extra])
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    import ray
+
+    # workers must be able to import this module (the fault-injecting step lives here)
+    here = os.path.dirname(os.path.abspath(__file__))
+    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [here, os.environ.get("PYTHONPATH")]))
+    ray.init(num_cpus=2, include_dashboard=False)
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def odd_dataset(tmp_path_factory):
+    """3 classes × 3 clean images, plus every odd/corrupt sample in class 0, plus non-images."""
+    root = str(tmp_path_factory.mktemp("odd") / "data")
+    make_demo_dataset(root, classes=CLASSES, train_per_class=3, val_per_class=1, test_per_class=1)
+    class_dir = os.path.join(root, f"ImageNetS{CLASSES}", "train", "n00000001")
+    samples = odd_and_corrupt_samples()
+    for name, sample in samples.items():
+        with open(os.path.join(class_dir, name), "wb") as f:
+            f.write(sample.data)
+    for junk in (".DS_Store", "README.txt"):
+        with open(os.path.join(class_dir, junk), "wb") as f:
+            f.write(b"not an image")
+    return root, samples
+
+
+def test_steps_without_ray(odd_dataset, tmp_path):
+    root, samples = odd_dataset
+    cfg = _cfg(root, str(tmp_path / "run"))
+    storage = Storage()
+    class_dir = os.path.join(root, f"ImageNetS{CLASSES}", "train", "n00000001")
+    names = sorted(samples)
+    batch = {"id": np.asarray([f"train/n00000001/{n}" for n in names], dtype=object),
+             "path": np.asarray([os.path.join(class_dir, n) for n in names], dtype=object),
+             "split": np.asarray(["train"] * len(names), dtype=object)}
+    decoded = ReadDecode(storage, 64, cfg.data.max_pixels)(batch)
+    assert decoded["image"].shape == (len(names), 64, 64, 3)
+    for name, reason in zip(names, decoded["reason"]):
+        assert (reason == "") == samples[name].valid, (name, reason)
+    step = DinoFeatures(cfg, storage)
+    step.setup()
+    out = step(decoded)
+    ok = decoded["reason"] == ""
+    norms = np.linalg.norm(out["feat"], axis=1)
+    np.testing.assert_allclose(norms[ok], 1.0, rtol=1e-4)
+    assert np.all(norms[~ok] == 0)
+    counts = WriteShards(storage, str(tmp_path / "f"), str(tmp_path / "r"))(out)
+    assert counts["n_ok"][0] == ok.sum() and counts["n_rejected"][0] == (~ok).sum()
+    rejected = read_folder(storage, str(tmp_path / "r"))
+    assert sorted(rejected.column("id").to_pylist()) == sorted(batch["id"][~ok])
+    assert all(rejected.column("reason").to_pylist())
+
+
+def test_odd_and_corrupt_files_are_all_accounted(ray_local, odd_dataset, tmp_path):
+    root, samples = odd_dataset
+    out = str(tmp_path / "run")
+    summary = run_pipeline(_cfg(root, out, "stages=features"))
+    n_valid = sum(s.valid for s in samples.values())
+    n_bad = len(samples) - n_valid
+    assert summary["images_total"] == 3 * CLASSES + len(samples)
+    assert summary["images_ok"] == 3 * CLASSES + n_valid
+    assert summary["images_rejected"] == n_bad
+    assert summary["files_ignored"] == 2
+    storage = Storage()
+    feats = read_folder(storage, os.path.join(out, "features"))
+    rejected = read_folder(storage, os.path.join(out, "rejected"))
+    assert feats.num_rows == summary["images_ok"]
+    assert len(set(feats.column("id").to_pylist())) == feats.num_rows
+    bad = {p.rsplit("/", 1)[-1]: r for p, r in zip(rejected.column("path").to_pylist(),
+                                                    rejected.column("reason").to_pylist())}
+    assert set(bad) == {n for n, s in samples.items() if not s.valid}
+    assert all(bad.values())
+    feat = np.stack(feats.column("feat").to_numpy(zero_copy_only=False))
+    assert feat.shape == (feats.num_rows, 48)
+    np.testing.assert_allclose(np.linalg.norm(feat, axis=1), 1.0, rtol=1e-4)
+    # a re-run is a no-op: manifest matches
+    again = run_pipeline(_cfg(root, out, "stages=features"))
+    assert again["stages"]["features"]["status"] == "skipped"
+
+
+class CrashOnce(DinoFeatures):
+    """Kills its actor process on the first batch it sees (once per test, via a marker file)."""
+
+    marker = ""
+
+    def __call__(self, batch):
+        if not os.path.exists(self.marker):
+            open(self.marker, "w").close()
+            os._exit(1)
+        return super().__call__(batch)
+
+
+def test_killed_actor_loses_and_duplicates_nothing(ray_local, tmp_path):
+    root = str(tmp_path / "data")
+    make_demo_dataset(root, classes=CLASSES, train_per_class=8, val_per_class=1, test_per_class=1)
+    cfg = _cfg(root, str(tmp_path / "run"))
+    marker = str(tmp_path / "crashed")
+
+    class Stage(FeaturesStage):
+        feature_step = type("CrashOnceHere", (CrashOnce,), {"marker": marker})
+
+    counts = Stage().run(RunContext(cfg=cfg, storage=Storage()))
+    assert os.path.exists(marker)  # the crash did happen
+    assert counts["images_ok"] == 8 * CLASSES and counts["images_rejected"] == 0
+    ids = read_folder(Storage(), os.path.join(cfg.output, "features")).column("id").to_pylist()
+    assert len(ids) == len(set(ids)) == 8 * CLASSES
+
+
+def test_resume_skips_written_ids(ray_local, tmp_path):
+    root = str(tmp_path / "data")
+    make_demo_dataset(root, classes=CLASSES, train_per_class=4, val_per_class=1, test_per_class=1)
+    cfg = _cfg(root, str(tmp_path / "run"), "data.limit=5")
+    first = FeaturesStage().run(RunContext(cfg=cfg, storage=Storage()))
+    assert first["images_ok"] == 5
+    cfg.data.limit = None
+    # same folder, more images: only the new ones are processed, nothing is duplicated
+    second = FeaturesStage().run(RunContext(cfg=cfg, storage=Storage()))
+    assert second["images_ok"] == 4 * CLASSES
+    ids = read_folder(Storage(), os.path.join(cfg.output, "features")).column("id").to_pylist()
+    assert len(ids) == len(set(ids)) == 4 * CLASSES
