@@ -119,6 +119,12 @@ def build_parser() -> argparse.ArgumentParser:
     add_evaluate_arguments(p)
     p.set_defaults(func=run_evaluate_command)
 
+    from pdso_ray.export import add_export_arguments, run_export_command
+
+    p = sub.add_parser("export", help="zip test predictions for the ImageNet-S benchmark server")
+    add_export_arguments(p)
+    p.set_defaults(func=run_export_command)
+
     p = sub.add_parser("inspect", help="print a run's summary.json")
     p.add_argument("run", help="run folder (the config's `output`)")
     p.set_defaults(func=_cmd_inspect)

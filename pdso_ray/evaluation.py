@@ -39,10 +39,10 @@ def pair_files(pred_dir: str, gt_dir: str, storage: Storage) -> list[tuple[str, 
     Raises ValueError when ``gt_dir`` holds no PNG or a GT file has no prediction (naming up to
     10 of them). Predictions without a GT file are not evaluated.
     """
-    gt = _relative_pngs(gt_dir, storage)
+    gt = relative_pngs(gt_dir, storage)
     if not gt:
         raise ValueError(f"no ground-truth {LABEL_SUFFIX} files under {gt_dir}")
-    pred = _relative_pngs(pred_dir, storage)
+    pred = relative_pngs(pred_dir, storage)
     missing = [rel for rel in gt if rel not in pred]
     if missing:
         listed = ", ".join(missing[:_MAX_LISTED])
@@ -94,7 +94,7 @@ def evaluate_dirs(pred_dir: str, gt_dir: str, classes: int, match_file: str | No
     bar = tqdm(total=len(pairs), desc="evaluate", unit="img", disable=not progress,
                file=sys.stderr)
     with bar:
-        for rel, pred, gt in _prefetch(load, pairs, workers):
+        for rel, pred, gt in prefetch(load, pairs, workers):
             evaluator.update(pred, gt, name=rel)
             bar.update(1)
     result = evaluator.finalize()
@@ -160,7 +160,7 @@ def format_result(result: SegmentationResult) -> str:
 # ---- helpers ---------------------------------------------------------------------------------
 
 
-def _relative_pngs(root: str, storage: Storage) -> dict[str, str]:
+def relative_pngs(root: str, storage: Storage) -> dict[str, str]:
     """``{relative path: URL}`` of the PNGs under ``root``; hidden files (our atomic writes'
     temporary names) are skipped."""
     _, base = storage.fs(root)
@@ -183,7 +183,7 @@ def _decode(url: str, storage: Storage) -> np.ndarray:
         raise ValueError(f"{url}: {e}") from None
 
 
-def _prefetch(fn, items: list, workers: int) -> Iterator:
+def prefetch(fn, items: list, workers: int) -> Iterator:
     """``fn(item)`` for each item, in order, computed by ``workers`` threads at most
     ``2 * workers`` items ahead of the consumer (bounded memory, unlike ``Executor.map``)."""
     if workers <= 1:

@@ -99,7 +99,7 @@ def run_pipeline(cfg: PipelineConfig, storage: Storage | None = None) -> dict[st
                 raise PipelineError(
                     f"stage {name!r} reads the outputs of {dep!r}, which has not completed in "
                     f"{cfg.output}; add it to `stages` or run it first")
-        if manifest is not None and manifest.get("key") == key:
+        if manifest is not None and manifest.get("key") == key and not stage_cls.always_run:
             log.info("stage %s: up to date, skipped", name)
             keys[name] = key
             summary["stages"].setdefault(name, {}).update(status="skipped")

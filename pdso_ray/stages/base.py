@@ -126,6 +126,7 @@ class Stage:
     config_sections: ClassVar[tuple[str, ...]] = ()
     depends_on: ClassVar[tuple[str, ...]] = ()
     extra_outputs: ClassVar[tuple[str, ...]] = ()  # run-folder dirs it writes besides its own
+    always_run: ClassVar[bool] = False  # cheap views of everything else (the report)
 
     def output_dir(self, ctx: RunContext) -> str:
         return ctx.stage_dir(self.name)

@@ -1,0 +1,222 @@
+"""``pdso-ray export RUN OUT.zip``: pack a run's test predictions for the ImageNet-S server.
+
+The archive has the layout that LUSSeg's reference inference script (LUSSeg/PASS
+``inference.py --mode test``) zips for the online benchmark, everything at the archive root::
+
+    <wnid>/<stem>.png   one per test image: predicted ids in the label codec (R + 256·G),
+                        at the image's own size, *not* matched (the server applies match.json)
+    match.json          the validation matching, {"pred id": gt id}
+    method.txt          "Method name: ...", "Training data: ...", "Training scheme: ...",
+                        "Networks: ...", "Paper/Project link: ...", "Method description: ..."
+
+The background threshold chosen on validation (``eval/validation.json``) is applied to each
+prediction with its foreground map, exactly as the evaluate stage scored it. When the run's
+dataset is reachable, a test image without a prediction is an error: the server scores a whole
+split. The zip is written under a temporary name beside ``OUT`` and then moved into place.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import uuid
+import zipfile
+from dataclasses import dataclass
+
+from pdso_ray.config import ConfigError, PipelineConfig, load_config
+from pdso_ray.data.imagenet_s import (
+    LABEL_SUFFIX,
+    TEST,
+    VALIDATION,
+    decode_label,
+    encode_label,
+    list_split,
+    unsafe_reason,
+)
+from pdso_ray.evaluation import relative_pngs
+from pdso_ray.stages.evaluate import (
+    EVAL_DIR,
+    FG_SUFFIX,
+    PREDICTIONS_DIR,
+    apply_background_threshold,
+    decode_fg,
+)
+from pdso_ray.storage import Storage
+
+log = logging.getLogger("pdso_ray")
+
+_MAX_LISTED = 10  # missing files named in an error before the rest becomes a count
+
+
+@dataclass(frozen=True)
+class ExportResult:
+    """What went into the archive: its URL, the number of prediction PNGs, the background
+    threshold applied (None: labels as predicted) and whether completeness was checked against
+    the dataset listing."""
+
+    url: str
+    images: int
+    threshold: float | None
+    checked_against_dataset: bool
+
+
+def export_submission(storage: Storage, run_url: str, out_url: str, split: str = TEST,
+                      method: str = "PDSO (pdso-ray)", description: str = "null",
+                      link: str = "null") -> ExportResult:
+    """Write the benchmark zip of ``split``'s predictions in ``run_url`` to ``out_url``.
+
+    Raises ValueError when the run has no matching (the evaluate stage has not run), no
+    predictions for ``split``, a prediction without its foreground map while a threshold is
+    set, an unsafe file name, or (dataset reachable) test images without a prediction.
+    """
+    if split not in (TEST, VALIDATION):
+        raise ValueError(f"split must be {TEST!r} or {VALIDATION!r}, got {split!r}")
+    match_url = storage.join(run_url, EVAL_DIR, "match.json")
+    if not storage.exists(match_url):
+        raise ValueError(f"{match_url} not found: run the evaluate stage first (the server "
+                         "needs the validation matching)")
+    match = storage.read_json(match_url)
+    val_url = storage.join(run_url, EVAL_DIR, "validation.json")
+    threshold = storage.read_json(val_url).get("threshold") if storage.exists(val_url) else None
+
+    pred_dir = storage.join(run_url, PREDICTIONS_DIR, split)
+    rels = sorted(relative_pngs(pred_dir, storage))
+    if not rels:
+        raise ValueError(f"no predictions under {pred_dir}")
+    for rel in rels:
+        problem = unsafe_reason(rel)
+        if problem is not None:
+            raise ValueError(f"prediction {rel!r} cannot be a zip entry: {problem}")
+    fg_dir = storage.join(run_url, PREDICTIONS_DIR, split + FG_SUFFIX)
+    if threshold is not None:
+        have_fg = relative_pngs(fg_dir, storage)
+        _fail_if_missing([r for r in rels if r not in have_fg], len(rels),
+                         f"have no foreground map under {fg_dir} (needed for the threshold)")
+
+    cfg = load_run_config(storage, run_url)
+    checked = _check_complete(storage, cfg, split, rels, pred_dir)
+    method_txt = (f"Method name: {method}\n"
+                  f"Training data: {_training_data(cfg)}\n"
+                  "Training scheme: unsupervised\n"
+                  f"Networks: {_networks(cfg)}\n"
+                  f"Paper/Project link: {link}\n"
+                  f"Method description: {description}")
+
+    def entries():
+        for rel in rels:
+            data = storage.read_bytes(storage.join(pred_dir, rel))
+            if threshold is not None:
+                label = decode_label(data)
+                fg = decode_fg(storage.read_bytes(storage.join(fg_dir, rel)))
+                data = encode_label(apply_background_threshold(label, fg, threshold))
+            yield rel, data
+        yield "match.json", json.dumps(match).encode()
+        yield "method.txt", method_txt.encode()
+
+    _write_zip(storage, out_url, entries())
+    return ExportResult(url=out_url, images=len(rels), threshold=threshold,
+                        checked_against_dataset=checked)
+
+
+def _check_complete(storage: Storage, cfg: PipelineConfig | None, split: str, rels: list[str],
+                    pred_dir: str) -> bool:
+    """ValueError if the dataset lists ``split`` images that have no prediction; False when the
+    dataset cannot be listed (no config, or its images are not reachable from here)."""
+    if cfg is None:
+        return False
+    try:
+        listing = list_split(storage, cfg.data.root, cfg.data.classes, split)
+    except FileNotFoundError:
+        log.warning("export: %s images of %s not reachable: completeness not checked",
+                    split, cfg.data.root)
+        return False
+    have = set(rels)
+    expected = [rec.id[len(split) + 1:] + LABEL_SUFFIX for rec in listing.images]
+    _fail_if_missing([r for r in expected if r not in have], len(expected),
+                     f"have no prediction under {pred_dir}")
+    return True
+
+
+def _write_zip(storage: Storage, out_url: str, entries) -> None:
+    """Write ``(name, bytes)`` entries as a zip at ``out_url``, atomically: under a temporary
+    name beside it, then moved (a rename locally; on object stores the upload only completes
+    when the file closes and the move is a server-side copy). Streams, so a 27k-image test set
+    never sits in memory; zipfile handles the unseekable S3 writer with data descriptors."""
+    parent, _, name = out_url.rpartition("/")
+    tmp_name = f".tmp-{uuid.uuid4().hex}-{name}"
+    tmp_url = f"{parent}/{tmp_name}" if parent else tmp_name
+    if parent:
+        storage.makedirs(parent)
+    fs, tmp_path = storage.fs(tmp_url)
+    _, out_path = storage.fs(out_url)
+    try:
+        with storage.open(tmp_url, "wb") as f, zipfile.ZipFile(f, "w", zipfile.ZIP_DEFLATED) as zf:
+            for entry, data in entries:
+                zf.writestr(entry, data)
+        fs.mv(tmp_path, out_path)
+    finally:
+        if fs.exists(tmp_path):
+            fs.rm(tmp_path)
+
+
+def _fail_if_missing(missing: list[str], total: int, what: str) -> None:
+    if missing:
+        more = f" and {len(missing) - _MAX_LISTED} more" if len(missing) > _MAX_LISTED else ""
+        raise ValueError(f"{len(missing)} of {total} images {what}: "
+                         f"{', '.join(missing[:_MAX_LISTED])}{more}")
+
+
+def load_run_config(storage: Storage, run_url: str) -> PipelineConfig | None:
+    """The config a run was made with (its ``config.yaml``, secrets redacted); None when the
+    file is missing or no longer valid (logged)."""
+    url = storage.join(run_url, "config.yaml")
+    if not storage.exists(url):
+        return None
+    try:
+        return load_config(text=storage.read_text(url))
+    except ConfigError as e:
+        log.warning("%s is not a valid config (%s): the dataset is not located from it", url, e)
+        return None
+
+
+def _training_data(cfg: PipelineConfig | None) -> str:
+    return f"ImageNet-S{cfg.data.classes} train images, no labels" if cfg else "null"
+
+
+def _networks(cfg: PipelineConfig | None) -> str:
+    if cfg is None:
+        return "null"
+    return f"{cfg.models.dino.arch} (features), {cfg.finetune.backbone} (segmentation)"
+
+
+# ---- command line ----------------------------------------------------------------------------
+
+
+def add_export_arguments(parser: argparse.ArgumentParser) -> None:
+    """Arguments of ``pdso-ray export``."""
+    parser.add_argument("run", help="run folder (or URL) after the predict and evaluate stages")
+    parser.add_argument("out", help="zip file to write (path or URL), e.g. test.zip")
+    parser.add_argument("--split", default=TEST, choices=[TEST, VALIDATION],
+                        help="which predictions to pack (default: test)")
+    parser.add_argument("--method", default="PDSO (pdso-ray)", help="method name in method.txt")
+    parser.add_argument("--description", default="null", help="method description in method.txt")
+    parser.add_argument("--link", default="null", help="paper/project link in method.txt")
+
+
+def run_export_command(args: argparse.Namespace) -> int:
+    """Run ``pdso-ray export``; returns the exit status (2 for bad input)."""
+    try:
+        result = export_submission(Storage(), args.run, args.out, split=args.split,
+                                   method=args.method, description=args.description,
+                                   link=args.link)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"pdso-ray export: error: {e}", file=sys.stderr)
+        return 2
+    applied = ("no threshold" if result.threshold is None
+               else f"background threshold {result.threshold:g}")
+    checked = "" if result.checked_against_dataset else " (not checked against the dataset)"
+    print(f"wrote {result.url}: {result.images} predictions{checked}, {applied}, "
+          "match.json, method.txt")
+    return 0

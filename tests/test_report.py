@@ -1,0 +1,222 @@
+"""The run report on hand-made run folders: empty, partial, full, and with a corrupt artifact."""
+
+from __future__ import annotations
+
+import io
+import re
+
+import numpy as np
+import pyarrow as pa
+import pytest
+from PIL import Image
+
+from pdso_ray.config import DataConfig, PipelineConfig, dump_yaml
+from pdso_ray.data.imagenet_s import IGNORE_ID, decode_label, encode_label, list_split
+from pdso_ray.data.synthetic import make_demo_dataset
+from pdso_ray.report import build_report, class_colors, colorize
+from pdso_ray.stages.base import RunContext
+from pdso_ray.stages.evaluate import EvaluateStage
+from pdso_ray.stages.report import ReportStage
+from pdso_ray.storage import Storage
+from pdso_ray.tables import vectors_to_arrow, write_table
+
+C = 4
+SECRET = "report-secret-PLANTED-41d7"
+ALL_PARTS = ("config", "summary", "cluster", "purify", "labels", "predictions", "rejected")
+FULL_FIGURES = {"stage_seconds.png", "cluster_sizes.png", "iou_per_class.png",
+                "threshold_curve.png", "train_labels.png", "validation_predictions.png"}
+# Rejected rows planted in every run that has them; the second one's path must come out escaped.
+PLANTED = [("train/n00000002/broken_7", "n00000002/broken_7.JPEG", "truncated or corrupt image"),
+           (None, "n00000003/<script>alert(1)</script>.JPEG",
+            "characters outside [A-Za-z0-9._-]")]
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    root = str(tmp_path_factory.mktemp("data"))
+    make_demo_dataset(root, classes=C, train_per_class=3, val_per_class=2, test_per_class=0,
+                      image_size=(40, 56), seed=5)
+    return root
+
+
+def make_run_folder(data_root: str, run: str, parts=ALL_PARTS, storage: Storage | None = None,
+                    seed: int = 0) -> RunContext:
+    """A run folder with the artifacts each stage would leave, made by hand (no models)."""
+    storage = storage or Storage()
+    rng = np.random.default_rng(seed)
+    cfg = PipelineConfig(output=run, data=DataConfig(root=data_root, classes=C))
+    cfg.storage.s3.secret = SECRET
+    ctx = RunContext(cfg=cfg, storage=storage)
+    train = list_split(storage, data_root, C, "train").images
+    ids = [rec.id for rec in train]
+    clusters = rng.integers(0, C, len(ids))
+    if "config" in parts:
+        storage.write_text(ctx.path("config.yaml"), dump_yaml(cfg))
+    if "summary" in parts:
+        done = {"features": (6.2, {"images_total": len(ids) + 2, "images_ok": len(ids),
+                                   "images_rejected": 2, "files_ignored": 1}),
+                "cluster": (1.5, {"objective": 12.25}), "purify": (2.0, {"kept": len(ids) - 3})}
+        stages = {}
+        for name, (seconds, counts) in done.items():
+            storage.write_manifest(ctx.path(name), {"key": "k", "stage": name,
+                                                    "seconds": seconds, "counts": counts})
+            stages[name] = {"status": "done", "seconds": seconds, "counts": counts}
+        storage.write_json(ctx.path("summary.json"), {**done["features"][1], "stages": stages})
+    if "cluster" in parts:
+        write_table(storage, ctx.path("cluster", "part-0.parquet"),
+                    pa.table({"id": ids, "cluster": rng.integers(0, C, len(ids))}))
+    if "purify" in parts:
+        kept = np.ones(len(ids), dtype=bool)
+        kept[:3] = False
+        topk = np.stack([clusters, (clusters + 1) % C], 1)
+        write_table(storage, ctx.path("purify", "part-0.parquet"), pa.table({
+            "id": ids, "cluster": clusters, "kept": kept,
+            "topk": vectors_to_arrow(topk.astype(np.float32)).cast(pa.list_(pa.int64())),
+            "topk_dist": vectors_to_arrow(rng.random((len(ids), 2)))}))
+    if "labels" in parts:
+        rows = {"id": [], "path": [], "label_raw": [], "label_refined": []}
+        for rec, cluster in zip(train, clusters):
+            hsv = np.asarray(Image.open(io.BytesIO(storage.read_bytes(rec.path))).convert("HSV"))
+            obj = hsv[..., 1] > 110  # the synthetic objects are the saturated pixels
+            refined = np.where(obj, cluster + 1, 0)
+            raw = refined.copy()
+            raw[rng.random(raw.shape) < 0.08] = rng.integers(1, C + 1)
+            for kind, label in (("raw", raw), ("refined", refined)):
+                url = ctx.path("labels", kind, rec.id + ".png")
+                storage.write_bytes(url, encode_label(label))
+                rows[f"label_{kind}"].append(url)
+            rows["id"].append(rec.id)
+            rows["path"].append(rec.path)
+        write_table(storage, ctx.path("labels", "stats", "part-0.parquet"), pa.table(rows))
+    if "predictions" in parts:
+        perm = {k: k % C + 1 for k in range(1, C + 1)}
+        gt_dir = storage.join(data_root, f"ImageNetS{C}", "validation-segmentation")
+        for url in storage.list_files(gt_dir, suffixes=(".png",)):
+            rel = url[len(gt_dir) + 1:]
+            gt = decode_label(storage.read_bytes(url))
+            obj = (gt > 0) & (gt != IGNORE_ID)
+            label = np.full(gt.shape, perm[int(gt[obj][0])], dtype=np.int32)
+            label[rng.random(gt.shape) < 0.05] = 1
+            fg = np.clip(np.where(obj, 190, 70) + rng.integers(-40, 40, gt.shape), 0, 255)
+            storage.write_bytes(ctx.path("predictions", "validation", rel), encode_label(label))
+            buf = io.BytesIO()
+            Image.fromarray(fg.astype(np.uint8), mode="L").save(buf, format="PNG")
+            storage.write_bytes(ctx.path("predictions", "validation_fg", rel), buf.getvalue())
+        EvaluateStage().run(ctx)
+    if "rejected" in parts:
+        write_table(storage, ctx.path("rejected", "part-0.parquet"), pa.table({
+            "id": pa.array([p[0] for p in PLANTED], pa.string()),
+            "path": [storage.join(data_root, "ImageNetS4", "train", p[1]) for p in PLANTED],
+            "reason": [p[2] for p in PLANTED]}))
+    return ctx
+
+
+def read_report(storage: Storage, url: str) -> tuple[str, list[str]]:
+    """The page and the image files it references (all must exist beside it)."""
+    page = storage.read_text(url)
+    srcs = re.findall(r'<img src="([^"]+)"', page)
+    base = url.rsplit("/", 1)[0]
+    for src in srcs:
+        assert "/" not in src and storage.exists(storage.join(base, src)), src
+    return page, srcs
+
+
+def sections(page: str) -> dict[str, str]:
+    return dict(re.findall(r"<section><h2>(.*?)</h2>(.*?)</section>", page, flags=re.S))
+
+
+# ---- colours ----------------------------------------------------------------------------------
+
+
+def test_class_colors_are_fixed_and_distinct():
+    lut = class_colors()
+    assert lut.shape == (IGNORE_ID + 1, 3) and lut.dtype == np.uint8
+    assert lut[0].tolist() == [0, 0, 0] and lut[IGNORE_ID].tolist() == [255, 255, 255]
+    classes = {tuple(c) for c in lut[1:IGNORE_ID]}
+    assert len(classes) == IGNORE_ID - 1  # 999 distinct colours, none black or white
+    assert (0, 0, 0) not in classes and (255, 255, 255) not in classes
+    assert np.array_equal(lut, class_colors())
+    label = np.array([[0, 3], [IGNORE_ID, 5000]])
+    rgb = colorize(label)
+    assert rgb[0, 1].tolist() == lut[3].tolist() and rgb[1, 1].tolist() == [128, 128, 128]
+
+
+# ---- report -----------------------------------------------------------------------------------
+
+
+def test_report_of_an_empty_run_says_not_run(tmp_path):
+    storage = Storage()
+    run = str(tmp_path / "run")
+    url = build_report(storage, run)
+    assert url == f"{run}/report/index.html"
+    page, srcs = read_report(storage, url)
+    assert srcs == []
+    found = sections(page)
+    assert len(found) == 9
+    not_run = [t for t, body in found.items() if 'class="notrun"' in body]
+    assert not_run == [t for t in found if t != "Stages"]
+    assert page.count("<td>not run</td>") == 8  # every stage's status but the report's own
+
+
+def test_report_of_a_partial_run(dataset, tmp_path):
+    ctx = make_run_folder(dataset, str(tmp_path / "run"),
+                          parts=("config", "summary", "purify", "rejected"))
+    page, srcs = read_report(ctx.storage, build_report(ctx.storage, ctx.output))
+
+    assert set(srcs) == {"stage_seconds.png", "cluster_sizes.png"}
+    found = sections(page)
+    for title in ("Per-class IoU (validation)", "Background threshold",
+                  "Pseudo labels (train images)", "Predictions (validation images)"):
+        assert 'class="notrun"' in found[title], title
+    assert "<td>features</td><td>done</td><td>6.2</td>" in page
+    assert "<td>evaluate</td><td>not run</td>" in page
+    assert "Purification kept 9 of 12 images (75.0 %)" in found["Cluster sizes"]
+    rejected = found["Rejected images"]
+    assert "2 images rejected." in rejected
+    assert "<td>train/n00000002/broken_7</td>" in rejected
+    assert "<td>truncated or corrupt image</td><td>1</td>" in rejected
+    assert "&lt;script&gt;alert(1)&lt;/script&gt;.JPEG" in rejected and "<script>" not in page
+
+
+def test_report_of_a_full_run(dataset, tmp_path):
+    ctx = make_run_folder(dataset, str(tmp_path / "run"))
+    counts = ReportStage().run(ctx)
+
+    page, srcs = read_report(ctx.storage, counts["index"])
+    assert set(srcs) == FULL_FIGURES and counts["figures"] == len(FULL_FIGURES)
+    assert 'class="notrun"' not in page and 'class="error"' not in page
+    for src in srcs:
+        with Image.open(io.BytesIO(ctx.storage.read_bytes(ctx.path("report", src)))) as im:
+            assert im.format == "PNG" and im.width >= 300 and im.height >= 100
+    grid_png = ctx.storage.read_bytes(ctx.path("report", "train_labels.png"))
+    with Image.open(io.BytesIO(grid_png)) as im:
+        grid_h = im.height
+    # 12 train images → 8 rows; the validation grid has all 8 validation images.
+    assert grid_h > 8 * 150
+    val = ctx.storage.read_json(ctx.path("eval", "validation.json"))
+    found = sections(page)
+    assert f"<td>{val['mIoU']:.4g}</td>" in found["Overview"]
+    assert "ids mapped to GT classes by the validation matching" in found[
+        "Predictions (validation images)"]
+    assert f"background threshold {val['threshold']:g}" in page
+    assert "<td>train/n00000002/broken_7</td>" in found["Rejected images"]
+    for url in ctx.storage.list_files(ctx.path("report")):
+        assert SECRET.encode() not in ctx.storage.read_bytes(url), url
+
+
+def test_report_on_memory_storage_reads_config_from_the_run(dataset):
+    storage = Storage()
+    ctx = make_run_folder(dataset, "memory://report-test/run", parts=("config", "predictions"),
+                          storage=storage)
+    page, srcs = read_report(storage, build_report(storage, ctx.output))  # no cfg passed
+    assert {"iou_per_class.png", "threshold_curve.png", "validation_predictions.png"} <= set(srcs)
+    assert 'class="error"' not in page
+
+
+def test_a_corrupt_artifact_only_breaks_its_sections(dataset, tmp_path):
+    ctx = make_run_folder(dataset, str(tmp_path / "run"), parts=("summary", "purify"))
+    ctx.storage.write_text(ctx.path("eval", "validation.json"), "{ not json")
+    page, srcs = read_report(ctx.storage, build_report(ctx.storage, ctx.output))
+    found = sections(page)
+    assert "could not be built: JSONDecodeError" in found["Per-class IoU (validation)"]
+    assert "cluster_sizes.png" in srcs and 'class="error"' not in found["Cluster sizes"]
