@@ -49,7 +49,8 @@ def init_ray(cfg: PipelineConfig) -> None:
     if cfg.ray.address:
         kwargs["address"] = cfg.ray.address
     elif cfg.ray.num_cpus is not None:
-        kwargs["num_cpus"] = cfg.ray.num_cpus
+        # an explicit size means a fresh local instance, even if a cluster runs on this machine
+        kwargs.update(address="local", num_cpus=cfg.ray.num_cpus)
     ray.init(**kwargs)
 
 

@@ -68,6 +68,9 @@ class Storage:
             config_kwargs.setdefault("retries", _S3_RETRY_CONFIG["retries"])
             opts["config_kwargs"] = config_kwargs
             opts.pop("region", None)  # left to AWS_DEFAULT_REGION (see ENV-NOTES)
+            # Other processes (Ray workers) write into the same prefixes: a cached listing
+            # would hide their files from this process.
+            opts.setdefault("use_listings_cache", False)
         return opts
 
     def fs(self, url: str) -> tuple[fsspec.AbstractFileSystem, str]:
