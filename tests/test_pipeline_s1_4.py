@@ -59,17 +59,35 @@ def _check_run(storage: Storage, output: str, summary: dict) -> None:
     assert centroids.shape[1] == emb.shape[1]
 
 
-def test_stages_1_to_4_local(ray_local, tmp_path):
+def _check_labels(storage: Storage, output: str) -> None:
+    """Stage 5: a raw and a refined label PNG per image, of the image's size, ids in 0..C/1000."""
+    from pdso_ray.data.decode import decode_image
+    from pdso_ray.data.imagenet_s import decode_label
+
+    stats = read_folder(storage, storage.join(output, "labels", "stats"))
+    assert stats.num_rows == CLASSES * PER_CLASS
+    assert not any(stats.column("reason").to_pylist())
+    assert sum(stats.column("prompts").to_pylist()) > 0  # SPO did prompt SAM
+    for row in stats.to_pylist():
+        image = decode_image(storage.read_bytes(row["path"])).image
+        for key in ("label_raw", "label_refined"):
+            label = decode_label(storage.read_bytes(row[key]))
+            assert label.shape == image.shape[:2]
+            assert set(np.unique(label)) <= set(range(CLASSES + 1)) | {1000}
+
+
+def test_stages_1_to_5_local(ray_local, tmp_path):
     root = str(tmp_path / "data")
     make_demo_dataset(root, classes=CLASSES, train_per_class=PER_CLASS, val_per_class=1, test_per_class=1)
     output = str(tmp_path / "run")
-    cfg = load_config("jobs/configs/demo.yaml", _overrides(root, output, STAGES))
+    cfg = load_config("jobs/configs/demo.yaml", _overrides(root, output, STAGES + ",pseudo_labels"))
     summary = run_pipeline(cfg)
     _check_run(Storage(), output, summary)
+    _check_labels(Storage(), output)
     assert os.path.exists(os.path.join(output, "summary.json"))
     # a re-run skips every stage; changing the purify settings re-runs purify only
     again = run_pipeline(load_config("jobs/configs/demo.yaml", _overrides(root, output, STAGES)))
-    assert {s["status"] for s in again["stages"].values()} == {"skipped"}
+    assert {again["stages"][s]["status"] for s in ("features", "cluster", "denoise", "purify")} == {"skipped"}
     changed = run_pipeline(load_config("jobs/configs/demo.yaml",
                                        _overrides(root, output, STAGES, "purify.alpha=1.5")))
     assert changed["stages"]["purify"]["status"] == "done"
