@@ -8,6 +8,13 @@ import importlib
 _STAGES = {
     "features": "pdso_ray.stages.features:FeaturesStage",
     "cluster": "pdso_ray.stages.cluster:ClusterStage",
+    "denoise": "pdso_ray.stages.denoise:DenoiseStage",
+    "purify": "pdso_ray.stages.purify:PurifyStage",
+    "pseudo_labels": "pdso_ray.stages.pseudo_labels:PseudoLabelsStage",
+    "finetune": "pdso_ray.stages.finetune:FinetuneStage",
+    "predict": "pdso_ray.stages.predict:PredictStage",
+    "evaluate": "pdso_ray.stages.evaluate:EvaluateStage",
+    "report": "pdso_ray.stages.report:ReportStage",
 }
 
 

@@ -1,0 +1,242 @@
+"""The fine-tuned segmentation model (DESIGN §3.7–3.8): a backbone feature map and a 1×1 conv head
+with C+1 outputs (0 background, 1..C classes), plus saving, loading and full-resolution prediction.
+
+Backbones are registry entries (:data:`BACKBONES`), each producing a ``B×D×h×w`` map at a fixed
+stride: ``dino`` is the stage-1 DINO ViT (patch tokens reshaped to the patch grid, stride = patch
+size), ``resnet50`` timm's ResNet-50 (last stage, stride 32; random init — no hub weights are
+ever fetched).
+
+``finetune/model.pt`` is ``{"state_dict": ..., "meta": {...}}`` written with ``torch.save``; the
+meta (:func:`segmenter_meta`) is enough to rebuild the architecture, so prediction loads it with
+``weights_only=True`` and never needs the stage-1 checkpoint.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+import timm
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pdso_ray.models.checkpoints import check_keys, load_state_dict_from_url
+from pdso_ray.models.dino import DINO_SPECS
+from pdso_ray.storage import Storage
+
+logger = logging.getLogger(__name__)
+
+MODEL_FORMAT = "pdso_ray.segmenter"
+MODEL_VERSION = 1
+
+
+class ViTFeatureMap(nn.Module):
+    """A timm ViT (``dynamic_img_size`` on) as a feature map: final-norm patch tokens, ``B×D×h×w``
+    with ``h = H / patch``, ``w = W / patch``."""
+
+    def __init__(self, vit: nn.Module):
+        super().__init__()
+        self.vit = vit
+        self.stride = int(vit.patch_embed.patch_size[0])
+        self.out_channels = int(vit.embed_dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, _, height, width = x.shape
+        p = self.stride
+        if height % p or width % p:
+            raise ValueError(f"input size {height}×{width} is not a multiple of the patch size {p}")
+        tokens = self.vit.forward_features(x)[:, self.vit.num_prefix_tokens:]
+        return tokens.reshape(b, height // p, width // p, -1).permute(0, 3, 1, 2)
+
+
+class TimmFeatureMap(nn.Module):
+    """The deepest level of a timm ``features_only`` CNN: ``B×D×ceil(H/s)×ceil(W/s)``."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+        self.stride = int(model.feature_info.reduction()[-1])
+        self.out_channels = int(model.feature_info.channels()[-1])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x)[-1]
+
+
+class Segmenter(nn.Module):
+    """Backbone feature map → 1×1 conv → ``C+1`` logits per feature cell.
+
+    ``forward(x)``: ``x`` is ``B×3×H×W`` float, ImageNet-normalised
+    (:func:`pdso_ray.models.dino.to_model_input`), H and W multiples of :attr:`stride` for ViT
+    backbones; returns ``B×(C+1)×h×w`` logits (``h = H / stride``), channel 0 background.
+    """
+
+    def __init__(self, backbone: nn.Module, num_classes: int):
+        super().__init__()
+        if num_classes < 1:
+            raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+        self.backbone = backbone
+        self.num_classes = num_classes
+        self.head = nn.Conv2d(backbone.out_channels, num_classes + 1, kernel_size=1)
+
+    @property
+    def stride(self) -> int:
+        return self.backbone.stride
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.ndim != 4 or x.shape[1] != 3:
+            raise ValueError(f"input must be B×3×H×W, got shape {tuple(x.shape)}")
+        return self.head(self.backbone(x))
+
+
+# ---- building -------------------------------------------------------------------------------------
+def _dino_vit(arch: str, img_size: int) -> nn.Module:
+    """The bare timm ViT of a DINO registry entry (random init; weights are loaded by the caller)."""
+    if arch not in DINO_SPECS:
+        raise ValueError(f"unknown DINO architecture {arch!r}; known: {', '.join(DINO_SPECS)}")
+    spec = DINO_SPECS[arch]
+    return timm.create_model(spec.timm_name, pretrained=False, num_classes=0, img_size=img_size,
+                             dynamic_img_size=True, **spec.overrides)
+
+
+def _resnet50() -> nn.Module:
+    return TimmFeatureMap(timm.create_model("resnet50", pretrained=False, features_only=True,
+                                            out_indices=(4,)))
+
+
+# name -> builder of the architecture from the meta (arch, img_size); weights come separately.
+BACKBONES = {
+    "dino": lambda meta: ViTFeatureMap(_dino_vit(meta["arch"], int(meta["img_size"]))),
+    "resnet50": lambda meta: _resnet50(),
+}
+
+
+def build_segmenter(cfg, storage: Storage | None, num_classes: int) -> Segmenter:
+    """The model fine-tuning starts from, for ``cfg.finetune.backbone``.
+
+    ``dino``: the stage-1 backbone with its weights, via
+    :func:`pdso_ray.models.loading.build_dino_from_config` (``cfg.models.dino``; random weights only
+    when ``cfg.models.allow_random_init``). ``resnet50``: timm's ResNet-50, random init. The head
+    is freshly initialised either way.
+
+    Args:
+        cfg: a :class:`pdso_ray.config.PipelineConfig`.
+        storage: reads the DINO checkpoint; ``None`` = local defaults.
+        num_classes: C (the head has C+1 outputs).
+    """
+    backbone_name = cfg.finetune.backbone
+    if backbone_name == "dino":
+        from pdso_ray.models.loading import build_dino_from_config
+
+        dino = build_dino_from_config(cfg.models.dino, storage,
+                                      allow_random_init=cfg.models.allow_random_init)
+        backbone: nn.Module = ViTFeatureMap(dino.vit)
+    elif backbone_name == "resnet50":
+        logger.info("fine-tuning a randomly initialised ResNet-50 (no pretrained weights are loaded)")
+        backbone = _resnet50()
+    else:
+        raise ValueError(f"unknown finetune.backbone {backbone_name!r}; known: {', '.join(BACKBONES)}")
+    return Segmenter(backbone, num_classes)
+
+
+def segmenter_meta(cfg, num_classes: int) -> dict[str, Any]:
+    """What :func:`build_segmenter_from_meta` needs to rebuild the architecture of ``cfg``."""
+    backbone = cfg.finetune.backbone
+    arch = cfg.models.dino.arch if backbone == "dino" else backbone
+    return {"format": MODEL_FORMAT, "version": MODEL_VERSION, "num_classes": int(num_classes),
+            "backbone": backbone, "arch": arch, "img_size": int(cfg.models.dino.image_size)}
+
+
+def build_segmenter_from_meta(meta: dict[str, Any]) -> Segmenter:
+    """A randomly initialised :class:`Segmenter` with the architecture described by ``meta``."""
+    for key in ("num_classes", "backbone", "arch", "img_size"):
+        if key not in meta:
+            raise ValueError(f"segmenter meta lacks {key!r}: {meta}")
+    if meta["backbone"] not in BACKBONES:
+        raise ValueError(f"unknown backbone {meta['backbone']!r} in meta; known: {', '.join(BACKBONES)}")
+    return Segmenter(BACKBONES[meta["backbone"]](meta), int(meta["num_classes"]))
+
+
+def segmenter_bytes(state_dict: Mapping[str, torch.Tensor], meta: dict[str, Any]) -> bytes:
+    """``torch.save`` bytes of ``{"state_dict", "meta"}`` (CPU tensors), the ``model.pt`` format.
+    ``state_dict`` is a :class:`Segmenter`'s (unwrapped from DDP)."""
+    state = {k: v.detach().cpu().contiguous() for k, v in state_dict.items()}
+    buf = io.BytesIO()
+    torch.save({"state_dict": state, "meta": dict(meta)}, buf)
+    return buf.getvalue()
+
+
+def load_segmenter(url: str, storage: Storage | None = None) -> tuple[Segmenter, dict[str, Any]]:
+    """Rebuild the model saved at ``url`` (weights only, strict key check) and return it in eval
+    mode with its meta. Errors name the file."""
+    obj = load_state_dict_from_url(url, storage)
+    meta, state = obj.get("meta"), obj.get("state_dict")
+    if not isinstance(meta, dict) or not isinstance(state, dict) or meta.get("format") != MODEL_FORMAT:
+        raise ValueError(f"{url} is not a segmenter file: expected keys 'state_dict' and 'meta' "
+                         f"with format {MODEL_FORMAT!r}, got keys {sorted(obj)}")
+    model = build_segmenter_from_meta(meta)
+    check_keys(model, state, url)
+    model.load_state_dict(state, strict=True)
+    return model.eval(), meta
+
+
+# ---- prediction helpers ---------------------------------------------------------------------------
+def model_input_size(height: int, width: int, short_side: int, multiple: int) -> tuple[int, int]:
+    """``(h, w)`` with the short side scaled to ``short_side``, the aspect kept, and each side
+    rounded to the nearest positive multiple of ``multiple`` (the model's stride)."""
+    if height < 1 or width < 1 or short_side < 1 or multiple < 1:
+        raise ValueError(f"sizes must be positive: {height}x{width}, short side {short_side}, "
+                         f"multiple {multiple}")
+    scale = short_side / min(height, width)
+
+    def fit(side: int) -> int:
+        return max(multiple, int(round(side * scale / multiple)) * multiple)
+
+    return fit(height), fit(width)
+
+
+def logits_to_prediction(logits: torch.Tensor, size: tuple[int, int],
+                         chunk: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+    """Upsample one image's logits to ``size`` and take the per-pixel decision.
+
+    Logits are upsampled bilinearly (``align_corners=False``) before the argmax and softmax, in
+    chunks of ``chunk`` channels with a running max and log-sum-exp, so memory stays
+    ``O(chunk·H·W)`` even for C = 919 at full image size.
+
+    Args:
+        logits: ``(C+1)×h×w`` float, channel 0 background.
+        size: ``(H, W)`` output size.
+
+    Returns:
+        ``label``: ``H×W`` int64 argmax over the C+1 channels (ties go to the lower id);
+        ``foreground``: ``H×W`` float32, ``1 - softmax(...)[0]``, in [0, 1].
+    """
+    if logits.ndim != 3 or logits.shape[0] < 2:
+        raise ValueError(f"logits must be (C+1)×h×w with C >= 1, got shape {tuple(logits.shape)}")
+    if chunk < 1:
+        raise ValueError(f"chunk must be >= 1, got {chunk}")
+    height, width = size
+    best = torch.full((height, width), -torch.inf, device=logits.device)
+    label = torch.zeros((height, width), dtype=torch.int64, device=logits.device)
+    lse = torch.full((height, width), -torch.inf, device=logits.device)
+    background = None
+    for start in range(0, logits.shape[0], chunk):
+        up = F.interpolate(logits[None, start:start + chunk].float(), size=(height, width),
+                           mode="bilinear", align_corners=False)[0]
+        top, idx = up.max(dim=0)
+        better = top > best
+        label = torch.where(better, idx + start, label)
+        best = torch.where(better, top, best)
+        lse = torch.logaddexp(lse, torch.logsumexp(up, dim=0))
+        if background is None:
+            background = up[0]
+    foreground = (1.0 - torch.exp(background - lse)).clamp_(0.0, 1.0)
+    return label, foreground
+
+
+def foreground_to_uint8(foreground: np.ndarray) -> np.ndarray:
+    """``H×W`` probabilities in [0, 1] → uint8 ``round(255 p)`` (the ``*_fg`` PNG values)."""
+    return np.clip(np.rint(np.asarray(foreground, dtype=np.float64) * 255.0), 0, 255).astype(np.uint8)

@@ -1,0 +1,280 @@
+"""Stage 6, ``finetune``: train the segmentation model on the refined pseudo labels with Ray Train
+(DESIGN §3.7).
+
+Data: the rows of ``labels/stats/`` with a refined label → Ray Data (CPU tasks): read image and
+label through :class:`Storage`, decode, one random resized crop + flip applied to both
+(:mod:`pdso_ray.method.augment`) → fixed-size ``uint8`` images and ``int16`` labels, streamed to the
+workers as ``get_dataset_shard("train")``. Ray Data re-executes that map for every epoch, so each
+epoch sees new crops, and the expensive decode scales with the cluster's CPUs instead of running
+inside the GPU workers.
+
+Training: :func:`train_loop_per_worker` under a ``TorchTrainer`` (DDP), cross-entropy ignoring
+1000, AdamW with a per-step cosine schedule, bf16 autocast on GPU. Every epoch rank 0 reports a
+checkpoint (``state.pt``: model, optimizer, scheduler, epoch) to ``finetune/train/epoch_NNNN/``;
+``FailureConfig(max_failures)`` restarts failed workers from the latest one, and re-running the
+stage resumes from it too (finished epochs are skipped). At the end the driver writes the weights
+and their meta to ``finetune/model.pt`` (:func:`pdso_ray.models.heads.segmenter_bytes` format).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import posixpath
+import tempfile
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from pdso_ray.data.decode import decode_image
+from pdso_ray.data.imagenet_s import IGNORE_ID, decode_label
+from pdso_ray.stages.base import Batch, BatchStep, Resources, RunContext, Stage, map_step
+from pdso_ray.storage import Storage
+
+if TYPE_CHECKING:
+    import ray.data
+
+log = logging.getLogger("pdso_ray")
+
+TRAIN_RUN_NAME = "train"  # Ray Train's run folder inside finetune/
+MODEL_NAME = "model.pt"
+STATE_NAME = "state.pt"  # inside each checkpoint directory
+
+
+class LoadTrainPairs(BatchStep):
+    """Read, decode and augment one batch of (image, refined label) pairs.
+
+    In: ``id``, ``path`` (image URL), ``label_refined`` (label PNG URL). Out: ``image``
+    (B×S×S×3 uint8 RGB) and ``label`` (B×S×S int16, ids 0..C and 1000) with S = ``crop_size``.
+    JPEGs are decoded DCT-downscaled when much larger than the crop; the label (made at the
+    image's full size by ``pseudo_labels``) is then resized with nearest neighbour to match.
+    Crops come from fresh OS entropy on every call: a seeded generator would repeat the same
+    crops every epoch, since Ray Data gives the map no epoch number.
+
+    An image or label that cannot be read fails the batch with its URL: both were readable when
+    the labels were made, so a failure here is a changed or damaged file, not data to drop.
+    """
+
+    def __init__(self, storage: Storage, crop_size: int, max_pixels: int):
+        self.storage = storage
+        self.crop_size = crop_size
+        self.max_pixels = max_pixels
+
+    def __call__(self, batch: Batch) -> Batch:
+        from pdso_ray.method.augment import random_resized_crop_pair, resize_label_nearest
+
+        rng = np.random.default_rng()
+        n, s = len(batch["id"]), self.crop_size
+        images = np.zeros((n, s, s, 3), dtype=np.uint8)
+        labels = np.zeros((n, s, s), dtype=np.int16)
+        for i, (path, label_url) in enumerate(zip(batch["path"], batch["label_refined"])):
+            path, label_url = str(path), str(label_url)
+            decoded = decode_image(self.storage.read_bytes(path), max_pixels=self.max_pixels,
+                                   target_short_side=s)
+            if not decoded.ok:
+                raise ValueError(f"training image {path} no longer decodes: {decoded.reason}")
+            label = decode_label(self.storage.read_bytes(label_url))
+            if label.shape != tuple(decoded.orig_size):
+                raise ValueError(f"label {label_url} is {label.shape[0]}×{label.shape[1]}, its image "
+                                 f"{path} {decoded.orig_size[0]}×{decoded.orig_size[1]}")
+            label = resize_label_nearest(label, decoded.image.shape[:2])
+            images[i], lab = random_resized_crop_pair(decoded.image, label, s, rng)
+            labels[i] = lab.astype(np.int16)
+        return {"image": images, "label": labels}
+
+
+def cosine_factor(step: int, total_steps: int) -> float:
+    """Learning-rate multiplier: cosine from 1 at step 0 to 0 at ``total_steps`` (then 0)."""
+    if total_steps < 1:
+        raise ValueError(f"total_steps must be >= 1, got {total_steps}")
+    return 0.5 * (1.0 + math.cos(math.pi * min(step, total_steps) / total_steps))
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> None:
+    """The Ray Train worker function.
+
+    ``config``: ``cfg`` (PipelineConfig), ``storage``, ``num_classes``, ``meta`` (the model meta),
+    ``steps_per_epoch`` (per worker, for the schedule). Resumes from ``ray.train.get_checkpoint()``
+    when there is one; reports ``{"epoch", "loss", "start_epoch", "images"}`` once per epoch on
+    every rank (rank 0 attaches the checkpoint). ``loss`` is the mean over all ranks of the
+    per-batch losses, ``start_epoch`` the first epoch this attempt trained, ``images`` the rows
+    seen in the epoch by all ranks.
+    """
+    import functools
+
+    import ray.train
+    import ray.train.torch
+    import torch
+    import torch.distributed as dist
+    import torch.nn.functional as F
+
+    from pdso_ray.models.dino import to_model_input
+    from pdso_ray.models.heads import build_segmenter
+
+    cfg, storage = config["cfg"], config["storage"]
+    fc = cfg.finetune
+    rank = ray.train.get_context().get_world_rank()
+    torch.manual_seed(fc.seed)  # same initial head on every rank (DDP also broadcasts rank 0's)
+    device = ray.train.torch.get_device()
+    on_gpu = device.type == "cuda"
+
+    model = build_segmenter(cfg, storage, config["num_classes"])
+    model = ray.train.torch.prepare_model(model)
+    core = model.module if hasattr(model, "module") else model
+    optimizer = torch.optim.AdamW(model.parameters(), lr=fc.lr, weight_decay=fc.weight_decay)
+    total_steps = max(1, config["steps_per_epoch"] * fc.epochs)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, functools.partial(cosine_factor, total_steps=total_steps))
+
+    start_epoch = 1
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as folder:
+            state = torch.load(os.path.join(folder, STATE_NAME), map_location="cpu", weights_only=True)
+        core.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        start_epoch = int(state["epoch"]) + 1
+        if rank == 0:
+            log.info("finetune: resuming after epoch %d of %d", start_epoch - 1, fc.epochs)
+
+    shard = ray.train.get_dataset_shard("train")
+    for epoch in range(start_epoch, fc.epochs + 1):
+        model.train()
+        loss_sum = torch.zeros((), device=device)
+        batches = torch.zeros((), device=device)
+        images = torch.zeros((), device=device)
+        for batch in shard.iter_torch_batches(batch_size=fc.batch_size, device=device,
+                                              dtypes={"image": torch.uint8, "label": torch.int64},
+                                              local_shuffle_buffer_size=4 * fc.batch_size,
+                                              local_shuffle_seed=fc.seed + epoch):
+            target = batch["label"]
+            x = to_model_input(batch["image"], fc.crop_size, device=device)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=on_gpu):
+                logits = model(x)
+            logits = F.interpolate(logits.float(), size=target.shape[-2:], mode="bilinear",
+                                   align_corners=False)
+            # Sum over valid pixels / their count: a crop that is all ignore adds 0, not NaN.
+            loss = F.cross_entropy(logits, target, ignore_index=IGNORE_ID, reduction="sum")
+            loss = loss / (target != IGNORE_ID).sum().clamp(min=1)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+            loss_sum += loss.detach()
+            batches += 1
+            images += target.shape[0]
+        totals = torch.stack([loss_sum, batches, images])
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(totals)
+        metrics = {"epoch": epoch, "loss": float(totals[0] / totals[1].clamp(min=1)),
+                   "start_epoch": start_epoch, "images": int(totals[2])}
+        with tempfile.TemporaryDirectory() as folder:
+            ckpt = None
+            if rank == 0:
+                torch.save({"model": core.state_dict(), "optimizer": optimizer.state_dict(),
+                            "scheduler": scheduler.state_dict(), "epoch": epoch,
+                            "meta": config["meta"], "metrics": metrics},
+                           os.path.join(folder, STATE_NAME))
+                ckpt = ray.train.Checkpoint.from_directory(folder)
+                log.info("finetune: epoch %d/%d loss %.4f", epoch, fc.epochs, metrics["loss"])
+            ray.train.report(metrics, checkpoint=ckpt, checkpoint_dir_name=f"epoch_{epoch:04d}")
+
+
+def _train_storage(storage: Storage, url: str):
+    """``(storage_path, storage_filesystem)`` for Ray Train's ``RunConfig`` from a run-folder URL:
+    a local absolute path and no filesystem, or a scheme-less path and a pyarrow filesystem."""
+    from pyarrow.fs import LocalFileSystem
+
+    if url.startswith("memory://"):
+        raise ValueError(f"Ray Train cannot checkpoint to {url}: in-memory storage is private to "
+                         "one process; use a local folder or an object store")
+    fs, path = storage.arrow_fs(url)
+    return (path, None) if isinstance(fs, LocalFileSystem) else (path, fs)
+
+
+def training_dataset(storage: Storage, stats_dir: str) -> "ray.data.Dataset":
+    """Ray Dataset of ``{id, path, label_refined}`` for every row of ``labels/stats/`` that has a
+    refined label, read in parallel (the driver never holds the rows)."""
+    import ray.data
+
+    files = [u for u in storage.list_files(stats_dir, suffixes=(".parquet",))
+             if not posixpath.basename(u).startswith(".")]  # skip temporary files of a crashed write
+    if not files:
+        raise FileNotFoundError(f"finetune: no label statistics in {stats_dir}; run pseudo_labels first")
+    fs, _ = storage.arrow_fs(stats_dir)
+    ds = ray.data.read_parquet([storage.arrow_fs(u)[1] for u in files], filesystem=fs,
+                               columns=["id", "path", "label_refined"])
+    return ds.filter(expr="label_refined != ''")
+
+
+class FinetuneStage(Stage):
+    name = "finetune"
+    config_sections = ("finetune", "models.dino", "data.classes", "data.max_pixels")
+    depends_on = ("pseudo_labels",)
+
+    # The worker function; a class attribute so a subclass can wrap it (fault-injection tests).
+    train_loop = staticmethod(train_loop_per_worker)
+
+    def run(self, ctx: RunContext) -> dict[str, Any]:
+        """Train (or resume) and write ``finetune/model.pt``. Counts: ``images`` (labelled training
+        images), ``epochs`` (of the final checkpoint), ``start_epoch`` (the first epoch trained by
+        the attempt that wrote it: > 1 after a resume), ``final_loss`` (its epoch's mean loss),
+        ``workers``."""
+        import torch
+        from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+        from ray.train.torch import TorchTrainer
+
+        from pdso_ray.models.heads import segmenter_bytes, segmenter_meta
+
+        cfg, storage = ctx.cfg, ctx.storage
+        fc = cfg.finetune
+        if fc.epochs < 1:
+            raise ValueError(f"finetune.epochs={fc.epochs}: must be >= 1")
+        if fc.crop_size < 1:
+            raise ValueError(f"finetune.crop_size={fc.crop_size}: must be >= 1")
+        ds = training_dataset(storage, ctx.path("labels", "stats"))
+        images = ds.count()
+        if images < fc.num_workers:
+            raise ValueError(f"finetune: {images} labelled images in {ctx.path('labels', 'stats')} "
+                             f"for finetune.num_workers={fc.num_workers}")
+        num_classes = cfg.data.classes
+        meta = segmenter_meta(cfg, num_classes)
+        # streaming_split(equal=True) gives each worker floor(n / workers) rows.
+        steps_per_epoch = math.ceil((images // fc.num_workers) / fc.batch_size)
+
+        ds = map_step(ds.randomize_block_order(),
+                      LoadTrainPairs(storage, fc.crop_size, cfg.data.max_pixels),
+                      Resources(batch_size=fc.batch_size, num_cpus=1.0, stateful=False),
+                      ctx.cluster_has_gpu)
+
+        storage_path, storage_fs = _train_storage(storage, self.output_dir(ctx))
+        trainer = TorchTrainer(
+            self.train_loop,
+            train_loop_config={"cfg": cfg, "storage": storage, "num_classes": num_classes,
+                               "meta": meta, "steps_per_epoch": steps_per_epoch},
+            scaling_config=ScalingConfig(num_workers=fc.num_workers,
+                                         use_gpu=fc.use_gpu and ctx.cluster_has_gpu,
+                                         resources_per_worker={"CPU": fc.cpus_per_worker}),
+            run_config=RunConfig(storage_path=storage_path, storage_filesystem=storage_fs,
+                                 name=TRAIN_RUN_NAME,
+                                 failure_config=FailureConfig(max_failures=fc.max_failures),
+                                 checkpoint_config=CheckpointConfig(num_to_keep=None)),
+            datasets={"train": ds},
+        )
+        result = trainer.fit()
+        if result.checkpoint is None:
+            raise RuntimeError(f"finetune: training under {self.output_dir(ctx)} left no checkpoint")
+        with result.checkpoint.as_directory() as folder:
+            state = torch.load(os.path.join(folder, STATE_NAME), map_location="cpu", weights_only=True)
+        if int(state["epoch"]) != fc.epochs:
+            log.warning("finetune: the latest checkpoint is from epoch %d, finetune.epochs is %d",
+                        state["epoch"], fc.epochs)
+        final_meta = {**state["meta"], "epochs": int(state["epoch"])}
+        storage.write_bytes(storage.join(self.output_dir(ctx), MODEL_NAME),
+                            segmenter_bytes(state["model"], final_meta))
+        metrics = state["metrics"]
+        return {"images": images, "epochs": int(state["epoch"]),
+                "start_epoch": int(metrics["start_epoch"]), "final_loss": float(metrics["loss"]),
+                "workers": fc.num_workers}

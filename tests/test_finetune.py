@@ -1,0 +1,206 @@
+"""The finetune stage: the data step without Ray, then Ray Train on two CPU workers with a worker
+crash after the first epoch (FailureConfig restart) and a re-run with more epochs (resume)."""
+
+import math
+import os
+
+import numpy as np
+import pyarrow as pa
+import pytest
+import torch
+
+from pdso_ray.config import load_config
+from pdso_ray.data.imagenet_s import IGNORE_ID, decode_label, encode_label, gt_path_for, list_split
+from pdso_ray.data.synthetic import make_demo_dataset
+from pdso_ray.models.heads import load_segmenter
+from pdso_ray.stages.base import RunContext
+from pdso_ray.stages.finetune import (
+    FinetuneStage,
+    LoadTrainPairs,
+    _train_storage,
+    cosine_factor,
+    training_dataset,
+)
+from pdso_ray.storage import Storage
+from pdso_ray.tables import write_table
+
+CLASSES = 3
+HEALTH_CHECK_ENV = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    import ray
+
+    # Ray Train's controller polls its workers every 2 s by default, which adds ~15 s to each
+    # tiny run here; workers inherit the driver's environment when Ray starts.
+    saved = os.environ.get(HEALTH_CHECK_ENV)
+    os.environ[HEALTH_CHECK_ENV] = "0.5"
+    # address="local": a private instance, never someone else's running cluster.
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+    if saved is None:
+        os.environ.pop(HEALTH_CHECK_ENV)
+    else:
+        os.environ[HEALTH_CHECK_ENV] = saved
+
+
+@pytest.fixture(scope="module")
+def run_setup(tmp_path_factory):
+    """12 synthetic images with their GT copied in as refined pseudo labels, plus one stats row
+    of an image whose labelling failed (no refined label)."""
+    tmp = tmp_path_factory.mktemp("finetune")
+    storage = Storage()
+    make_demo_dataset(str(tmp / "data"), classes=CLASSES, train_per_class=0, val_per_class=4,
+                      test_per_class=0, image_size=(40, 56))
+    run = str(tmp / "run")
+    records = list_split(storage, str(tmp / "data"), CLASSES, "validation").images
+    ids, paths, labels = [], [], []
+    for r in records:
+        url = storage.join(run, "labels", "refined", r.id + ".png")
+        storage.write_bytes(url, storage.read_bytes(gt_path_for(r)))
+        ids.append(r.id), paths.append(r.path), labels.append(url)
+    ids.append("validation/n00000001/unlabelled"), paths.append(records[0].path), labels.append("")
+    write_table(storage, storage.join(run, "labels", "stats", "part-0.parquet"),
+                pa.table({"id": ids, "path": paths, "label_raw": labels, "label_refined": labels}))
+    return tmp, run, records
+
+
+def _config(tmp, run, epochs):
+    return load_config(text=f"""
+output: {run}
+data: {{root: {tmp / 'data'}, classes: {CLASSES}}}
+models: {{allow_random_init: true, dino: {{arch: vit_tiny_test, image_size: 32}}}}
+finetune: {{epochs: {epochs}, batch_size: 4, crop_size: 32, num_workers: 2, cpus_per_worker: 0.5,
+           use_gpu: false, max_failures: 1, lr: 0.001}}
+""")
+
+
+# ---- without Ray ----------------------------------------------------------------------------------
+def test_load_train_pairs_crops_images_and_labels(run_setup, tmp_path):
+    _, run, records = run_setup
+    storage = Storage()
+    batch = {"id": np.asarray([r.id for r in records[:3]], dtype=object),
+             "path": np.asarray([r.path for r in records[:3]], dtype=object),
+             "label_refined": np.asarray([Storage.join(run, "labels", "refined", r.id + ".png")
+                                          for r in records[:3]], dtype=object)}
+    out = LoadTrainPairs(storage, crop_size=24, max_pixels=10**7)(batch)
+    assert out["image"].shape == (3, 24, 24, 3) and out["image"].dtype == np.uint8
+    assert out["label"].shape == (3, 24, 24) and out["label"].dtype == np.int16
+    for url, label in zip(batch["label_refined"], out["label"]):
+        source = decode_label(storage.read_bytes(url))
+        assert set(np.unique(label)) <= set(np.unique(source)) <= {0, 1, 2, 3, IGNORE_ID}
+
+    # A label of the wrong size, and an image that no longer decodes, fail with the URL.
+    bad_label = str(tmp_path / "small.png")
+    storage.write_bytes(bad_label, encode_label(np.zeros((5, 5), dtype=np.int32)))
+    one = {"id": batch["id"][:1], "path": batch["path"][:1],
+           "label_refined": np.asarray([bad_label], dtype=object)}
+    with pytest.raises(ValueError, match=r"small.png is 5×5"):
+        LoadTrainPairs(storage, 24, 10**7)(one)
+    broken = str(tmp_path / "broken.JPEG")
+    storage.write_bytes(broken, b"not a jpeg")
+    one = {"id": batch["id"][:1], "path": np.asarray([broken], dtype=object),
+           "label_refined": batch["label_refined"][:1]}
+    with pytest.raises(ValueError, match="broken.JPEG no longer decodes"):
+        LoadTrainPairs(storage, 24, 10**7)(one)
+
+
+def test_cosine_schedule():
+    assert cosine_factor(0, 10) == 1.0
+    assert cosine_factor(5, 10) == pytest.approx(0.5)
+    assert cosine_factor(10, 10) == pytest.approx(0.0) and cosine_factor(12, 10) == pytest.approx(0.0)
+
+
+def test_train_storage_paths(tmp_path, s3_bucket):
+    from pyarrow.fs import PyFileSystem
+
+    assert _train_storage(Storage(), str(tmp_path / "f")) == (str(tmp_path / "f"), None)
+    options, bucket = s3_bucket
+    path, fs = _train_storage(Storage(options), f"{bucket}/run/finetune")
+    assert path == f"{bucket[len('s3://'):]}/run/finetune" and isinstance(fs, PyFileSystem)
+    with pytest.raises(ValueError, match="memory://run"):
+        _train_storage(Storage(), "memory://run/finetune")
+
+
+# ---- Ray Train ------------------------------------------------------------------------------------
+def test_training_dataset_skips_images_without_a_refined_label(ray_local, run_setup, tmp_path):
+    _, run, records = run_setup
+    storage = Storage()
+    rows = training_dataset(storage, Storage.join(run, "labels", "stats")).take_all()
+    assert sorted(r["id"] for r in rows) == sorted(r.id for r in records)
+    assert all(r["label_refined"].endswith(r["id"] + ".png") for r in rows)
+    with pytest.raises(FileNotFoundError, match="run pseudo_labels first"):
+        training_dataset(storage, str(tmp_path / "empty"))
+
+
+def _probed_stage(log_file, crash_marker):
+    """FinetuneStage whose workers log every report of rank 0 to ``log_file`` and, while
+    ``crash_marker`` does not exist, kill rank 0's process once its first checkpoint is committed."""
+    from pdso_ray.stages.finetune import FinetuneStage
+
+    def loop(config):
+        import os
+
+        import ray.train
+
+        from pdso_ray.stages.finetune import train_loop_per_worker
+
+        report = ray.train.report
+
+        def probe(metrics, checkpoint=None, **kwargs):
+            report(metrics, checkpoint=checkpoint, **kwargs)
+            if ray.train.get_context().get_world_rank() == 0:
+                with open(log_file, "a") as f:
+                    f.write(f"{metrics['epoch']} {metrics['start_epoch']} {metrics['images']}\n")
+                if crash_marker and not os.path.exists(crash_marker):
+                    # Die once the epoch-1 checkpoint is committed: an interruption after an epoch.
+                    ray.train.get_all_reported_checkpoints(
+                        consistency_mode=ray.train.CheckpointConsistencyMode.COMMITTED)
+                    open(crash_marker, "w").close()
+                    os._exit(1)
+
+        ray.train.report = probe
+        train_loop_per_worker(config)
+
+    class Probed(FinetuneStage):
+        train_loop = staticmethod(loop)
+
+    return Probed()
+
+
+def _check_model(storage, run, epochs):
+    model_url = storage.join(run, "finetune", "model.pt")
+    model, meta = load_segmenter(model_url)
+    assert meta["epochs"] == epochs and meta["num_classes"] == CLASSES
+    assert meta["backbone"] == "dino" and meta["arch"] == "vit_tiny_test"
+    state = torch.load(os.path.join(run, "finetune", "train", f"epoch_{epochs:04d}", "state.pt"),
+                       weights_only=True)
+    for name, value in model.state_dict().items():
+        assert torch.equal(value, state["model"][name]), name
+
+
+def test_finetune_survives_a_crash_and_resumes_with_more_epochs(ray_local, run_setup):
+    tmp, run, _ = run_setup
+    storage = Storage()
+    log_file = str(tmp / "reports.txt")
+
+    # Two epochs; rank 0's process dies right after the epoch-1 checkpoint. FailureConfig
+    # restarts the workers from that checkpoint: epoch 1 is not trained twice.
+    counts = _probed_stage(log_file, str(tmp / "crashed")).run(
+        RunContext(_config(tmp, run, epochs=2), storage))
+    with open(log_file) as f:
+        assert f.read().split("\n") == ["1 1 12", "2 2 12", ""]
+    assert counts["images"] == 12 and counts["epochs"] == 2 and counts["start_epoch"] == 2
+    assert counts["workers"] == 2 and math.isfinite(counts["final_loss"]) and counts["final_loss"] > 0
+    for epoch in (1, 2):
+        assert os.path.exists(os.path.join(run, "finetune", "train", f"epoch_{epoch:04d}", "state.pt"))
+    _check_model(storage, run, epochs=2)
+
+    # Re-running with three epochs resumes after epoch 2 and trains only epoch 3.
+    counts = _probed_stage(log_file, None).run(RunContext(_config(tmp, run, epochs=3), storage))
+    with open(log_file) as f:
+        assert f.read().split("\n")[2:] == ["3 3 12", ""]
+    assert counts["epochs"] == 3 and counts["start_epoch"] == 3
+    _check_model(storage, run, epochs=3)

@@ -1,0 +1,158 @@
+"""The predict stage: the steps on a tiny batch without Ray, then the stage on local Ray Data."""
+
+import io
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from pdso_ray.config import load_config
+from pdso_ray.data.imagenet_s import decode_label, list_split
+from pdso_ray.data.synthetic import make_demo_dataset
+from pdso_ray.models.dino import to_model_input
+from pdso_ray.models.heads import (
+    build_segmenter_from_meta,
+    foreground_to_uint8,
+    logits_to_prediction,
+    model_input_size,
+    segmenter_bytes,
+)
+from pdso_ray.stages.base import RunContext
+from pdso_ray.stages.predict import DecodeForPredict, PredictStage, Predictor, prediction_urls
+from pdso_ray.storage import Storage
+from pdso_ray.tables import read_table
+
+CLASSES = 3
+SHORT_SIDE = 32
+META = {"format": "pdso_ray.segmenter", "version": 1, "num_classes": CLASSES, "backbone": "dino",
+        "arch": "vit_tiny_test", "img_size": 32}
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    import ray
+
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+def _rotated_jpeg(height, width):
+    """A JPEG stored as height×width whose EXIF orientation (6) asks viewers to rotate it."""
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (height, width, 3), dtype=np.uint8))
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    buf = io.BytesIO()
+    image.save(buf, format="JPEG", exif=exif.tobytes())
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    """Demo data (3 classes, 2 validation and 1 test image each) plus, in validation, a corrupt
+    JPEG, an EXIF-rotated JPEG and a file whose name is refused; a random model at model.pt."""
+    tmp = tmp_path_factory.mktemp("predict")
+    storage = Storage()
+    root = make_demo_dataset(str(tmp / "data"), classes=CLASSES, train_per_class=0, val_per_class=2,
+                             test_per_class=1, image_size=(40, 56))
+    storage.write_bytes(f"{root}/validation/n00000001/corrupt.JPEG", b"\xff\xd8\xff\xe0 truncated")
+    storage.write_bytes(f"{root}/validation/n00000002/rotated.JPEG", _rotated_jpeg(40, 56))
+    storage.write_bytes(f"{root}/validation/n00000003/bad name.JPEG", _rotated_jpeg(8, 8))
+    run = str(tmp / "run")
+    torch.manual_seed(0)
+    model = build_segmenter_from_meta(META).eval()
+    storage.write_bytes(f"{run}/finetune/model.pt", segmenter_bytes(model.state_dict(), META))
+    cfg = load_config(text=f"""
+output: {run}
+data: {{root: {tmp / 'data'}, classes: {CLASSES}}}
+predict: {{short_side: {SHORT_SIDE}, batch_size: 4, max_actors: 1}}
+""")
+    return cfg, storage, model
+
+
+def _batch(records):
+    return {"id": np.asarray([r.id for r in records], dtype=object),
+            "path": np.asarray([r.path for r in records], dtype=object),
+            "split": np.asarray([r.split for r in records], dtype=object)}
+
+
+# ---- without Ray ----------------------------------------------------------------------------------
+def test_steps_write_the_models_prediction_at_the_original_size(setup, tmp_path):
+    cfg, storage, model = setup
+    records = list_split(storage, cfg.data.root, CLASSES, "validation").images
+    decoded = DecodeForPredict(storage, SHORT_SIDE, 10**7)(_batch(records))
+    reasons = dict(zip(decoded["id"], decoded["reason"]))
+    assert "corrupt" in reasons["validation/n00000001/corrupt"]
+    assert sum(1 for r in reasons.values() if r) == 1
+
+    out_dir = str(tmp_path / "run")
+    step = Predictor(storage, f"{cfg.output}/finetune/model.pt", out_dir, SHORT_SIDE)
+    step.setup()
+    out = step(decoded)
+    assert list(out["id"]) == list(decoded["id"]) and list(out["reason"]) == list(decoded["reason"])
+
+    sizes = set()
+    for i, image_id in enumerate(decoded["id"]):
+        label_url, fg_url = prediction_urls(storage, out_dir, image_id)
+        if decoded["reason"][i]:
+            assert not storage.exists(label_url) and not storage.exists(fg_url)
+            continue
+        image = decoded["image"][i]
+        orig = (int(decoded["height"][i]), int(decoded["width"][i]))
+        size = model_input_size(*image.shape[:2], SHORT_SIDE, 8)
+        sizes.add(size)
+        with torch.inference_mode():
+            logits = model(to_model_input(image[None], size))[0]
+        label, fg = logits_to_prediction(logits, orig)
+        written = decode_label(storage.read_bytes(label_url))
+        assert written.shape == orig and np.array_equal(written, label.numpy())
+        assert written.min() >= 0 and written.max() <= CLASSES
+        fg_png = np.asarray(Image.open(io.BytesIO(storage.read_bytes(fg_url))))
+        assert np.array_equal(fg_png, foreground_to_uint8(fg.numpy()))
+    assert len(sizes) > 1  # the batch held several input sizes, each run as its own group
+    # Stored orientation, not the EXIF-rotated one: the GT is drawn on the stored pixels.
+    assert decode_label(storage.read_bytes(
+        prediction_urls(storage, out_dir, "validation/n00000002/rotated")[0])).shape == (40, 56)
+
+
+def test_prediction_urls_follow_the_layout_and_refuse_unsafe_ids():
+    storage = Storage()
+    assert prediction_urls(storage, "/r", "test/n01/x_1") == (
+        "/r/predictions/test/n01/x_1.png", "/r/predictions/test_fg/n01/x_1.png")
+    with pytest.raises(ValueError, match="unsafe image id"):
+        prediction_urls(storage, "/r", "test/../../etc/x")
+
+
+# ---- on Ray ---------------------------------------------------------------------------------------
+def test_stage_predicts_every_listed_image_or_rejects_it(ray_local, setup):
+    cfg, storage, _ = setup
+    ctx = RunContext(cfg, storage)
+    counts = PredictStage().run(ctx)
+    # validation: 6 demo images + rotated + corrupt + one refused name; test: 3 demo images.
+    assert counts == {"validation_images": 9, "validation_predicted": 7, "validation_rejected": 2,
+                      "test_images": 3, "test_predicted": 3, "test_rejected": 0}
+    for split in ("validation", "test"):
+        for r in list_split(storage, cfg.data.root, CLASSES, split).images:
+            if r.id.endswith("corrupt"):
+                continue
+            label_url, fg_url = prediction_urls(storage, cfg.output, r.id)
+            with Image.open(io.BytesIO(storage.read_bytes(r.path))) as im:
+                width, height = im.size
+            label = decode_label(storage.read_bytes(label_url))
+            assert label.shape == (height, width) and 0 <= label.min() and label.max() <= CLASSES
+            assert np.asarray(Image.open(io.BytesIO(storage.read_bytes(fg_url)))).shape == (height, width)
+    rejected = read_table(storage, f"{cfg.output}/predictions/rejected_validation.parquet").to_pylist()
+    by_path = {r["path"].rsplit("/", 1)[-1]: r for r in rejected}
+    assert set(by_path) == {"corrupt.JPEG", "bad name.JPEG"}
+    assert by_path["corrupt.JPEG"]["id"] == "validation/n00000001/corrupt"
+    assert by_path["bad name.JPEG"]["id"] is None and "characters" in by_path["bad name.JPEG"]["reason"]
+    assert read_table(storage, f"{cfg.output}/predictions/rejected_test.parquet").num_rows == 0
+
+    # A re-run predicts only images missing a PNG: a kept file is untouched, a deleted one redone.
+    kept_url = prediction_urls(storage, cfg.output, "test/n00000001/n00000001_0")[0]
+    storage.write_bytes(kept_url, b"kept")
+    redo_fg = prediction_urls(storage, cfg.output, "test/n00000002/n00000002_0")[1]
+    storage.remove(redo_fg)
+    assert PredictStage().run(ctx) == counts
+    assert storage.read_bytes(kept_url) == b"kept" and storage.exists(redo_fg)
