@@ -211,7 +211,9 @@ def logits_to_prediction(logits: torch.Tensor, size: tuple[int, int],
         size: ``(H, W)`` output size.
 
     Returns:
-        ``label``: ``H×W`` int64 argmax over the C+1 channels (ties go to the lower id);
+        ``label``: ``H×W`` int64 argmax over the C foreground channels 1..C (ties go to the lower
+        id) — background is not decided here: as in PASS, it is where ``foreground`` falls below
+        a threshold chosen on validation (the evaluate stage sweeps it);
         ``foreground``: ``H×W`` float32, ``1 - softmax(...)[0]``, in [0, 1].
     """
     if logits.ndim != 3 or logits.shape[0] < 2:
@@ -226,13 +228,14 @@ def logits_to_prediction(logits: torch.Tensor, size: tuple[int, int],
     for start in range(0, logits.shape[0], chunk):
         up = F.interpolate(logits[None, start:start + chunk].float(), size=(height, width),
                            mode="bilinear", align_corners=False)[0]
+        lse = torch.logaddexp(lse, torch.logsumexp(up, dim=0))
+        if background is None:
+            background = up[0].clone()
+            up[0] = -torch.inf  # the label is the best foreground class
         top, idx = up.max(dim=0)
         better = top > best
         label = torch.where(better, idx + start, label)
         best = torch.where(better, top, best)
-        lse = torch.logaddexp(lse, torch.logsumexp(up, dim=0))
-        if background is None:
-            background = up[0]
     foreground = (1.0 - torch.exp(background - lse)).clamp_(0.0, 1.0)
     return label, foreground
 
