@@ -87,6 +87,9 @@ def run_pipeline(cfg: PipelineConfig, storage: Storage | None = None) -> dict[st
         if name not in registry:
             continue
         stage_cls = registry[name]
+        if name == "features" and cfg.data.features:
+            keys[name] = _precomputed_features(ctx, summary)
+            continue
         stage_dir = ctx.stage_dir(name)
         manifest = storage.read_manifest(stage_dir)
         key = stage_key(stage_cls, ctx, keys)
@@ -120,6 +123,19 @@ def run_pipeline(cfg: PipelineConfig, storage: Storage | None = None) -> dict[st
     _update_totals(summary, None, {})
     storage.write_json(summary_url, summary)
     return summary
+
+
+def _precomputed_features(ctx: RunContext, summary: dict[str, Any]) -> str:
+    """``data.features`` replaces stage 1: account for its rows and key downstream stages to it."""
+    from pdso_ray.tables import count_rows
+
+    url = ctx.cfg.data.features
+    n = count_rows(ctx.storage, url)
+    if n == 0:
+        raise PipelineError(f"data.features={url!r} holds no Parquet rows")
+    summary["stages"]["features"] = {"status": "precomputed", "source": url, "counts": {"images": n}}
+    summary.update(images_total=n, images_ok=n, images_rejected=0, files_ignored=0)
+    return hashlib.sha256(f"precomputed|{url}".encode()).hexdigest()[:16]
 
 
 def _prepare_stage_folders(ctx: RunContext, stage_cls: type[Stage], key: str) -> None:

@@ -92,6 +92,13 @@ def test_stages_1_to_5_local(ray_local, tmp_path):
                                        _overrides(root, output, STAGES, "purify.alpha=1.5")))
     assert changed["stages"]["purify"]["status"] == "done"
     assert changed["stages"]["denoise"]["status"] == "skipped"
+    # precomputed features (data.features) stand in for stage 1
+    reuse = str(tmp_path / "reuse")
+    pre = run_pipeline(load_config("jobs/configs/demo.yaml", _overrides(
+        root, reuse, "stages=cluster", f"data.features={output}/features")))
+    assert pre["stages"]["features"]["status"] == "precomputed"
+    assert pre["images_total"] == pre["images_ok"] == CLASSES * PER_CLASS
+    assert read_folder(Storage(), os.path.join(reuse, "cluster")).num_rows == CLASSES * PER_CLASS
     # a stage whose inputs were never produced is a clear error
     with pytest.raises(PipelineError, match="pseudo_labels.*purify|purify"):
         run_pipeline(load_config("jobs/configs/demo.yaml",
