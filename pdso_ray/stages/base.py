@@ -35,7 +35,7 @@ class Resources:
     """What one worker of a step needs; GPUs are dropped when the cluster has none."""
 
     batch_size: int = 32
-    num_cpus: float = 1.0
+    num_cpus: float = 1.0  # 0 for I/O-bound steps (writers): they never wait for a CPU slot
     num_gpus: float = 0.0
     min_actors: int = 1  # ignored for stateless (task) steps
     max_actors: int = 1

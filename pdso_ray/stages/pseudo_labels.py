@@ -207,7 +207,7 @@ class PseudoLabelsStage(Stage):
                                     min_actors=pc.min_actors, max_actors=pc.max_actors),
                           ctx.cluster_has_gpu)
             ds = map_step(ds, WriteStats(storage, stats_dir),
-                          Resources(batch_size=pc.batch_size, num_cpus=0.25, stateful=False),
+                          Resources(batch_size=pc.batch_size, num_cpus=0, stateful=False),
                           ctx.cluster_has_gpu)
             written = sum(int(r["n"]) for r in ds.iter_rows())
             if written != len(todo):
