@@ -99,7 +99,7 @@ class FeaturesConfig:
     gpus_per_actor: float = 1.0  # ignored (0) when the cluster has no GPU
     cpus_per_actor: float = 1.0
     decode_cpus: float = 1.0
-    rows_per_file: int = 50_000
+    rows_per_file: int = 4096  # rows per features Parquet file (the resume and shard granularity)
 
 
 @dataclass

@@ -227,7 +227,7 @@ class FeaturesStage(Stage):
                                 max_actors=fc.max_actors),
                       ctx.cluster_has_gpu)
         ds = map_step(ds, WriteShards(storage, features_dir, rejected_dir),
-                      Resources(batch_size=fc.batch_size, num_cpus=0, stateful=False),
+                      Resources(batch_size=fc.rows_per_file, num_cpus=0, stateful=False),
                       ctx.cluster_has_gpu)
         written = 0
         for row in ds.iter_rows():
