@@ -6,6 +6,7 @@ matrices; readers stream row groups so no stage needs more than one shard in mem
 
 from __future__ import annotations
 
+import hashlib
 import io
 from collections.abc import Iterator, Sequence
 
@@ -35,6 +36,11 @@ def arrow_to_vectors(column: pa.ChunkedArray | pa.Array) -> np.ndarray:
     if flat.size % n:
         raise ValueError(f"ragged vector column: {flat.size} values for {n} rows")
     return flat.reshape(n, flat.size // n)
+
+
+def shard_name(ids: Sequence[str]) -> str:
+    """File name of the shard holding exactly these ids: a retried batch overwrites its own file."""
+    return "part-" + hashlib.sha1("\n".join(ids).encode()).hexdigest()[:20] + ".parquet"
 
 
 def write_table(storage: Storage, url: str, table: pa.Table, row_group_size: int = 65_536) -> None:

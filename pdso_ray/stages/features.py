@@ -9,7 +9,6 @@ skips the ids already written.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 from typing import Any
 
@@ -21,7 +20,7 @@ from pdso_ray.data.decode import decode_image
 from pdso_ray.data.imagenet_s import list_split
 from pdso_ray.stages.base import Batch, BatchStep, Resources, RunContext, Stage, map_step
 from pdso_ray.storage import Storage
-from pdso_ray.tables import iter_row_groups, vectors_to_arrow, write_table
+from pdso_ray.tables import iter_row_groups, shard_name, vectors_to_arrow, write_table
 
 log = logging.getLogger("pdso_ray")
 
@@ -137,7 +136,7 @@ class WriteShards(BatchStep):
 
     def __call__(self, batch: Batch) -> Batch:
         ids = [str(i) for i in batch["id"]]
-        name = "part-" + hashlib.sha1("\n".join(ids).encode()).hexdigest()[:20] + ".parquet"
+        name = shard_name(ids)
         ok = np.asarray([r == "" for r in batch["reason"]], dtype=bool)
         if ok.any():
             table = pa.table({

@@ -10,7 +10,6 @@ whose statistics row exists.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 from typing import Any
 
@@ -23,7 +22,7 @@ from pdso_ray.data.decode import decode_image
 from pdso_ray.data.imagenet_s import check_id, encode_label
 from pdso_ray.stages.base import Batch, BatchStep, Resources, RunContext, Stage, map_step
 from pdso_ray.storage import Storage
-from pdso_ray.tables import iter_row_groups, write_table
+from pdso_ray.tables import iter_row_groups, shard_name, write_table
 
 log = logging.getLogger("pdso_ray")
 
@@ -161,7 +160,7 @@ class WriteStats(BatchStep):
 
     def __call__(self, batch: Batch) -> Batch:
         ids = [str(i) for i in batch["id"]]
-        name = "part-" + hashlib.sha1("\n".join(ids).encode()).hexdigest()[:20] + ".parquet"
+        name = shard_name(ids)
         table = pa.table({
             "id": pa.array(ids, pa.string()),
             "path": pa.array([str(p) for p in batch["path"]], pa.string()),

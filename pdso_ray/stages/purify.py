@@ -2,9 +2,11 @@
 
 One set of k-means shard actors holds the embeddings e(x) (read from ``denoise/``) for all of:
 k-means #2 → distance filter and cluster cap on its O(N) assignments (driver) → k-means #3 trained
-on the kept rows only → every image's ``topk`` nearest final centroids. Writes, aligned with the
-feature files, ``purify/<name>.parquet`` (id, path, cluster, kept, topk, topk_dist) and
-``purify/centroids.npy`` (C×D', in embedding space).
+on the kept rows only. Then Ray tasks, one per group of files, compute every image's ``topk``
+nearest final centroids and write them, aligned with the feature files, as
+``purify/<name>.parquet`` (id, path, cluster, kept, topk, topk_dist), beside
+``purify/centroids.npy`` (C×D', in embedding space). The driver holds O(C·D' + N) numbers (the
+k-means #2 assignments, distances and the kept mask), never the N×topk lists.
 """
 
 from __future__ import annotations
@@ -15,9 +17,14 @@ import numpy as np
 import pyarrow as pa
 
 from pdso_ray.stages.base import RunContext, Stage
-from pdso_ray.stages.cluster import features_dir, save_array, write_aligned
+from pdso_ray.stages.cluster import features_dir, row_group_sizes, save_array, write_aligned_files
 from pdso_ray.storage import Storage
-from pdso_ray.tables import parquet_files
+from pdso_ray.tables import arrow_to_vectors, parquet_files, read_table
+
+
+# Rows per top-k writer task (whole files, at least one): bounds a task's memory (~100 MB at
+# D'=256, top-50) and keeps the task count small when feature files are tiny.
+ROWS_PER_WRITER = 65_536
 
 
 def _lists(matrix: np.ndarray, value_type: pa.DataType) -> pa.Array:
@@ -26,12 +33,52 @@ def _lists(matrix: np.ndarray, value_type: pa.DataType) -> pa.Array:
     return pa.ListArray.from_arrays(offsets, pa.array(matrix.reshape(-1), value_type))
 
 
+def write_topk(storage: Storage, feature_files: list[str], emb_files: list[str], out_dir: str,
+               kept: np.ndarray, centroids: np.ndarray, topk: int) -> np.ndarray:
+    """Task body: for each file of a group, the ``topk`` nearest final ``centroids`` (C×D'
+    float32) of every row's embedding, written as ``purify/<name>.parquet`` (id, path, cluster,
+    kept, topk, topk_dist). ``kept``: the group's rows' purification mask, in file order.
+    Returns the group's cluster sizes (C int64)."""
+    from pdso_ray.kmeans import kernels
+    from pdso_ray.method.kmeans_math import search_blocks, search_numpy
+
+    search = kernels().get("faiss", search_numpy)
+    sizes = np.zeros(len(centroids), dtype=np.int64)
+
+    def columns(f: int, start: int, stop: int) -> dict[str, np.ndarray | pa.Array]:
+        emb = arrow_to_vectors(read_table(storage, emb_files[f], ["emb"]).column("emb"))
+        ids, dist = search_blocks(emb, centroids, topk, search)
+        sizes[:] += np.bincount(ids[:, 0], minlength=len(centroids))
+        return {"cluster": ids[:, 0].astype(np.int32), "kept": kept[start:stop],
+                "topk": _lists(ids.astype(np.int32), pa.int32()),
+                "topk_dist": _lists(dist.astype(np.float32), pa.float32())}
+
+    rows = write_aligned_files(storage, feature_files, out_dir, columns, keep=("id", "path"))
+    if rows != len(kept):
+        raise RuntimeError(f"purify: {rows} rows in {feature_files[0]}... but {len(kept)} kept flags")
+    return sizes
+
+
+def _writer_groups(file_rows: list[int]) -> list[tuple[int, int, int, int]]:
+    """Consecutive files in groups of about ROWS_PER_WRITER rows: (first file, end file, first
+    row, end row)."""
+    groups, first, start, rows = [], 0, 0, 0
+    for i, n in enumerate(file_rows):
+        rows += n
+        if rows - start >= ROWS_PER_WRITER or i == len(file_rows) - 1:
+            groups.append((first, i + 1, start, rows))
+            first, start = i + 1, rows
+    return groups
+
+
 class PurifyStage(Stage):
     name = "purify"
     config_sections = ("purify", "cluster.num_shards", "data.classes")
     depends_on = ("features", "denoise")
 
     def run(self, ctx: RunContext) -> dict[str, Any]:
+        import ray
+
         from pdso_ray.kmeans import KMeansShards, kmeans
         from pdso_ray.method.purify import cap_large_clusters, distance_filter
 
@@ -52,15 +99,19 @@ class PurifyStage(Stage):
                     f"purify kept {int(kept.sum())} images, fewer than the {k} classes: raise "
                     f"purify.dist_quantile ({pc.dist_quantile}) or purify.alpha ({pc.alpha})")
             third = kmeans(shards, k, seed=pc.seed + 1, subset=np.flatnonzero(kept), **common)
-            final = shards.nearest(third.centroids, min(pc.topk, k))
+        # The shards are gone (their CPUs free): the N×topk ids and distances are computed and
+        # written file group by file group by tasks, never gathered here.
         save_array(storage, Storage.join(self.output_dir(ctx), "centroids.npy"), third.centroids)
-        write_aligned(storage, feature_files, self.output_dir(ctx), {
-            "cluster": final.ids[:, 0].astype(np.int32),
-            "kept": kept,
-            "topk": _lists(final.ids.astype(np.int32), pa.int32()),
-            "topk_dist": _lists(final.distances.astype(np.float32), pa.float32()),
-        }, keep=("id", "path"))
-        sizes = np.bincount(final.ids[:, 0], minlength=k)
+        file_rows = [sum(groups) for groups in row_group_sizes(storage, feature_files)]
+        if sum(file_rows) != len(kept):
+            raise RuntimeError(f"purify: the feature files hold {sum(file_rows)} rows, the "
+                               f"embeddings {len(kept)}")
+        task = ray.remote(write_topk).options(num_cpus=1, max_retries=2)
+        centroids = ray.put(third.centroids)
+        sizes = sum(ray.get([
+            task.remote(storage, feature_files[a:b], emb_files[a:b], self.output_dir(ctx),
+                        kept[start:stop], centroids, min(pc.topk, k))
+            for a, b, start, stop in _writer_groups(file_rows)]))
         return {"images": int(len(kept)), "kept": int(kept.sum()),
                 "objective_kmeans2": second.objective, "objective_kmeans3": third.objective,
                 "largest_cluster": int(sizes.max()), "empty_clusters": int((sizes == 0).sum())}
