@@ -179,6 +179,9 @@ class PredictConfig:
 class RayConfig:
     address: str | None = None  # None = connect to a running cluster if any, else start locally
     num_cpus: int | None = None  # local start only
+    # None = use GPUs if the cluster has some when the run starts; true = ask for them anyway
+    # (an autoscaling cluster whose GPU group is at 0 nodes scales up for the pending actors)
+    use_gpu: bool | None = None
 
 
 @dataclass

@@ -54,9 +54,12 @@ def init_ray(cfg: PipelineConfig) -> None:
     ray.init(**kwargs)
 
 
-def cluster_has_gpu() -> bool:
+def cluster_has_gpu(cfg: PipelineConfig) -> bool:
+    """Whether GPU steps ask for GPUs: ``ray.use_gpu``, or what the cluster has right now."""
     import ray
 
+    if cfg.ray.use_gpu is not None:
+        return cfg.ray.use_gpu
     return ray.cluster_resources().get("GPU", 0) > 0
 
 
@@ -77,7 +80,7 @@ def run_pipeline(cfg: PipelineConfig, storage: Storage | None = None) -> dict[st
     storage.makedirs(cfg.output)
     storage.write_text(storage.join(cfg.output, "config.yaml"), dump_yaml(cfg))
     init_ray(cfg)
-    ctx = RunContext(cfg=cfg, storage=storage, cluster_has_gpu=cluster_has_gpu())
+    ctx = RunContext(cfg=cfg, storage=storage, cluster_has_gpu=cluster_has_gpu(cfg))
     summary_url = storage.join(cfg.output, "summary.json")
     summary: dict[str, Any] = storage.read_json(summary_url) if storage.exists(summary_url) else {}
     summary.setdefault("stages", {})
