@@ -44,7 +44,7 @@ def bare_forward(arch: str, size: int, images: int, batch: int, device: str) -> 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--images", type=int, default=192)
+    parser.add_argument("--images", type=int, default=128)
     parser.add_argument("--arch", default="vit_small_patch8")
     parser.add_argument("--size", type=int, default=224)
     parser.add_argument("--batch", type=int, default=16)
