@@ -10,11 +10,12 @@ DEMO_DIR ?= demo
 install: $(STAMP)
 
 # torch first, pinned: the CPU/CUDA wheels of this exact release are what the project is tested with.
-$(STAMP): pyproject.toml
+# constraints.txt pins the rest to the versions tested together (and spares pip a long backtrack).
+$(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q torch==2.14.1 torchvision==0.29.1
-	$(BIN)/python -m pip install -q -e '.[dev]'
+	$(BIN)/python -m pip install -q -c constraints.txt -e '.[dev]'
 	touch $(STAMP)
 
 demo: $(STAMP)
