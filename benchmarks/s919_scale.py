@@ -449,10 +449,12 @@ def main() -> None:
     objective = summary["stages"]["cluster"]["counts"]["objective"]
 
     gib = 1024**3
-    print(f"\nstage      seconds  driver peak  largest worker peak (process)          load avg 1/5/15 after: {load_after}")
+    print(f"\nstage      seconds  driver peak so far  largest worker peak (process)    load avg 1/5/15 after: {load_after}")
+    driver_so_far = sampler.peaks.get("setup", {"driver": 0})["driver"]
     for stage in STAGES:
         peaks = sampler.peaks.get(stage, {"driver": 0, "worker": (0, "")})
-        print(f"{stage:9s} {summary['stages'][stage]['seconds']:8.1f}  {peaks['driver'] / gib:8.2f} GiB"
+        driver_so_far = max(driver_so_far, peaks["driver"])
+        print(f"{stage:9s} {summary['stages'][stage]['seconds']:8.1f}  {driver_so_far / gib:11.2f} GiB"
               f"  {peaks['worker'][0] / gib:8.2f} GiB ({peaks['worker'][1][:32]})")
     driver, worker, other = sampler.overall("driver")[0], sampler.overall("worker"), sampler.overall("other")
     print(f"stages 2-4: {total_s:.1f} s (target <= 3600); peak RSS driver {driver / gib:.2f} GiB, "
