@@ -266,19 +266,23 @@ def encode_label(label: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
+def read_png(data: bytes, what: str = "label") -> tuple[str, np.ndarray]:
+    """``(PIL mode, pixel array)`` of PNG bytes; ValueError naming ``what`` for unreadable bytes."""
+    try:
+        with Image.open(io.BytesIO(data), formats=["PNG"]) as im:
+            im.load()
+            return im.mode, np.asarray(im)
+    except Exception as e:  # PIL raises many types for bad bytes
+        raise ValueError(f"not a readable {what} PNG: {e}") from None
+
+
 def decode_label(data: bytes) -> np.ndarray:
     """HxW int32 ids from label PNG bytes: R + 256 * G for RGB(A) (B ignored, as the official
     evaluator does); the value itself for single-channel 8/16-bit PNGs.
 
     Raises ValueError for bytes that are not a readable PNG or an unsupported mode.
     """
-    try:
-        with Image.open(io.BytesIO(data), formats=["PNG"]) as im:
-            im.load()
-            mode = im.mode
-            arr = np.asarray(im)
-    except Exception as e:  # PIL raises many types for bad bytes
-        raise ValueError(f"not a readable label PNG: {e}") from None
+    mode, arr = read_png(data, "label")
     if mode in ("RGB", "RGBA"):
         return arr[..., 0].astype(np.int32) + 256 * arr[..., 1].astype(np.int32)
     if mode in ("L", "I", "I;16", "I;16B", "I;16L"):

@@ -24,7 +24,6 @@ error (the predict stage has not finished).
 
 from __future__ import annotations
 
-import io
 import logging
 import math
 import os
@@ -35,10 +34,10 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from PIL import Image
 from tqdm import tqdm
 
 from pdso_ray.data.imagenet_s import (
+    read_png,
     GT_SPLITS,
     IGNORE_ID,
     LABEL_SUFFIX,
@@ -91,13 +90,7 @@ def apply_background_threshold(label: np.ndarray, fg: np.ndarray, threshold: flo
 
 def decode_fg(data: bytes) -> np.ndarray:
     """HxW uint8 from a single-channel 8-bit foreground PNG; ValueError for anything else."""
-    try:
-        with Image.open(io.BytesIO(data), formats=["PNG"]) as im:
-            im.load()
-            mode = im.mode
-            arr = np.asarray(im)
-    except Exception as e:  # PIL raises many types for bad bytes
-        raise ValueError(f"not a readable foreground PNG: {e}") from None
+    mode, arr = read_png(data, "foreground")
     if mode != "L":
         raise ValueError(f"foreground PNG must be 8-bit single-channel (mode L), got {mode!r}")
     return arr
