@@ -1,7 +1,9 @@
 """Distributed k-means: the math of :mod:`pdso_ray.method.kmeans_math`, fanned out to Ray actors.
 
-The data is split into shards; each shard lives in one :class:`KMeansShard` actor, placed with
-``scheduling_strategy="SPREAD"`` so the shards use every node. Per iteration the driver sends the
+The data is split into shards; each shard lives in one :class:`KMeansShard` actor, in its own
+bundle of a ``SPREAD`` placement group so the shards use every node (the group is placed at once
+with the whole cluster in view; per-actor ``"SPREAD"`` scheduling is decided actor by actor on a
+possibly stale resource view and was seen to stack two shards on one node). Per iteration the driver sends the
 k x d centroids, each actor returns its partial sums (k x d float64), counts and objective, and the
 driver reduces them and updates the centroids: the driver's memory stays O(k·d), plus the final
 n-vector of assignments that the result returns.
@@ -46,6 +48,9 @@ from typing import Any, NamedTuple
 import numpy as np
 import ray
 from tqdm.auto import tqdm
+
+from ray.util.placement_group import placement_group, remove_placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from pdso_ray.method import kmeans_math as km
 from pdso_ray.storage import Storage
@@ -281,10 +286,11 @@ class KMeansShards:
     actors. Passing it to :func:`kmeans` / :func:`assign` reuses the loaded shards.
     """
 
-    def __init__(self, workers: list[Any], remote: bool, keepalive: Sequence[Any] = ()):
+    def __init__(self, workers: list[Any], remote: bool, keepalive: Sequence[Any] = (), group: Any = None):
         self.workers = workers
         self.remote = remote
         self._keepalive = list(keepalive)  # sources' object refs: restarts reload from them
+        self._group = group  # the placement group that spreads the actors over nodes
         infos = _started_info(workers) if remote else self.call("info")
         self.sizes = [info["n"] for info in infos]
         dims = {info["d"] for info in infos if info["n"]}
@@ -351,21 +357,27 @@ class KMeansShards:
             by_data = math.ceil(payload.shape[0] / MIN_ROWS_PER_SHARD) if kind == "array" else len(payload)
             num_shards = max(1, min(slots, MAX_SHARDS, by_data))
         sources, keepalive = _split_sources(kind, payload, num_shards, column, storage or Storage())
-        actor_cls = ray.remote(KMeansShard).options(
-            num_cpus=cpus_per_shard,
-            num_gpus=1 if use_gpu else 0,
-            scheduling_strategy="SPREAD",
-            max_restarts=max_restarts,
-            max_task_retries=max_restarts,
-        )
+        bundle = {"CPU": cpus_per_shard, **({"GPU": 1} if use_gpu else {})}
+        group = placement_group([bundle] * num_shards, strategy="SPREAD")
+        actor_cls = ray.remote(KMeansShard)
         threads = max(1, int(cpus_per_shard))
         device = "cuda" if use_gpu else "cpu"
-        workers = [actor_cls.remote(src, kernel, device, threads) for src in sources]
+        workers = [
+            actor_cls.options(
+                num_cpus=cpus_per_shard,
+                num_gpus=1 if use_gpu else 0,
+                scheduling_strategy=PlacementGroupSchedulingStrategy(group, placement_group_bundle_index=i),
+                max_restarts=max_restarts,
+                max_task_retries=max_restarts,
+            ).remote(src, kernel, device, threads)
+            for i, src in enumerate(sources)
+        ]
         try:
-            return cls(workers, remote=True, keepalive=keepalive)
+            return cls(workers, remote=True, keepalive=keepalive, group=group)
         except Exception:  # a shard failed to load (bad file, NaN rows): free the others
             for w in workers:
                 ray.kill(w)
+            remove_placement_group(group)
             raise
 
     def call(self, method: str, *args: Any, per_shard: Sequence[Any] | None = None) -> list[Any]:
@@ -408,6 +420,9 @@ class KMeansShards:
         if self.remote:
             for w in self.workers:
                 ray.kill(w)
+        if self._group is not None:
+            remove_placement_group(self._group)
+            self._group = None
         self.workers = []
 
     def __enter__(self) -> KMeansShards:

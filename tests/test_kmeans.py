@@ -148,6 +148,7 @@ def test_bad_inputs_raise_value_errors():
 def cluster():
     c = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
     c.add_node(num_cpus=1)
+    c.wait_for_nodes()
     ray.init(address=c.address, log_to_driver=False)
     yield c
     ray.shutdown()
@@ -230,6 +231,9 @@ def test_parquet_shards_match_array_shards(cluster, shards, data, baseline, tmp_
     np.testing.assert_array_equal(res.centroids, baseline.centroids)
     np.testing.assert_array_equal(res.assignments, baseline.assignments)
     np.testing.assert_array_equal(top.ids[:, 0], baseline.assignments)
+    # closing gave back the second set's resources: only the module's shards hold CPUs now
+    states = [g["state"] for g in ray.util.placement_group_table().values()]
+    assert states.count("CREATED") == 1 and states.count("REMOVED") == 1
     exact = _sq_dist(data, res.centroids)
     np.testing.assert_array_equal(top.ids, np.argsort(exact, axis=1)[:, :3])
     np.testing.assert_allclose(top.distances, np.sort(exact, axis=1)[:, :3], rtol=1e-4, atol=1e-4)
