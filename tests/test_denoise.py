@@ -11,11 +11,11 @@ from pdso_ray.method.denoise import (
     FeatureBlock,
     denoise,
     embed_features,
-    keep_lowest_per_group,
     score,
     small_loss_subset,
     train_classifier,
 )
+from pdso_ray.method.selection import keep_lowest_per_group
 
 
 @pytest.fixture(autouse=True)

@@ -137,3 +137,13 @@ def test_purify_kept_count_is_the_intersection_of_both_rules():
 
     with pytest.raises(ValueError, match="kept 1 images, fewer than k=2"):
         purify(x[:3], 2, one_cluster_kmeans, dist_quantile=0.1, alpha=1.0, topk=1, seed=0)
+
+
+def test_purify_stage_does_not_import_torch():
+    # The purify stage runs in the driver at S919 scale; torch would cost it ~0.6 GiB for nothing.
+    import subprocess
+    import sys
+
+    code = "import sys, pdso_ray.stages.purify; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"

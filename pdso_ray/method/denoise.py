@@ -30,6 +30,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pdso_ray.method.selection import keep_lowest_per_group
+
 _SCORE_BATCH = 16384
 
 
@@ -269,34 +271,6 @@ def embed_features(model: Classifier, feats: np.ndarray | torch.Tensor, batch_si
 
 
 # ---- selection -------------------------------------------------------------------------------------
-def keep_lowest_per_group(scores: np.ndarray, groups: np.ndarray, keep_counts: np.ndarray) -> np.ndarray:
-    """Per group g, mark its ``keep_counts[g]`` lowest-scoring members (ties: lower index first).
-
-    Args:
-        scores: (N,) float, no NaN.
-        groups: (N,) int in [0, G).
-        keep_counts: (G,) int, how many to keep in each group (more than the group holds = all).
-
-    Returns:
-        (N,) bool mask.
-    """
-    scores, groups = np.asarray(scores), np.asarray(groups)
-    keep_counts = np.asarray(keep_counts)
-    if scores.shape != groups.shape or scores.ndim != 1:
-        raise ValueError(f"scores {scores.shape} and groups {groups.shape} must be equal-length vectors")
-    if np.isnan(scores).any():
-        raise ValueError(f"scores contain {int(np.isnan(scores).sum())} NaN values")
-    if len(groups) and (groups.min() < 0 or groups.max() >= len(keep_counts)):
-        raise ValueError(f"groups must lie in [0, {len(keep_counts)}), got [{groups.min()}, {groups.max()}]")
-    order = np.lexsort((scores, groups))  # by group, then score; stable, so ties keep index order
-    sorted_groups = groups[order]
-    starts = np.searchsorted(sorted_groups, np.arange(len(keep_counts)))
-    rank = np.arange(len(order)) - starts[sorted_groups]
-    mask = np.zeros(len(order), dtype=bool)
-    mask[order] = rank < keep_counts[sorted_groups]
-    return mask
-
-
 def small_loss_subset(losses: np.ndarray, labels: np.ndarray, num_classes: int, keep_ratio: float) -> np.ndarray:
     """The small-loss criterion: per cluster keep the ``ceil(keep_ratio · n_c)`` lowest-loss images.
 

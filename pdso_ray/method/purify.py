@@ -31,7 +31,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from pdso_ray.method.denoise import keep_lowest_per_group
+from pdso_ray.method.selection import keep_lowest_per_group
 from pdso_ray.method.kmeans_math import search_blocks
 
 KMeansFn = Callable[[np.ndarray, int, int], tuple[np.ndarray, np.ndarray, np.ndarray]]
