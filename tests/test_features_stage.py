@@ -10,7 +10,8 @@ from pdso_ray.config import load_config
 from pdso_ray.data.synthetic import make_demo_dataset, odd_and_corrupt_samples
 from pdso_ray.pipeline import init_ray, run_pipeline
 from pdso_ray.stages.base import RunContext
-from pdso_ray.stages.features import DinoFeatures, FeaturesStage, ReadDecode, WriteShards
+from pdso_ray.stages.features import DinoFeatures, FeaturesStage, WriteShards
+from pdso_ray.stages.read_decode import ReadDecode
 from pdso_ray.storage import Storage
 from pdso_ray.tables import read_folder
 
@@ -60,7 +61,7 @@ def test_steps_without_ray(odd_dataset, tmp_path):
     batch = {"id": np.asarray([f"train/n00000001/{n}" for n in names], dtype=object),
              "path": np.asarray([os.path.join(class_dir, n) for n in names], dtype=object),
              "split": np.asarray(["train"] * len(names), dtype=object)}
-    decoded = ReadDecode(storage, 64, cfg.data.max_pixels)(batch)
+    decoded = ReadDecode(storage, cfg.data.max_pixels, 64, square=True)(batch)
     assert decoded["image"].shape == (len(names), 64, 64, 3)
     for name, reason in zip(names, decoded["reason"]):
         assert (reason == "") == samples[name].valid, (name, reason)

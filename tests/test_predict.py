@@ -19,7 +19,8 @@ from pdso_ray.models.heads import (
     segmenter_bytes,
 )
 from pdso_ray.stages.base import RunContext
-from pdso_ray.stages.predict import DecodeForPredict, PredictStage, Predictor, prediction_urls
+from pdso_ray.stages.predict import PredictStage, Predictor, prediction_urls
+from pdso_ray.stages.read_decode import ReadDecode
 from pdso_ray.storage import Storage
 from pdso_ray.tables import read_table
 
@@ -81,7 +82,7 @@ def _batch(records):
 def test_steps_write_the_models_prediction_at_the_original_size(setup, tmp_path):
     cfg, storage, model = setup
     records = list_split(storage, cfg.data.root, CLASSES, "validation").images
-    decoded = DecodeForPredict(storage, SHORT_SIDE, 10**7)(_batch(records))
+    decoded = ReadDecode(storage, 10**7, SHORT_SIDE, exif_transpose=False)(_batch(records))
     reasons = dict(zip(decoded["id"], decoded["reason"]))
     assert "corrupt" in reasons["validation/n00000001/corrupt"]
     assert sum(1 for r in reasons.values() if r) == 1

@@ -16,65 +16,15 @@ import numpy as np
 import pyarrow as pa
 
 from pdso_ray.config import PipelineConfig
-from pdso_ray.data.decode import decode_image
 from pdso_ray.data.imagenet_s import list_split
 from pdso_ray.stages.base import Batch, BatchStep, Resources, RunContext, Stage, map_step
+from pdso_ray.stages.read_decode import ReadDecode
 from pdso_ray.storage import Storage
 from pdso_ray.tables import iter_row_groups, shard_name, vectors_to_arrow, write_table
 
 log = logging.getLogger("pdso_ray")
 
 REJECTED_DIR = "rejected"
-
-
-def resize_square(image: np.ndarray, size: int) -> np.ndarray:
-    """HxWx3 uint8 → size×size×3 uint8 (bilinear, antialiased): DINO sees whole images at one size."""
-    from PIL import Image
-
-    if image.shape[0] == size and image.shape[1] == size:
-        return image
-    return np.asarray(Image.fromarray(image).resize((size, size), Image.BILINEAR, reducing_gap=None))
-
-
-class ReadDecode(BatchStep):
-    """Read each row's bytes and decode it; a bad file becomes a reason, never an exception.
-
-    In: ``id``, ``path``, ``split``. Out: the same plus ``image`` (B×S×S×3 uint8, zeros where
-    rejected), ``height``/``width`` (original size, 0 where rejected) and ``reason`` ("" when ok).
-    A storage error that persists after retries propagates: it names the URL and fails the stage
-    rather than silently dropping the image.
-    """
-
-    def __init__(self, storage: Storage, image_size: int, max_pixels: int):
-        self.storage = storage
-        self.image_size = image_size
-        self.max_pixels = max_pixels
-
-    def __call__(self, batch: Batch) -> Batch:
-        n = len(batch["id"])
-        s = self.image_size
-        images = np.zeros((n, s, s, 3), dtype=np.uint8)
-        heights = np.zeros(n, dtype=np.int32)
-        widths = np.zeros(n, dtype=np.int32)
-        reasons = []
-        for i, path in enumerate(batch["path"]):
-            try:
-                data = self.storage.read_bytes(str(path))
-            except FileNotFoundError:
-                reasons.append("file disappeared after listing")
-                continue
-            result = decode_image(data, max_pixels=self.max_pixels, target_short_side=s)
-            if not result.ok:
-                reasons.append(result.reason)
-                continue
-            images[i] = resize_square(result.image, s)
-            heights[i], widths[i] = result.orig_size
-            reasons.append("")
-        return {
-            "id": batch["id"], "path": batch["path"], "split": batch["split"],
-            "image": images, "height": heights, "width": widths,
-            "reason": np.asarray(reasons, dtype=object),
-        }
 
 
 class DinoFeatures(BatchStep):
@@ -217,7 +167,8 @@ class FeaturesStage(Stage):
         rows = [{"id": r.id, "path": r.path, "split": r.split} for r in todo]
         blocks = max(1, min(len(rows) // fc.batch_size, 4096))
         ds = ray.data.from_items(rows, override_num_blocks=blocks)
-        ds = map_step(ds, ReadDecode(storage, cfg.models.dino.image_size, cfg.data.max_pixels),
+        decode = ReadDecode(storage, cfg.data.max_pixels, cfg.models.dino.image_size, square=True)
+        ds = map_step(ds, decode,
                       Resources(batch_size=fc.batch_size, num_cpus=fc.decode_cpus, stateful=False),
                       ctx.cluster_has_gpu)
         ds = map_step(ds, self.feature_step(cfg, storage),

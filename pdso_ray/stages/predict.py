@@ -26,9 +26,9 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from pdso_ray.data.decode import decode_image
 from pdso_ray.data.imagenet_s import check_id, encode_label, list_split
 from pdso_ray.stages.base import Batch, BatchStep, Resources, RunContext, Stage, map_step
+from pdso_ray.stages.read_decode import ReadDecode
 from pdso_ray.storage import Storage
 from pdso_ray.tables import write_table
 
@@ -53,45 +53,6 @@ def encode_gray_png(values: np.ndarray) -> bytes:
     buf = io.BytesIO()
     Image.fromarray(values, mode="L").save(buf, format="PNG")
     return buf.getvalue()
-
-
-class DecodeForPredict(BatchStep):
-    """Read and decode each image; a bad file becomes a reason, never an exception.
-
-    In: ``id``, ``path``, ``split``. Out: the same plus ``image`` (one H×W×3 uint8 array per row,
-    sizes differ; 1×1 where rejected), ``height``/``width`` (original size as stored, 0 where
-    rejected) and ``reason`` ("" when ok).
-    """
-
-    def __init__(self, storage: Storage, short_side: int, max_pixels: int):
-        self.storage = storage
-        self.short_side = short_side
-        self.max_pixels = max_pixels
-
-    def __call__(self, batch: Batch) -> Batch:
-        n = len(batch["id"])
-        images = np.empty(n, dtype=object)
-        heights = np.zeros(n, dtype=np.int32)
-        widths = np.zeros(n, dtype=np.int32)
-        reasons = []
-        for i, path in enumerate(batch["path"]):
-            images[i] = np.zeros((1, 1, 3), dtype=np.uint8)
-            try:
-                data = self.storage.read_bytes(str(path))
-            except FileNotFoundError:
-                reasons.append("file disappeared after listing")
-                continue
-            # No EXIF transpose: the official tools read images as stored, and so is the GT drawn.
-            result = decode_image(data, max_pixels=self.max_pixels,
-                                  target_short_side=self.short_side, exif_transpose=False)
-            if not result.ok:
-                reasons.append(result.reason)
-                continue
-            images[i] = result.image
-            heights[i], widths[i] = result.orig_size
-            reasons.append("")
-        return {"id": batch["id"], "path": batch["path"], "split": batch["split"], "image": images,
-                "height": heights, "width": widths, "reason": np.asarray(reasons, dtype=object)}
 
 
 class Predictor(BatchStep):
@@ -200,7 +161,8 @@ class PredictStage(Stage):
         pc = cfg.predict
         blocks = max(1, min(len(todo) // pc.batch_size, 4096))
         ds = ray.data.from_items(todo, override_num_blocks=blocks)
-        ds = map_step(ds, DecodeForPredict(storage, pc.short_side, cfg.data.max_pixels),
+        ds = map_step(ds, ReadDecode(storage, cfg.data.max_pixels, pc.short_side,
+                                         exif_transpose=False),
                       Resources(batch_size=pc.batch_size, num_cpus=1.0, stateful=False),
                       ctx.cluster_has_gpu)
         ds = map_step(ds, Predictor(storage, model_url, cfg.output, pc.short_side),

@@ -1,0 +1,71 @@
+"""The first step of every image-streaming stage: read each row's bytes and decode them.
+
+A bad file becomes a reason string, never an exception, so one file cannot fail a job; a storage
+error that persists after retries propagates (it names the URL) rather than silently dropping
+the image.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from pdso_ray.data.decode import decode_image
+from pdso_ray.stages.base import Batch, BatchStep
+from pdso_ray.storage import Storage
+
+
+def resize_square(image: np.ndarray, size: int) -> np.ndarray:
+    """HxWx3 uint8 → size×size×3 uint8 (bilinear, antialiased): DINO sees whole images at one size."""
+    from PIL import Image
+
+    if image.shape[0] == size and image.shape[1] == size:
+        return image
+    return np.asarray(Image.fromarray(image).resize((size, size), Image.BILINEAR, reducing_gap=None))
+
+
+class ReadDecode(BatchStep):
+    """In: ``id``, ``path``, ``split``. Out: the same plus ``image``, ``height``/``width`` (original
+    size, 0 where rejected) and ``reason`` ("" when ok).
+
+    ``square`` set: ``image`` is one B×S×S×3 uint8 array (each image resized to S×S; zeros where
+    rejected), what a fixed-size backbone wants. Otherwise one H×W×3 array per row (sizes differ;
+    1×1 where rejected), JPEG DCT-downscaled towards ``short_side``. ``exif_transpose=False``
+    reads images as stored, as the official ImageNet-S tools do (predictions must match their GT).
+    """
+
+    def __init__(self, storage: Storage, max_pixels: int, short_side: int, square: bool = False,
+                 exif_transpose: bool = True):
+        self.storage = storage
+        self.max_pixels = max_pixels
+        self.short_side = short_side
+        self.square = square
+        self.exif_transpose = exif_transpose
+
+    def __call__(self, batch: Batch) -> Batch:
+        n = len(batch["id"])
+        s = self.short_side
+        if self.square:
+            images = np.zeros((n, s, s, 3), dtype=np.uint8)
+        else:
+            images = np.empty(n, dtype=object)
+            for i in range(n):  # a loop: assigning a list of arrays would broadcast them
+                images[i] = np.zeros((1, 1, 3), dtype=np.uint8)
+        heights = np.zeros(n, dtype=np.int32)
+        widths = np.zeros(n, dtype=np.int32)
+        reasons = []
+        for i, path in enumerate(batch["path"]):
+            try:
+                data = self.storage.read_bytes(str(path))
+            except FileNotFoundError:
+                reasons.append("file disappeared after listing")
+                continue
+            result = decode_image(data, max_pixels=self.max_pixels, target_short_side=s,
+                                  exif_transpose=self.exif_transpose)
+            if not result.ok:
+                reasons.append(result.reason)
+                continue
+            images[i] = resize_square(result.image, s) if self.square else result.image
+            heights[i], widths[i] = result.orig_size
+            reasons.append("")
+        return {"id": batch["id"], "path": batch["path"], "split": batch["split"], "image": images,
+                "height": heights, "width": widths, "reason": np.asarray(reasons, dtype=object)}
