@@ -17,12 +17,12 @@ import pyarrow.parquet as pq
 from pdso_ray.storage import Storage
 
 
-def vectors_to_arrow(matrix: np.ndarray) -> pa.Array:
-    """N×D float32 → ``list<float32>`` array (no per-row Python objects)."""
-    matrix = np.ascontiguousarray(matrix, dtype=np.float32)
+def vectors_to_arrow(matrix: np.ndarray, value_type: pa.DataType = pa.float32()) -> pa.Array:
+    """N×D matrix → ``list<value_type>`` array (no per-row Python objects)."""
+    matrix = np.ascontiguousarray(matrix, dtype=value_type.to_pandas_dtype())
     n, d = matrix.shape
     offsets = pa.array(np.arange(0, (n + 1) * d, d, dtype=np.int32))
-    return pa.ListArray.from_arrays(offsets, pa.array(matrix.reshape(-1)))
+    return pa.ListArray.from_arrays(offsets, pa.array(matrix.reshape(-1), value_type))
 
 
 def arrow_to_vectors(column: pa.ChunkedArray | pa.Array) -> np.ndarray:

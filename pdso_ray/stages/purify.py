@@ -19,18 +19,12 @@ import pyarrow as pa
 from pdso_ray.stages.base import RunContext, Stage
 from pdso_ray.stages.cluster import features_dir, row_group_sizes, save_array, write_aligned_files
 from pdso_ray.storage import Storage
-from pdso_ray.tables import arrow_to_vectors, parquet_files, read_table
+from pdso_ray.tables import arrow_to_vectors, parquet_files, read_table, vectors_to_arrow
 
 
 # Rows per top-k writer task (whole files, at least one): bounds a task's memory (~100 MB at
 # D'=256, top-50) and keeps the task count small when feature files are tiny.
 ROWS_PER_WRITER = 65_536
-
-
-def _lists(matrix: np.ndarray, value_type: pa.DataType) -> pa.Array:
-    n, k = matrix.shape
-    offsets = pa.array(np.arange(0, (n + 1) * k, k, dtype=np.int32))
-    return pa.ListArray.from_arrays(offsets, pa.array(matrix.reshape(-1), value_type))
 
 
 def write_topk(storage: Storage, feature_files: list[str], emb_files: list[str], out_dir: str,
@@ -50,8 +44,8 @@ def write_topk(storage: Storage, feature_files: list[str], emb_files: list[str],
         ids, dist = search_blocks(emb, centroids, topk, search)
         sizes[:] += np.bincount(ids[:, 0], minlength=len(centroids))
         return {"cluster": ids[:, 0].astype(np.int32), "kept": kept[start:stop],
-                "topk": _lists(ids.astype(np.int32), pa.int32()),
-                "topk_dist": _lists(dist.astype(np.float32), pa.float32())}
+                "topk": vectors_to_arrow(ids, pa.int32()),
+                "topk_dist": vectors_to_arrow(dist)}
 
     rows = write_aligned_files(storage, feature_files, out_dir, columns, keep=("id", "path"))
     if rows != len(kept):
