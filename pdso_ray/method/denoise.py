@@ -175,7 +175,9 @@ def _check_labels(labels: np.ndarray, num_rows: int, num_classes: int) -> np.nda
 
 
 def _to_device(a: np.ndarray, device: torch.device | str) -> torch.Tensor:
-    return torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32)).to(device)
+    """A minibatch as a float32 tensor. Copied: slices of Arrow-backed features are read-only,
+    which torch.from_numpy warns about, and a minibatch copy costs next to nothing."""
+    return torch.tensor(np.asarray(a, dtype=np.float32), device=device)
 
 
 def train_classifier(source: FeatureSource, labels: np.ndarray, num_classes: int, *,
@@ -263,7 +265,7 @@ def embed_features(model: Classifier, feats: np.ndarray | torch.Tensor, batch_si
     model.to(device).eval()
     out = []
     for start in range(0, len(feats), batch_size):
-        x = torch.as_tensor(feats[start:start + batch_size], dtype=torch.float32).to(device)
+        x = _to_device(feats[start:start + batch_size], device)
         out.append(F.normalize(model.embed(x), dim=-1).cpu().numpy())
     if not out:
         return np.zeros((0, model.out.in_features), dtype=np.float32)
