@@ -4,7 +4,9 @@ The pipeline side is the real ``features`` stage (list → read bytes → decode
 a synthetic ImageNet-S folder of JPEGs; the baseline is the same model doing the same model work in
 one process on pre-made tensors (each batch of B images plus their B flips, as the stage does).
 Printed: images/s of both and their ratio (pipeline / bare). The pipeline time includes actor
-start-up and model load (not ``ray.init``), as a user would see it.
+start-up and model load (not ``ray.init``), as a user would see it. The bare forward is measured
+just before and just after the stage and averaged, so that drift in the machine's speed (a shared
+host) does not land on one side only; both values are printed.
 
     python benchmarks/features_throughput.py                  # ViT-S/8 at 224, random init, CPU
     python benchmarks/features_throughput.py --images 64 --arch vit_tiny_test   # quick check
@@ -44,7 +46,9 @@ def bare_forward(arch: str, size: int, images: int, batch: int, device: str) -> 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--images", type=int, default=128)
+    parser.add_argument("--images", type=int, default=256)
+    parser.add_argument("--bare-images", type=int, default=64,
+                        help="images per bare-forward measurement (one before, one after the stage)")
     parser.add_argument("--arch", default="vit_small_patch8")
     parser.add_argument("--size", type=int, default=224)
     parser.add_argument("--batch", type=int, default=16)
@@ -66,7 +70,7 @@ def main() -> None:
         make_demo_dataset(os.path.join(tmp, "data"), classes=classes, train_per_class=per_class,
                           val_per_class=1, test_per_class=1, image_size=(375, 500))
         n = classes * per_class
-        bare = bare_forward(args.arch, args.size, n, args.batch, device)
+        bare_before = bare_forward(args.arch, args.size, args.bare_images, args.batch, device)
 
         ray.init(address="local", num_cpus=args.cpus, include_dashboard=False, log_to_driver=False)
         # One model actor using every core (decode fuses into it on a CPU-only node); on a GPU
@@ -83,11 +87,13 @@ def main() -> None:
         summary = run_pipeline(cfg)
         seconds = time.perf_counter() - start
         ray.shutdown()
+        bare_after = bare_forward(args.arch, args.size, args.bare_images, args.batch, device)
     assert summary["images_ok"] == n, summary
+    bare = (bare_before + bare_after) / 2
     pipeline = n / seconds
     print(f"images: {n} ({args.arch} at {args.size}px, batch {args.batch}, {device}, "
           f"{args.cpus} CPUs)")
-    print(f"bare forward (image + flip): {bare:7.2f} img/s")
+    print(f"bare forward (image + flip): {bare:7.2f} img/s (before {bare_before:.2f}, after {bare_after:.2f})")
     print(f"features stage end to end:   {pipeline:7.2f} img/s ({seconds:.1f} s, actor start-up included)")
     print(f"ratio pipeline / bare: {pipeline / bare:.3f}")
 
