@@ -411,19 +411,11 @@ def main() -> None:
     p.add_argument("--target-steps", type=int, default=3000, help="Adam steps per denoise classifier")
     for name in "fgh":
         p.add_argument(f"--epochs-{name}", type=int, help=f"override the epochs of {name}")
-    p.add_argument("--denoise-memory-gb", type=float,
-                   help="features larger than this stream from Parquet in the denoise task "
-                        "(default: DenoiseStage.max_in_memory_bytes)")
     p.add_argument("--set", action="append", default=[], help="extra config overrides key=value")
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
 
     from pdso_ray.config import DenoiseConfig
-    from pdso_ray.stages.denoise import DenoiseStage
-
-    if args.denoise_memory_gb is not None:
-        # read by DenoiseStage.run in this process and passed on to the task
-        DenoiseStage.max_in_memory_bytes = int(args.denoise_memory_gb * 1024**3)
     dc = DenoiseConfig()
     epochs = denoise_epochs(args.n, args.target_steps, dc.batch_size, dc.keep_ratio)
     epochs.update({k: getattr(args, f"epochs_{k}") for k in "fgh" if getattr(args, f"epochs_{k}") is not None})

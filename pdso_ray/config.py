@@ -120,6 +120,9 @@ class DenoiseConfig:
     lr: float = 1e-3
     batch_size: int = 1024
     seed: int = 0
+    # Features (feat + feat_flip, float32) up to this size are loaded once into the denoise task's
+    # memory; larger ones stream from Parquet on every pass. S919 at D=384 is 3.9 GB and fits.
+    max_in_memory_gb: float = 4.0
 
 
 @dataclass
@@ -163,6 +166,7 @@ class FinetuneConfig:
     use_gpu: bool = True  # ignored when the cluster has no GPU
     cpus_per_worker: float = 1.0
     max_failures: int = 2
+    keep_checkpoints: int = 2  # newest epoch checkpoints kept (resume needs one); 0 keeps all
     seed: int = 0
 
 
@@ -244,6 +248,8 @@ def validate(cfg: PipelineConfig) -> PipelineConfig:
             hint = difflib.get_close_matches(s, STAGES, n=1)
             need(False, "stages", s, f"unknown stage{f' (did you mean {hint[0]!r}?)' if hint else ''}; "
                  f"stages are {', '.join(STAGES)}")
+    need(cfg.denoise.max_in_memory_gb >= 0, "denoise.max_in_memory_gb", cfg.denoise.max_in_memory_gb,
+         "must be >= 0 (0 streams always)")
     need(0 < cfg.denoise.keep_ratio <= 1, "denoise.keep_ratio", cfg.denoise.keep_ratio, "must be in (0, 1]")
     need(0 < cfg.purify.dist_quantile <= 1, "purify.dist_quantile", cfg.purify.dist_quantile,
          "must be in (0, 1]")
@@ -257,6 +263,8 @@ def validate(cfg: PipelineConfig) -> PipelineConfig:
     refiners = ("spo", "sam_select", "gmm", "none")
     need(cfg.pseudo_labels.refine.method in refiners, "pseudo_labels.refine.method",
          cfg.pseudo_labels.refine.method, f"must be one of {', '.join(refiners)}")
+    need(cfg.finetune.keep_checkpoints >= 0, "finetune.keep_checkpoints", cfg.finetune.keep_checkpoints,
+         "must be >= 0 (0 keeps every epoch's checkpoint)")
     need(cfg.finetune.backbone in ("dino", "resnet50"), "finetune.backbone", cfg.finetune.backbone,
          "must be dino or resnet50")
     for key in ("features.batch_size", "pseudo_labels.batch_size", "finetune.batch_size",

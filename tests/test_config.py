@@ -40,6 +40,7 @@ def test_yaml_and_overrides(tmp_path):
     ("features.batch_size=0", "features.batch_size=0"),  # out of range
     ("stages=features,clustr", "clustr"),                 # unknown stage
     ("denoise.keep_ratio=1.5", "denoise.keep_ratio"),
+    ("denoise.max_in_memory_gb=-1", "denoise.max_in_memory_gb=-1"),
     ("pseudo_labels.refine.method=crf", "pseudo_labels.refine.method='crf'"),
     ("models.allow_random_init=maybe", "models.allow_random_init"),
     ("data=3", "data"),

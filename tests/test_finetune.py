@@ -204,3 +204,6 @@ def test_finetune_survives_a_crash_and_resumes_with_more_epochs(ray_local, run_s
         assert f.read().split("\n")[2:] == ["3 3 12", ""]
     assert counts["epochs"] == 3 and counts["start_epoch"] == 3
     _check_model(storage, run, epochs=3)
+    # finetune.keep_checkpoints=2 (the default): the oldest epoch's checkpoint is gone
+    kept = sorted(d for d in os.listdir(os.path.join(run, "finetune", "train")) if d.startswith("epoch_"))
+    assert kept == ["epoch_0002", "epoch_0003"]

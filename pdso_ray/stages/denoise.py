@@ -5,13 +5,13 @@ features: the task reads ``features/`` (row group by row group) and ``cluster/``
 g and h, saves h (``denoise/classifier.pt``) and writes, file by file and aligned with the feature
 files, ``denoise/<name>.parquet``: id, ``emb`` (e(x), L2-normalised), ``subset1``, ``clean`` (S2)
 and ``relabel`` (g's label). Memory: the features once (N×D×2 float32) when they fit
-``DenoiseStage.max_in_memory_bytes``, else one shuffle block; plus O(N) labels, masks and losses.
+``denoise.max_in_memory_gb``, else one shuffle block; plus O(N) labels, masks and losses.
 """
 
 from __future__ import annotations
 
 import io
-from typing import Any, ClassVar
+from typing import Any
 
 import numpy as np
 
@@ -90,10 +90,10 @@ class ParquetPairs:
 
 
 def run_denoise(storage: Storage, feature_files: list[str], cluster_dir: str, out_dir: str,
-                classes: int, settings: DenoiseConfig, max_in_memory_bytes: int) -> dict[str, Any]:
+                classes: int, settings: DenoiseConfig) -> dict[str, Any]:
     """The task body: everything is read and written here, on the worker.
 
-    Features of at most ``max_in_memory_bytes`` (feat + feat_flip as float32) are loaded once;
+    Features of at most ``settings.max_in_memory_gb`` (feat + feat_flip as float32) are loaded once;
     larger ones are streamed row group by row group on every pass (training epochs, scoring,
     embedding), so the worker holds one shuffle block (``ChunkedFeatures.shuffle_rows`` rows) at a
     time. Outputs are written file by file.
@@ -104,7 +104,7 @@ def run_denoise(storage: Storage, feature_files: list[str], cluster_dir: str, ou
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     pairs = ParquetPairs(storage, feature_files)
-    in_memory = pairs.feature_bytes() <= max_in_memory_bytes
+    in_memory = pairs.feature_bytes() <= settings.max_in_memory_gb * 1024**3
     if in_memory:
         feats, flips = pairs.load_all()
         source = ChunkedFeatures.from_arrays(feats, flips)
@@ -141,11 +141,9 @@ class DenoiseStage(Stage):
     name = "denoise"
     config_sections = ("denoise", "data.classes")
     depends_on = ("features", "cluster")
-    # Features (feat + feat_flip, float32) up to this size are held in the worker's memory; larger
-    # ones stream from Parquet on every pass. ImageNet-S919 at D=384 is 3.9 GB and fits: streaming
-    # it costs one zstd decode of the features per pass (~25 s per pass on one busy core, half the
-    # time of a linear epoch), and a whole-data shuffle beats shuffling blocks of row groups.
-    max_in_memory_bytes: ClassVar[int] = 4 << 30
+    # denoise.max_in_memory_gb: holding S919's features in memory (3.9 GB) beats streaming them:
+    # streaming costs one zstd decode of the features per pass (~25 s per pass on one busy core,
+    # half the time of a linear epoch), and a whole-data shuffle beats shuffling blocks of row groups.
 
     def run(self, ctx: RunContext) -> dict[str, Any]:
         import ray
@@ -154,5 +152,4 @@ class DenoiseStage(Stage):
         task = ray.remote(run_denoise).options(num_gpus=1 if ctx.cluster_has_gpu else 0,
                                                num_cpus=1, max_retries=2)
         return ray.get(task.remote(ctx.storage, files, ctx.stage_dir("cluster"),
-                                   self.output_dir(ctx), ctx.cfg.data.classes, ctx.cfg.denoise,
-                                   self.max_in_memory_bytes))
+                                   self.output_dir(ctx), ctx.cfg.data.classes, ctx.cfg.denoise))

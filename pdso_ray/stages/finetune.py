@@ -10,7 +10,8 @@ inside the GPU workers.
 
 Training: :func:`train_loop_per_worker` under a ``TorchTrainer`` (DDP), cross-entropy ignoring
 1000, AdamW with a per-step cosine schedule, bf16 autocast on GPU. Every epoch rank 0 reports a
-checkpoint (``state.pt``: model, optimizer, scheduler, epoch) to ``finetune/train/epoch_NNNN/``;
+checkpoint (``state.pt``: model, optimizer, scheduler, epoch) to ``finetune/train/epoch_NNNN/``
+(the newest ``finetune.keep_checkpoints`` are kept);
 ``FailureConfig(max_failures)`` restarts failed workers from the latest one, and re-running the
 stage resumes from it too (finished epochs are skipped). At the end the driver writes the weights
 and their meta to ``finetune/model.pt`` (:func:`pdso_ray.models.heads.segmenter_bytes` format).
@@ -260,7 +261,7 @@ class FinetuneStage(Stage):
             run_config=RunConfig(storage_path=storage_path, storage_filesystem=storage_fs,
                                  name=TRAIN_RUN_NAME,
                                  failure_config=FailureConfig(max_failures=fc.max_failures),
-                                 checkpoint_config=CheckpointConfig(num_to_keep=None)),
+                                 checkpoint_config=CheckpointConfig(num_to_keep=fc.keep_checkpoints or None)),
             datasets={"train": ds},
         )
         result = trainer.fit()
