@@ -168,21 +168,43 @@ class ArraySource:
 
 @dataclass(frozen=True)
 class ParquetSource:
-    """Rows of ``column`` in the given Parquet files, concatenated in order."""
+    """Rows of ``column`` in the given Parquet files, concatenated in order.
+
+    Loaded row group by row group into one preallocated array, so a shard's peak memory is its
+    rows plus one row group (reading whole files and concatenating peaked at ~2.5x the rows)."""
 
     urls: tuple[str, ...]
     column: str
     storage: Storage
 
-    def load(self) -> np.ndarray:
+    def _files(self) -> Iterator[tuple[str, Any]]:
         import pyarrow.parquet as pq
 
-        parts = []
         for url in self.urls:
             fs, path = self.storage.arrow_fs(url)
-            table = pq.read_table(path, columns=[self.column], filesystem=fs)
-            parts.append(column_to_array(table.column(self.column), f"{self.column} in {url}"))
-        return _concat(parts)
+            with fs.open_input_file(path) as f:
+                yield url, pq.ParquetFile(f)
+
+    def load(self) -> np.ndarray:
+        total = sum(pf.metadata.num_rows for _, pf in self._files())
+        out: np.ndarray | None = None
+        start = 0
+        for url, pf in self._files():
+            for group in range(pf.num_row_groups):
+                rows = column_to_array(pf.read_row_group(group, columns=[self.column]).column(self.column),
+                                       f"{self.column} in {url}")
+                if not len(rows):
+                    continue
+                if out is None:
+                    out = np.empty((total, rows.shape[1]), dtype=np.float32)
+                elif rows.shape[1] != out.shape[1]:
+                    raise ValueError(f"{self.column} in {url} has {rows.shape[1]}-dimensional vectors, "
+                                     f"earlier files {out.shape[1]}")
+                out[start:start + len(rows)] = rows
+                start += len(rows)
+        if start != total:
+            raise ValueError(f"{total} rows in the Parquet footers of {self.urls[0]}..., {start} read")
+        return out if out is not None else np.zeros((0, 0), dtype=np.float32)
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,8 @@ import pytest
 import ray
 from ray.cluster_utils import Cluster
 
-from pdso_ray.kmeans import KMeansShards, assign, kmeans
+from pdso_ray.kmeans import KMeansShards, ParquetSource, assign, kmeans
+from pdso_ray.storage import Storage
 
 K = 20
 
@@ -141,6 +142,21 @@ def test_bad_inputs_raise_value_errors():
     bad[7, 1] = np.nan
     with pytest.raises(ValueError, match="NaN"):
         kmeans(bad, 3)
+
+
+def test_parquet_source_reads_row_groups_in_order_and_names_bad_files(tmp_path):
+    rows = _uniform(50, 8, seed=3)
+    urls = []
+    for name, (a, b), group in [("a", (0, 23), 5), ("empty", (23, 23), 5), ("b", (23, 50), 4)]:
+        pq.write_table(pa.table({"feat": list(rows[a:b])}, schema=pa.schema([("feat", pa.list_(pa.float32()))])),
+                       tmp_path / f"{name}.parquet", row_group_size=group)
+        urls.append(str(tmp_path / f"{name}.parquet"))
+    assert pq.ParquetFile(urls[0]).num_row_groups == 5
+    np.testing.assert_array_equal(ParquetSource(tuple(urls), "feat", Storage()).load(), rows)
+
+    pq.write_table(pa.table({"feat": list(_uniform(3, 4, seed=1))}), tmp_path / "narrow.parquet")
+    with pytest.raises(ValueError, match="narrow.parquet has 4-dimensional vectors, earlier files 8"):
+        ParquetSource((urls[0], str(tmp_path / "narrow.parquet")), "feat", Storage()).load()
 
 
 # ---- Ray: one two-node cluster (1 CPU each) for the module ---------------------------------------
