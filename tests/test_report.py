@@ -13,7 +13,8 @@ from PIL import Image
 from pdso_ray.config import DataConfig, PipelineConfig, dump_yaml
 from pdso_ray.data.imagenet_s import IGNORE_ID, decode_label, encode_label, list_split
 from pdso_ray.data.synthetic import make_demo_dataset
-from pdso_ray.report import build_report, class_colors, colorize
+from pdso_ray.report import build_report
+from pdso_ray.report_figures import class_colors, colorize
 from pdso_ray.stages.base import RunContext
 from pdso_ray.stages.evaluate import EvaluateStage
 from pdso_ray.stages.report import ReportStage
