@@ -8,7 +8,7 @@ import pytest
 
 from pdso_ray.config import load_config
 from pdso_ray.data.synthetic import make_demo_dataset, odd_and_corrupt_samples
-from pdso_ray.pipeline import init_ray, run_pipeline
+from pdso_ray.pipeline import run_pipeline
 from pdso_ray.stages.base import RunContext
 from pdso_ray.stages.features import DinoFeatures, FeaturesStage, WriteShards
 from pdso_ray.stages.read_decode import ReadDecode

@@ -138,7 +138,6 @@ def test_training_dataset_skips_images_without_a_refined_label(ray_local, run_se
 def _probed_stage(log_file, crash_marker):
     """FinetuneStage whose workers log every report of rank 0 to ``log_file`` and, while
     ``crash_marker`` does not exist, kill rank 0's process once its first checkpoint is committed."""
-    from pdso_ray.stages.finetune import FinetuneStage
 
     def loop(config):
         import os
