@@ -1,3 +1,3 @@
-"""pdso-ray: unsupervised semantic segmentation (PDSO) at ImageNet scale on Ray."""
+"""pdso-ray: unsupervised semantic segmentation at ImageNet scale on Ray (docs/architecture.md)."""
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"

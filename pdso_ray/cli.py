@@ -1,7 +1,9 @@
-"""``pdso-ray``: demo, run, make-demo-data, evaluate, inspect.
+"""``pdso-ray``: run, demo, make-demo-data, evaluate, export, inspect.
 
-Subcommands call the same functions as ``jobs/pdso.py``; heavy imports happen inside them so that
-``pdso-ray --help`` and ``pdso-ray evaluate`` stay light.
+All argument parsing lives here; subcommands call the same library functions as ``jobs/pdso.py``
+and tests. Heavy imports happen inside the commands, so that ``pdso-ray --help`` and
+``pdso-ray evaluate`` stay light. Every expected failure is one line on stderr beginning
+``error:`` with exit code 2; Ctrl-C stops the run (exit 130) and says how to resume.
 """
 
 from __future__ import annotations
@@ -13,19 +15,29 @@ import os
 import sys
 from pathlib import Path
 
+from pdso_ray import __version__
 from pdso_ray.config import ConfigError
 
 DEMO_CONFIG = Path(__file__).resolve().parent.parent / "jobs" / "configs" / "demo.yaml"
+EXIT_BAD_INPUT = 2
+EXIT_INTERRUPTED = 130
+
+
+def _run(cfg) -> int:
+    from pdso_ray.pipeline import run_pipeline
+    from pdso_ray.preflight import preflight
+
+    for note in preflight(cfg):
+        logging.getLogger("pdso_ray").info("preflight: %s", note)
+    summary = run_pipeline(cfg)
+    _print_summary(cfg.output, summary)
+    return 0
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
     from pdso_ray.config import load_config
-    from pdso_ray.pipeline import run_pipeline
 
-    cfg = load_config(args.config, args.set or [])
-    summary = run_pipeline(cfg)
-    _print_summary(cfg.output, summary)
-    return 0
+    return _run(load_config(args.config, args.set or []))
 
 
 def _cmd_make_demo_data(args: argparse.Namespace) -> int:
@@ -39,107 +51,204 @@ def _cmd_make_demo_data(args: argparse.Namespace) -> int:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    """Synthetic ImageNet-S data + tiny random-init models + the whole pipeline, locally."""
+    """Synthetic ImageNet-S data + tiny models + the whole pipeline, locally."""
     from pdso_ray.config import load_config
     from pdso_ray.data.synthetic import make_demo_dataset
-    from pdso_ray.pipeline import run_pipeline
 
     workdir = os.path.abspath(args.workdir)
     data_root = os.path.join(workdir, "data")
     cfg = load_config(str(DEMO_CONFIG), [f"data.root={data_root}",
                                          f"output={os.path.join(workdir, 'run')}", *(args.set or [])])
-    if not os.path.isdir(os.path.join(data_root, f"ImageNetS{cfg.data.classes}")):
-        make_demo_dataset(data_root, classes=cfg.data.classes, train_per_class=args.train_per_class,
-                          val_per_class=args.val_per_class, test_per_class=args.val_per_class,
-                          seed=args.seed)
+    make_demo_dataset(data_root, classes=cfg.data.classes, train_per_class=args.train_per_class,
+                      val_per_class=args.val_per_class, test_per_class=args.val_per_class,
+                      seed=args.seed)
     print(f"demo data: {data_root}/ImageNetS{cfg.data.classes}")
-    summary = run_pipeline(cfg)
-    _print_summary(cfg.output, summary)
+    return _run(cfg)
+
+
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    from pdso_ray.evaluation import evaluate_dirs, format_result
+
+    try:
+        result = evaluate_dirs(args.pred, args.gt, args.classes, match_file=args.match,
+                               progress=not args.quiet, resize=args.resize, workers=args.workers)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    if args.json:
+        print(json.dumps(result.to_json(), allow_nan=False))
+    else:
+        print(format_result(result))
+    return 0
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from pdso_ray.export import export_submission
+    from pdso_ray.storage import Storage
+
+    try:
+        result = export_submission(Storage(), args.run, args.out, split=args.split,
+                                   method=args.method, description=args.description,
+                                   link=args.link)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    applied = ("no threshold" if result.threshold is None
+               else f"background threshold {result.threshold:g}")
+    checked = "" if result.checked_against_dataset else " (not checked against the dataset)"
+    print(f"wrote {result.url}: {result.images} predictions{checked}, {applied}, "
+          "match.json, method.txt")
     return 0
 
 
 def _cmd_inspect(args: argparse.Namespace) -> int:
+    from pdso_ray.run_layout import RunLayout
     from pdso_ray.storage import Storage
 
     storage = Storage()
-    url = storage.join(args.run, "summary.json")
+    url = RunLayout(args.run).summary_file
     if not storage.exists(url):
-        print(f"no summary.json in {args.run}", file=sys.stderr)
-        return 2
-    print(json.dumps(storage.read_json(url), indent=2))
+        raise ConfigError(f"no summary.json in {args.run}: not a run folder, or no stage has finished yet")
+    summary = storage.read_json(url)
+    if args.json:
+        print(json.dumps(summary, indent=2))
+    else:
+        print(format_summary(args.run, summary))
     return 0
 
 
-def _print_summary(output: str, summary: dict) -> None:
-    print(f"run folder: {output}")
-    for name, info in summary.get("stages", {}).items():
+def format_summary(output: str, summary: dict) -> str:
+    """The run's summary as text: one line per stage in pipeline order, then the accounting,
+    the notes and the headline numbers."""
+    from pdso_ray.stages import STAGES
+
+    stages = summary.get("stages", {})
+    lines = [f"run folder: {output}", f"  {'stage':<14} {'status':<11} {'seconds':>9}"]
+    for name in [*STAGES, *[s for s in stages if s not in STAGES]]:
+        info = stages.get(name)
+        if info is None:
+            lines.append(f"  {name:<14} {'not run':<11}")
+            continue
         seconds = info.get("seconds")
-        timing = f"{seconds:8.1f} s" if isinstance(seconds, (int, float)) else " " * 10
-        print(f"  {name:<14} {info.get('status', '?'):<8} {timing}")
+        timing = f"{seconds:9.1f}" if isinstance(seconds, (int, float)) else " " * 9
+        lines.append(f"  {name:<14} {info.get('status', '?'):<11} {timing}")
     if "images_total" in summary:
-        print(f"images: {summary['images_total']} total, {summary['images_ok']} ok, "
-              f"{summary['images_rejected']} rejected (listed under {output}/rejected/)")
-    if "mIoU" in summary:
-        print(f"mIoU: {summary['mIoU']:.2f}")
-    report = f"{output}/report/index.html"
-    if summary.get("stages", {}).get("report"):
-        print(f"report: {report}")
+        lines.append(f"images: {summary['images_total']} total, {summary['images_ok']} ok, "
+                     f"{summary['images_rejected']} rejected (listed under {output}/rejected/)")
+    for split, info in sorted(summary.get("splits", {}).items()):
+        lines.append(f"  {split}: " + ", ".join(f"{k} {v}" for k, v in info.items()))
+    for stage, notes in summary.get("notes", {}).items():
+        lines += [f"note ({stage}): {n}" for n in notes]
+    for key, label in (("mIoU", "validation mIoU"), ("mIoU_test", "test mIoU")):
+        if key in summary:
+            lines.append(f"{label}: {summary[key]:.2f}")
+    if stages.get("report"):
+        lines.append(f"report: {output}/report/index.html")
+    return "\n".join(lines)
+
+
+def _print_summary(output: str, summary: dict) -> None:
+    print(format_summary(output, summary))
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="pdso-ray", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="pdso-ray", description="Unsupervised semantic segmentation at ImageNet scale on Ray "
+        "(PDSO: pseudo-label denoising and SAM optimisation).")
+    parser.add_argument("--version", action="version", version=f"pdso-ray {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = sub.add_parser("run", help="run the pipeline from a YAML config")
+    p = sub.add_parser("run", help="run the pipeline from a YAML config",
+                       description="Run the pipeline (or some stages) from a YAML config; a re-run "
+                       "of the same command resumes where it stopped.")
     p.add_argument("config", help="YAML config (see jobs/configs/)")
     p.add_argument("--set", action="append", metavar="KEY=VALUE",
-                   help="override a config value, e.g. --set stages=features,cluster")
+                   help="override a config value, e.g. --set stages=features,cluster (repeatable)")
     p.set_defaults(func=_cmd_run)
 
-    p = sub.add_parser("demo", help="synthetic data + tiny models + whole pipeline, locally")
-    p.add_argument("--workdir", default="demo", help="where data and the run folder go")
-    p.add_argument("--train-per-class", type=int, default=40)
-    p.add_argument("--val-per-class", type=int, default=6)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config value")
+    p = sub.add_parser("demo", help="synthetic data + tiny models + the whole pipeline, locally",
+                       description="Write a small synthetic ImageNet-S dataset and run the whole "
+                       "pipeline on it with jobs/configs/demo.yaml.")
+    p.add_argument("--workdir", default="demo", help="where data/ and run/ go (default: demo)")
+    p.add_argument("--train-per-class", type=int, default=40, help="train images per class (default 40)")
+    p.add_argument("--val-per-class", type=int, default=6,
+                   help="validation and test images per class (default 6)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the synthetic images (default 0)")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="override a config value of jobs/configs/demo.yaml (repeatable)")
     p.set_defaults(func=_cmd_demo)
 
-    p = sub.add_parser("make-demo-data", help="write a small synthetic ImageNet-S dataset")
+    p = sub.add_parser("make-demo-data", help="write a small synthetic ImageNet-S dataset",
+                       description="Write OUT/ImageNetS{N}/ with train, validation and test images "
+                       "and validation/test ground truth.")
     p.add_argument("out", help="folder that will hold ImageNetS{N}/")
-    p.add_argument("--classes", type=int, default=5)
-    p.add_argument("--train-per-class", type=int, default=20)
-    p.add_argument("--val-per-class", type=int, default=4)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--classes", type=int, default=5, help="number of classes N (default 5)")
+    p.add_argument("--train-per-class", type=int, default=20, help="train images per class (default 20)")
+    p.add_argument("--val-per-class", type=int, default=4,
+                   help="validation and test images per class (default 4)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the images (default 0)")
     p.set_defaults(func=_cmd_make_demo_data)
 
-    from pdso_ray.evaluation import add_evaluate_arguments, run_evaluate_command
+    p = sub.add_parser("evaluate", help="official ImageNet-S mIoU of a prediction folder",
+                       description="Evaluate predicted label PNGs against ImageNet-S ground truth "
+                       "with the official protocol (Hungarian matching, C+1 classes).")
+    p.add_argument("--pred", required=True, help="folder (or URL) of predicted label PNGs")
+    p.add_argument("--gt", required=True, help="folder (or URL) of ground-truth label PNGs")
+    p.add_argument("--classes", required=True, type=int, help="number of classes C")
+    p.add_argument("--match", default=None,
+                   help="matching JSON: reused if it exists, else computed and written")
+    p.add_argument("--resize", default=None, choices=["nearest"],
+                   help="resize predictions whose size differs from their GT "
+                        "(default: such a prediction is an error)")
+    p.add_argument("--workers", type=int, default=8, help="threads reading PNGs (default 8)")
+    p.add_argument("--json", action="store_true",
+                   help="print one JSON line {mIoU, IoU, match, ...} instead of a table")
+    p.add_argument("--quiet", action="store_true", help="no progress bar (on stderr)")
+    p.set_defaults(func=_cmd_evaluate)
 
-    p = sub.add_parser("evaluate", help="official ImageNet-S mIoU of a prediction folder")
-    add_evaluate_arguments(p)
-    p.set_defaults(func=run_evaluate_command)
+    p = sub.add_parser("export", help="zip test predictions for the ImageNet-S benchmark server",
+                       description="Pack a run's predictions, match.json and method.txt in the "
+                       "layout of the ImageNet-S evaluation server.")
+    p.add_argument("run", help="run folder (or URL) after the predict and evaluate stages")
+    p.add_argument("out", help="zip file to write (path or URL), e.g. test.zip")
+    p.add_argument("--split", default="test", choices=["test", "validation"],
+                   help="which predictions to pack (default: test)")
+    p.add_argument("--method", default="PDSO (pdso-ray)", help="method name in method.txt")
+    p.add_argument("--description", default="null", help="method description in method.txt")
+    p.add_argument("--link", default="null", help="paper/project link in method.txt")
+    p.set_defaults(func=_cmd_export)
 
-    from pdso_ray.export import add_export_arguments, run_export_command
-
-    p = sub.add_parser("export", help="zip test predictions for the ImageNet-S benchmark server")
-    add_export_arguments(p)
-    p.set_defaults(func=run_export_command)
-
-    p = sub.add_parser("inspect", help="print a run's summary.json")
+    p = sub.add_parser("inspect", help="print a run's summary (stages in pipeline order)",
+                       description="Print a run folder's summary.json as a table.")
     p.add_argument("run", help="run folder (the config's `output`)")
+    p.add_argument("--json", action="store_true", help="print summary.json as it is")
     p.set_defaults(func=_cmd_inspect)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    from pdso_ray.run_lease import LeaseHeld
+    from pdso_ray.storage import StorageError
+
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         return args.func(args)
-    except (ConfigError, FileNotFoundError) as e:
+    except (ConfigError, FileNotFoundError, LeaseHeld, StorageError) as e:
         print(f"error: {e}", file=sys.stderr)
-        return 2
+        return EXIT_BAD_INPUT
+    except KeyboardInterrupt:
+        _shutdown_ray()
+        print("interrupted: re-run the same command to resume", file=sys.stderr)
+        return EXIT_INTERRUPTED
+
+
+def _shutdown_ray() -> None:
+    """Stop the Ray instance this process started or joined (workers of a local instance end
+    with it); nothing if Ray was never imported."""
+    ray = sys.modules.get("ray")
+    if ray is not None and ray.is_initialized():
+        ray.shutdown()
 
 
 if __name__ == "__main__":

@@ -1,9 +1,12 @@
 """One typed configuration for the whole pipeline.
 
-Nested dataclasses, one per stage, with the defaults of DESIGN §3. Loaded from YAML, overridden with
-dotted ``--set a.b=c`` assignments (values parsed as YAML scalars, then checked against the field's
-type), validated, and saved resolved (secrets redacted) beside the outputs. Every error names the
-offending key and value.
+Nested dataclasses, one per stage, with the defaults of docs/method.md. Loaded from YAML,
+overridden with dotted ``--set a.b=c`` assignments (values parsed as YAML scalars, then checked
+against the field's type), validated (types and ranges), and saved resolved (secrets redacted)
+beside the outputs. Every error names the offending key and value.
+
+Choices that name a registry entry (stages, refiners, backbones, layouts) are checked against the
+registries themselves by :func:`pdso_ray.preflight.check_choices`: this module lists none of them.
 """
 
 from __future__ import annotations
@@ -19,20 +22,11 @@ from typing import Any
 
 import yaml
 
-STAGES = (
-    "features",
-    "cluster",
-    "denoise",
-    "purify",
-    "pseudo_labels",
-    "finetune",
-    "predict",
-    "evaluate",
-    "report",
-)
-
-# Published per-benchmark saliency thresholds for pixel pseudo labels (DESIGN §3.5).
+# Published per-benchmark saliency thresholds for pixel pseudo labels (docs/method.md §5).
 DEFAULT_SALIENCY_THRESHOLDS = {50: 0.41, 300: 0.40, 919: 0.37}
+
+# Class ids 1..C must stay below the ignore id 1000 of the ImageNet-S label codec.
+MAX_CLASSES = 999
 
 SECRET_KEYS = ("key", "secret", "token", "password", "session_token", "aws_secret_access_key")
 REDACTED = "***"
@@ -59,11 +53,16 @@ class StorageConfig:
 
 @dataclass
 class DataConfig:
-    root: str = "demo/data"  # folder or URL holding ImageNetS{classes}/
-    classes: int = 50
+    root: str = "demo/data"  # imagenet_s: folder or URL holding ImageNetS{classes}/; folder: the images
+    classes: int | None = None  # C, the number of categories (required)
+    layout: str = "imagenet_s"  # imagenet_s | folder (any tree of images, no splits, no ground truth)
+    # Whether the first folder below a split is the image's class (ImageNet-S wnids): per-run
+    # diagnostics then score every clustering against it. None = the layout's default.
+    folder_is_class: bool | None = None
     class_list: str | None = None  # optional file with one wnid per line (benchmark order)
     features: str | None = None  # precomputed features folder: stage 1 is skipped
     max_pixels: int = 89_478_485  # decompression-bomb limit per image
+    max_file_bytes: int = 256 * 1024 * 1024  # larger input files are rejected unread
     train_split: str = "train"
     eval_splits: list[str] = field(default_factory=lambda: ["validation", "test"])
     limit: int | None = None  # use only the first N train images (debugging)
@@ -106,7 +105,7 @@ class FeaturesConfig:
 class ClusterConfig:
     niter: int = 20
     nredo: int = 1
-    seed: int = 0
+    seed: int | None = None  # None = the top-level seed
     num_shards: int | None = None  # None = one per CPU (or GPU) in the cluster
 
 
@@ -119,7 +118,7 @@ class DenoiseConfig:
     hidden_dim: int = 256  # D' of the MLP h: D -> D' -> C
     lr: float = 1e-3
     batch_size: int = 1024
-    seed: int = 0
+    seed: int | None = None  # None = the top-level seed
     # Features (feat + feat_flip, float32) up to this size are loaded once into the denoise task's
     # memory; larger ones stream from Parquet on every pass. S919 at D=384 is 3.9 GB and fits.
     max_in_memory_gb: float = 4.0
@@ -131,7 +130,7 @@ class PurifyConfig:
     alpha: float = 2.0
     topk: int = 50
     niter: int = 20
-    seed: int = 0
+    seed: int | None = None  # None = the top-level seed
 
 
 @dataclass
@@ -167,7 +166,7 @@ class FinetuneConfig:
     cpus_per_worker: float = 1.0
     max_failures: int = 2
     keep_checkpoints: int = 2  # newest epoch checkpoints kept (resume needs one); 0 keeps all
-    seed: int = 0
+    seed: int | None = None  # None = the top-level seed
 
 
 @dataclass
@@ -191,7 +190,10 @@ class RayConfig:
 @dataclass
 class PipelineConfig:
     output: str = "runs/demo"
-    stages: list[str] = field(default_factory=lambda: list(STAGES))
+    stages: list[str] | None = None  # None = every stage, in pipeline order
+    # Seeds everything: random-init weights, k-means, denoising, augmentations, sampling.
+    # A section's own `seed` overrides it for that section.
+    seed: int = 0
     data: DataConfig = field(default_factory=DataConfig)
     storage: StorageConfig = field(default_factory=StorageConfig)
     models: ModelsConfig = field(default_factory=ModelsConfig)
@@ -205,6 +207,11 @@ class PipelineConfig:
     ray: RayConfig = field(default_factory=RayConfig)
 
     # -- derived values --
+    def seed_for(self, section: str) -> int:
+        """The seed of one config section: its own ``seed`` when set, else the top-level one."""
+        own = getattr(getattr(self, section), "seed", None)
+        return self.seed if own is None else own
+
     def saliency_threshold(self) -> float:
         if self.pseudo_labels.threshold is not None:
             return self.pseudo_labels.threshold
@@ -241,13 +248,19 @@ def validate(cfg: PipelineConfig) -> PipelineConfig:
         if not cond:
             raise ConfigError(f"{key}={value!r}: {why}")
 
-    need(cfg.data.classes >= 1, "data.classes", cfg.data.classes, "must be >= 1")
+    need(cfg.data.classes is not None, "data.classes", None,
+         "is required: the number of categories C to discover (ImageNet-S: 50, 300 or 919; your "
+         "own images: see the README, 'Your own images')")
+    need(1 <= cfg.data.classes <= MAX_CLASSES, "data.classes", cfg.data.classes,
+         f"must be in 1..{MAX_CLASSES} (class ids must stay below the ignore id 1000)")
     need(bool(cfg.output), "output", cfg.output, "must name a run folder or URL")
-    for s in cfg.stages:
-        if s not in STAGES:
-            hint = difflib.get_close_matches(s, STAGES, n=1)
-            need(False, "stages", s, f"unknown stage{f' (did you mean {hint[0]!r}?)' if hint else ''}; "
-                 f"stages are {', '.join(STAGES)}")
+    need(cfg.stages is None or len(cfg.stages) > 0, "stages", cfg.stages,
+         "must name at least one stage (or be left out: every stage)")
+    need(cfg.seed >= 0, "seed", cfg.seed, "must be >= 0")
+    if cfg.data.limit is not None:
+        need(cfg.data.limit >= 1, "data.limit", cfg.data.limit, "must be >= 1 (or null: all images)")
+    for key in ("data.max_pixels", "data.max_file_bytes"):
+        need(_get_attr(cfg, key) >= 1, key, _get_attr(cfg, key), "must be >= 1")
     need(cfg.denoise.max_in_memory_gb >= 0, "denoise.max_in_memory_gb", cfg.denoise.max_in_memory_gb,
          "must be >= 0 (0 streams always)")
     need(0 < cfg.denoise.keep_ratio <= 1, "denoise.keep_ratio", cfg.denoise.keep_ratio, "must be in (0, 1]")
@@ -260,20 +273,36 @@ def validate(cfg: PipelineConfig) -> PipelineConfig:
     if cfg.pseudo_labels.threshold is not None:
         need(0 <= cfg.pseudo_labels.threshold <= 1, "pseudo_labels.threshold",
              cfg.pseudo_labels.threshold, "must be in [0, 1]")
-    refiners = ("spo", "sam_select", "gmm", "none")
-    need(cfg.pseudo_labels.refine.method in refiners, "pseudo_labels.refine.method",
-         cfg.pseudo_labels.refine.method, f"must be one of {', '.join(refiners)}")
     need(cfg.finetune.keep_checkpoints >= 0, "finetune.keep_checkpoints", cfg.finetune.keep_checkpoints,
          "must be >= 0 (0 keeps every epoch's checkpoint)")
-    need(cfg.finetune.backbone in ("dino", "resnet50"), "finetune.backbone", cfg.finetune.backbone,
-         "must be dino or resnet50")
     for key in ("features.batch_size", "pseudo_labels.batch_size", "finetune.batch_size",
                 "predict.batch_size", "features.min_actors", "features.max_actors",
-                "finetune.num_workers", "models.dino.image_size"):
+                "features.rows_per_file", "pseudo_labels.min_actors", "pseudo_labels.max_actors",
+                "pseudo_labels.image_size", "predict.min_actors", "predict.max_actors",
+                "predict.short_side", "finetune.num_workers", "finetune.epochs",
+                "finetune.crop_size", "models.dino.image_size", "purify.niter",
+                "denoise.batch_size", "denoise.hidden_dim"):
         value = _get_attr(cfg, key)
         need(value >= 1, key, value, "must be >= 1")
-    need(cfg.features.min_actors <= cfg.features.max_actors, "features.min_actors",
-         cfg.features.min_actors, f"must be <= features.max_actors ({cfg.features.max_actors})")
+    for key in ("denoise.epochs_f", "denoise.epochs_g", "denoise.epochs_h",
+                "pseudo_labels.refine.min_area", "finetune.max_failures"):
+        value = _get_attr(cfg, key)
+        need(value >= 0, key, value, "must be >= 0")
+    for key in ("denoise.lr", "finetune.lr", "features.cpus_per_actor", "finetune.cpus_per_worker"):
+        value = _get_attr(cfg, key)
+        need(value > 0, key, value, "must be > 0")
+    for key in ("features.gpus_per_actor", "pseudo_labels.gpus_per_actor", "predict.gpus_per_actor",
+                "features.decode_cpus", "finetune.weight_decay", "pseudo_labels.refine.sigma"):
+        value = _get_attr(cfg, key)
+        need(value >= 0, key, value, "must be >= 0")
+    if cfg.models.sam.image_size is not None:
+        need(cfg.models.sam.image_size >= 16 and cfg.models.sam.image_size % 16 == 0,
+             "models.sam.image_size", cfg.models.sam.image_size, "must be a positive multiple of 16")
+    if cfg.ray.num_cpus is not None:
+        need(cfg.ray.num_cpus >= 1, "ray.num_cpus", cfg.ray.num_cpus, "must be >= 1 (or null)")
+    for section in ("features", "pseudo_labels", "predict"):
+        lo, hi = _get_attr(cfg, f"{section}.min_actors"), _get_attr(cfg, f"{section}.max_actors")
+        need(lo <= hi, f"{section}.min_actors", lo, f"must be <= {section}.max_actors ({hi})")
     return cfg
 
 

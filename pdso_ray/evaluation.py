@@ -1,25 +1,32 @@
-"""Evaluate a folder of predicted label PNGs against ImageNet-S ground truth (the I/O side).
+"""Evaluating folders of predicted label PNGs against ImageNet-S ground truth (the I/O side).
 
-Files pair by relative path (``<wnid>/<name>.png``) under the two folders; the protocol itself
-lives in :mod:`pdso_ray.method.metrics`. Used by the ``evaluate`` stage and by
-``pdso-ray evaluate --pred DIR --gt DIR --classes C [--match FILE] [--json]``.
+Files pair by relative name (``<wnid>/<stem>.png``) under a prediction folder and a ground-truth
+folder; the protocol itself lives in :mod:`pdso_ray.method.metrics`. One implementation serves
+the ``evaluate`` stage (:mod:`pdso_ray.stages.evaluate`) and ``pdso-ray evaluate``
+(:func:`evaluate_dirs`).
+
+Background threshold rule (``predict.background: threshold``, PASS's rule): beside each label PNG
+of the best foreground class, a foreground map (8-bit, ``round(255 · (1 − p_background))``) lets
+:func:`evaluate_thresholds` score many thresholds t in one pass: pixels whose foreground
+probability is below t become background (:func:`apply_background_threshold`).
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
+import os
 import sys
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from itertools import islice
 
 import numpy as np
 from tqdm import tqdm
 
-from pdso_ray.data.imagenet_s import LABEL_SUFFIX, decode_label
+from pdso_ray.data.imagenet_s import IGNORE_ID, decode_label, read_png
 from pdso_ray.method.metrics import (
     RESIZE_MODES,
     SIZE_BIN_NAMES,
@@ -27,29 +34,90 @@ from pdso_ray.method.metrics import (
     SegmentationResult,
     check_match,
 )
+from pdso_ray.run_layout import LABEL_SUFFIX
 from pdso_ray.storage import Storage
 
-# Files named in a "missing predictions" error before the rest is summarised as a count.
-_MAX_LISTED = 10
+_MAX_LISTED = 10  # missing files named in an error before the rest becomes a count
+# The background-threshold sweep grid, 0.00 .. 0.95 in steps of 0.05 (PASS sweeps a similar range).
+BACKGROUND_THRESHOLDS = tuple(round(0.05 * i, 2) for i in range(20))
 
 
-def pair_files(pred_dir: str, gt_dir: str, storage: Storage) -> list[tuple[str, str, str]]:
-    """``(relative path, prediction URL, GT URL)`` for every GT PNG under ``gt_dir``, sorted.
+# ---- the background threshold -----------------------------------------------------------------
 
-    Raises ValueError when ``gt_dir`` holds no PNG or a GT file has no prediction (naming up to
-    10 of them). Predictions without a GT file are not evaluated.
+
+def fg_cut(threshold: float) -> int:
+    """The uint8 foreground value below which a pixel becomes background at ``threshold``.
+
+    A pixel with stored value x (x / 255 = its foreground probability) is background iff
+    x / 255 < threshold, i.e. x < ceil(255 · threshold); the product is rounded first so that
+    0.2 · 255 = 51.000000000000004 gives 51, not 52.
     """
-    gt = relative_pngs(gt_dir, storage)
+    if not 0.0 <= threshold <= 1.0:
+        raise ValueError(f"background threshold must be in [0, 1], got {threshold!r}")
+    return math.ceil(round(255.0 * threshold, 6))
+
+
+def apply_background_threshold(label: np.ndarray, fg: np.ndarray, threshold: float | None
+                               ) -> np.ndarray:
+    """``label`` (HxW int) with every pixel whose ``fg`` (HxW uint8, 255 · p_foreground) is below
+    ``threshold`` set to background 0; ``threshold`` None returns ``label`` unchanged."""
+    if threshold is None:
+        return label
+    if label.shape != fg.shape:
+        raise ValueError(f"foreground map has shape {fg.shape} but its label has {label.shape}")
+    return np.where(fg < fg_cut(threshold), 0, label).astype(label.dtype, copy=False)
+
+
+def decode_fg(data: bytes) -> np.ndarray:
+    """HxW uint8 from a single-channel 8-bit foreground PNG; ValueError for anything else."""
+    mode, arr = read_png(data, "foreground")
+    if mode != "L":
+        raise ValueError(f"foreground PNG must be 8-bit single-channel (mode L), got {mode!r}")
+    return arr
+
+
+# ---- pairing files ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class EvalFile:
+    """One image to evaluate: its relative name ``<wnid>/<stem>.png`` and the URLs of its
+    predicted label (None: the image was rejected before it could be predicted, scored as all
+    background), foreground map (None without a threshold sweep) and ground truth."""
+
+    rel: str
+    pred: str | None
+    fg: str | None
+    gt: str
+
+
+def pair_files(storage: Storage, pred_dir: str, gt_dir: str, fg_dir: str | None = None,
+               rejected: Collection[str] = ()) -> list[EvalFile]:
+    """Pair every GT PNG under ``gt_dir`` with its prediction (and foreground map when
+    ``fg_dir`` is given), sorted by relative name.
+
+    ``rejected``: relative names of images that could not be read. The protocol scores every GT
+    image, so these count as all-background predictions rather than vanish. Any other GT file
+    without a prediction or foreground map is a ValueError naming up to 10. Predictions without a
+    GT file are not evaluated.
+    """
+    gt = storage.list_relative(gt_dir, LABEL_SUFFIX)
     if not gt:
         raise ValueError(f"no ground-truth {LABEL_SUFFIX} files under {gt_dir}")
-    pred = relative_pngs(pred_dir, storage)
-    missing = [rel for rel in gt if rel not in pred]
+    pred = storage.list_relative(pred_dir, LABEL_SUFFIX)
+    fg = storage.list_relative(fg_dir, LABEL_SUFFIX) if fg_dir is not None else None
+    missing = [rel for rel in sorted(gt) if rel not in rejected
+               and (rel not in pred or (fg is not None and rel not in fg))]
     if missing:
+        what = "prediction" if fg is None else "prediction and foreground map"
         listed = ", ".join(missing[:_MAX_LISTED])
         more = f" and {len(missing) - _MAX_LISTED} more" if len(missing) > _MAX_LISTED else ""
-        raise ValueError(f"{len(missing)} of {len(gt)} ground-truth files have no prediction "
-                         f"under {pred_dir}: {listed}{more}")
-    return [(rel, pred[rel], gt[rel]) for rel in sorted(gt)]
+        raise ValueError(f"{len(missing)} of {len(gt)} ground-truth files have no {what} "
+                         f"under {pred_dir}{'' if fg is None else f' and {fg_dir}'}: "
+                         f"{listed}{more}")
+    return [EvalFile(rel, pred.get(rel) if rel not in rejected else None,
+                     None if fg is None or rel in rejected else fg.get(rel), gt[rel])
+            for rel in sorted(gt)]
 
 
 def read_match(match_file: str, num_classes: int, storage: Storage) -> dict[int, int]:
@@ -67,75 +135,97 @@ def read_match(match_file: str, num_classes: int, storage: Storage) -> dict[int,
         raise ValueError(f"match file {match_file}: {e}") from None
 
 
+# ---- evaluating ------------------------------------------------------------------------------
+
+
+def evaluate_thresholds(storage: Storage, files: Sequence[EvalFile], classes: int,
+                        thresholds: Sequence[float | None] = (None,),
+                        match: dict[int, int] | None = None, resize: str | None = None,
+                        workers: int | None = None, progress: bool = True
+                        ) -> list[SegmentationResult]:
+    """One result per threshold (None = labels as they are), from a single pass over ``files``.
+
+    Each image's label, foreground map and GT are read and decoded once (``workers`` threads
+    read ahead, at most ``2 · workers`` images in memory), its ignored pixels dropped once, then
+    every threshold's evaluator is updated from the same arrays, spread over the CPU cores (numpy
+    releases the GIL in the heavy parts). ``match``: a fixed predicted → GT matching (test reuses
+    validation's); None computes a Hungarian matching per threshold. ``resize``: None (a size
+    mismatch is an error) or ``"nearest"``. Memory: one O(C²) evaluator per threshold.
+    """
+    if not files:
+        raise ValueError("no images to evaluate")
+    if not thresholds:
+        raise ValueError("no thresholds given")
+    if resize not in RESIZE_MODES:
+        raise ValueError(f"resize must be one of {RESIZE_MODES}, got {resize!r}")
+    if any(t is not None for t in thresholds) and any(f.fg is None and f.pred for f in files):
+        raise ValueError("thresholds need foreground maps, and some predictions have none")
+    cuts = [None if t is None else fg_cut(t) for t in thresholds]
+    evaluators = [SegmentationEvaluator(classes, match=match, resize=resize) for _ in thresholds]
+    io_workers = workers or min(16, 4 * (os.cpu_count() or 1))
+    cpu_workers = max(1, min(len(thresholds), os.cpu_count() or 1))
+    # Threshold k is handled by thread k % cpu_workers: each evaluator is touched by one thread.
+    groups = [list(range(i, len(thresholds), cpu_workers)) for i in range(cpu_workers)]
+
+    def load(f: EvalFile) -> tuple[str, np.ndarray, np.ndarray | None, np.ndarray]:
+        gt = _read(storage, f.gt, decode_label)
+        if f.pred is None:  # rejected: background everywhere, at every threshold
+            return f.rel, np.zeros_like(gt), np.zeros(gt.shape, np.uint8), gt
+        label = _read(storage, f.pred, decode_label)
+        fg = None if f.fg is None else _read(storage, f.fg, decode_fg)
+        if fg is not None and fg.shape != label.shape:
+            raise ValueError(f"{f.fg}: foreground map has shape {fg.shape} but the prediction "
+                             f"{f.pred} has {label.shape}")
+        return f.rel, label, fg, gt
+
+    def update(group: list[int], rel: str, label: np.ndarray, fg: np.ndarray | None,
+               gt: np.ndarray) -> None:
+        for k in group:
+            pred = label if cuts[k] is None else np.where(fg < cuts[k], 0, label)
+            evaluators[k].update(pred, gt, name=rel)
+
+    bar = tqdm(total=len(files), desc="evaluate", unit="img", disable=not progress,
+               file=sys.stderr, mininterval=5.0)
+    with bar, ThreadPoolExecutor(max_workers=cpu_workers) as pool:
+        for rel, label, fg, gt in prefetch(load, list(files), io_workers):
+            if label.shape == gt.shape:
+                # Ignored pixels leave the protocol anyway: drop them once for all thresholds.
+                # The evaluator takes any 2-D map, so the kept pixels go in as a 1×n row.
+                keep = gt != IGNORE_ID
+                label, gt = label[keep][None], gt[keep][None]
+                fg = None if fg is None else fg[keep][None]
+            # (a shape mismatch is left for the evaluator to resize or report)
+            for fut in [pool.submit(update, g, rel, label, fg, gt) for g in groups]:
+                fut.result()
+            bar.update(1)
+    return [ev.finalize() for ev in evaluators]
+
+
+def best_index(results: Sequence[SegmentationResult]) -> int:
+    """Index of the highest mIoU; the first (with an ascending grid, the lowest threshold)
+    among equals."""
+    return int(np.argmax([r.miou for r in results]))
+
+
 def evaluate_dirs(pred_dir: str, gt_dir: str, classes: int, match_file: str | None = None,
                   storage: Storage | None = None, progress: bool = True,
                   resize: str | None = None, workers: int = 8) -> SegmentationResult:
-    """Evaluate the predictions under ``pred_dir`` against the GT under ``gt_dir``.
+    """Evaluate the predictions under ``pred_dir`` against the GT under ``gt_dir`` as they are.
 
     ``classes`` is C. If ``match_file`` exists it is read and applied (the test split reuses the
     validation matching); otherwise the Hungarian matching is computed and, when ``match_file``
     is given, written there as JSON. ``resize``: None (size mismatch raises ValueError) or
-    ``"nearest"``. ``workers`` threads read and decode PNGs ahead of the (single-threaded)
-    accumulation; at most ``2 * workers`` decoded pairs are held at once.
-    Returns the result; ``result.to_json()`` is its JSON form.
+    ``"nearest"``. Returns the result; ``result.to_json()`` is its JSON form.
     """
     storage = storage or Storage()
-    if resize not in RESIZE_MODES:
-        raise ValueError(f"resize must be one of {RESIZE_MODES}, got {resize!r}")
-    pairs = pair_files(pred_dir, gt_dir, storage)
+    files = pair_files(storage, pred_dir, gt_dir)
     reuse = match_file is not None and storage.exists(match_file)
     match = read_match(match_file, classes, storage) if reuse else None
-    evaluator = SegmentationEvaluator(classes, match=match, resize=resize)
-
-    def load(pair: tuple[str, str, str]) -> tuple[str, np.ndarray, np.ndarray]:
-        rel, pred_url, gt_url = pair
-        return rel, _decode(pred_url, storage), _decode(gt_url, storage)
-
-    bar = tqdm(total=len(pairs), desc="evaluate", unit="img", disable=not progress,
-               file=sys.stderr)
-    with bar:
-        for rel, pred, gt in prefetch(load, pairs, workers):
-            evaluator.update(pred, gt, name=rel)
-            bar.update(1)
-    result = evaluator.finalize()
+    (result,) = evaluate_thresholds(storage, files, classes, [None], match=match, resize=resize,
+                                    workers=workers, progress=progress)
     if match_file is not None and not reuse:
         storage.write_json(match_file, {str(p): g for p, g in sorted(result.match.items())})
     return result
-
-
-# ---- command line ----------------------------------------------------------------------------
-
-
-def add_evaluate_arguments(parser: argparse.ArgumentParser) -> None:
-    """Arguments of ``pdso-ray evaluate``."""
-    parser.add_argument("--pred", required=True, help="folder (or URL) of predicted label PNGs")
-    parser.add_argument("--gt", required=True, help="folder (or URL) of ground-truth label PNGs")
-    parser.add_argument("--classes", required=True, type=int, help="number of classes C")
-    parser.add_argument("--match", default=None,
-                        help="matching JSON: reused if it exists, else computed and written")
-    parser.add_argument("--resize", default=None, choices=[m for m in RESIZE_MODES if m],
-                        help="resize predictions whose size differs from their GT "
-                             "(default: such a prediction is an error)")
-    parser.add_argument("--workers", type=int, default=8, help="threads reading PNGs")
-    parser.add_argument("--json", action="store_true",
-                        help="print one JSON line {mIoU, IoU, match, ...} instead of a table")
-    parser.add_argument("--quiet", action="store_true", help="no progress bar (on stderr)")
-
-
-def run_evaluate_command(args: argparse.Namespace) -> int:
-    """Run ``pdso-ray evaluate``; returns the exit status (2 for bad input)."""
-    try:
-        result = evaluate_dirs(args.pred, args.gt, args.classes, match_file=args.match,
-                               progress=not args.quiet,
-                               resize=args.resize, workers=args.workers)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"pdso-ray evaluate: error: {e}", file=sys.stderr)
-        return 2
-    if args.json:
-        print(json.dumps(result.to_json(), allow_nan=False))
-    else:
-        print(format_result(result))
-    return 0
 
 
 def format_result(result: SegmentationResult) -> str:
@@ -160,25 +250,9 @@ def format_result(result: SegmentationResult) -> str:
 # ---- helpers ---------------------------------------------------------------------------------
 
 
-def relative_pngs(root: str, storage: Storage) -> dict[str, str]:
-    """``{relative path: URL}`` of the PNGs under ``root``; hidden files (our atomic writes'
-    temporary names) are skipped."""
-    _, base = storage.fs(root)
-    base = base.rstrip("/") + "/"
-    out = {}
-    for url in storage.list_files(root, suffixes=(LABEL_SUFFIX,)):
-        _, path = storage.fs(url)
-        if not path.startswith(base):
-            raise ValueError(f"listing of {root} returned {url}, which is outside it")
-        rel = path[len(base):]
-        if not any(part.startswith(".") for part in rel.split("/")):
-            out[rel] = url
-    return out
-
-
-def _decode(url: str, storage: Storage) -> np.ndarray:
+def _read(storage: Storage, url: str, decode) -> np.ndarray:
     try:
-        return decode_label(storage.read_bytes(url))
+        return decode(storage.read_bytes(url))
     except ValueError as e:
         raise ValueError(f"{url}: {e}") from None
 

@@ -17,32 +17,17 @@ split. The zip is written under a temporary name beside ``OUT`` and then moved i
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
-import sys
 import uuid
 import zipfile
 from dataclasses import dataclass
 
-from pdso_ray.config import ConfigError, PipelineConfig, load_config
-from pdso_ray.data.imagenet_s import (
-    LABEL_SUFFIX,
-    TEST,
-    VALIDATION,
-    decode_label,
-    encode_label,
-    list_split,
-    unsafe_reason,
-)
-from pdso_ray.evaluation import relative_pngs
-from pdso_ray.stages.evaluate import (
-    EVAL_DIR,
-    FG_SUFFIX,
-    PREDICTIONS_DIR,
-    apply_background_threshold,
-    decode_fg,
-)
+from pdso_ray.config import PipelineConfig
+from pdso_ray.data.imagenet_s import TEST, VALIDATION, decode_label, encode_label
+from pdso_ray.data.layouts import build_layout
+from pdso_ray.evaluation import apply_background_threshold, decode_fg
+from pdso_ray.run_layout import LABEL_SUFFIX, RunLayout, load_run_config, png_rel, unsafe_reason
 from pdso_ray.storage import Storage
 
 log = logging.getLogger("pdso_ray")
@@ -73,25 +58,26 @@ def export_submission(storage: Storage, run_url: str, out_url: str, split: str =
     """
     if split not in (TEST, VALIDATION):
         raise ValueError(f"split must be {TEST!r} or {VALIDATION!r}, got {split!r}")
-    match_url = storage.join(run_url, EVAL_DIR, "match.json")
+    run = RunLayout(run_url)
+    match_url = run.eval_file("match.json")
     if not storage.exists(match_url):
         raise ValueError(f"{match_url} not found: run the evaluate stage first (the server "
                          "needs the validation matching)")
     match = storage.read_json(match_url)
-    val_url = storage.join(run_url, EVAL_DIR, "validation.json")
+    val_url = run.eval_file("validation.json")
     threshold = storage.read_json(val_url).get("threshold") if storage.exists(val_url) else None
 
-    pred_dir = storage.join(run_url, PREDICTIONS_DIR, split)
-    rels = sorted(relative_pngs(pred_dir, storage))
+    pred_dir = run.predictions_dir(split)
+    rels = sorted(storage.list_relative(pred_dir, LABEL_SUFFIX))
     if not rels:
         raise ValueError(f"no predictions under {pred_dir}")
     for rel in rels:
         problem = unsafe_reason(rel)
         if problem is not None:
             raise ValueError(f"prediction {rel!r} cannot be a zip entry: {problem}")
-    fg_dir = storage.join(run_url, PREDICTIONS_DIR, split + FG_SUFFIX)
+    fg_dir = run.foreground_dir(split)
     if threshold is not None:
-        have_fg = relative_pngs(fg_dir, storage)
+        have_fg = storage.list_relative(fg_dir, LABEL_SUFFIX)
         _fail_if_missing([r for r in rels if r not in have_fg], len(rels),
                          f"have no foreground map under {fg_dir} (needed for the threshold)")
 
@@ -127,13 +113,13 @@ def _check_complete(storage: Storage, cfg: PipelineConfig | None, split: str, re
     if cfg is None:
         return False
     try:
-        listing = list_split(storage, cfg.data.root, cfg.data.classes, split)
+        listing = build_layout(cfg.data).list_split(storage, split)
     except FileNotFoundError:
         log.warning("export: %s images of %s not reachable: completeness not checked",
                     split, cfg.data.root)
         return False
     have = set(rels)
-    expected = [rec.id[len(split) + 1:] + LABEL_SUFFIX for rec in listing.images]
+    expected = [png_rel(rec.id) for rec in listing.images]
     _fail_if_missing([r for r in expected if r not in have], len(expected),
                      f"have no prediction under {pred_dir}")
     return True
@@ -168,19 +154,6 @@ def _fail_if_missing(missing: list[str], total: int, what: str) -> None:
                          f"{', '.join(missing[:_MAX_LISTED])}{more}")
 
 
-def load_run_config(storage: Storage, run_url: str) -> PipelineConfig | None:
-    """The config a run was made with (its ``config.yaml``, secrets redacted); None when the
-    file is missing or no longer valid (logged)."""
-    url = storage.join(run_url, "config.yaml")
-    if not storage.exists(url):
-        return None
-    try:
-        return load_config(text=storage.read_text(url))
-    except ConfigError as e:
-        log.warning("%s is not a valid config (%s): the dataset is not located from it", url, e)
-        return None
-
-
 def _training_data(cfg: PipelineConfig | None) -> str:
     return f"ImageNet-S{cfg.data.classes} train images, no labels" if cfg else "null"
 
@@ -189,34 +162,3 @@ def _networks(cfg: PipelineConfig | None) -> str:
     if cfg is None:
         return "null"
     return f"{cfg.models.dino.arch} (features), {cfg.finetune.backbone} (segmentation)"
-
-
-# ---- command line ----------------------------------------------------------------------------
-
-
-def add_export_arguments(parser: argparse.ArgumentParser) -> None:
-    """Arguments of ``pdso-ray export``."""
-    parser.add_argument("run", help="run folder (or URL) after the predict and evaluate stages")
-    parser.add_argument("out", help="zip file to write (path or URL), e.g. test.zip")
-    parser.add_argument("--split", default=TEST, choices=[TEST, VALIDATION],
-                        help="which predictions to pack (default: test)")
-    parser.add_argument("--method", default="PDSO (pdso-ray)", help="method name in method.txt")
-    parser.add_argument("--description", default="null", help="method description in method.txt")
-    parser.add_argument("--link", default="null", help="paper/project link in method.txt")
-
-
-def run_export_command(args: argparse.Namespace) -> int:
-    """Run ``pdso-ray export``; returns the exit status (2 for bad input)."""
-    try:
-        result = export_submission(Storage(), args.run, args.out, split=args.split,
-                                   method=args.method, description=args.description,
-                                   link=args.link)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"pdso-ray export: error: {e}", file=sys.stderr)
-        return 2
-    applied = ("no threshold" if result.threshold is None
-               else f"background threshold {result.threshold:g}")
-    checked = "" if result.checked_against_dataset else " (not checked against the dataset)"
-    print(f"wrote {result.url}: {result.images} predictions{checked}, {applied}, "
-          "match.json, method.txt")
-    return 0

@@ -1,9 +1,11 @@
-"""Stage order, skip and resume, the run folder, and ``summary.json``.
+"""Stage order, skip and resume, the run folder's lease, and ``summary.json``.
 
 A stage is skipped when its ``_SUCCESS.json`` carries the same key: the hash of its config sections
 chained with the keys of the stages it reads. Change a setting and that stage and everything
 downstream re-runs; kill the driver and the re-run starts at the first stage without a manifest
-(stages that stream per image, like ``features``, also skip the images they already wrote).
+(stages that stream per image, like ``features``, also skip the images they already wrote). A
+stage's counts are reconciled before its manifest is written, so a stage whose accounting fails
+is never marked done.
 """
 
 from __future__ import annotations
@@ -14,12 +16,13 @@ import os
 import time
 from typing import Any
 
-from pdso_ray.config import STAGES, PipelineConfig, dump_yaml
-from pdso_ray.stages import stage_registry
+from pdso_ray.config import PipelineConfig, dump_yaml
+from pdso_ray.preflight import check_choices, check_gpu_request, in_ray_job, requested_stages
+from pdso_ray.run_lease import RunLease
+from pdso_ray.run_layout import RunLayout
+from pdso_ray.stages import STAGES, stage_class
 from pdso_ray.stages.base import RunContext, Stage
 from pdso_ray.storage import Storage
-
-STARTED_NAME = "_STARTED.json"
 
 log = logging.getLogger("pdso_ray")
 
@@ -29,11 +32,14 @@ class PipelineError(RuntimeError):
 
 
 def init_ray(cfg: PipelineConfig) -> None:
-    """Connect to (or start) Ray. AWS settings must be in the environment before workers start."""
+    """Connect to (or start) Ray. AWS settings must be in the environment before workers start.
+
+    Inside ``ray job submit`` the job runs on the cluster it was submitted to, whatever
+    ``ray.num_cpus`` says (that setting sizes a local instance only)."""
     import ray
 
     s3 = cfg.storage.s3
-    # Workers inherit the driver's environment at start (ENV-NOTES): export S3 settings first.
+    # Workers inherit the driver's environment at start (docs/architecture.md): export S3 first.
     env = {
         "AWS_ACCESS_KEY_ID": s3.key,
         "AWS_SECRET_ACCESS_KEY": s3.secret,
@@ -48,6 +54,11 @@ def init_ray(cfg: PipelineConfig) -> None:
     kwargs: dict[str, Any] = {"log_to_driver": True}
     if cfg.ray.address:
         kwargs["address"] = cfg.ray.address
+    elif in_ray_job():
+        if cfg.ray.num_cpus is not None:
+            log.info("running inside a Ray job: using its cluster (ray.num_cpus=%s is for local runs)",
+                     cfg.ray.num_cpus)
+        kwargs["address"] = "auto"
     elif cfg.ray.num_cpus is not None:
         # an explicit size means a fresh local instance, even if a cluster runs on this machine
         kwargs.update(address="local", num_cpus=cfg.ray.num_cpus)
@@ -63,40 +74,42 @@ def cluster_has_gpu(cfg: PipelineConfig) -> bool:
     return ray.cluster_resources().get("GPU", 0) > 0
 
 
-def stage_key(stage: type[Stage], ctx: RunContext, upstream_keys: dict[str, str]) -> str:
-    parts = [stage.name, ctx.cfg.section_hash(*stage.config_sections)]
+def stage_key(stage: type[Stage], cfg: PipelineConfig, upstream_keys: dict[str, str]) -> str:
+    parts = [stage.name, cfg.section_hash(*stage.config_sections)]
     parts += [f"{dep}={upstream_keys.get(dep, '')}" for dep in stage.depends_on]
     return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
 
 
 def run_pipeline(cfg: PipelineConfig, storage: Storage | None = None) -> dict[str, Any]:
-    """Run the stages named in ``cfg.stages`` (in pipeline order); return the summary."""
+    """Run the stages named in ``cfg.stages`` (all by default, in pipeline order) under the run
+    folder's lease; return the summary. Raises :class:`~pdso_ray.run_lease.LeaseHeld` when another
+    run holds the folder."""
     storage = storage or Storage(cfg.storage_options())
-    registry = stage_registry()
-    missing = [s for s in cfg.stages if s not in registry]
-    if missing:
-        raise PipelineError(f"stages not available in this build: {', '.join(missing)}")
-
+    check_choices(cfg)
+    run = RunLayout.from_config(cfg)
     storage.makedirs(cfg.output)
-    storage.write_text(storage.join(cfg.output, "config.yaml"), dump_yaml(cfg))
-    init_ray(cfg)
-    ctx = RunContext(cfg=cfg, storage=storage, cluster_has_gpu=cluster_has_gpu(cfg))
-    summary_url = storage.join(cfg.output, "summary.json")
-    summary: dict[str, Any] = storage.read_json(summary_url) if storage.exists(summary_url) else {}
-    summary.setdefault("stages", {})
+    with RunLease(storage, run.lease_file).held():
+        storage.write_text(run.config_file, dump_yaml(cfg))
+        init_ray(cfg)
+        check_gpu_request(cfg)
+        ctx = RunContext(cfg=cfg, storage=storage, cluster_has_gpu=cluster_has_gpu(cfg))
+        return _run_stages(ctx)
 
+
+def _run_stages(ctx: RunContext) -> dict[str, Any]:
+    cfg, storage, run = ctx.cfg, ctx.storage, ctx.run
+    summary: dict[str, Any] = storage.read_json(run.summary_file) if storage.exists(run.summary_file) else {}
+    summary.setdefault("stages", {})
+    wanted = set(requested_stages(cfg))
     keys: dict[str, str] = {}
     for name in STAGES:
-        if name not in registry:
-            continue
-        stage_cls = registry[name]
+        stage_cls = stage_class(name)
         if name == "features" and cfg.data.features:
             keys[name] = _precomputed_features(ctx, summary)
             continue
-        stage_dir = ctx.stage_dir(name)
-        manifest = storage.read_manifest(stage_dir)
-        key = stage_key(stage_cls, ctx, keys)
-        if name not in cfg.stages:
+        manifest = storage.read_manifest(run.stage_dir(name))
+        key = stage_key(stage_cls, cfg, keys)
+        if name not in wanted:
             # Not asked for: downstream stages may still read its outputs if they exist.
             if manifest is not None:
                 keys[name] = manifest["key"]
@@ -111,20 +124,20 @@ def run_pipeline(cfg: PipelineConfig, storage: Storage | None = None) -> dict[st
             keys[name] = key
             summary["stages"].setdefault(name, {}).update(status="skipped")
             continue
-        _prepare_stage_folders(ctx, stage_cls, key)
+        stage = stage_cls()
+        _prepare_stage_folders(ctx, stage, key)
         log.info("stage %s: running", name)
         started = time.time()
-        counts = stage_cls().run(ctx)
+        counts = stage.run(ctx)
         seconds = round(time.time() - started, 3)
-        storage.write_manifest(stage_dir, {"key": key, "stage": name, "seconds": seconds,
-                                           "counts": counts})
+        _update_totals(summary, name, counts)  # raises when the accounting does not reconcile
+        storage.write_manifest(run.stage_dir(name), {"key": key, "stage": name, "seconds": seconds,
+                                                     "counts": counts})
         keys[name] = key
         summary["stages"][name] = {"status": "done", "seconds": seconds, "counts": counts}
-        _update_totals(summary, name, counts)
-        storage.write_json(summary_url, summary)
+        storage.write_json(run.summary_file, summary)
         log.info("stage %s: done in %.1f s %s", name, seconds, counts)
-    _update_totals(summary, None, {})
-    storage.write_json(summary_url, summary)
+    storage.write_json(run.summary_file, summary)
     return summary
 
 
@@ -141,23 +154,23 @@ def _precomputed_features(ctx: RunContext, summary: dict[str, Any]) -> str:
     return hashlib.sha256(f"precomputed|{url}".encode()).hexdigest()[:16]
 
 
-def _prepare_stage_folders(ctx: RunContext, stage_cls: type[Stage], key: str) -> None:
+def _prepare_stage_folders(ctx: RunContext, stage: Stage, key: str) -> None:
     """Keep partial outputs only when they were started with the same key (a resumed run);
     otherwise clear them, so nothing from another configuration mixes in."""
-    storage = ctx.storage
-    stage_dir = ctx.stage_dir(stage_cls.name)
-    started_url = storage.join(stage_dir, STARTED_NAME)
+    storage, run = ctx.storage, ctx.run
+    started_url = run.started_file(stage.name)
     started = storage.read_json(started_url) if storage.exists(started_url) else None
     if started is None or started.get("key") != key:
-        for folder in (stage_cls.name, *stage_cls.extra_outputs):
-            storage.remove(ctx.path(folder), recursive=True)
+        for url in (run.stage_dir(stage.name), *stage.extra_outputs(run)):
+            storage.remove(url, recursive=True)
         storage.write_json(started_url, {"key": key})
     else:
-        log.info("stage %s: resuming an interrupted run", stage_cls.name)
+        log.info("stage %s: resuming an interrupted run", stage.name)
 
 
-def _update_totals(summary: dict[str, Any], stage: str | None, counts: dict[str, Any]) -> None:
-    """Lift image accounting and metrics from stage counts to the top of the summary."""
+def _update_totals(summary: dict[str, Any], stage: str, counts: dict[str, Any]) -> None:
+    """Lift image accounting, per-split counts, notes and metrics from stage counts to the top of
+    the summary; raise when the image accounting does not reconcile."""
     if stage == "features":
         for k in ("images_total", "images_ok", "images_rejected", "files_ignored"):
             summary[k] = counts[k]
@@ -165,5 +178,16 @@ def _update_totals(summary: dict[str, Any], stage: str | None, counts: dict[str,
             raise PipelineError(
                 f"image accounting does not reconcile: total {summary['images_total']} != "
                 f"ok {summary['images_ok']} + rejected {summary['images_rejected']}")
-    if stage == "evaluate" and "mIoU" in counts:
-        summary["mIoU"] = counts["mIoU"]
+    if stage in ("features", "predict"):
+        splits = summary.setdefault("splits", {})
+        for split, info in counts.get("splits", {}).items():
+            splits[split] = info
+    if counts.get("notes"):
+        notes = summary.setdefault("notes", {})
+        notes[stage] = list(counts["notes"])
+    if stage == "evaluate":
+        for k in ("mIoU", "mIoU_test"):
+            if k in counts:
+                summary[k] = counts[k]
+            else:
+                summary.pop(k, None)

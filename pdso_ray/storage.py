@@ -5,17 +5,27 @@ the config (``storage.s3``) or from the usual AWS environment variables; credent
 the object only, never in what it returns as text.
 
 Writes are atomic: data goes to a temporary name in the same folder, then is moved into place
-(on S3 a single PUT is already atomic), so a retried task overwrites instead of leaving halves.
+(on S3 a single PUT is already atomic), so a retried task overwrites instead of leaving halves; a
+failed write removes its temporary file. Readers of the run folder skip hidden names (``.*``, the
+temporary names among them: :func:`is_hidden`).
+
+Errors name the object: a read or write that fails after the filesystem's own retries raises
+:class:`StorageError` (an ``OSError``) whose message starts with the operation and the URL, and
+a missing file raises ``FileNotFoundError`` naming it.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import os
 import posixpath
+import stat
 import time
 import uuid
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import fsspec
@@ -27,10 +37,56 @@ MANIFEST_NAME = "_SUCCESS.json"
 _S3_RETRY_CONFIG = {"retries": {"max_attempts": 8, "mode": "adaptive"}}
 
 
-def _protocol(url: str) -> str:
+def protocol(url: str) -> str:
+    """``"s3"`` for ``s3://b/k``, ``"file"`` for plain paths."""
     if "://" in url:
         return url.split("://", 1)[0]
     return "file"
+
+
+
+class StorageError(OSError):
+    """A read, write or listing failed for good (after retries); the message names the URL."""
+
+
+class UnreadableFile(ValueError):
+    """A file that must not be read as an image: not a regular file, too large, or a symlink out of
+    its data root. The message is the reason recorded for the image."""
+
+
+def is_hidden(name: str) -> bool:
+    """Hidden names (``.DS_Store``, ``._x.JPEG``, this module's ``.tmp-*`` writes) are never data."""
+    return name.startswith(".")
+
+
+@contextlib.contextmanager
+def naming(operation: str, url: str) -> Iterator[None]:
+    """Re-raise an ``OSError`` from the block as :class:`StorageError` naming ``operation`` and
+    ``url`` (a missing file stays ``FileNotFoundError``, naming the URL)."""
+    try:
+        yield
+    except (StorageError, UnreadableFile):
+        raise
+    except FileNotFoundError:
+        raise FileNotFoundError(f"no such file: {url}") from None
+    except OSError as e:
+        raise StorageError(f"{operation} {url} failed: {type(e).__name__}: {e}") from e
+
+
+@dataclass(frozen=True)
+class FileEntry:
+    """One file found by :meth:`Storage.list_entries`.
+
+    ``url``: its URL (same scheme as the listed folder); ``size``: bytes; ``regular``: a regular
+    file (objects in an object store always are; on a local disk a symlink counts as regular when
+    its target is one); ``link_target``: for a local symlink, the real path it resolves to, else
+    None.
+    """
+
+    url: str
+    size: int
+    regular: bool
+    link_target: str | None = None
 
 
 class Storage:
@@ -56,9 +112,9 @@ class Storage:
         return f"Storage(protocols={sorted(self.options)})"
 
     # ---- filesystems -------------------------------------------------------------------------
-    def _fs_options(self, protocol: str) -> dict[str, Any]:
-        opts = dict(self.options.get(protocol, {}))
-        if protocol in ("s3", "s3a"):
+    def _fs_options(self, scheme: str) -> dict[str, Any]:
+        opts = dict(self.options.get(scheme, {}))
+        if scheme in ("s3", "s3a"):
             endpoint = opts.pop("endpoint_url", None) or os.environ.get("AWS_ENDPOINT_URL")
             client_kwargs = dict(opts.pop("client_kwargs", {}) or {})
             if endpoint:
@@ -75,11 +131,11 @@ class Storage:
 
     def fs(self, url: str) -> tuple[fsspec.AbstractFileSystem, str]:
         """The filesystem holding ``url`` and the path inside it."""
-        protocol = _protocol(url)
-        if protocol not in self._cache:
-            fs, _ = url_to_fs(url, **self._fs_options(protocol))
-            self._cache[protocol] = fs
-        fs = self._cache[protocol]
+        scheme = protocol(url)
+        if scheme not in self._cache:
+            fs, _ = url_to_fs(url, **self._fs_options(scheme))
+            self._cache[scheme] = fs
+        fs = self._cache[scheme]
         return fs, fs._strip_protocol(url)
 
     def arrow_fs(self, url: str):
@@ -87,7 +143,7 @@ class Storage:
         from pyarrow.fs import FSSpecHandler, LocalFileSystem, PyFileSystem
 
         fs, path = self.fs(url)
-        if _protocol(url) == "file":
+        if protocol(url) == "file":
             return LocalFileSystem(), os.path.abspath(path)
         return PyFileSystem(FSSpecHandler(fs)), path
 
@@ -102,28 +158,54 @@ class Storage:
         return out
 
     def _to_url(self, url_like: str, fs_path: str) -> str:
-        protocol = _protocol(url_like)
-        if protocol == "file" and "://" not in url_like:
+        scheme = protocol(url_like)
+        if scheme == "file" and "://" not in url_like:
             return fs_path
-        if protocol == "memory":
+        if scheme == "memory":
             return "memory://" + fs_path.lstrip("/")
-        return f"{protocol}://{fs_path}"
+        return f"{scheme}://{fs_path}"
 
     # ---- reading ------------------------------------------------------------------------------
     def exists(self, url: str) -> bool:
         fs, path = self.fs(url)
-        return fs.exists(path)
+        with naming("checking", url):
+            return fs.exists(path)
 
     def isdir(self, url: str) -> bool:
         fs, path = self.fs(url)
-        return fs.isdir(path)
+        with naming("checking", url):
+            return fs.isdir(path)
+
+    def size(self, url: str) -> int:
+        fs, path = self.fs(url)
+        with naming("reading the size of", url):
+            return int(fs.size(path))
 
     def read_bytes(self, url: str) -> bytes:
         fs, path = self.fs(url)
-        try:
+        with naming("reading", url):
             return fs.cat_file(path)
-        except FileNotFoundError:
-            raise FileNotFoundError(f"no such file: {url}") from None
+
+    def read_image_bytes(self, url: str, max_bytes: int, root: str | None = None) -> bytes:
+        """The bytes of an input image, read with bounds.
+
+        A local file must be a regular file (a FIFO or device would block or never end) whose
+        real path lies inside ``root``'s (symlinks may point within the data root, never out of
+        it); any file must hold at most ``max_bytes`` bytes. Raises :class:`UnreadableFile` with
+        the reason otherwise, ``FileNotFoundError`` when it is gone, :class:`StorageError` when
+        the read fails.
+        """
+        if max_bytes < 1:
+            raise ValueError(f"max_bytes must be >= 1, got {max_bytes}")
+        fs, path = self.fs(url)
+        with naming("reading", url):
+            if protocol(url) != "file":
+                data = fs.cat_file(path, start=0, end=max_bytes + 1)
+            else:
+                data = _read_local_bounded(path, max_bytes, None if root is None else self.fs(root)[1])
+        if len(data) > max_bytes:
+            raise UnreadableFile(f"file larger than {max_bytes} bytes (data.max_file_bytes)")
+        return data
 
     def read_text(self, url: str) -> str:
         return self.read_bytes(url).decode("utf-8")
@@ -133,9 +215,10 @@ class Storage:
 
     def open(self, url: str, mode: str = "rb"):
         fs, path = self.fs(url)
-        if "w" in mode and _protocol(url) == "file":
-            fs.makedirs(posixpath.dirname(path) or ".", exist_ok=True)
-        return fs.open(path, mode)
+        with naming("opening", url):
+            if "w" in mode and protocol(url) == "file":
+                fs.makedirs(posixpath.dirname(path) or ".", exist_ok=True)
+            return fs.open(path, mode)
 
     def list_files(self, url: str, suffixes: Iterable[str] | None = None) -> list[str]:
         """All files under ``url`` (recursive), sorted, as URLs of the same scheme.
@@ -143,17 +226,44 @@ class Storage:
         ``suffixes`` filters by case-insensitive file-name ending (e.g. ``(".jpeg", ".png")``).
         A missing folder lists as empty.
         """
-        fs, path = self.fs(url)
-        if not fs.exists(path):
-            return []
-        found = fs.find(path, withdirs=False)
         wanted = tuple(s.lower() for s in suffixes) if suffixes else None
-        out = [
-            self._to_url(url, p)
-            for p in found
-            if wanted is None or p.lower().endswith(wanted)
-        ]
-        return sorted(out)
+        return [e.url for e in self.list_entries(url) if wanted is None or e.url.lower().endswith(wanted)]
+
+    def list_entries(self, url: str) -> list[FileEntry]:
+        """Every file under ``url`` (recursive, sorted by URL), with size and kind; a missing folder
+        lists as empty. Local symlinks are listed, not followed into (``link_target`` says where
+        they point); sockets, FIFOs and devices are listed as not regular."""
+        fs, path = self.fs(url)
+        with naming("listing", url):
+            if not fs.exists(path):
+                return []
+            found = fs.find(path, withdirs=False, detail=True)
+        out = []
+        for name, info in found.items():
+            target = None
+            regular = info.get("type") == "file"
+            if protocol(url) == "file" and info.get("islink"):
+                target = os.path.realpath(name)
+                regular = os.path.isfile(target) and stat.S_ISREG(os.stat(target).st_mode)
+            elif protocol(url) not in ("file", "memory"):
+                regular = True  # object stores hold objects, nothing else
+            out.append(FileEntry(self._to_url(url, name), int(info.get("size") or 0), regular, target))
+        return sorted(out, key=lambda e: e.url)
+
+    def list_relative(self, url: str, suffix: str | None = None) -> dict[str, str]:
+        """``{path relative to url: URL}`` of the files under ``url`` whose name ends in ``suffix``
+        (case-sensitive), hidden names (temporary files of an interrupted write) left out."""
+        _, base = self.fs(url)
+        base = base.rstrip("/") + "/"
+        out = {}
+        for entry in self.list_entries(url):
+            _, path = self.fs(entry.url)
+            if not path.startswith(base):
+                raise StorageError(f"listing of {url} returned {entry.url}, which is outside it")
+            rel = path[len(base):]
+            if (suffix is None or rel.endswith(suffix)) and not any(is_hidden(p) for p in rel.split("/")):
+                out[rel] = entry.url
+        return out
 
     def list_dirs(self, url: str) -> list[str]:
         """Immediate sub-folders of ``url``, sorted, as URLs."""
@@ -166,23 +276,61 @@ class Storage:
     # ---- writing ------------------------------------------------------------------------------
     def makedirs(self, url: str) -> None:
         fs, path = self.fs(url)
-        if _protocol(url) in ("file", "memory"):
-            fs.makedirs(path, exist_ok=True)
+        with naming("creating", url):
+            if protocol(url) in ("file", "memory"):
+                fs.makedirs(path, exist_ok=True)
         # object stores have no folders: nothing to do
 
     def write_bytes(self, url: str, data: bytes) -> None:
-        """Write ``data`` to ``url`` atomically (temporary name, then rename), making parents."""
+        """Write ``data`` to ``url`` atomically (temporary name, then rename), making parents.
+        A failed write leaves no temporary file behind."""
         fs, path = self.fs(url)
-        if _protocol(url) == "file":
-            parent = posixpath.dirname(path) or "."
-            os.makedirs(parent, exist_ok=True)
-            tmp = posixpath.join(parent, f".tmp-{uuid.uuid4().hex}-{posixpath.basename(path)}")
-            with open(tmp, "wb") as f:
-                f.write(data)
-            os.replace(tmp, path)
-        else:
-            # One PUT on an object store is atomic; memory:// is in-process.
+        with naming("writing", url):
+            if protocol(url) == "file":
+                parent = posixpath.dirname(path) or "."
+                os.makedirs(parent, exist_ok=True)
+                tmp = posixpath.join(parent, f".tmp-{uuid.uuid4().hex}-{posixpath.basename(path)}")
+                try:
+                    with open(tmp, "wb") as f:
+                        f.write(data)
+                    os.replace(tmp, path)
+                except BaseException:
+                    with contextlib.suppress(OSError):
+                        os.remove(tmp)
+                    raise
+            else:
+                # One PUT on an object store is atomic; memory:// is in-process.
+                fs.pipe_file(path, data)
+
+    def create_exclusive(self, url: str, data: bytes) -> bool:
+        """Write ``data`` to ``url`` only if nothing is there yet; True if this call created it.
+
+        Atomic on local disks (``O_EXCL``) and on object stores that support conditional writes
+        (S3's ``If-None-Match``); elsewhere the file is written unless it exists, and callers
+        that need certainty read it back (see :mod:`pdso_ray.run_lease`)."""
+        fs, path = self.fs(url)
+        with naming("creating", url):
+            if protocol(url) == "file":
+                os.makedirs(posixpath.dirname(path) or ".", exist_ok=True)
+                try:
+                    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+                except FileExistsError:
+                    return False
+                with os.fdopen(fd, "wb") as f:
+                    f.write(data)
+                return True
+            if protocol(url) in ("s3", "s3a"):
+                try:
+                    fs.pipe_file(path, data, mode="create")
+                    return True
+                except (FileExistsError, OSError) as e:
+                    if isinstance(e, FileExistsError) or "PreconditionFailed" in str(e) or "412" in str(e):
+                        return False
+                    raise
+            if fs.exists(path):
+                return False
             fs.pipe_file(path, data)
+            return True
 
     def write_text(self, url: str, text: str) -> None:
         self.write_bytes(url, text.encode("utf-8"))
@@ -192,8 +340,9 @@ class Storage:
 
     def remove(self, url: str, recursive: bool = False) -> None:
         fs, path = self.fs(url)
-        if fs.exists(path):
-            fs.rm(path, recursive=recursive)
+        with naming("removing", url):
+            if fs.exists(path):
+                fs.rm(path, recursive=recursive)
 
     # ---- stage manifests ----------------------------------------------------------------------
     def write_manifest(self, stage_url: str, payload: Mapping[str, Any]) -> None:
@@ -206,6 +355,30 @@ class Storage:
         if not self.exists(url):
             return None
         return self.read_json(url)
+
+
+def _read_local_bounded(path: str, max_bytes: int, root: str | None) -> bytes:
+    """At most ``max_bytes + 1`` bytes of the regular file at ``path`` (see
+    :meth:`Storage.read_image_bytes`). The checks run on the opened descriptor, so a file swapped
+    for a FIFO after listing is still caught, and ``O_NONBLOCK`` keeps the open from blocking."""
+    real = os.path.realpath(path)
+    if root is not None:
+        real_root = os.path.realpath(root)
+        if os.path.commonpath([real, real_root]) != real_root:
+            raise UnreadableFile(f"symlink to {real}, outside the data root {real_root}")
+    try:
+        fd = os.open(real, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOFOLLOW", 0))
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise UnreadableFile("symlink changed while reading") from None
+        raise
+    with os.fdopen(fd, "rb") as f:
+        info = os.fstat(f.fileno())
+        if not stat.S_ISREG(info.st_mode):
+            raise UnreadableFile("not a regular file (a device, FIFO or socket)")
+        if info.st_size > max_bytes:
+            raise UnreadableFile(f"file larger than {max_bytes} bytes (data.max_file_bytes)")
+        return f.read(max_bytes + 1)
 
 
 def _json_default(obj: Any) -> Any:

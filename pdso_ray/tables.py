@@ -1,20 +1,27 @@
-"""Parquet artifacts of the run folder: write one table atomically, read folders by row group.
+"""Artifacts of the run folder: Parquet tables written atomically and read row group by row
+group, files aligned row by row with the feature files, and ``.npy`` arrays.
 
-Feature vectors are stored as ``list<float32>`` columns (DESIGN §6) and come back as N×D float32
-matrices; readers stream row groups so no stage needs more than one shard in memory at a time.
+Feature vectors are stored as ``list<float32>`` columns (docs/architecture.md, "Contracts") and
+come back as N×D float32 matrices; readers stream row groups so no stage needs more than one shard
+in memory at a time. Readers skip hidden names (temporary files of an interrupted write) and
+zero-byte files (a write that never completed), so a leftover never changes a result.
 """
 
 from __future__ import annotations
 
 import hashlib
 import io
-from collections.abc import Iterator, Sequence
+import logging
+import posixpath
+from collections.abc import Callable, Iterator, Sequence
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pdso_ray.storage import Storage
+from pdso_ray.storage import Storage, is_hidden
+
+log = logging.getLogger("pdso_ray")
 
 
 def vectors_to_arrow(matrix: np.ndarray, value_type: pa.DataType = pa.float32()) -> pa.Array:
@@ -56,7 +63,17 @@ def read_table(storage: Storage, url: str, columns: Sequence[str] | None = None)
 
 
 def parquet_files(storage: Storage, folder: str) -> list[str]:
-    return storage.list_files(folder, suffixes=(".parquet",))
+    """The Parquet files under ``folder``, sorted; hidden (temporary) and empty files are left out."""
+    out = []
+    for entry in storage.list_entries(folder):
+        name = posixpath.basename(entry.url)
+        if not name.lower().endswith(".parquet") or is_hidden(name):
+            continue
+        if entry.size == 0:
+            log.warning("skipping the empty file %s (an interrupted write)", entry.url)
+            continue
+        out.append(entry.url)
+    return out
 
 
 def iter_row_groups(storage: Storage, folder_or_files: str | Sequence[str],
@@ -82,3 +99,72 @@ def count_rows(storage: Storage, folder: str) -> int:
         with storage.open(url, "rb") as f:
             total += pq.ParquetFile(f).metadata.num_rows
     return total
+
+
+def row_group_sizes(storage: Storage, files: Sequence[str]) -> list[list[int]]:
+    """Rows of every row group of every file (Parquet footers only, no data), in file order."""
+    sizes = []
+    for url in files:
+        with storage.open(url, "rb") as f:
+            meta = pq.ParquetFile(f).metadata
+        sizes.append([meta.row_group(i).num_rows for i in range(meta.num_row_groups)])
+    return sizes
+
+
+def write_aligned_files(storage: Storage, source_files: Sequence[str], out_dir: str,
+                        make_columns: Callable[[int, int, int], dict[str, np.ndarray | pa.Array]],
+                        keep: Sequence[str] = ("id",)) -> int:
+    """Write one Parquet file per source file, named like it, holding the source's ``keep``
+    columns and then ``make_columns(file_index, start, stop)``: per-row values of that file's rows,
+    whose global numbers (row order of ``source_files``) are ``start .. stop``. Only one file's
+    rows are in memory at a time. Returns the number of rows written."""
+    start = 0
+    for i, url in enumerate(source_files):
+        table = read_table(storage, url, columns=list(keep))
+        stop = start + table.num_rows
+        for name, values in make_columns(i, start, stop).items():
+            if len(values) != table.num_rows:
+                raise RuntimeError(f"{out_dir}: column {name!r} has {len(values)} values for the "
+                                   f"{table.num_rows} rows of {url}")
+            table = table.append_column(name, pa.array(values) if isinstance(values, np.ndarray) else values)
+        write_table(storage, Storage.join(out_dir, url.rsplit("/", 1)[-1]), table)
+        start = stop
+    return start
+
+
+def write_aligned(storage: Storage, source_files: Sequence[str], out_dir: str,
+                  columns: dict[str, np.ndarray | pa.Array], keep: Sequence[str] = ("id",)) -> None:
+    """:func:`write_aligned_files` for per-row arrays already in memory (in the row order of
+    ``source_files``)."""
+    def rows(_: int, start: int, stop: int) -> dict[str, np.ndarray | pa.Array]:
+        return {name: values[start:stop] if isinstance(values, np.ndarray) else values.slice(start, stop - start)
+                for name, values in columns.items()}
+
+    total = write_aligned_files(storage, source_files, out_dir, rows, keep)
+    lengths = {len(v) for v in columns.values()}
+    if lengths != {total}:
+        raise RuntimeError(f"{out_dir}: {total} source rows but {sorted(lengths)} values")
+
+
+def save_array(storage: Storage, url: str, array: np.ndarray) -> None:
+    """``array`` as ``.npy`` bytes at ``url`` (atomic write, no pickles)."""
+    buf = io.BytesIO()
+    np.save(buf, array, allow_pickle=False)
+    storage.write_bytes(url, buf.getvalue())
+
+
+def load_array(storage: Storage, url: str) -> np.ndarray:
+    return np.load(io.BytesIO(storage.read_bytes(url)), allow_pickle=False)
+
+
+def column_values(storage: Storage, folder: str, column: str) -> np.ndarray | None:
+    """One column of a Parquet folder as a numpy array (files in order); None when the folder
+    holds no Parquet or its files lack the column."""
+    files = parquet_files(storage, folder)
+    if not files:
+        return None
+    with storage.open(files[0], "rb") as f:
+        if column not in pq.read_schema(f).names:
+            return None
+    parts = [t.column(column).to_numpy(zero_copy_only=False) for t in iter_row_groups(storage, files, [column])]
+    return np.concatenate(parts) if parts else None

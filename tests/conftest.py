@@ -47,3 +47,29 @@ def s3_bucket(s3_endpoint, request):
         fs.mkdir(name)
     options = {"s3": {"endpoint_url": s3_endpoint, "key": S3_KEY, "secret": S3_SECRET}}
     return options, f"s3://{name}"
+
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# Ray Train's controller polls its workers every 2 s by default, which adds ~15 s to each tiny
+# run here; workers inherit the driver's environment when Ray starts.
+_RAY_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5"}
+
+
+@pytest.fixture(scope="module")
+def ray_local(s3_endpoint):
+    """A private 2-CPU Ray for one test module, started after the S3 settings are exported (its
+    workers inherit them) and with the repository on the workers' PYTHONPATH (fault-injecting
+    steps defined in test modules must be importable there). Never someone else's cluster."""
+    import ray
+
+    saved = {k: os.environ.get(k) for k in (*_RAY_ENV, "PYTHONPATH")}
+    os.environ.update(_RAY_ENV)
+    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [REPO_ROOT, os.environ.get("PYTHONPATH")]))
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v

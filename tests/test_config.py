@@ -1,12 +1,13 @@
 import pytest
 import yaml
 
-from pdso_ray.config import STAGES, ConfigError, dump_yaml, load_config
+from pdso_ray.config import ConfigError, dump_yaml, load_config
+from pdso_ray.preflight import PreflightError, check_choices
 
 
 def test_defaults_follow_design():
-    cfg = load_config()
-    assert cfg.stages == list(STAGES)
+    cfg = load_config(overrides=["data.classes=50"])
+    assert cfg.stages is None and cfg.seed == 0
     assert cfg.denoise.keep_ratio == 0.5 and cfg.denoise.epochs_f == 15 and cfg.denoise.epochs_g == 50
     assert cfg.purify.dist_quantile == 0.8 and cfg.purify.alpha == 2 and cfg.purify.topk == 50
     assert cfg.cluster.niter == 20
@@ -17,6 +18,19 @@ def test_defaults_follow_design():
 @pytest.mark.parametrize("classes,expected", [(50, 0.41), (300, 0.40), (919, 0.37), (5, 0.41)])
 def test_saliency_threshold_per_benchmark(classes, expected):
     assert load_config(overrides=[f"data.classes={classes}"]).saliency_threshold() == expected
+
+
+def test_classes_are_required_and_fit_below_the_ignore_id():
+    with pytest.raises(ConfigError, match="data.classes.*required"):
+        load_config()
+    with pytest.raises(ConfigError, match="data.classes=1000"):
+        load_config(overrides=["data.classes=1000"])
+    assert load_config(overrides=["data.classes=999"]).data.classes == 999
+
+
+def test_a_section_seed_overrides_the_top_level_seed():
+    cfg = load_config(overrides=["data.classes=5", "seed=7", "denoise.seed=3"])
+    assert cfg.seed_for("denoise") == 3 and cfg.seed_for("cluster") == 7
 
 
 def test_yaml_and_overrides(tmp_path):
@@ -38,23 +52,39 @@ def test_yaml_and_overrides(tmp_path):
     ("cluster.niter=abc", "cluster.niter='abc'"),         # wrong type
     ("cluster.niter=2.5", "cluster.niter=2.5"),
     ("features.batch_size=0", "features.batch_size=0"),  # out of range
-    ("stages=features,clustr", "clustr"),                 # unknown stage
     ("denoise.keep_ratio=1.5", "denoise.keep_ratio"),
     ("denoise.max_in_memory_gb=-1", "denoise.max_in_memory_gb=-1"),
-    ("pseudo_labels.refine.method=crf", "pseudo_labels.refine.method='crf'"),
+    ("data.limit=0", "data.limit=0"),
+    ("seed=-1", "seed=-1"),
+    ("finetune.epochs=0", "finetune.epochs=0"),
+    ("predict.short_side=0", "predict.short_side=0"),
     ("models.allow_random_init=maybe", "models.allow_random_init"),
     ("data=3", "data"),
     ("niter", "expected key=value"),
 ])
 def test_override_errors_name_the_key(override, needle):
     with pytest.raises(ConfigError) as e:
-        load_config(overrides=[override])
+        load_config(overrides=["data.classes=5", override])
+    assert needle in str(e.value)
+
+
+@pytest.mark.parametrize("override,needle", [
+    ("stages=features,clustr", "'clustr': unknown (did you mean 'cluster'?)"),
+    ("pseudo_labels.refine.method=crf", "pseudo_labels.refine.method='crf'"),
+    ("models.dino.arch=vit_huge", "models.dino.arch='vit_huge'"),
+    ("models.sam.arch=vit_x", "models.sam.arch='vit_x'"),
+    ("finetune.backbone=resnet18", "finetune.backbone='resnet18'"),
+    ("data.layout=flat", "data.layout='flat'"),
+])
+def test_choices_are_checked_against_the_registries(override, needle):
+    with pytest.raises(PreflightError) as e:
+        check_choices(load_config(overrides=["data.classes=5", override]))
     assert needle in str(e.value)
 
 
 def test_unknown_yaml_key_suggests(tmp_path):
     path = tmp_path / "c.yaml"
-    path.write_text("denoise:\n  keep_ration: 0.3\n")
+    path.write_text("data:\n  classes: 5\ndenoise:\n  keep_ration: 0.3\n")
     with pytest.raises(ConfigError, match=r"denoise\.keep_ration.*did you mean.*keep_ratio"):
         load_config(str(path))
 
@@ -65,7 +95,7 @@ def test_missing_config_file():
 
 
 def test_dump_redacts_secrets():
-    cfg = load_config(overrides=["storage.s3.key=AKIAXXXX", "storage.s3.secret=sekret123",
+    cfg = load_config(overrides=["data.classes=5", "storage.s3.key=AKIAXXXX", "storage.s3.secret=sekret123",
                                  "storage.s3.endpoint_url=http://127.0.0.1:9"])
     text = dump_yaml(cfg)
     assert "AKIAXXXX" not in text and "sekret123" not in text
@@ -73,7 +103,7 @@ def test_dump_redacts_secrets():
     assert back["storage"]["s3"]["secret"] == "***"
     assert back["storage"]["s3"]["endpoint_url"] == "http://127.0.0.1:9"
     # the hash used for manifests doesn't depend on secrets
-    other = load_config(overrides=["storage.s3.key=OTHER", "storage.s3.secret=other",
+    other = load_config(overrides=["data.classes=5", "storage.s3.key=OTHER", "storage.s3.secret=other",
                                    "storage.s3.endpoint_url=http://127.0.0.1:9"])
     assert cfg.section_hash("storage") == other.section_hash("storage")
-    assert cfg.section_hash("cluster") != load_config(overrides=["cluster.seed=3"]).section_hash("cluster")
+    assert cfg.section_hash("cluster") != load_config(overrides=["data.classes=5", "cluster.seed=3"]).section_hash("cluster")

@@ -190,7 +190,7 @@ def test_denoise_recovers_clean_labels_from_30_percent_noise():
     x, xf, truth, noisy = _blobs()
     noise_rate = (noisy != truth).mean()
     assert 0.25 < noise_rate < 0.35
-    settings = DenoiseConfig(epochs_f=15, epochs_g=30, epochs_h=30, hidden_dim=32, lr=1e-2, batch_size=128)
+    settings = DenoiseConfig(epochs_f=15, epochs_g=30, epochs_h=30, hidden_dim=32, lr=1e-2, batch_size=128, seed=0)
     result = denoise(ChunkedFeatures.from_arrays(x, xf), noisy, 10, settings)
     clean = result.clean_mask
     assert clean.sum() == result.stats["subset2"] and 0.4 * len(x) <= clean.sum() <= 0.6 * len(x)
@@ -204,7 +204,7 @@ def test_denoise_recovers_clean_labels_from_30_percent_noise():
 
 def test_denoise_tiny_inputs():
     x = np.eye(3, 4, dtype=np.float32)
-    settings = DenoiseConfig(epochs_f=1, epochs_g=1, epochs_h=1, hidden_dim=4, batch_size=2)
+    settings = DenoiseConfig(epochs_f=1, epochs_g=1, epochs_h=1, hidden_dim=4, batch_size=2, seed=0)
     result = denoise(ChunkedFeatures.from_arrays(x, x), np.array([0, 1, 1]), 2, settings)
     assert result.subset1.tolist() == [True, True, False] or result.subset1.tolist() == [True, False, True]
     assert result.clean_mask.shape == (3,) and result.clean_mask.any()

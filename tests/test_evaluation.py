@@ -1,6 +1,5 @@
 """Evaluating folders of label PNGs: pairing, match files, errors, the CLI entry."""
 
-import argparse
 import json
 import uuid
 
@@ -8,12 +7,8 @@ import numpy as np
 import pytest
 
 from pdso_ray.data.imagenet_s import IGNORE_ID, encode_label
-from pdso_ray.evaluation import (
-    add_evaluate_arguments,
-    evaluate_dirs,
-    pair_files,
-    run_evaluate_command,
-)
+from pdso_ray.cli import main as cli_main
+from pdso_ray.evaluation import evaluate_dirs, pair_files
 from pdso_ray.storage import Storage
 
 C = 3
@@ -97,7 +92,7 @@ def test_missing_prediction_list_is_capped_at_ten(tmp_path):
     _write(storage, str(tmp_path / "gt"), {f"n1/{i:02d}.png": np.zeros((2, 2), int)
                                            for i in range(13)})
     with pytest.raises(ValueError, match=r"13 of 13 .*n1/09\.png and 3 more$"):
-        pair_files(str(tmp_path / "pred"), str(tmp_path / "gt"), storage)
+        pair_files(storage, str(tmp_path / "pred"), str(tmp_path / "gt"))
 
 
 def test_size_mismatch_names_the_file_unless_resizing(tmp_path):
@@ -128,8 +123,8 @@ def test_extra_predictions_and_hidden_files_are_ignored(tmp_path):
     pred, gt = _dataset(storage, str(tmp_path))
     storage.write_bytes(f"{pred}/n009/extra.png", encode_label(np.ones((3, 3), int)))
     storage.write_bytes(f"{gt}/n001/.tmp-x-a.png", b"partial write")
-    pairs = pair_files(pred, gt, storage)
-    assert [rel for rel, _, _ in pairs] == ["n001/a.png", "n001/b.png", "n002/c.png", "n003/d.png"]
+    pairs = pair_files(storage, pred, gt)
+    assert [f.rel for f in pairs] == ["n001/a.png", "n001/b.png", "n002/c.png", "n003/d.png"]
 
 
 def test_memory_urls_and_single_thread(tmp_path):
@@ -143,9 +138,7 @@ def test_memory_urls_and_single_thread(tmp_path):
 
 
 def _cli(argv):
-    parser = argparse.ArgumentParser()
-    add_evaluate_arguments(parser)
-    return run_evaluate_command(parser.parse_args(argv))
+    return cli_main(["evaluate", *argv])
 
 
 def test_cli_json_prints_one_line(tmp_path, capsys):

@@ -19,22 +19,22 @@ still follow sorted wnids (the official 50-class name list, goldfish, tiger shar
 selects the classes and sorting numbers them; ``keep_order=True`` numbers them in file order
 for custom data that wants it.
 
-Image ids are ``"{split}/{wnid}/{stem}"``. Stages build output paths from them, so an id is only
-made from a listing entry that passes :func:`unsafe_reason`; every other image is rejected with
-a reason (never dropped), and non-image files are listed apart as ignored.
+Image ids are ``"{split}/{wnid}/{stem}"`` (:mod:`pdso_ray.run_layout`); :func:`list_split`
+lists a split with the rules of :func:`pdso_ray.data.listing.list_tree`: every other image is
+rejected with a reason (never dropped), and non-image files are listed apart as ignored.
 """
 
 from __future__ import annotations
 
 import io
 import posixpath
-import re
 from collections.abc import Iterable
-from dataclasses import dataclass, field
 
 import numpy as np
 from PIL import Image
 
+from pdso_ray.data.listing import DEFAULT_MAX_FILE_BYTES, ImageRecord, SplitListing, list_tree
+from pdso_ray.run_layout import LABEL_SUFFIX, rel_of, unsafe_reason
 from pdso_ray.storage import Storage
 
 BACKGROUND_ID = 0
@@ -46,54 +46,6 @@ TRAIN, VALIDATION, TEST = "train", "validation", "test"
 SPLITS = (TRAIN, VALIDATION, TEST)
 # Split -> folder of its ground-truth PNGs (the train split has none).
 GT_SPLITS = {VALIDATION: "validation-segmentation", TEST: "test-segmentation"}
-
-# Matched case-insensitively against the end of the file name.
-IMAGE_SUFFIXES = (".jpeg", ".jpg", ".png", ".bmp", ".webp", ".tif", ".tiff")
-LABEL_SUFFIX = ".png"
-
-# Characters allowed in ids; together with the checks in unsafe_reason this keeps every output
-# path built from an id inside its folder on any filesystem and object store.
-_SAFE_CHARS = re.compile(r"[A-Za-z0-9._-]+")
-# Leaves room for a suffix under the common 255-byte file-name limit.
-MAX_NAME_LEN = 200
-
-
-@dataclass(frozen=True)
-class ImageRecord:
-    """One listed image.
-
-    ``id`` is ``"{split}/{wnid}/{stem}"`` (unique, safe to build output paths from), ``path``
-    the image's full URL, ``wnid`` its class folder name.
-    """
-
-    id: str
-    path: str
-    split: str
-    wnid: str
-
-
-@dataclass(frozen=True)
-class Rejected:
-    """An image file that cannot be given an id: its URL and why."""
-
-    path: str
-    reason: str
-
-
-@dataclass
-class SplitListing:
-    """Everything found under one split folder, each file in exactly one list.
-
-    ``images``: records to process, sorted by path. ``rejected``: image files refused before
-    decoding (unsafe name, outside a class folder, duplicate id). ``ignored``: URLs of files that
-    are not images (no image suffix, or hidden such as ``.DS_Store``); report them, do not count
-    them as images.
-    """
-
-    images: list[ImageRecord] = field(default_factory=list)
-    rejected: list[Rejected] = field(default_factory=list)
-    ignored: list[str] = field(default_factory=list)
-
 
 # ---- class index -----------------------------------------------------------------------------
 
@@ -136,38 +88,7 @@ def class_index(classes: str | Iterable[str], keep_order: bool = False) -> dict[
     return {name: i for i, name in enumerate(ordered, start=1)}
 
 
-# ---- ids and paths ---------------------------------------------------------------------------
-
-
-def unsafe_reason(relpath: str) -> str | None:
-    """Why ``relpath`` (a ``/``-separated relative path or id) is unsafe, or None if it is safe.
-
-    Safe means: relative, no empty, ``.`` or ``..`` component, only ``[A-Za-z0-9._-]`` in each
-    component, each component at most ``MAX_NAME_LEN`` characters.
-    """
-    if not relpath:
-        return "empty name"
-    if relpath.startswith("/") or "\\" in relpath or re.match(r"^[A-Za-z]:", relpath):
-        return f"absolute or non-POSIX path {relpath!r}"
-    for part in relpath.split("/"):
-        if part in ("", ".", ".."):
-            return f"path component {part!r} in {relpath!r}"
-        if not _SAFE_CHARS.fullmatch(part):
-            return f"characters outside [A-Za-z0-9._-] in {relpath!r}"
-        if len(part) > MAX_NAME_LEN:
-            return f"name longer than {MAX_NAME_LEN} characters in {relpath[:60]!r}..."
-    return None
-
-
-def check_id(image_id: str) -> str:
-    """Return ``image_id`` if it is safe to build an output path from, else raise ValueError.
-
-    For ids read back from artifacts (Parquet, JSON) before they become paths.
-    """
-    problem = unsafe_reason(image_id)
-    if problem is not None:
-        raise ValueError(f"unsafe image id {image_id!r}: {problem}")
-    return image_id
+# ---- listing ---------------------------------------------------------------------------------
 
 
 def dataset_dir(root_url: str, classes: int) -> str:
@@ -177,52 +98,21 @@ def dataset_dir(root_url: str, classes: int) -> str:
     return Storage.join(root_url, f"ImageNetS{classes}")
 
 
-def is_image_name(name: str) -> bool:
-    """True if the file name ends in one of IMAGE_SUFFIXES (case-insensitive)."""
-    return name.lower().endswith(IMAGE_SUFFIXES)
-
-
-def list_split(storage: Storage, root_url: str, classes: int, split: str) -> SplitListing:
+def list_split(storage: Storage, root_url: str, classes: int, split: str,
+               max_file_bytes: int = DEFAULT_MAX_FILE_BYTES) -> SplitListing:
     """List ``ImageNetS{classes}/{split}`` under ``root_url``; every file lands in one list.
 
     Images are expected at ``<wnid>/<name>`` (deeper folders are kept in the id:
-    ``split/wnid/sub/stem``). Raises FileNotFoundError when the split folder is missing and
-    ValueError for an unknown split.
+    ``split/wnid/sub/stem``); symlinks must stay inside ``root_url``. Raises FileNotFoundError
+    when the split folder is missing and ValueError for an unknown split.
     """
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r}; expected one of {SPLITS}")
     split_url = Storage.join(dataset_dir(root_url, classes), split)
     if not storage.exists(split_url):
         raise FileNotFoundError(f"split folder not found: {split_url}")
-    _, base = storage.fs(split_url)
-    base = base.rstrip("/") + "/"
-
-    listing = SplitListing()
-    taken: dict[str, str] = {}
-    for url in storage.list_files(split_url):
-        _, fs_path = storage.fs(url)
-        if not fs_path.startswith(base):
-            raise ValueError(f"listing of {split_url} returned {url}, which is outside it")
-        rel = fs_path[len(base):]
-        parts = rel.split("/")
-        # Hidden files (.DS_Store, AppleDouble ._x.JPEG, our own .tmp-* writes) are not images.
-        if any(p.startswith(".") for p in parts) or not is_image_name(parts[-1]):
-            listing.ignored.append(url)
-            continue
-        stem_rel = rel[: rel.rfind(".")]
-        problem = unsafe_reason(stem_rel)
-        if problem is None and len(parts) < 2:
-            problem = "image is not inside a class folder"
-        image_id = f"{split}/{stem_rel}"
-        if problem is None and image_id in taken:
-            # Same stem, different suffix (x.JPEG and x.png): outputs would collide.
-            problem = f"duplicate id {image_id!r} (also {taken[image_id]})"
-        if problem is not None:
-            listing.rejected.append(Rejected(path=url, reason=problem))
-            continue
-        taken[image_id] = url
-        listing.images.append(ImageRecord(id=image_id, path=url, split=split, wnid=parts[0]))
-    return listing
+    return list_tree(storage, split_url, split, class_folders=True, data_root=root_url,
+                     max_file_bytes=max_file_bytes)
 
 
 def gt_path_for(record: ImageRecord) -> str:
@@ -237,8 +127,7 @@ def gt_path_for(record: ImageRecord) -> str:
     if not stem.endswith(record.id):
         raise ValueError(f"path {record.path!r} does not end with its id {record.id!r}")
     dataset = stem[: len(stem) - len(record.id)]
-    rel = record.id[len(record.split) + 1:]
-    return f"{dataset}{GT_SPLITS[record.split]}/{rel}{LABEL_SUFFIX}"
+    return f"{dataset}{GT_SPLITS[record.split]}/{rel_of(record.id)}{LABEL_SUFFIX}"
 
 
 # ---- label PNG codec -------------------------------------------------------------------------

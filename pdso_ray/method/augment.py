@@ -1,5 +1,5 @@
 """Training augmentation for segmentation: one random resized crop and horizontal flip applied
-identically to an image and its label map (DESIGN §3.7).
+identically to an image and its label map (docs/method.md §7).
 
 Geometry convention: a crop box is ``(top, left, height, width)`` in pixels of the input; both
 resizes map output pixel ``i`` to the input coordinate ``(i + 0.5) * in / out - 0.5``

@@ -1,4 +1,4 @@
-"""Image features from DINO outputs (DESIGN §3.1): saliency, its peak, saliency-pooled features.
+"""Image features from DINO outputs (docs/method.md §1): saliency, its peak, saliency-pooled features.
 
 Pure torch; tensors stay on the caller's device. Conventions: saliency maps are B×h×w float32 in
 [0, 1] on the patch grid; relative coordinates are (y, x) in [0, 1] of the image height/width.

@@ -1,4 +1,4 @@
-"""SAM prompts from a raw pseudo label (DESIGN §3 step 6): boxes per connected component, saliency peak.
+"""SAM prompts from a raw pseudo label (docs/method.md §6): boxes per connected component, saliency peak.
 
 Conventions:
 
@@ -128,7 +128,7 @@ def build_prompts(
     classes: Sequence[int],
     min_area: int,
 ) -> list[ClassPrompts]:
-    """Prompts for every listed class present in the raw label (DESIGN §3 step 6).
+    """Prompts for every listed class present in the raw label (docs/method.md §6).
 
     Args:
         raw_label: ``H×W`` integer raw pseudo label (0 background, 1..C classes).

@@ -1,4 +1,4 @@
-"""Pixel pseudo labels from patch embeddings and centroids (DESIGN §3 step 5), and the candidate
+"""Pixel pseudo labels from patch embeddings and centroids (docs/method.md §5), and the candidate
 classes of an image (step 6).
 
 Id spaces: centroids and k-means clusters are numbered 0..C-1; label maps use 1..C for classes
@@ -78,7 +78,7 @@ def raw_pseudo_label(
 def main_and_secondary_classes(
     topk_ids: np.ndarray, topk_dist: np.ndarray, sigma: float
 ) -> tuple[int, list[int]]:
-    """Main and secondary classes of an image from its top-k centroids (DESIGN §3 step 6).
+    """Main and secondary classes of an image from its top-k centroids (docs/method.md §6).
 
     Args:
         topk_ids: ``k`` integer cluster ids (0-based), as stored by the purify stage.

@@ -1,4 +1,4 @@
-"""Pseudo-label refiners (DESIGN §3 step 6), picked by name from :data:`REFINERS`.
+"""Pseudo-label refiners (docs/method.md §6), picked by name from :data:`REFINERS`.
 
 Every refiner has the signature ``refine(image, raw_label, saliency, context, predictor) ->
 RefineResult`` and returns an ``H×W`` int32 label holding only 0 (background), class ids taken

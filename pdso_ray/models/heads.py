@@ -1,4 +1,4 @@
-"""The fine-tuned segmentation model (DESIGN §3.7–3.8): a backbone feature map and a 1×1 conv head
+"""The fine-tuned segmentation model (docs/method.md §7–§8): a backbone feature map and a 1×1 conv head
 with C+1 outputs (0 background, 1..C classes), plus saving, loading and full-resolution prediction.
 
 Backbones are registry entries (:data:`BACKBONES`), each producing a ``B×D×h×w`` map at a fixed
@@ -114,32 +114,30 @@ BACKBONES = {
 }
 
 
-def build_segmenter(cfg, storage: Storage | None, num_classes: int) -> Segmenter:
-    """The model fine-tuning starts from, for ``cfg.finetune.backbone``.
+def build_segmenter(backbone: str, num_classes: int, dino=None, storage: Storage | None = None) -> Segmenter:
+    """The model fine-tuning starts from.
 
-    ``dino``: the stage-1 backbone with its weights, via
-    :func:`pdso_ray.models.loading.build_dino_from_config` (``cfg.models.dino``; random weights only
-    when ``cfg.models.allow_random_init``). ``resnet50``: timm's ResNet-50, random init. The head
-    is freshly initialised either way.
+    ``backbone``: a :data:`BACKBONES` name. ``dino`` (the backbone ``dino`` needs): a
+    :class:`pdso_ray.models.loading.DinoSource`, whose weights are loaded (its checkpoint, or
+    random weights drawn from the run's seed). ``resnet50``: timm's ResNet-50, random init. The head
+    is freshly initialised either way (from torch's global RNG: seed it first).
 
     Args:
-        cfg: a :class:`pdso_ray.config.PipelineConfig`.
-        storage: reads the DINO checkpoint; ``None`` = local defaults.
+        backbone: ``dino`` or ``resnet50``.
         num_classes: C (the head has C+1 outputs).
+        dino: where the DINO backbone comes from (``backbone="dino"`` only).
+        storage: reads the DINO checkpoint; ``None`` = local defaults.
     """
-    backbone_name = cfg.finetune.backbone
-    if backbone_name == "dino":
-        from pdso_ray.models.loading import build_dino_from_config
-
-        dino = build_dino_from_config(cfg.models.dino, storage,
-                                      allow_random_init=cfg.models.allow_random_init)
-        backbone: nn.Module = ViTFeatureMap(dino.vit)
-    elif backbone_name == "resnet50":
+    if backbone == "dino":
+        if dino is None:
+            raise ValueError("backbone 'dino' needs a DinoSource")
+        feature_map: nn.Module = ViTFeatureMap(dino.build(storage).vit)
+    elif backbone == "resnet50":
         logger.info("fine-tuning a randomly initialised ResNet-50 (no pretrained weights are loaded)")
-        backbone = _resnet50()
+        feature_map = _resnet50()
     else:
-        raise ValueError(f"unknown finetune.backbone {backbone_name!r}; known: {', '.join(BACKBONES)}")
-    return Segmenter(backbone, num_classes)
+        raise ValueError(f"unknown finetune.backbone {backbone!r}; known: {', '.join(BACKBONES)}")
+    return Segmenter(feature_map, num_classes)
 
 
 def segmenter_meta(cfg, num_classes: int) -> dict[str, Any]:

@@ -1,12 +1,22 @@
-"""Models from the config: the one place that decides "checkpoint, or an explicit random init".
+"""Models from the config: the one place that decides "checkpoint, a model this run trained, or an
+explicit random init".
 
-Real runs must name checkpoints (nothing is downloaded at run time); demos and tests set
-``models.allow_random_init: true``. A missing setting is an error that says which file to put where.
+Real runs name checkpoints (nothing is downloaded at run time); demos and tests set
+``models.allow_random_init: true``. A random-init model is built from the run's ``seed`` (a torch
+generator forked for the build), so every stage and every worker of a run builds the *same*
+weights. A missing setting is an error that says which file to put where.
 """
 
 from __future__ import annotations
 
-from pdso_ray.config import ConfigError, DinoConfig, SamConfig
+import contextlib
+import io
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+
+from pdso_ray.config import ConfigError, DinoConfig, PipelineConfig, SamConfig
 from pdso_ray.storage import Storage
 
 _WHERE = {
@@ -17,7 +27,8 @@ _WHERE = {
 }
 
 
-def _require(kind: str, arch: str, checkpoint: str | None, allow_random_init: bool) -> None:
+def require_checkpoint(kind: str, arch: str, checkpoint: str | None, allow_random_init: bool) -> None:
+    """ConfigError unless ``checkpoint`` is set or random weights are allowed."""
     if checkpoint or allow_random_init:
         return
     key, what = _WHERE[kind]
@@ -27,20 +38,86 @@ def _require(kind: str, arch: str, checkpoint: str | None, allow_random_init: bo
         "or set models.allow_random_init=true for a smoke test with random weights")
 
 
-def build_dino_from_config(cfg: DinoConfig, storage: Storage, allow_random_init: bool):
-    """The stage-1 DINO backbone (:class:`pdso_ray.models.dino.DinoBackbone`), on CPU, eval mode."""
-    from pdso_ray.models.dino import build_dino
+@contextlib.contextmanager
+def seeded_init(seed: int) -> Iterator[None]:
+    """A context in which torch's global RNG starts from ``seed`` and is restored afterwards: model
+    builders draw their random initial weights from it, reproducibly."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield
 
-    _require("dino", cfg.arch, cfg.checkpoint, allow_random_init)
-    return build_dino(cfg.arch, cfg.checkpoint or None, storage, img_size=cfg.image_size)
+
+@dataclass(frozen=True)
+class DinoSource:
+    """How to build the run's DINO backbone (picklable; stages hand it to their actors).
+
+    ``checkpoint``: the URL to load, or None for random weights drawn from ``seed``.
+    """
+
+    arch: str
+    image_size: int
+    checkpoint: str | None
+    seed: int
+
+    @classmethod
+    def from_config(cls, cfg: PipelineConfig, image_size: int | None = None) -> DinoSource:
+        """The backbone of ``models.dino``: its checkpoint, or random weights when
+        ``models.allow_random_init`` (ConfigError otherwise). ``image_size`` overrides the
+        native input size (``models.dino.image_size``)."""
+        dc: DinoConfig = cfg.models.dino
+        require_checkpoint("dino", dc.arch, dc.checkpoint, cfg.models.allow_random_init)
+        return cls(dc.arch, image_size or dc.image_size, dc.checkpoint or None, cfg.seed)
+
+    def build(self, storage: Storage | None = None):
+        """The :class:`pdso_ray.models.dino.DinoBackbone`, on CPU, eval mode."""
+        from pdso_ray.models.dino import build_dino
+
+        with seeded_init(self.seed):
+            return build_dino(self.arch, self.checkpoint, storage, img_size=self.image_size)
 
 
-def build_sam_predictor_from_config(cfg: SamConfig, storage: Storage, allow_random_init: bool,
-                                    device=None, points_per_side: int = 16):
-    """A :class:`pdso_ray.models.sam.SamMaskPredictor` for the configured SAM."""
-    from pdso_ray.models.sam import SamMaskPredictor, build_sam
+@dataclass(frozen=True)
+class SamSource:
+    """How to build the run's SAM (picklable): ``checkpoint`` URL, or random weights from ``seed``."""
 
-    _require("sam", cfg.arch, cfg.checkpoint, allow_random_init)
-    model = build_sam(cfg.arch, cfg.checkpoint or None, storage, img_size=cfg.image_size)
-    return SamMaskPredictor(model, device=device, compile=cfg.compile,
-                            points_per_side=points_per_side)
+    arch: str
+    image_size: int | None
+    checkpoint: str | None
+    seed: int
+    compile: bool = False
+
+    @classmethod
+    def from_config(cls, cfg: PipelineConfig) -> SamSource:
+        sc: SamConfig = cfg.models.sam
+        require_checkpoint("sam", sc.arch, sc.checkpoint, cfg.models.allow_random_init)
+        return cls(sc.arch, sc.image_size, sc.checkpoint or None, cfg.seed, sc.compile)
+
+    def predictor(self, storage: Storage | None = None, device=None, points_per_side: int = 16):
+        """A :class:`pdso_ray.models.sam.SamMaskPredictor` for this SAM."""
+        from pdso_ray.models.sam import SamMaskPredictor, build_sam
+
+        with seeded_init(self.seed):
+            model = build_sam(self.arch, self.checkpoint, storage, img_size=self.image_size)
+        return SamMaskPredictor(model, device=device, compile=self.compile,
+                                points_per_side=points_per_side)
+
+
+def load_embedding(storage: Storage, url: str) -> torch.nn.Module:
+    """The denoising classifier h saved at ``url``, as a module mapping ...×D features to e(x)
+    ...×D' (L2-normalised, like the embeddings k-means #2/#3 saw)."""
+    import torch.nn.functional as F
+
+    from pdso_ray.method.denoise import Classifier
+
+    state = torch.load(io.BytesIO(storage.read_bytes(url)), map_location="cpu", weights_only=True)
+    classifier = Classifier.from_state_dict(state).eval()
+
+    class Embedding(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.classifier = classifier
+
+        def forward(self, x):
+            return F.normalize(self.classifier.embed(x), dim=-1)
+
+    return Embedding()

@@ -1,11 +1,15 @@
-"""Pipeline stages (DESIGN §2), one module each; :func:`stage_registry` maps names to classes."""
+"""Pipeline stages (docs/architecture.md, "Data flow"), one module each.
+
+:data:`STAGES` is the one list of stages: its order is the pipeline's order, and the config's
+``stages`` names are checked against it. Each entry is ``"module:Class"``, imported on demand
+(:func:`stage_registry`), so that naming the stages costs no torch or Ray import.
+"""
 
 from __future__ import annotations
 
 import importlib
 
-# name -> "module:Class"; imported on demand so that `pdso-ray evaluate` does not pull in torch+ray.
-_STAGES = {
+STAGES = {
     "features": "pdso_ray.stages.features:FeaturesStage",
     "cluster": "pdso_ray.stages.cluster:ClusterStage",
     "denoise": "pdso_ray.stages.denoise:DenoiseStage",
@@ -18,9 +22,12 @@ _STAGES = {
 }
 
 
+def stage_class(name: str) -> type:
+    """The stage class registered as ``name``."""
+    module, cls = STAGES[name].split(":")
+    return getattr(importlib.import_module(module), cls)
+
+
 def stage_registry() -> dict[str, type]:
-    out = {}
-    for name, target in _STAGES.items():
-        module, cls = target.split(":")
-        out[name] = getattr(importlib.import_module(module), cls)
-    return out
+    """Every stage class by name, in pipeline order."""
+    return {name: stage_class(name) for name in STAGES}

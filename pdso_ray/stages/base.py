@@ -3,12 +3,13 @@
 Two kinds of thing live here:
 
 * :class:`BatchStep` — a per-batch transform (decode, DINO, SAM, write): ``setup()`` loads models once
-  per worker, ``__call__(batch)`` maps a ``dict[str, np.ndarray]`` batch to another, and
-  :class:`Resources` declares what a worker needs. Tests call a step directly on a tiny batch;
-  :func:`map_step` is the single adapter that runs any step through Ray Data ``map_batches``.
-* :class:`Stage` — one pipeline stage of DESIGN §2 (``features``, ``cluster``, ...): ``run(ctx)``
-  reads earlier stages' artifacts from the run folder and writes its own, returning counts for the
-  manifest. :mod:`pdso_ray.pipeline` orders, skips and resumes stages.
+  per worker, ``__call__(batch)`` maps a ``dict[str, np.ndarray]`` batch to another, and its
+  :attr:`~BatchStep.resources` declare what a worker needs. Tests call a step directly on a tiny
+  batch; :func:`map_step` is the single adapter that runs any step through Ray Data ``map_batches``.
+* :class:`Stage` — one pipeline stage (``features``, ``cluster``, ...): ``run(ctx)`` reads earlier
+  stages' artifacts from the run folder and writes its own, returning counts for the manifest.
+  :mod:`pdso_ray.pipeline` orders, skips and resumes stages; per-image stages share the skeleton of
+  :mod:`pdso_ray.stages.streaming`.
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import numpy as np
 
 from pdso_ray.config import PipelineConfig
+from pdso_ray.data.layouts import build_layout
+from pdso_ray.run_layout import RunLayout
 from pdso_ray.storage import Storage
 
 if TYPE_CHECKING:
@@ -43,8 +46,11 @@ class Resources:
 
 
 class BatchStep:
-    """A per-batch transform. Subclasses set attributes in ``__init__`` (cheap, picklable) and load
-    heavy state in :meth:`setup`, which runs once per worker before the first batch."""
+    """A per-batch transform. Subclasses set attributes in ``__init__`` (cheap, picklable) — among
+    them :attr:`resources` — and load heavy state in :meth:`setup`, which runs once per worker
+    before the first batch."""
+
+    resources: Resources = Resources(stateful=False)
 
     def setup(self) -> None:  # pragma: no cover - default is a no-op
         return None
@@ -68,68 +74,65 @@ def _run_stateless(batch: Batch, step: BatchStep) -> Batch:
     return step(batch)
 
 
-def map_step(ds: "ray.data.Dataset", step: BatchStep, resources: Resources,
-             cluster_has_gpu: bool) -> "ray.data.Dataset":
-    """Apply ``step`` to ``ds`` with ``map_batches``: an autoscaling actor pool for stateful steps
-    (models), plain tasks otherwise. The step is set up once per actor."""
+def map_step(ds: "ray.data.Dataset", step: BatchStep, cluster_has_gpu: bool) -> "ray.data.Dataset":
+    """Apply ``step`` to ``ds`` with ``map_batches`` under its declared resources: an autoscaling
+    actor pool for stateful steps (models), plain tasks otherwise. The step is set up once per
+    actor."""
     import ray.data
 
-    num_gpus = resources.num_gpus if cluster_has_gpu else 0.0
-    if resources.stateful:
+    res = step.resources
+    num_gpus = res.num_gpus if cluster_has_gpu else 0.0
+    if res.stateful:
         return ds.map_batches(
             _ActorAdapter,
             fn_constructor_args=(step,),
-            batch_size=resources.batch_size,
+            batch_size=res.batch_size,
             batch_format="numpy",
-            num_cpus=resources.num_cpus,
+            num_cpus=res.num_cpus,
             num_gpus=num_gpus,
-            compute=ray.data.ActorPoolStrategy(min_size=resources.min_actors,
-                                               max_size=resources.max_actors),
+            compute=ray.data.ActorPoolStrategy(min_size=res.min_actors, max_size=res.max_actors),
         )
     step.setup()  # stateless steps have nothing heavy to set up; keep the contract anyway
     return ds.map_batches(
         _run_stateless,
         fn_args=(step,),
-        batch_size=resources.batch_size,
+        batch_size=res.batch_size,
         batch_format="numpy",
-        num_cpus=resources.num_cpus,
+        num_cpus=res.num_cpus,
         num_gpus=num_gpus,
     )
 
 
 @dataclass
 class RunContext:
-    """What a stage gets: the resolved config, storage, and the run folder's layout."""
+    """What a stage gets: the resolved config, storage, the run folder's layout (:attr:`run`),
+    where the images come from (:attr:`data`), and whether the cluster runs GPU work."""
 
     cfg: PipelineConfig
     storage: Storage
     cluster_has_gpu: bool = False
     notes: dict[str, Any] = field(default_factory=dict)
+    run: RunLayout = field(init=False)
+    data: Any = field(init=False)  # an image layout of pdso_ray.data.layouts
 
-    @property
-    def output(self) -> str:
-        return self.cfg.output
-
-    def path(self, *parts: str) -> str:
-        return self.storage.join(self.cfg.output, *parts)
-
-    def stage_dir(self, name: str) -> str:
-        return self.path(name)
+    def __post_init__(self):
+        self.run = RunLayout.from_config(self.cfg)
+        self.data = build_layout(self.cfg.data)
 
 
 class Stage:
     """One pipeline stage. ``name`` is its folder in the run; ``config_sections`` are the config
     keys whose values define its output (their hash goes into the manifest); ``depends_on`` the
-    stages whose outputs it reads (their manifests' hashes chain into its own)."""
+    stages whose outputs it reads (their manifests' hashes chain into its own); ``extra_outputs``
+    the other run-folder paths it writes (cleared with its folder when its key changes)."""
 
     name: ClassVar[str]
     config_sections: ClassVar[tuple[str, ...]] = ()
     depends_on: ClassVar[tuple[str, ...]] = ()
-    extra_outputs: ClassVar[tuple[str, ...]] = ()  # run-folder dirs it writes besides its own
     always_run: ClassVar[bool] = False  # cheap views of everything else (the report)
 
-    def output_dir(self, ctx: RunContext) -> str:
-        return ctx.stage_dir(self.name)
+    def extra_outputs(self, run: RunLayout) -> tuple[str, ...]:
+        return ()
 
     def run(self, ctx: RunContext) -> dict[str, Any]:
         """Do the work; return JSON-able counts for the manifest and summary."""

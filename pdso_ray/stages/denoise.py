@@ -1,4 +1,4 @@
-"""Stage 3, ``denoise``: DFF small-loss denoising of the k-means #1 labels (DESIGN §3.3).
+"""Stage 3, ``denoise``: DFF small-loss denoising of the k-means #1 labels (docs/method.md §3).
 
 Runs as one Ray task (on a GPU when the cluster has one) so that the driver never holds the
 features: the task reads ``features/`` (row group by row group) and ``cluster/`` itself, trains f,
@@ -10,41 +10,24 @@ and ``relabel`` (g's label). Memory: the features once (N×D×2 float32) when th
 
 from __future__ import annotations
 
+import dataclasses
 import io
 from typing import Any
 
 import numpy as np
 
 from pdso_ray.config import DenoiseConfig
+from pdso_ray.run_layout import RunLayout
 from pdso_ray.stages.base import RunContext, Stage
-from pdso_ray.stages.cluster import features_dir, row_group_sizes, write_aligned_files
 from pdso_ray.storage import Storage
-from pdso_ray.tables import arrow_to_vectors, parquet_files, read_table, vectors_to_arrow
-
-CLASSIFIER_FILE = "classifier.pt"
-
-
-def load_embedding(storage: Storage, denoise_dir: str):
-    """h from ``denoise/classifier.pt``, as a module mapping ...×D features to e(x) ...×D'
-    (L2-normalised, like the embeddings k-means #2/#3 saw)."""
-    import torch
-    import torch.nn.functional as F
-
-    from pdso_ray.method.denoise import Classifier
-
-    state = torch.load(io.BytesIO(storage.read_bytes(Storage.join(denoise_dir, CLASSIFIER_FILE))),
-                       map_location="cpu", weights_only=True)
-    classifier = Classifier.from_state_dict(state).eval()
-
-    class Embedding(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.classifier = classifier
-
-        def forward(self, x):
-            return F.normalize(self.classifier.embed(x), dim=-1)
-
-    return Embedding()
+from pdso_ray.tables import (
+    arrow_to_vectors,
+    parquet_files,
+    read_table,
+    row_group_sizes,
+    vectors_to_arrow,
+    write_aligned_files,
+)
 
 
 class ParquetPairs:
@@ -89,8 +72,8 @@ class ParquetPairs:
         return arrow_to_vectors(read_table(self.storage, self.files[f], ["feat"]).column("feat"))
 
 
-def run_denoise(storage: Storage, feature_files: list[str], cluster_dir: str, out_dir: str,
-                classes: int, settings: DenoiseConfig) -> dict[str, Any]:
+def run_denoise(storage: Storage, feature_files: list[str], run: RunLayout, classes: int,
+                settings: DenoiseConfig) -> dict[str, Any]:
     """The task body: everything is read and written here, on the worker.
 
     Features of at most ``settings.max_in_memory_gb`` (feat + feat_flip as float32) are loaded once;
@@ -116,13 +99,12 @@ def run_denoise(storage: Storage, feature_files: list[str], cluster_dir: str, ou
 
         def file_feats(f: int, start: int, stop: int) -> np.ndarray:
             return pairs.load_file(f)
-    names = [u.rsplit("/", 1)[-1] for u in feature_files]
-    labels = np.concatenate([read_table(storage, Storage.join(cluster_dir, n), ["cluster"]).column("cluster")
-                             .to_numpy().astype(np.int64) for n in names])
+    labels = np.concatenate([read_table(storage, run.aligned_file("cluster", u), ["cluster"]).column("cluster")
+                             .to_numpy().astype(np.int64) for u in feature_files])
     result = denoise(source, labels, classes, settings, device=device)
     buf = io.BytesIO()
     torch.save(result.classifier.state_dict(), buf)
-    storage.write_bytes(Storage.join(out_dir, CLASSIFIER_FILE), buf.getvalue())
+    storage.write_bytes(run.denoise_classifier, buf.getvalue())
 
     def columns(f: int, start: int, stop: int) -> dict[str, Any]:
         emb = embed_features(result.classifier, file_feats(f, start, stop), device=device)
@@ -130,7 +112,7 @@ def run_denoise(storage: Storage, feature_files: list[str], cluster_dir: str, ou
                 "subset1": result.subset1[start:stop], "clean": result.clean_mask[start:stop],
                 "relabel": result.labels[start:stop].astype(np.int32)}
 
-    write_aligned_files(storage, feature_files, out_dir, columns)
+    write_aligned_files(storage, feature_files, run.stage_dir("denoise"), columns)
     noisy = labels != result.labels
     return {**{k: (float(v) if isinstance(v, float) else int(v)) for k, v in result.stats.items()},
             "relabelled_fraction": float(noisy.mean()) if len(noisy) else 0.0,
@@ -139,7 +121,7 @@ def run_denoise(storage: Storage, feature_files: list[str], cluster_dir: str, ou
 
 class DenoiseStage(Stage):
     name = "denoise"
-    config_sections = ("denoise", "data.classes")
+    config_sections = ("denoise", "data.classes", "seed")
     depends_on = ("features", "cluster")
     # denoise.max_in_memory_gb: holding S919's features in memory (3.9 GB) beats streaming them:
     # streaming costs one zstd decode of the features per pass (~25 s per pass on one busy core,
@@ -148,8 +130,8 @@ class DenoiseStage(Stage):
     def run(self, ctx: RunContext) -> dict[str, Any]:
         import ray
 
-        files = parquet_files(ctx.storage, features_dir(ctx))
+        files = parquet_files(ctx.storage, ctx.run.features_dir)
+        settings = dataclasses.replace(ctx.cfg.denoise, seed=ctx.cfg.seed_for("denoise"))
         task = ray.remote(run_denoise).options(num_gpus=1 if ctx.cluster_has_gpu else 0,
                                                num_cpus=1, max_retries=2)
-        return ray.get(task.remote(ctx.storage, files, ctx.stage_dir("cluster"),
-                                   self.output_dir(ctx), ctx.cfg.data.classes, ctx.cfg.denoise))
+        return ray.get(task.remote(ctx.storage, files, ctx.run, ctx.cfg.data.classes, settings))

@@ -4,7 +4,7 @@ list (driver) → read bytes + decode + resize (CPU tasks) → DINO (autoscaling
 bf16 when present) → write Parquet shards (CPU tasks). Every listed image ends in exactly one
 place: a row of ``features/*.parquet`` or a row of ``rejected/*.parquet`` with its reason. Shards
 are named by a hash of their ids, so a retried task overwrites its own file; a re-run after a crash
-skips the ids already written.
+skips the ids already written (:mod:`pdso_ray.stages.streaming`).
 """
 
 from __future__ import annotations
@@ -16,15 +16,14 @@ import numpy as np
 import pyarrow as pa
 
 from pdso_ray.config import PipelineConfig
-from pdso_ray.data.imagenet_s import list_split
-from pdso_ray.stages.base import Batch, BatchStep, Resources, RunContext, Stage, map_step
-from pdso_ray.stages.read_decode import ReadDecode
+from pdso_ray.data.listing import Rejected
+from pdso_ray.stages.base import Batch, BatchStep, Resources, RunContext
+from pdso_ray.stages.read_decode import ImageReader, ReadDecode
+from pdso_ray.stages.streaming import StreamingStage, Work, ids_in, reconcile, write_rejected
 from pdso_ray.storage import Storage
 from pdso_ray.tables import iter_row_groups, shard_name, vectors_to_arrow, write_table
 
 log = logging.getLogger("pdso_ray")
-
-REJECTED_DIR = "rejected"
 
 
 class DinoFeatures(BatchStep):
@@ -32,19 +31,21 @@ class DinoFeatures(BatchStep):
     peak. Rows with a reason pass through with zero features (the writer routes them)."""
 
     def __init__(self, cfg: PipelineConfig, storage: Storage):
-        self.dino_cfg = cfg.models.dino
-        self.allow_random_init = cfg.models.allow_random_init
+        from pdso_ray.models.loading import DinoSource
+
+        self.dino = DinoSource.from_config(cfg)
+        self.image_size = cfg.models.dino.image_size
         self.storage = storage
+        fc = cfg.features
+        self.resources = Resources(batch_size=fc.batch_size, num_cpus=fc.cpus_per_actor,
+                                   num_gpus=fc.gpus_per_actor, min_actors=fc.min_actors,
+                                   max_actors=fc.max_actors)
 
     def setup(self) -> None:
         import torch
 
-        from pdso_ray.models.loading import build_dino_from_config
-
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        self.model = build_dino_from_config(self.dino_cfg, self.storage,
-                                            allow_random_init=self.allow_random_init)
-        self.model.to(self.device).eval()
+        self.model = self.dino.build(self.storage).to(self.device).eval()
 
     def __call__(self, batch: Batch) -> Batch:
         import torch
@@ -59,7 +60,7 @@ class DinoFeatures(BatchStep):
         feats_flip = np.zeros((n, dim), dtype=np.float32)
         peaks = np.zeros((n, 2), dtype=np.float32)
         if ok.any():
-            x = to_model_input(batch["image"][ok], self.dino_cfg.image_size).to(self.device)
+            x = to_model_input(batch["image"][ok], self.image_size).to(self.device)
             x = torch.cat([x, torch.flip(x, dims=[3])])
             with torch.inference_mode(), torch.autocast(
                     self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
@@ -76,13 +77,15 @@ class DinoFeatures(BatchStep):
 
 
 class WriteShards(BatchStep):
-    """Write one batch: its good rows to ``features/``, its rejected rows to ``rejected/``.
-    Returns one row of counts per batch."""
+    """Write one batch: its good rows to ``features/``, its rejected rows to ``rejected/``, both
+    named by a hash of the batch's ids. Returns each row's ``id`` and ``reason``."""
 
-    def __init__(self, storage: Storage, features_dir: str, rejected_dir: str):
+    def __init__(self, storage: Storage, features_dir: str, rejected_dir: str, rows_per_file: int):
         self.storage = storage
         self.features_dir = features_dir
         self.rejected_dir = rejected_dir
+        # I/O-bound: no CPU slot, so writers never wait behind the model actors.
+        self.resources = Resources(batch_size=rows_per_file, num_cpus=0, stateful=False)
 
     def __call__(self, batch: Batch) -> Batch:
         ids = [str(i) for i in batch["id"]]
@@ -102,88 +105,57 @@ class WriteShards(BatchStep):
             write_table(self.storage, Storage.join(self.features_dir, name), table)
         if (~ok).any():
             write_rejected(self.storage, Storage.join(self.rejected_dir, name),
-                           ids=list(np.asarray(ids, dtype=object)[~ok]),
-                           paths=[str(p) for p in batch["path"][~ok]],
-                           reasons=[str(r) for r in batch["reason"][~ok]])
-        return {"n_ok": np.asarray([ok.sum()]), "n_rejected": np.asarray([(~ok).sum()])}
+                           [Rejected(path=str(p), reason=str(r), image_id=i) for i, p, r in
+                            zip(np.asarray(ids, dtype=object)[~ok], batch["path"][~ok], batch["reason"][~ok])])
+        return {"id": batch["id"], "reason": batch["reason"]}
 
 
-def write_rejected(storage: Storage, url: str, ids: list[str | None], paths: list[str],
-                   reasons: list[str]) -> None:
-    table = pa.table({"id": pa.array(ids, pa.string()), "path": pa.array(paths, pa.string()),
-                      "reason": pa.array(reasons, pa.string())})
-    write_table(storage, url, table)
-
-
-def _done_ids(storage: Storage, *folders: str) -> set[str]:
-    done: set[str] = set()
-    for folder in folders:
-        for table in iter_row_groups(storage, folder, columns=["id"]):
-            done.update(i for i in table.column("id").to_pylist() if i is not None)
-    return done
-
-
-class FeaturesStage(Stage):
+class FeaturesStage(StreamingStage):
     name = "features"
-    config_sections = ("data.root", "data.classes", "data.train_split", "data.limit",
-                       "data.max_pixels", "models.dino")
-    extra_outputs = (REJECTED_DIR,)
+    config_sections = ("data.root", "data.layout", "data.classes", "data.train_split", "data.limit",
+                       "data.max_pixels", "data.max_file_bytes", "models.dino", "seed")
     feature_step = DinoFeatures  # the model step; tests swap in a fault-injecting subclass
 
-    def run(self, ctx: RunContext) -> dict[str, Any]:
-        cfg, storage = ctx.cfg, ctx.storage
-        features_dir = self.output_dir(ctx)
-        rejected_dir = ctx.path(REJECTED_DIR)
-        listing = list_split(storage, cfg.data.root, cfg.data.classes, cfg.data.train_split)
+    def extra_outputs(self, run) -> tuple[str, ...]:
+        return (run.rejected_dir,)
+
+    def batch_size(self, ctx: RunContext) -> int:
+        return ctx.cfg.features.batch_size
+
+    def work(self, ctx: RunContext) -> Work:
+        cfg = ctx.cfg
+        listing = ctx.data.list_split(ctx.storage, ctx.data.train_split())
         images = listing.images[: cfg.data.limit] if cfg.data.limit else listing.images
         if listing.ignored:
             log.info("features: %d non-image files ignored (e.g. %s)", len(listing.ignored),
                      listing.ignored[0])
         if listing.rejected:
-            # Files that cannot be given a safe id are rejected at listing time.
-            write_rejected(storage, Storage.join(rejected_dir, "listing.parquet"),
-                           ids=[None] * len(listing.rejected),
-                           paths=[r.path for r in listing.rejected],
-                           reasons=[r.reason for r in listing.rejected])
+            # Files that cannot be used are rejected at listing time, with their reasons.
+            write_rejected(ctx.storage, Storage.join(ctx.run.rejected_dir, "listing.parquet"),
+                           listing.rejected)
+        return Work(ids=[r.id for r in images],
+                    rows=[{"id": r.id, "path": r.path, "split": r.split} for r in images],
+                    rejected=listing.rejected, info={"ignored": len(listing.ignored)})
 
-        done = _done_ids(storage, features_dir, rejected_dir)
-        todo = [r for r in images if r.id not in done]
-        log.info("features: %d images listed, %d already done, %d to process",
-                 len(images), len(images) - len(todo), len(todo))
-        if todo:
-            self._process(ctx, todo, features_dir, rejected_dir)
+    def done_ids(self, ctx: RunContext) -> set[str]:
+        return ids_in(ctx.storage, ctx.run.features_dir, ctx.run.rejected_dir)
 
-        n_ok = _count_ids(storage, features_dir)
-        n_rejected = _count_ids(storage, rejected_dir, include_null=True)
-        total = len(images) + len(listing.rejected)
+    def steps(self, ctx: RunContext) -> list[BatchStep]:
+        cfg, fc = ctx.cfg, ctx.cfg.features
+        reader = ImageReader.from_config(ctx.storage, cfg.data)
+        decode = ReadDecode(reader, cfg.models.dino.image_size,
+                            Resources(batch_size=fc.batch_size, num_cpus=fc.decode_cpus, stateful=False),
+                            square=True)
+        return [decode, self.feature_step(cfg, ctx.storage),
+                WriteShards(ctx.storage, ctx.run.features_dir, ctx.run.rejected_dir, fc.rows_per_file)]
+
+    def finish(self, ctx: RunContext, work: Work, results: dict[str, str]) -> dict[str, Any]:
+        n_ok = _count_ids(ctx.storage, ctx.run.features_dir)
+        n_rejected = _count_ids(ctx.storage, ctx.run.rejected_dir, include_null=True)
+        total = len(work.ids) + len(work.rejected)
+        reconcile("features", total, n_ok, n_rejected)
         return {"images_total": total, "images_ok": n_ok, "images_rejected": n_rejected,
-                "files_ignored": len(listing.ignored)}
-
-    def _process(self, ctx: RunContext, todo: list, features_dir: str, rejected_dir: str) -> None:
-        import ray.data
-
-        cfg, storage = ctx.cfg, ctx.storage
-        fc = cfg.features
-        rows = [{"id": r.id, "path": r.path, "split": r.split} for r in todo]
-        blocks = max(1, min(len(rows) // fc.batch_size, 4096))
-        ds = ray.data.from_items(rows, override_num_blocks=blocks)
-        decode = ReadDecode(storage, cfg.data.max_pixels, cfg.models.dino.image_size, square=True)
-        ds = map_step(ds, decode,
-                      Resources(batch_size=fc.batch_size, num_cpus=fc.decode_cpus, stateful=False),
-                      ctx.cluster_has_gpu)
-        ds = map_step(ds, self.feature_step(cfg, storage),
-                      Resources(batch_size=fc.batch_size, num_cpus=fc.cpus_per_actor,
-                                num_gpus=fc.gpus_per_actor, min_actors=fc.min_actors,
-                                max_actors=fc.max_actors),
-                      ctx.cluster_has_gpu)
-        ds = map_step(ds, WriteShards(storage, features_dir, rejected_dir),
-                      Resources(batch_size=fc.rows_per_file, num_cpus=0, stateful=False),
-                      ctx.cluster_has_gpu)
-        written = 0
-        for row in ds.iter_rows():
-            written += int(row["n_ok"]) + int(row["n_rejected"])
-        if written != len(todo):
-            raise RuntimeError(f"features: {written} rows written for {len(todo)} images")
+                "files_ignored": work.info["ignored"]}
 
 
 def _count_ids(storage: Storage, folder: str, include_null: bool = False) -> int:

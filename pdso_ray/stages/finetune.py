@@ -1,5 +1,5 @@
 """Stage 6, ``finetune``: train the segmentation model on the refined pseudo labels with Ray Train
-(DESIGN §3.7).
+(docs/method.md §7).
 
 Data: the rows of ``labels/stats/`` with a refined label → Ray Data (CPU tasks): read image and
 label through :class:`Storage`, decode, one random resized crop + flip applied to both
@@ -22,16 +22,16 @@ from __future__ import annotations
 import logging
 import math
 import os
-import posixpath
 import tempfile
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from pdso_ray.data.decode import decode_image
 from pdso_ray.data.imagenet_s import IGNORE_ID, decode_label
 from pdso_ray.stages.base import Batch, BatchStep, Resources, RunContext, Stage, map_step
+from pdso_ray.stages.read_decode import ImageReader
 from pdso_ray.storage import Storage
+from pdso_ray.tables import parquet_files
 
 if TYPE_CHECKING:
     import ray.data
@@ -39,7 +39,6 @@ if TYPE_CHECKING:
 log = logging.getLogger("pdso_ray")
 
 TRAIN_RUN_NAME = "train"  # Ray Train's run folder inside finetune/
-MODEL_NAME = "model.pt"
 STATE_NAME = "state.pt"  # inside each checkpoint directory
 
 
@@ -57,10 +56,11 @@ class LoadTrainPairs(BatchStep):
     the labels were made, so a failure here is a changed or damaged file, not data to drop.
     """
 
-    def __init__(self, storage: Storage, crop_size: int, max_pixels: int):
-        self.storage = storage
+    def __init__(self, reader: ImageReader, crop_size: int, batch_size: int):
+        self.reader = reader
+        self.storage = reader.storage
         self.crop_size = crop_size
-        self.max_pixels = max_pixels
+        self.resources = Resources(batch_size=batch_size, num_cpus=1.0, stateful=False)
 
     def __call__(self, batch: Batch) -> Batch:
         from pdso_ray.method.augment import random_resized_crop_pair, resize_label_nearest
@@ -71,8 +71,7 @@ class LoadTrainPairs(BatchStep):
         labels = np.zeros((n, s, s), dtype=np.int16)
         for i, (path, label_url) in enumerate(zip(batch["path"], batch["label_refined"])):
             path, label_url = str(path), str(label_url)
-            decoded = decode_image(self.storage.read_bytes(path), max_pixels=self.max_pixels,
-                                   target_short_side=s)
+            decoded = self.reader.read(path, target_short_side=s)
             if not decoded.ok:
                 raise ValueError(f"training image {path} no longer decodes: {decoded.reason}")
             label = decode_label(self.storage.read_bytes(label_url))
@@ -95,8 +94,8 @@ def cosine_factor(step: int, total_steps: int) -> float:
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     """The Ray Train worker function.
 
-    ``config``: ``cfg`` (PipelineConfig), ``storage``, ``num_classes``, ``meta`` (the model meta),
-    ``steps_per_epoch`` (per worker, for the schedule). Resumes from ``ray.train.get_checkpoint()``
+    ``config``: ``cfg`` (PipelineConfig), ``storage``, ``dino`` (the DinoSource of the backbone),
+    ``num_classes``, ``meta`` (the model meta), ``steps_per_epoch`` (per worker, for the schedule). Resumes from ``ray.train.get_checkpoint()``
     when there is one; reports ``{"epoch", "loss", "start_epoch", "images"}`` once per epoch on
     every rank (rank 0 attaches the checkpoint). ``loss`` is the mean over all ranks of the
     per-batch losses, ``start_epoch`` the first epoch this attempt trained, ``images`` the rows
@@ -116,11 +115,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     cfg, storage = config["cfg"], config["storage"]
     fc = cfg.finetune
     rank = ray.train.get_context().get_world_rank()
-    torch.manual_seed(fc.seed)  # same initial head on every rank (DDP also broadcasts rank 0's)
+    torch.manual_seed(cfg.seed_for("finetune"))  # same initial head on every rank (DDP also broadcasts rank 0's)
     device = ray.train.torch.get_device()
     on_gpu = device.type == "cuda"
 
-    model = build_segmenter(cfg, storage, config["num_classes"])
+    model = build_segmenter(fc.backbone, config["num_classes"], config["dino"], storage)
     model = ray.train.torch.prepare_model(model)
     core = model.module if hasattr(model, "module") else model
     optimizer = torch.optim.AdamW(model.parameters(), lr=fc.lr, weight_decay=fc.weight_decay)
@@ -149,7 +148,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         for batch in shard.iter_torch_batches(batch_size=fc.batch_size, device=device,
                                               dtypes={"image": torch.uint8, "label": torch.int64},
                                               local_shuffle_buffer_size=4 * fc.batch_size,
-                                              local_shuffle_seed=fc.seed + epoch):
+                                              local_shuffle_seed=cfg.seed_for("finetune") + epoch):
             target = batch["label"]
             x = to_model_input(batch["image"], fc.crop_size, device=device)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=on_gpu):
@@ -200,8 +199,7 @@ def training_dataset(storage: Storage, stats_dir: str) -> "ray.data.Dataset":
     refined label, read in parallel (the driver never holds the rows)."""
     import ray.data
 
-    files = [u for u in storage.list_files(stats_dir, suffixes=(".parquet",))
-             if not posixpath.basename(u).startswith(".")]  # skip temporary files of a crashed write
+    files = parquet_files(storage, stats_dir)
     if not files:
         raise FileNotFoundError(f"finetune: no label statistics in {stats_dir}; run pseudo_labels first")
     fs, _ = storage.arrow_fs(stats_dir)
@@ -212,7 +210,8 @@ def training_dataset(storage: Storage, stats_dir: str) -> "ray.data.Dataset":
 
 class FinetuneStage(Stage):
     name = "finetune"
-    config_sections = ("finetune", "models.dino", "data.classes", "data.max_pixels")
+    config_sections = ("finetune", "models.dino", "data.classes", "data.max_pixels",
+                       "data.max_file_bytes", "seed")
     depends_on = ("pseudo_labels",)
 
     # The worker function; a class attribute so a subclass can wrap it (fault-injection tests).
@@ -228,6 +227,7 @@ class FinetuneStage(Stage):
         from ray.train.torch import TorchTrainer
 
         from pdso_ray.models.heads import segmenter_bytes, segmenter_meta
+        from pdso_ray.models.loading import DinoSource
 
         cfg, storage = ctx.cfg, ctx.storage
         fc = cfg.finetune
@@ -235,10 +235,11 @@ class FinetuneStage(Stage):
             raise ValueError(f"finetune.epochs={fc.epochs}: must be >= 1")
         if fc.crop_size < 1:
             raise ValueError(f"finetune.crop_size={fc.crop_size}: must be >= 1")
-        ds = training_dataset(storage, ctx.path("labels", "stats"))
+        stats_dir = ctx.run.label_stats_dir
+        ds = training_dataset(storage, stats_dir)
         images = ds.count()
         if images < fc.num_workers:
-            raise ValueError(f"finetune: {images} labelled images in {ctx.path('labels', 'stats')} "
+            raise ValueError(f"finetune: {images} labelled images in {stats_dir} "
                              f"for finetune.num_workers={fc.num_workers}")
         num_classes = cfg.data.classes
         meta = segmenter_meta(cfg, num_classes)
@@ -246,14 +247,15 @@ class FinetuneStage(Stage):
         steps_per_epoch = math.ceil((images // fc.num_workers) / fc.batch_size)
 
         ds = map_step(ds.randomize_block_order(),
-                      LoadTrainPairs(storage, fc.crop_size, cfg.data.max_pixels),
-                      Resources(batch_size=fc.batch_size, num_cpus=1.0, stateful=False),
+                      LoadTrainPairs(ImageReader.from_config(storage, cfg.data), fc.crop_size, fc.batch_size),
                       ctx.cluster_has_gpu)
 
-        storage_path, storage_fs = _train_storage(storage, self.output_dir(ctx))
+        out = ctx.run.finetune_dir
+        storage_path, storage_fs = _train_storage(storage, out)
+        dino = DinoSource.from_config(cfg) if fc.backbone == "dino" else None
         trainer = TorchTrainer(
             self.train_loop,
-            train_loop_config={"cfg": cfg, "storage": storage, "num_classes": num_classes,
+            train_loop_config={"cfg": cfg, "storage": storage, "dino": dino, "num_classes": num_classes,
                                "meta": meta, "steps_per_epoch": steps_per_epoch},
             scaling_config=ScalingConfig(num_workers=fc.num_workers,
                                          use_gpu=fc.use_gpu and ctx.cluster_has_gpu,
@@ -266,15 +268,14 @@ class FinetuneStage(Stage):
         )
         result = trainer.fit()
         if result.checkpoint is None:
-            raise RuntimeError(f"finetune: training under {self.output_dir(ctx)} left no checkpoint")
+            raise RuntimeError(f"finetune: training under {out} left no checkpoint")
         with result.checkpoint.as_directory() as folder:
             state = torch.load(os.path.join(folder, STATE_NAME), map_location="cpu", weights_only=True)
         if int(state["epoch"]) != fc.epochs:
             log.warning("finetune: the latest checkpoint is from epoch %d, finetune.epochs is %d",
                         state["epoch"], fc.epochs)
         final_meta = {**state["meta"], "epochs": int(state["epoch"])}
-        storage.write_bytes(storage.join(self.output_dir(ctx), MODEL_NAME),
-                            segmenter_bytes(state["model"], final_meta))
+        storage.write_bytes(ctx.run.finetune_model, segmenter_bytes(state["model"], final_meta))
         metrics = state["metrics"]
         return {"images": images, "epochs": int(state["epoch"]),
                 "start_epoch": int(metrics["start_epoch"]), "final_loss": float(metrics["loss"]),

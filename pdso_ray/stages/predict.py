@@ -1,4 +1,4 @@
-"""Stage 7, ``predict``: the fine-tuned model on the evaluation splits (DESIGN §3.8).
+"""Stage 7, ``predict``: the fine-tuned model on the evaluation splits (docs/method.md §8).
 
 list (driver) → read + decode (CPU tasks; JPEG DCT-downscaled towards the prediction size) →
 actor pool holding ``finetune/model.pt`` (GPU and bf16 when present): resize so the short side is
@@ -24,24 +24,16 @@ from collections import defaultdict
 from typing import Any
 
 import numpy as np
-import pyarrow as pa
 
-from pdso_ray.data.imagenet_s import check_id, encode_label, list_split
-from pdso_ray.stages.base import Batch, BatchStep, Resources, RunContext, Stage, map_step
-from pdso_ray.stages.read_decode import ReadDecode
+from pdso_ray.data.imagenet_s import encode_label
+from pdso_ray.data.listing import Rejected
+from pdso_ray.run_layout import LABEL_SUFFIX, RunLayout, id_from_png_rel, split_of
+from pdso_ray.stages.base import Batch, BatchStep, Resources, RunContext
+from pdso_ray.stages.read_decode import ImageReader, ReadDecode
+from pdso_ray.stages.streaming import StreamingStage, Work, reconcile, write_rejected
 from pdso_ray.storage import Storage
-from pdso_ray.tables import write_table
 
 log = logging.getLogger("pdso_ray")
-
-PREDICTIONS_DIR = "predictions"
-
-
-def prediction_urls(storage: Storage, output: str, image_id: str) -> tuple[str, str]:
-    """``(label PNG URL, foreground PNG URL)`` of ``image_id`` (``split/wnid/stem``) in the run."""
-    split, rest = check_id(image_id).split("/", 1)
-    return (storage.join(output, PREDICTIONS_DIR, image_id + ".png"),
-            storage.join(output, PREDICTIONS_DIR, f"{split}_fg", rest + ".png"))
 
 
 def encode_gray_png(values: np.ndarray) -> bytes:
@@ -58,15 +50,15 @@ def encode_gray_png(values: np.ndarray) -> bytes:
 class Predictor(BatchStep):
     """Load the fine-tuned model once per actor; predict and write both PNGs of each good row.
 
-    Rows whose resized input sizes agree run as one batch. Out: ``id``, ``path``, ``split``,
-    ``reason`` (rows with a reason were not written).
+    Rows whose resized input sizes agree run as one batch. Out: ``id``, ``reason`` (rows with a
+    reason were not written).
     """
 
-    def __init__(self, storage: Storage, model_url: str, output: str, short_side: int):
+    def __init__(self, storage: Storage, run: RunLayout, short_side: int, resources: Resources):
         self.storage = storage
-        self.model_url = model_url
-        self.output = output
+        self.run = run
         self.short_side = short_side
+        self.resources = resources
 
     def setup(self) -> None:
         import torch
@@ -74,7 +66,7 @@ class Predictor(BatchStep):
         from pdso_ray.models.heads import load_segmenter
 
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        self.model, _ = load_segmenter(self.model_url, self.storage)
+        self.model, _ = load_segmenter(self.run.finetune_model, self.storage)
         self.model.to(self.device)
 
     def __call__(self, batch: Batch) -> Batch:
@@ -97,81 +89,76 @@ class Predictor(BatchStep):
                 for j, i in enumerate(rows):
                     orig = (int(batch["height"][i]), int(batch["width"][i]))
                     label, foreground = logits_to_prediction(logits[j].float(), orig)
-                    label_url, fg_url = prediction_urls(self.storage, self.output, str(batch["id"][i]))
+                    image_id = str(batch["id"][i])
                     fg = foreground_to_uint8(foreground.cpu().numpy())
-                    self.storage.write_bytes(label_url, encode_label(label.cpu().numpy()))
-                    self.storage.write_bytes(fg_url, encode_gray_png(fg))  # last: marks the image done
-        return {k: batch[k] for k in ("id", "path", "split", "reason")}
+                    self.storage.write_bytes(self.run.prediction_png(image_id), encode_label(label.cpu().numpy()))
+                    # last: marks the image done
+                    self.storage.write_bytes(self.run.foreground_png(image_id), encode_gray_png(fg))
+        return {"id": batch["id"], "reason": batch["reason"]}
 
 
-def write_rejected(storage: Storage, url: str, rows: list[dict[str, Any]]) -> None:
-    """``rows`` of ``{id, path, reason}`` (id None when the listing refused the name) as Parquet."""
-    table = pa.table({"id": pa.array([r["id"] for r in rows], pa.string()),
-                      "path": pa.array([r["path"] for r in rows], pa.string()),
-                      "reason": pa.array([r["reason"] for r in rows], pa.string())})
-    write_table(storage, url, table)
-
-
-class PredictStage(Stage):
+class PredictStage(StreamingStage):
     name = "predict"
-    config_sections = ("predict", "data.root", "data.classes", "data.eval_splits", "data.max_pixels")
+    config_sections = ("predict", "data.root", "data.layout", "data.classes", "data.eval_splits",
+                       "data.max_pixels", "data.max_file_bytes")
     depends_on = ("finetune",)
-    extra_outputs = (PREDICTIONS_DIR,)
 
-    def run(self, ctx: RunContext) -> dict[str, Any]:
-        cfg, storage = ctx.cfg, ctx.storage
-        model_url = ctx.path("finetune", "model.pt")
-        if not storage.exists(model_url):
-            raise FileNotFoundError(f"predict: no fine-tuned model at {model_url}; run the finetune stage")
-        todo: list[dict[str, str]] = []
-        rejected: dict[str, list[dict[str, Any]]] = {}
-        listed: dict[str, int] = {}
-        for split in cfg.data.eval_splits:
-            listing = list_split(storage, cfg.data.root, cfg.data.classes, split)
-            listed[split] = len(listing.images) + len(listing.rejected)
-            rejected[split] = [{"id": None, "path": r.path, "reason": r.reason} for r in listing.rejected]
-            label_done = set(storage.list_files(ctx.path(PREDICTIONS_DIR, split), suffixes=(".png",)))
-            fg_done = set(storage.list_files(ctx.path(PREDICTIONS_DIR, f"{split}_fg"), suffixes=(".png",)))
-            for record in listing.images:
-                label_url, fg_url = prediction_urls(storage, cfg.output, record.id)
-                if label_url not in label_done or fg_url not in fg_done:
-                    todo.append({"id": record.id, "path": record.path, "split": split})
-        log.info("predict: %d images to predict in %s", len(todo), ", ".join(cfg.data.eval_splits))
-        if todo:
-            for row in self._predict(ctx, todo, model_url):
-                if row["reason"]:
-                    rejected[row["split"]].append({k: row[k] for k in ("id", "path", "reason")})
+    def extra_outputs(self, run: RunLayout) -> tuple[str, ...]:
+        return (run.predictions_root,)
 
-        counts: dict[str, Any] = {}
-        for split in cfg.data.eval_splits:
-            write_rejected(storage, ctx.path(PREDICTIONS_DIR, f"rejected_{split}.parquet"), rejected[split])
-            written = len(storage.list_files(ctx.path(PREDICTIONS_DIR, f"{split}_fg"), suffixes=(".png",)))
-            counts[f"{split}_images"] = listed[split]
-            counts[f"{split}_predicted"] = written
+    def batch_size(self, ctx: RunContext) -> int:
+        return ctx.cfg.predict.batch_size
+
+    def work(self, ctx: RunContext) -> Work:
+        if not ctx.storage.exists(ctx.run.finetune_model):
+            raise FileNotFoundError(f"predict: no fine-tuned model at {ctx.run.finetune_model}; "
+                                    "run the finetune stage")
+        work = Work(ids=[], info={"listed": {}, "rejected": {}, "notes": []})
+        for info in ctx.data.eval_splits(ctx.storage):
+            if not info.present:
+                work.info["notes"].append(info.note)
+                log.info("predict: %s", info.note)
+                continue
+            listing = ctx.data.list_split(ctx.storage, info.split)
+            work.info["listed"][info.split] = listing.total
+            work.info["rejected"][info.split] = list(listing.rejected)
+            work.ids += [r.id for r in listing.images]
+            work.rows += [{"id": r.id, "path": r.path, "split": r.split} for r in listing.images]
+        return work
+
+    def done_ids(self, ctx: RunContext) -> set[str]:
+        """Ids of the images whose two PNGs both exist (the foreground map is written last)."""
+        out = set()
+        for info in ctx.data.eval_splits(ctx.storage):
+            if info.present:
+                labels = ctx.storage.list_relative(ctx.run.predictions_dir(info.split), LABEL_SUFFIX)
+                fgs = ctx.storage.list_relative(ctx.run.foreground_dir(info.split), LABEL_SUFFIX)
+                out |= {id_from_png_rel(info.split, rel) for rel in labels.keys() & fgs.keys()}
+        return out
+
+    def steps(self, ctx: RunContext) -> list[BatchStep]:
+        cfg, pc = ctx.cfg, ctx.cfg.predict
+        reader = ImageReader.from_config(ctx.storage, cfg.data)
+        return [ReadDecode(reader, pc.short_side,
+                           Resources(batch_size=pc.batch_size, num_cpus=1.0, stateful=False),
+                           exif_transpose=False),
+                Predictor(ctx.storage, ctx.run, pc.short_side,
+                          Resources(batch_size=pc.batch_size, num_cpus=1.0, num_gpus=pc.gpus_per_actor,
+                                    min_actors=pc.min_actors, max_actors=pc.max_actors))]
+
+    def finish(self, ctx: RunContext, work: Work, results: dict[str, str]) -> dict[str, Any]:
+        paths = {r["id"]: r["path"] for r in work.rows}
+        rejected: dict[str, list[Rejected]] = work.info["rejected"]
+        for image_id, reason in results.items():
+            if reason:
+                rejected[split_of(image_id)].append(Rejected(paths[image_id], reason, image_id))
+        written = self.done_ids(ctx)
+        counts: dict[str, Any] = {"notes": work.info["notes"]}
+        for split, listed in work.info["listed"].items():
+            write_rejected(ctx.storage, ctx.run.predict_rejected(split), rejected[split])
+            n = sum(1 for i in written if split_of(i) == split)
+            counts[f"{split}_images"] = listed
+            counts[f"{split}_predicted"] = n
             counts[f"{split}_rejected"] = len(rejected[split])
-            if written + len(rejected[split]) != listed[split]:
-                raise RuntimeError(f"predict: {split}: {written} predicted + {len(rejected[split])} "
-                                   f"rejected != {listed[split]} listed")
+            reconcile(f"predict: {split}", listed, n, len(rejected[split]))
         return counts
-
-    def _predict(self, ctx: RunContext, todo: list[dict[str, str]], model_url: str) -> list[dict[str, Any]]:
-        import ray.data
-
-        cfg, storage = ctx.cfg, ctx.storage
-        pc = cfg.predict
-        blocks = max(1, min(len(todo) // pc.batch_size, 4096))
-        ds = ray.data.from_items(todo, override_num_blocks=blocks)
-        ds = map_step(ds, ReadDecode(storage, cfg.data.max_pixels, pc.short_side,
-                                         exif_transpose=False),
-                      Resources(batch_size=pc.batch_size, num_cpus=1.0, stateful=False),
-                      ctx.cluster_has_gpu)
-        ds = map_step(ds, Predictor(storage, model_url, cfg.output, pc.short_side),
-                      Resources(batch_size=pc.batch_size, num_cpus=1.0, num_gpus=pc.gpus_per_actor,
-                                min_actors=pc.min_actors, max_actors=pc.max_actors),
-                      ctx.cluster_has_gpu)
-        rows = [{k: str(r[k]) for k in ("id", "path", "split", "reason")} for r in ds.iter_rows()]
-        ids = [r["id"] for r in rows]
-        if sorted(ids) != sorted(r["id"] for r in todo):
-            raise RuntimeError(f"predict: {len(ids)} rows came back ({len(set(ids))} distinct) "
-                               f"for {len(todo)} images")
-        return rows

@@ -1,5 +1,5 @@
 """Stage 5, ``pseudo_labels``: one streaming pass that turns each train image into a raw and a
-refined pixel label (DESIGN §3.5–3.6).
+refined pixel label (docs/method.md §5–§6).
 
 read + decode (CPU tasks) → actor pool holding DINO, the denoised embedding ``e(x)``, the final
 centroids and SAM: patch features + saliency → raw label → prompts → SAM → refined label → PNGs
@@ -11,27 +11,25 @@ whose statistics row exists.
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pac
 
 from pdso_ray.config import PipelineConfig
-from pdso_ray.data.decode import decode_image
-from pdso_ray.data.imagenet_s import check_id, encode_label
-from pdso_ray.stages.base import Batch, BatchStep, Resources, RunContext, Stage, map_step
+from pdso_ray.data.imagenet_s import encode_label
+from pdso_ray.run_layout import RunLayout
+from pdso_ray.stages.base import Batch, BatchStep, Resources, RunContext
+from pdso_ray.stages.read_decode import ImageReader
+from pdso_ray.stages.streaming import StreamingStage, Work, ids_in, object_column, reconcile
 from pdso_ray.storage import Storage
-from pdso_ray.tables import iter_row_groups, shard_name, write_table
+from pdso_ray.tables import iter_row_groups, parquet_files, shard_name, write_table
+
+if TYPE_CHECKING:
+    import ray.data
 
 log = logging.getLogger("pdso_ray")
-
-LABELS_DIR = "labels"
-
-
-def label_url(run_storage: Storage, output: str, kind: str, image_id: str) -> str:
-    """Where the ``kind`` ("raw" or "refined") label of ``image_id`` lives in the run folder."""
-    return run_storage.join(output, LABELS_DIR, kind, check_id(image_id) + ".png")
 
 
 class PseudoLabeler(BatchStep):
@@ -43,35 +41,38 @@ class PseudoLabeler(BatchStep):
     so this only happens if the file changed since).
     """
 
-    def __init__(self, cfg: PipelineConfig, storage: Storage):
+    def __init__(self, cfg: PipelineConfig, storage: Storage, run: RunLayout):
+        from pdso_ray.models.loading import DinoSource, SamSource
+
         self.cfg = cfg
         self.storage = storage
+        self.run = run
+        self.reader = ImageReader.from_config(storage, cfg.data)
+        self.dino = DinoSource.from_config(cfg)
+        self.sam = SamSource.from_config(cfg) if _needs_sam(cfg) else None
+        pc = cfg.pseudo_labels
+        self.resources = Resources(batch_size=pc.batch_size, num_gpus=pc.gpus_per_actor,
+                                   min_actors=pc.min_actors, max_actors=pc.max_actors)
 
     def setup(self) -> None:
         import torch
 
-        from pdso_ray.method.refiners import NEEDS_SAM, RefineParams, get_refiner
-        from pdso_ray.models.loading import build_dino_from_config
-        from pdso_ray.stages.denoise import load_embedding
+        from pdso_ray.method.refiners import RefineParams, get_refiner
+        from pdso_ray.models.loading import load_embedding
+        from pdso_ray.tables import load_array
 
         cfg = self.cfg
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        self.dino = build_dino_from_config(cfg.models.dino, self.storage,
-                                           allow_random_init=cfg.models.allow_random_init)
-        self.dino.to(self.device).eval()
-        self.embed = load_embedding(self.storage, self.storage.join(cfg.output, "denoise")).to(self.device)
-        self.centroids = np.load(self.storage.open(self.storage.join(cfg.output, "purify", "centroids.npy")))
+        self.model = self.dino.build(self.storage).to(self.device).eval()
+        self.embed = load_embedding(self.storage, self.run.denoise_classifier).to(self.device)
+        self.centroids = load_array(self.storage, self.run.centroids_file("purify"))
         rc = cfg.pseudo_labels.refine
-        self.method = rc.method
         self.refine = get_refiner(rc.method)
         self.params = RefineParams(min_area=rc.min_area, gmm_confidence=rc.gmm_confidence)
         self.predictor = None
-        if rc.method in NEEDS_SAM:
-            from pdso_ray.models.loading import build_sam_predictor_from_config
-
-            self.predictor = build_sam_predictor_from_config(
-                cfg.models.sam, self.storage, allow_random_init=cfg.models.allow_random_init,
-                device=self.device, points_per_side=rc.sam_select_points_per_side)
+        if self.sam is not None:
+            self.predictor = self.sam.predictor(self.storage, device=self.device,
+                                                points_per_side=rc.sam_select_points_per_side)
         self.threshold = cfg.saliency_threshold()
 
     def _patch_features(self, image: np.ndarray):
@@ -86,7 +87,7 @@ class PseudoLabeler(BatchStep):
         x = to_model_input(image[None], size).to(self.device)
         with torch.inference_mode(), torch.autocast(
                 self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
-            tokens, attention = self.dino(x)
+            tokens, attention = self.model(x)
             emb = self.embed(tokens.float())
         saliency = saliency_from_attention(attention.float())
         saliency = F.interpolate(saliency[:, None], size=image.shape[:2], mode="bilinear",
@@ -105,9 +106,9 @@ class PseudoLabeler(BatchStep):
             image_id, path = str(image_id), str(path)
             topk = np.asarray(topk, dtype=np.int64)
             topk_dist = np.asarray(topk_dist, dtype=np.float64)
-            raw_url = label_url(self.storage, self.cfg.output, "raw", image_id)
-            refined_url = label_url(self.storage, self.cfg.output, "refined", image_id)
-            decoded = decode_image(self.storage.read_bytes(path), max_pixels=self.cfg.data.max_pixels)
+            raw_url = self.run.label_png("raw", image_id)
+            refined_url = self.run.label_png("refined", image_id)
+            decoded = self.reader.read(path)
             stats: dict[str, Any] = {"prompts": 0, "masks_used": 0, "pixels_changed": 0}
             main = -1
             present: list[int] = []
@@ -140,23 +141,21 @@ class PseudoLabeler(BatchStep):
             rows["reason"].append("" if decoded.ok else decoded.reason)
         out: Batch = {}
         for k, v in rows.items():
-            if k == "classes":
-                arr = np.empty(len(v), dtype=object)
-                arr[:] = v
-                out[k] = arr
-            elif k in ("prompts", "masks_used", "pixels_changed", "main_class"):
+            if k in ("prompts", "masks_used", "pixels_changed", "main_class"):
                 out[k] = np.asarray(v, dtype=np.int64)
             else:
-                out[k] = np.asarray(v, dtype=object)
+                out[k] = object_column(v)
         return out
 
 
 class WriteStats(BatchStep):
-    """One Parquet file of per-image statistics per batch, named by its ids."""
+    """One Parquet file of per-image statistics per batch, named by its ids; returns each row's
+    ``id`` and ``reason``."""
 
-    def __init__(self, storage: Storage, stats_dir: str):
+    def __init__(self, storage: Storage, stats_dir: str, batch_size: int):
         self.storage = storage
         self.stats_dir = stats_dir
+        self.resources = Resources(batch_size=batch_size, num_cpus=0, stateful=False)
 
     def __call__(self, batch: Batch) -> Batch:
         ids = [str(i) for i in batch["id"]]
@@ -174,48 +173,56 @@ class WriteStats(BatchStep):
             "reason": pa.array([str(r) for r in batch["reason"]], pa.string()),
         })
         write_table(self.storage, Storage.join(self.stats_dir, name), table)
-        return {"n": np.asarray([len(ids)])}
+        return {"id": batch["id"], "reason": batch["reason"]}
 
 
-class PseudoLabelsStage(Stage):
+def _needs_sam(cfg: PipelineConfig) -> bool:
+    from pdso_ray.method.refiners import NEEDS_SAM
+
+    return cfg.pseudo_labels.refine.method in NEEDS_SAM
+
+
+class PseudoLabelsStage(StreamingStage):
     name = "pseudo_labels"
-    config_sections = ("pseudo_labels", "models", "data.max_pixels")
+    config_sections = ("pseudo_labels", "models", "data.max_pixels", "data.max_file_bytes", "seed")
     depends_on = ("features", "purify")
 
-    def run(self, ctx: RunContext) -> dict[str, Any]:
+    def extra_outputs(self, run: RunLayout) -> tuple[str, ...]:
+        return (run.path("labels"),)
+
+    def batch_size(self, ctx: RunContext) -> int:
+        return ctx.cfg.pseudo_labels.batch_size
+
+    def work(self, ctx: RunContext) -> Work:
+        # Only the ids come to the driver: the top-k lists stream from Parquet to the actors.
+        return Work(ids=sorted(ids_in(ctx.storage, ctx.run.stage_dir("purify"))))
+
+    def done_ids(self, ctx: RunContext) -> set[str]:
+        return ids_in(ctx.storage, ctx.run.label_stats_dir)
+
+    def dataset(self, ctx: RunContext, work: Work, todo: set[str]) -> "ray.data.Dataset":
         import ray.data
 
-        cfg, storage = ctx.cfg, ctx.storage
-        stats_dir = ctx.path(LABELS_DIR, "stats")
-        done = set()
-        for table in iter_row_groups(storage, stats_dir, columns=["id"]):
-            done.update(table.column("id").to_pylist())
-        todo = []
-        for table in iter_row_groups(storage, ctx.path("purify"),
-                                     columns=["id", "path", "topk", "topk_dist"]):
-            for row in table.to_pylist():
-                if row["id"] not in done:
-                    todo.append(row)
-        log.info("pseudo_labels: %d images done, %d to process", len(done), len(todo))
-        pc = cfg.pseudo_labels
-        if todo:
-            blocks = max(1, min(len(todo) // pc.batch_size, 4096))
-            ds = ray.data.from_items(todo, override_num_blocks=blocks)
-            ds = map_step(ds, PseudoLabeler(cfg, storage),
-                          Resources(batch_size=pc.batch_size, num_gpus=pc.gpus_per_actor,
-                                    min_actors=pc.min_actors, max_actors=pc.max_actors),
-                          ctx.cluster_has_gpu)
-            ds = map_step(ds, WriteStats(storage, stats_dir),
-                          Resources(batch_size=pc.batch_size, num_cpus=0, stateful=False),
-                          ctx.cluster_has_gpu)
-            written = sum(int(r["n"]) for r in ds.iter_rows())
-            if written != len(todo):
-                raise RuntimeError(f"pseudo_labels: {written} rows written for {len(todo)} images")
+        files = parquet_files(ctx.storage, ctx.run.stage_dir("purify"))
+        fs, _ = ctx.storage.arrow_fs(files[0])
+        ds = ray.data.read_parquet([ctx.storage.arrow_fs(u)[1] for u in files], filesystem=fs,
+                                   columns=["id", "path", "topk", "topk_dist"])
+        if len(todo) < len(work.ids):
+            done = set(work.ids) - todo  # a resumed run: usually the smaller set
+            ds = ds.filter(lambda row: row["id"] not in done)
+        return ds
+
+    def steps(self, ctx: RunContext) -> list[BatchStep]:
+        return [PseudoLabeler(ctx.cfg, ctx.storage, ctx.run),
+                WriteStats(ctx.storage, ctx.run.label_stats_dir, self.batch_size(ctx))]
+
+    def finish(self, ctx: RunContext, work: Work, results: dict[str, str]) -> dict[str, Any]:
         totals = {"images": 0, "failed": 0, "prompts": 0, "masks_used": 0, "pixels_changed": 0}
-        for table in iter_row_groups(storage, stats_dir,
+        for table in iter_row_groups(ctx.storage, ctx.run.label_stats_dir,
                                      columns=["reason", "prompts", "masks_used", "pixels_changed"]):
             totals["images"] += table.num_rows
             totals["failed"] += sum(1 for r in table.column("reason").to_pylist() if r)
             for k in ("prompts", "masks_used", "pixels_changed"):
                 totals[k] += int(pac.sum(table.column(k)).as_py() or 0)
+        reconcile("pseudo_labels", len(work.ids), totals["images"] - totals["failed"], totals["failed"])
         return totals

@@ -1,4 +1,4 @@
-"""Stage 4, ``purify``: cluster-aware sample purification, CSD (DESIGN §3.4).
+"""Stage 4, ``purify``: cluster-aware sample purification, CSD (docs/method.md §4).
 
 One set of k-means shard actors holds the embeddings e(x) (read from ``denoise/``) for all of:
 k-means #2 → distance filter and cluster cap on its O(N) assignments (driver) → k-means #3 trained
@@ -17,9 +17,16 @@ import numpy as np
 import pyarrow as pa
 
 from pdso_ray.stages.base import RunContext, Stage
-from pdso_ray.stages.cluster import features_dir, row_group_sizes, save_array, write_aligned_files
 from pdso_ray.storage import Storage
-from pdso_ray.tables import arrow_to_vectors, parquet_files, read_table, vectors_to_arrow
+from pdso_ray.tables import (
+    arrow_to_vectors,
+    parquet_files,
+    read_table,
+    row_group_sizes,
+    save_array,
+    vectors_to_arrow,
+    write_aligned_files,
+)
 
 
 # Rows per top-k writer task (whole files, at least one): bounds a task's memory (~100 MB at
@@ -33,7 +40,7 @@ def write_topk(storage: Storage, feature_files: list[str], emb_files: list[str],
     float32) of every row's embedding, written as ``purify/<name>.parquet`` (id, path, cluster,
     kept, topk, topk_dist). ``kept``: the group's rows' purification mask, in file order.
     Returns the group's cluster sizes (C int64)."""
-    from pdso_ray.kmeans import kernels
+    from pdso_ray.kmeans.search import kernels
     from pdso_ray.method.kmeans_math import search_blocks, search_numpy
 
     search = kernels().get("faiss", search_numpy)
@@ -67,7 +74,7 @@ def _writer_groups(file_rows: list[int]) -> list[tuple[int, int, int, int]]:
 
 class PurifyStage(Stage):
     name = "purify"
-    config_sections = ("purify", "cluster.num_shards", "data.classes")
+    config_sections = ("purify", "cluster.num_shards", "data.classes", "seed")
     depends_on = ("features", "denoise")
 
     def run(self, ctx: RunContext) -> dict[str, Any]:
@@ -78,12 +85,13 @@ class PurifyStage(Stage):
 
         cfg, storage = ctx.cfg, ctx.storage
         pc, k = cfg.purify, cfg.data.classes
-        feature_files = parquet_files(storage, features_dir(ctx))
-        emb_files = [Storage.join(ctx.stage_dir("denoise"), u.rsplit("/", 1)[-1]) for u in feature_files]
+        feature_files = parquet_files(storage, ctx.run.features_dir)
+        emb_files = [ctx.run.aligned_file("denoise", u) for u in feature_files]
+        seed = cfg.seed_for("purify")
         common = dict(niter=pc.niter, num_shards=None, progress=True)
         with KMeansShards.create(emb_files, cfg.cluster.num_shards, column="emb", storage=storage,
                                  use_gpu=ctx.cluster_has_gpu) as shards:
-            second = kmeans(shards, k, seed=pc.seed, **common)
+            second = kmeans(shards, k, seed=seed, **common)
             nearest2 = shards.nearest(second.centroids, 1)
             assign2, dist2 = nearest2.ids[:, 0], nearest2.distances[:, 0]
             kept = (distance_filter(dist2, assign2, k, pc.dist_quantile)
@@ -92,10 +100,11 @@ class PurifyStage(Stage):
                 raise RuntimeError(
                     f"purify kept {int(kept.sum())} images, fewer than the {k} classes: raise "
                     f"purify.dist_quantile ({pc.dist_quantile}) or purify.alpha ({pc.alpha})")
-            third = kmeans(shards, k, seed=pc.seed + 1, subset=np.flatnonzero(kept), **common)
+            third = kmeans(shards, k, seed=seed + 1, subset=np.flatnonzero(kept), **common)
         # The shards are gone (their CPUs free): the N×topk ids and distances are computed and
         # written file group by file group by tasks, never gathered here.
-        save_array(storage, Storage.join(self.output_dir(ctx), "centroids.npy"), third.centroids)
+        out = ctx.run.stage_dir(self.name)
+        save_array(storage, ctx.run.centroids_file(self.name), third.centroids)
         file_rows = [sum(groups) for groups in row_group_sizes(storage, feature_files)]
         if sum(file_rows) != len(kept):
             raise RuntimeError(f"purify: the feature files hold {sum(file_rows)} rows, the "
@@ -103,7 +112,7 @@ class PurifyStage(Stage):
         task = ray.remote(write_topk).options(num_cpus=1, max_retries=2)
         centroids = ray.put(third.centroids)
         sizes = sum(ray.get([
-            task.remote(storage, feature_files[a:b], emb_files[a:b], self.output_dir(ctx),
+            task.remote(storage, feature_files[a:b], emb_files[a:b], out,
                         kept[start:stop], centroids, min(pc.topk, k))
             for a, b, start, stop in _writer_groups(file_rows)]))
         return {"images": int(len(kept)), "kept": int(kept.sum()),

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from pdso_ray.report import REPORT_DIR, build_report
+from pdso_ray.report import build_report
 from pdso_ray.stages.base import RunContext, Stage
 
 
@@ -19,6 +19,6 @@ class ReportStage(Stage):
     always_run = True  # a cheap view of whatever the run folder holds now
 
     def run(self, ctx: RunContext) -> dict[str, Any]:
-        url = build_report(ctx.storage, ctx.output, cfg=ctx.cfg)
-        figures = ctx.storage.list_files(ctx.path(REPORT_DIR), suffixes=(".png",))
+        url = build_report(ctx.storage, ctx.cfg.output, cfg=ctx.cfg)
+        figures = ctx.storage.list_files(ctx.run.report_dir, suffixes=(".png",))
         return {"index": url, "figures": len(figures)}

@@ -9,7 +9,8 @@ objective, and the driver reduces them and updates the centroids: the driver's m
 O(k·d), plus the final n-vector of assignments that the result returns.
 
 This module is the API (:func:`kmeans`, :func:`assign`); the actors and their driver-side handle
-live in :mod:`pdso_ray.kmeans_shards`, the row sources they load in :mod:`pdso_ray.kmeans_sources`.
+live in :mod:`pdso_ray.kmeans.shards`, the row sources they load in :mod:`pdso_ray.kmeans.sources`,
+the search kernels in :mod:`pdso_ray.kmeans.search`.
 
 Inputs: a float32 numpy array (n x d), a Parquet file / folder URL or a list of Parquet URLs with
 a list<float32> column (default ``feat``), a Ray Dataset with such a column, or a
@@ -44,18 +45,18 @@ import math
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from tqdm.auto import tqdm
 
-from pdso_ray.kmeans_shards import Assignment, KMeansShard, KMeansShards, kernels, search_faiss
-from pdso_ray.kmeans_sources import ArraySource, ArrowRefsSource, ParquetSource, column_to_array, describe
+from pdso_ray.kmeans.shards import KMeansShards
+from pdso_ray.kmeans.sources import describe
 from pdso_ray.method import kmeans_math as km
 from pdso_ray.storage import Storage
 
-__all__ = ["ArraySource", "ArrowRefsSource", "Assignment", "KMeansResult", "KMeansShard", "KMeansShards",
-           "ParquetSource", "assign", "column_to_array", "kernels", "kmeans", "search_faiss"]
+if TYPE_CHECKING:
+    from pdso_ray.kmeans.shards import Assignment
 
 
 @dataclass

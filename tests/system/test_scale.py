@@ -24,6 +24,7 @@ from benchmarks.s919_scale import (
 from pdso_ray.config import DenoiseConfig
 from pdso_ray.stages.denoise import run_denoise
 from pdso_ray.stages.purify import ROWS_PER_WRITER, _writer_groups
+from pdso_ray.run_layout import RunLayout
 from pdso_ray.storage import Storage
 from pdso_ray.tables import arrow_to_vectors, read_folder, vectors_to_arrow, write_table
 
@@ -56,9 +57,9 @@ def _write_small_run(root: str, n: int = 1200, classes: int = 4, dim: int = 24) 
 def test_denoise_task_streams_or_loads_and_writes_file_by_file(tmp_path, budget_gb):
     files, labels = _write_small_run(str(tmp_path))
     settings = DenoiseConfig(epochs_f=2, epochs_g=2, epochs_h=2, hidden_dim=16, batch_size=64,
-                             max_in_memory_gb=budget_gb)
+                             max_in_memory_gb=budget_gb, seed=0)
     out = str(tmp_path / "denoise")
-    counts = run_denoise(Storage(), files, str(tmp_path / "cluster"), out, 4, settings)
+    counts = run_denoise(Storage(), files, RunLayout(str(tmp_path)), 4, settings)
     assert counts["features_in_memory"] is (budget_gb > 0)
     written = sorted(os.listdir(out))
     assert written == ["classifier.pt", "part-0.parquet", "part-1.parquet", "part-2.parquet"]
@@ -102,15 +103,6 @@ def test_writer_groups_cover_every_file_once_in_order():
     assert groups == [(0, 2, 0, ROWS_PER_WRITER), (2, 4, ROWS_PER_WRITER, 3 * ROWS_PER_WRITER + 10),
                       (4, 5, 3 * ROWS_PER_WRITER + 10, 3 * ROWS_PER_WRITER + 13)]
     assert _writer_groups([]) == []
-
-
-@pytest.fixture(scope="module")
-def ray_local():
-    import ray
-
-    ray.init(address="local", num_cpus=2, include_dashboard=False)
-    yield
-    ray.shutdown()
 
 
 @pytest.mark.slow

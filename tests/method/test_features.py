@@ -1,7 +1,5 @@
 """Saliency and pooled features (method/features.py), and the purity of the method modules."""
 
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -79,15 +77,3 @@ def test_upsample_saliency():
     torch.testing.assert_close(upsample_saliency(torch.full((2, 3, 3), 0.4), (7, 5)), torch.full((2, 7, 5), 0.4))
     with pytest.raises(ValueError, match="out_hw"):
         upsample_saliency(s, (0, 5))
-
-
-def test_method_modules_import_no_ray_or_fsspec():
-    code = (
-        "import sys\n"
-        "import pdso_ray.method.features, pdso_ray.method.denoise, pdso_ray.method.purify\n"
-        "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('ray', 'fsspec', 's3fs', 'timm')"
-        " or m == 'pdso_ray.storage')\n"
-        "print(','.join(bad))\n"
-    )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert out.stdout.strip() == ""

@@ -9,9 +9,9 @@ import pytest
 from pdso_ray.config import load_config
 from pdso_ray.data.synthetic import make_demo_dataset, odd_and_corrupt_samples
 from pdso_ray.pipeline import run_pipeline
-from pdso_ray.stages.base import RunContext
+from pdso_ray.stages.base import Resources, RunContext
 from pdso_ray.stages.features import DinoFeatures, FeaturesStage, WriteShards
-from pdso_ray.stages.read_decode import ReadDecode
+from pdso_ray.stages.read_decode import ImageReader, ReadDecode
 from pdso_ray.storage import Storage
 from pdso_ray.tables import read_folder
 
@@ -22,18 +22,6 @@ def _cfg(root, output, *extra):
     return load_config("jobs/configs/demo.yaml", [
         f"data.root={root}", f"output={output}", f"data.classes={CLASSES}",
         "features.batch_size=4", *extra])
-
-
-@pytest.fixture(scope="module")
-def ray_local():
-    import ray
-
-    # workers must be able to import this module (the fault-injecting step lives here)
-    here = os.path.dirname(os.path.abspath(__file__))
-    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [here, os.environ.get("PYTHONPATH")]))
-    ray.init(address="local", num_cpus=2, include_dashboard=False)
-    yield
-    ray.shutdown()
 
 
 @pytest.fixture(scope="module")
@@ -61,7 +49,8 @@ def test_steps_without_ray(odd_dataset, tmp_path):
     batch = {"id": np.asarray([f"train/n00000001/{n}" for n in names], dtype=object),
              "path": np.asarray([os.path.join(class_dir, n) for n in names], dtype=object),
              "split": np.asarray(["train"] * len(names), dtype=object)}
-    decoded = ReadDecode(storage, cfg.data.max_pixels, 64, square=True)(batch)
+    reader = ImageReader.from_config(storage, cfg.data)
+    decoded = ReadDecode(reader, 64, Resources(), square=True)(batch)
     assert decoded["image"].shape == (len(names), 64, 64, 3)
     for name, reason in zip(names, decoded["reason"]):
         assert (reason == "") == samples[name].valid, (name, reason)
@@ -72,8 +61,9 @@ def test_steps_without_ray(odd_dataset, tmp_path):
     norms = np.linalg.norm(out["feat"], axis=1)
     np.testing.assert_allclose(norms[ok], 1.0, rtol=1e-4)
     assert np.all(norms[~ok] == 0)
-    counts = WriteShards(storage, str(tmp_path / "f"), str(tmp_path / "r"))(out)
-    assert counts["n_ok"][0] == ok.sum() and counts["n_rejected"][0] == (~ok).sum()
+    written = WriteShards(storage, str(tmp_path / "f"), str(tmp_path / "r"), 64)(out)
+    assert list(written["id"]) == list(batch["id"]) and list(written["reason"]) == list(decoded["reason"])
+    assert read_folder(storage, str(tmp_path / "f")).num_rows == ok.sum()
     rejected = read_folder(storage, str(tmp_path / "r"))
     assert sorted(rejected.column("id").to_pylist()) == sorted(batch["id"][~ok])
     assert all(rejected.column("reason").to_pylist())

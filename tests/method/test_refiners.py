@@ -1,5 +1,3 @@
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -343,12 +341,3 @@ def test_refined_beats_raw_on_noisy_synthetic_labels(capsys):
               f"sam_select {miou['sam_select']:.1f}")
     assert miou["spo"] > miou["raw"] + 10
     assert miou["sam_select"] > miou["raw"] + 3
-
-
-def test_method_modules_import_no_ray_or_fsspec():
-    code = (
-        "import sys; import pdso_ray.method.refiners, pdso_ray.method.prompts, pdso_ray.method.pseudo_labels; "
-        "bad = [m for m in ('ray', 'fsspec', 'pdso_ray.storage') if m in sys.modules]; print(bad)"
-    )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert out.stdout.strip() == "[]"

@@ -3,7 +3,6 @@ predictions and foreground maps written through Storage, no Ray."""
 
 from __future__ import annotations
 
-import argparse
 import io
 import json
 import zipfile
@@ -16,18 +15,19 @@ from PIL import Image
 from pdso_ray.config import DataConfig, PipelineConfig, dump_yaml
 from pdso_ray.data.imagenet_s import IGNORE_ID, decode_label, encode_label
 from pdso_ray.data.synthetic import make_demo_dataset
-from pdso_ray.export import add_export_arguments, export_submission, run_export_command
+from pdso_ray.cli import main as cli_main
+from pdso_ray.export import export_submission
 from pdso_ray.method.metrics import SegmentationEvaluator
 from pdso_ray.stages.base import RunContext
-from pdso_ray.stages.evaluate import (
+from pdso_ray.evaluation import (
     BACKGROUND_THRESHOLDS,
     EvalFile,
-    EvaluateStage,
     apply_background_threshold,
     evaluate_thresholds,
     fg_cut,
-    split_files,
+    pair_files,
 )
+from pdso_ray.stages.evaluate import EvaluateStage
 from pdso_ray.storage import Storage
 from pdso_ray.tables import write_table
 
@@ -63,9 +63,9 @@ def write_predictions(ctx: RunContext, split: str, make) -> int:
     for url in urls:
         rel = url[len(gt_dir) + 1:]
         label, fg = make(decode_label(storage.read_bytes(url)))
-        storage.write_bytes(ctx.path("predictions", split, rel), encode_label(label))
+        storage.write_bytes(ctx.run.path("predictions", split, rel), encode_label(label))
         if fg is not None:
-            storage.write_bytes(ctx.path("predictions", f"{split}_fg", rel), png_l(fg))
+            storage.write_bytes(ctx.run.path("predictions", f"{split}_fg", rel), png_l(fg))
     return len(urls)
 
 
@@ -138,9 +138,9 @@ def test_single_pass_sweep_equals_separate_evaluations(dataset, tmp_path):
 
     write_predictions(ctx, "validation", noisy)
     s = ctx.storage
-    files = split_files(s, ctx.path("predictions", "validation"),
-                        ctx.path("predictions", "validation_fg"),
-                        s.join(dataset, f"ImageNetS{C}", "validation-segmentation"))
+    files = pair_files(s, ctx.run.path("predictions", "validation"),
+                       s.join(dataset, f"ImageNetS{C}", "validation-segmentation"),
+                       ctx.run.path("predictions", "validation_fg"))
     assert len(files) == 2 * C
     thresholds = [None, 0.0, 0.3, 0.65]
     results = evaluate_thresholds(s, files, C, thresholds, progress=False)
@@ -169,12 +169,12 @@ def test_perfect_predictions_score_100(dataset):
     assert counts["mIoU"] == pytest.approx(100.0, abs=1e-6)
     assert counts["mIoU_test"] == pytest.approx(100.0, abs=1e-6)
     assert counts["threshold"] == 0.0  # every t scores 100: the lowest wins the tie
-    val = storage.read_json(ctx.path("eval", "validation.json"))
+    val = storage.read_json(ctx.run.path("eval", "validation.json"))
     assert val["IoU"] == pytest.approx([100.0] * (C + 1), abs=1e-6)
     assert val["threshold"] == 0.0 and val["num_images"] == 2 * C
-    match = storage.read_json(ctx.path("eval", "match.json"))
+    match = storage.read_json(ctx.run.path("eval", "match.json"))
     assert match == {str(i): i for i in range(C + 1)}
-    curve = storage.read_json(ctx.path("eval", "threshold_curve.json"))
+    curve = storage.read_json(ctx.run.path("eval", "threshold_curve.json"))
     assert [p["threshold"] for p in curve] == list(BACKGROUND_THRESHOLDS)
     # At t >= 0.05 the background pixels (fg 0) were already 0; at every t the object keeps.
     assert all(p["mIoU"] == pytest.approx(100.0, abs=1e-6) for p in curve)
@@ -190,17 +190,17 @@ def test_sweep_picks_the_known_best_threshold(dataset, tmp_path):
     assert counts["threshold"] == 0.55
     assert counts["mIoU"] == pytest.approx(100.0, abs=1e-6)
     curve = {p["threshold"]: p["mIoU"] for p in
-             ctx.storage.read_json(ctx.path("eval", "threshold_curve.json"))}
+             ctx.storage.read_json(ctx.run.path("eval", "threshold_curve.json"))}
     perfect_ts = [t for t, m in curve.items() if m == pytest.approx(100.0, abs=1e-6)]
     assert perfect_ts == [0.55, 0.6, 0.65, 0.7, 0.75]
     # Half the background still labelled at 0.25..0.5 beats all of it at 0..0.2.
     assert curve[0.0] == curve[0.2] < curve[0.25] == curve[0.5] < 100.0
     # From 0.8 every pixel is background: only the background class scores.
     assert curve[0.8] < curve[0.25]
-    val = ctx.storage.read_json(ctx.path("eval", "validation.json"))
+    val = ctx.storage.read_json(ctx.run.path("eval", "validation.json"))
     assert val["threshold"] == 0.55
     assert "mIoU_test" not in counts and counts["test_images"] == 0
-    assert not ctx.storage.exists(ctx.path("eval", "test.json"))
+    assert not ctx.storage.exists(ctx.run.path("eval", "test.json"))
 
 
 def test_test_split_reuses_validation_matching_and_threshold(dataset, tmp_path):
@@ -212,11 +212,11 @@ def test_test_split_reuses_validation_matching_and_threshold(dataset, tmp_path):
     counts = EvaluateStage().run(ctx)
 
     inverse = {str(p): g for g, p in perm.items()}
-    assert ctx.storage.read_json(ctx.path("eval", "match.json")) == {"0": 0, **inverse}
+    assert ctx.storage.read_json(ctx.run.path("eval", "match.json")) == {"0": 0, **inverse}
     assert counts["mIoU"] == pytest.approx(100.0, abs=1e-6)
     # Test is only perfect with the validation threshold (0.55) and the validation matching.
     assert counts["mIoU_test"] == pytest.approx(100.0, abs=1e-6)
-    test = ctx.storage.read_json(ctx.path("eval", "test.json"))
+    test = ctx.storage.read_json(ctx.run.path("eval", "test.json"))
     assert test["threshold"] == 0.55 and test["match"] == {"0": 0, **inverse}
     assert counts["test_images"] == 2 * C
 
@@ -231,7 +231,7 @@ def test_test_split_is_not_rematched(dataset, tmp_path):
     counts = EvaluateStage().run(ctx)
 
     assert counts["mIoU"] == pytest.approx(100.0, abs=1e-6)
-    test = ctx.storage.read_json(ctx.path("eval", "test.json"))
+    test = ctx.storage.read_json(ctx.run.path("eval", "test.json"))
     assert test["IoU"][1:] == [0.0] * C  # every object pixel lands in a wrong class
     assert counts["mIoU_test"] == pytest.approx(test["IoU"][0] / (C + 1))
 
@@ -243,14 +243,14 @@ def test_without_test_ground_truth_predictions_are_only_counted(tmp_path):
     ctx = make_ctx(root, str(tmp_path / "run"))
     write_predictions(ctx, "validation", perfect)
     for i in range(4):  # test images exist (the official test GT is withheld)
-        ctx.storage.write_bytes(ctx.path("predictions", "test", "n00000001", f"x_{i}.png"),
+        ctx.storage.write_bytes(ctx.run.path("predictions", "test", "n00000001", f"x_{i}.png"),
                                 encode_label(np.zeros((5, 5), dtype=np.int32)))
 
     counts = EvaluateStage().run(ctx)
 
     assert counts["test_images"] == 4
     assert "mIoU_test" not in counts
-    assert not ctx.storage.exists(ctx.path("eval", "test.json"))
+    assert not ctx.storage.exists(ctx.run.path("eval", "test.json"))
 
 
 def test_without_foreground_maps_there_is_no_sweep(dataset, tmp_path):
@@ -266,18 +266,18 @@ def test_without_foreground_maps_there_is_no_sweep(dataset, tmp_path):
 
     assert counts["threshold"] is None
     assert 90.0 < counts["mIoU"] < 100.0
-    assert not ctx.storage.exists(ctx.path("eval", "threshold_curve.json"))
-    assert ctx.storage.read_json(ctx.path("eval", "validation.json"))["threshold"] is None
+    assert not ctx.storage.exists(ctx.run.path("eval", "threshold_curve.json"))
+    assert ctx.storage.read_json(ctx.run.path("eval", "validation.json"))["threshold"] is None
 
 
 def test_missing_prediction_or_foreground_map_is_an_error(dataset, tmp_path):
     ctx = make_ctx(dataset, str(tmp_path / "run"))
     write_predictions(ctx, "validation", perfect)
     victim = "n00000002/n00000002_1.png"
-    ctx.storage.remove(ctx.path("predictions", "validation_fg", victim))
+    ctx.storage.remove(ctx.run.path("predictions", "validation_fg", victim))
     with pytest.raises(ValueError, match=victim):
         EvaluateStage().run(ctx)
-    ctx.storage.remove(ctx.path("predictions", "validation", victim))
+    ctx.storage.remove(ctx.run.path("predictions", "validation", victim))
     with pytest.raises(ValueError, match=victim):
         EvaluateStage().run(ctx)
 
@@ -287,14 +287,14 @@ def test_images_rejected_by_predict_count_as_background(dataset, tmp_path):
     write_predictions(ctx, "validation", perfect)
     victim = "n00000002/n00000002_1"
     for kind in ("validation", "validation_fg"):
-        ctx.storage.remove(ctx.path("predictions", kind, victim + ".png"))
-    write_table(ctx.storage, ctx.path("predictions", "rejected_validation.parquet"),
+        ctx.storage.remove(ctx.run.path("predictions", kind, victim + ".png"))
+    write_table(ctx.storage, ctx.run.path("predictions", "rejected_validation.parquet"),
                 pa.table({"id": [f"validation/{victim}"], "path": ["x.JPEG"],
                           "reason": ["truncated or corrupt image"]}))
 
     counts = EvaluateStage().run(ctx)
 
-    val = ctx.storage.read_json(ctx.path("eval", "validation.json"))
+    val = ctx.storage.read_json(ctx.run.path("eval", "validation.json"))
     assert val["unpredicted"] == [victim + ".png"] and counts["validation_unpredicted"] == 1
     assert val["num_images"] == 2 * C  # scored, not dropped
     gt = decode_label(ctx.storage.read_bytes(ctx.storage.join(
@@ -312,8 +312,8 @@ def test_foreground_map_must_be_single_channel(dataset, tmp_path):
     ctx = make_ctx(dataset, str(tmp_path / "run"))
     write_predictions(ctx, "validation", perfect)
     victim = "n00000001/n00000001_0.png"
-    label_png = ctx.storage.read_bytes(ctx.path("predictions", "validation", victim))
-    ctx.storage.write_bytes(ctx.path("predictions", "validation_fg", victim), label_png)  # RGB
+    label_png = ctx.storage.read_bytes(ctx.run.path("predictions", "validation", victim))
+    ctx.storage.write_bytes(ctx.run.path("predictions", "validation_fg", victim), label_png)  # RGB
     with pytest.raises(ValueError, match="mode L"):
         EvaluateStage().run(ctx)
 
@@ -334,7 +334,7 @@ def evaluated_run(dataset: str, run: str) -> RunContext:
     perm = {1: 3, 2: 1, 3: 2}
     write_predictions(ctx, "validation", swept(perm))
     write_predictions(ctx, "test", swept(perm))
-    ctx.storage.write_text(ctx.path("config.yaml"), dump_yaml(ctx.cfg))
+    ctx.storage.write_text(ctx.run.path("config.yaml"), dump_yaml(ctx.cfg))
     EvaluateStage().run(ctx)
     return ctx
 
@@ -343,7 +343,7 @@ def test_export_zip_has_the_benchmark_layout(dataset, tmp_path):
     ctx = evaluated_run(dataset, str(tmp_path / "run"))
     out = str(tmp_path / "sub" / "test.zip")
 
-    result = export_submission(ctx.storage, ctx.output, out, method="my method", link="x.org")
+    result = export_submission(ctx.storage, ctx.run.root, out, method="my method", link="x.org")
 
     assert result.images == 2 * C and result.threshold == 0.55 and result.checked_against_dataset
     with zipfile.ZipFile(out) as zf:
@@ -352,13 +352,13 @@ def test_export_zip_has_the_benchmark_layout(dataset, tmp_path):
         assert pngs == [f"n0000000{k}/n0000000{k}_{i}.png" for k in (1, 2, 3) for i in (0, 1)]
         assert sorted(set(names) - set(pngs)) == ["match.json", "method.txt"]
         assert json.loads(zf.read("match.json")) == ctx.storage.read_json(
-            ctx.path("eval", "match.json")) == {"0": 0, "3": 1, "1": 2, "2": 3}
+            ctx.run.path("eval", "match.json")) == {"0": 0, "3": 1, "1": 2, "2": 3}
         method = zf.read("method.txt").decode()
         assert method.splitlines()[0] == "Method name: my method"
         assert "Paper/Project link: x.org" in method and f"ImageNet-S{C}" in method
         for name in pngs:  # unmatched ids, thresholded as the evaluation scored them
-            label = decode_label(ctx.storage.read_bytes(ctx.path("predictions", "test", name)))
-            fg = np.asarray(Image.open(ctx.path("predictions", "test_fg", name)))
+            label = decode_label(ctx.storage.read_bytes(ctx.run.path("predictions", "test", name)))
+            fg = np.asarray(Image.open(ctx.run.path("predictions", "test_fg", name)))
             want = apply_background_threshold(label, fg, 0.55)
             assert np.array_equal(decode_label(zf.read(name)), want), name
             assert set(np.unique(want)) - {0} == {set(np.unique(label)).pop()}
@@ -369,30 +369,29 @@ def test_export_refuses_incomplete_or_unevaluated_runs(dataset, tmp_path):
     ctx = make_ctx(dataset, str(tmp_path / "run"))
     write_predictions(ctx, "test", perfect)
     with pytest.raises(ValueError, match="evaluate"):
-        export_submission(ctx.storage, ctx.output, str(tmp_path / "a.zip"))
+        export_submission(ctx.storage, ctx.run.root, str(tmp_path / "a.zip"))
 
     ctx = evaluated_run(dataset, str(tmp_path / "run2"))
     victim = "n00000003/n00000003_1.png"
-    ctx.storage.remove(ctx.path("predictions", "test_fg", victim))
+    ctx.storage.remove(ctx.run.path("predictions", "test_fg", victim))
     with pytest.raises(ValueError, match=f"foreground map.*{victim}"):
-        export_submission(ctx.storage, ctx.output, str(tmp_path / "b.zip"))
-    ctx.storage.remove(ctx.path("predictions", "test", victim))
+        export_submission(ctx.storage, ctx.run.root, str(tmp_path / "b.zip"))
+    ctx.storage.remove(ctx.run.path("predictions", "test", victim))
     with pytest.raises(ValueError, match=f"1 of {2 * C} images have no prediction.*{victim}"):
-        export_submission(ctx.storage, ctx.output, str(tmp_path / "c.zip"))
+        export_submission(ctx.storage, ctx.run.root, str(tmp_path / "c.zip"))
     assert not list(tmp_path.glob("*.zip")) and not list(tmp_path.glob(".tmp-*"))
 
 
 def test_export_command_line(dataset, tmp_path, capsys):
     ctx = evaluated_run(dataset, str(tmp_path / "run"))
-    parser = argparse.ArgumentParser()
-    add_export_arguments(parser)
     out = str(tmp_path / "test.zip")
-    assert run_export_command(parser.parse_args([ctx.output, out, "--method", "m"])) == 0
+    assert cli_main(["export", ctx.run.root, out, "--method", "m"]) == 0
     assert f"{2 * C} predictions" in capsys.readouterr().out
     assert zipfile.is_zipfile(out)
     empty = str(tmp_path / "empty-run")
-    assert run_export_command(parser.parse_args([empty, str(tmp_path / "x.zip")])) == 2
-    assert "evaluate stage" in capsys.readouterr().err
+    assert cli_main(["export", empty, str(tmp_path / "x.zip")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "evaluate stage" in err
 
 
 def test_export_to_object_storage(dataset, tmp_path, s3_bucket):
@@ -401,7 +400,7 @@ def test_export_to_object_storage(dataset, tmp_path, s3_bucket):
     storage = Storage(options)
     out = f"{bucket}/submissions/test.zip"
 
-    export_submission(storage, ctx.output, out)
+    export_submission(storage, ctx.run.root, out)
 
     assert storage.list_files(f"{bucket}/submissions") == [out]
     with zipfile.ZipFile(io.BytesIO(storage.read_bytes(out))) as zf:

@@ -9,7 +9,8 @@ import pytest
 import ray
 from ray.cluster_utils import Cluster
 
-from pdso_ray.kmeans import KMeansShards, ParquetSource, assign, kmeans
+from pdso_ray.kmeans import KMeansShards, assign, kmeans
+from pdso_ray.kmeans.sources import ParquetSource
 from pdso_ray.storage import Storage
 
 K = 20

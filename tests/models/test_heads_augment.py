@@ -136,7 +136,9 @@ def test_build_segmenter_loads_stage1_dino_weights(tmp_path):
     save_dino_checkpoint(dino, ckpt)
     cfg = load_config(overrides=["models.dino.arch=vit_tiny_test", "models.dino.image_size=64",
                                  f"models.dino.checkpoint={ckpt}", "data.classes=4"])
-    model = build_segmenter(cfg, Storage(), num_classes=4)
+    from pdso_ray.models.loading import DinoSource
+
+    model = build_segmenter("dino", 4, DinoSource.from_config(cfg), Storage())
     for name, value in dino.vit.state_dict().items():
         assert torch.equal(model.backbone.vit.state_dict()[name], value), name
     assert model.head.out_channels == 5

@@ -18,16 +18,6 @@ PER_CLASS = 6
 STAGES = "stages=features,cluster,denoise,purify"
 
 
-@pytest.fixture(scope="module")
-def ray_local(s3_endpoint):
-    import ray
-
-    # after s3_endpoint: workers inherit the AWS settings at start
-    ray.init(address="local", num_cpus=2, include_dashboard=False)
-    yield
-    ray.shutdown()
-
-
 def _overrides(root, output, *extra):
     return [f"data.root={root}", f"output={output}", f"data.classes={CLASSES}",
             "features.batch_size=8", "purify.topk=2", *extra]

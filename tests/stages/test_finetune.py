@@ -14,6 +14,7 @@ from pdso_ray.data.imagenet_s import IGNORE_ID, decode_label, encode_label, gt_p
 from pdso_ray.data.synthetic import make_demo_dataset
 from pdso_ray.models.heads import load_segmenter
 from pdso_ray.stages.base import RunContext
+from pdso_ray.stages.read_decode import ImageReader
 from pdso_ray.stages.finetune import (
     FinetuneStage,
     LoadTrainPairs,
@@ -25,25 +26,6 @@ from pdso_ray.storage import Storage
 from pdso_ray.tables import write_table
 
 CLASSES = 3
-HEALTH_CHECK_ENV = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"
-
-
-@pytest.fixture(scope="module")
-def ray_local():
-    import ray
-
-    # Ray Train's controller polls its workers every 2 s by default, which adds ~15 s to each
-    # tiny run here; workers inherit the driver's environment when Ray starts.
-    saved = os.environ.get(HEALTH_CHECK_ENV)
-    os.environ[HEALTH_CHECK_ENV] = "0.5"
-    # address="local": a private instance, never someone else's running cluster.
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()
-    if saved is None:
-        os.environ.pop(HEALTH_CHECK_ENV)
-    else:
-        os.environ[HEALTH_CHECK_ENV] = saved
 
 
 @pytest.fixture(scope="module")
@@ -85,7 +67,7 @@ def test_load_train_pairs_crops_images_and_labels(run_setup, tmp_path):
              "path": np.asarray([r.path for r in records[:3]], dtype=object),
              "label_refined": np.asarray([Storage.join(run, "labels", "refined", r.id + ".png")
                                           for r in records[:3]], dtype=object)}
-    out = LoadTrainPairs(storage, crop_size=24, max_pixels=10**7)(batch)
+    out = LoadTrainPairs(ImageReader(storage, "/", 10**8, 10**7), crop_size=24, batch_size=8)(batch)
     assert out["image"].shape == (3, 24, 24, 3) and out["image"].dtype == np.uint8
     assert out["label"].shape == (3, 24, 24) and out["label"].dtype == np.int16
     for url, label in zip(batch["label_refined"], out["label"]):
@@ -98,13 +80,13 @@ def test_load_train_pairs_crops_images_and_labels(run_setup, tmp_path):
     one = {"id": batch["id"][:1], "path": batch["path"][:1],
            "label_refined": np.asarray([bad_label], dtype=object)}
     with pytest.raises(ValueError, match=r"small.png is 5×5"):
-        LoadTrainPairs(storage, 24, 10**7)(one)
+        LoadTrainPairs(ImageReader(storage, "/", 10**8, 10**7), 24, 8)(one)
     broken = str(tmp_path / "broken.JPEG")
     storage.write_bytes(broken, b"not a jpeg")
     one = {"id": batch["id"][:1], "path": np.asarray([broken], dtype=object),
            "label_refined": batch["label_refined"][:1]}
     with pytest.raises(ValueError, match="broken.JPEG no longer decodes"):
-        LoadTrainPairs(storage, 24, 10**7)(one)
+        LoadTrainPairs(ImageReader(storage, "/", 10**8, 10**7), 24, 8)(one)
 
 
 def test_cosine_schedule():

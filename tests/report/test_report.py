@@ -14,7 +14,7 @@ from pdso_ray.config import DataConfig, PipelineConfig, dump_yaml
 from pdso_ray.data.imagenet_s import IGNORE_ID, decode_label, encode_label, list_split
 from pdso_ray.data.synthetic import make_demo_dataset
 from pdso_ray.report import build_report
-from pdso_ray.report_figures import class_colors, colorize
+from pdso_ray.report.figures import class_colors, colorize
 from pdso_ray.stages.base import RunContext
 from pdso_ray.stages.evaluate import EvaluateStage
 from pdso_ray.stages.report import ReportStage
@@ -52,25 +52,25 @@ def make_run_folder(data_root: str, run: str, parts=ALL_PARTS, storage: Storage 
     ids = [rec.id for rec in train]
     clusters = rng.integers(0, C, len(ids))
     if "config" in parts:
-        storage.write_text(ctx.path("config.yaml"), dump_yaml(cfg))
+        storage.write_text(ctx.run.path("config.yaml"), dump_yaml(cfg))
     if "summary" in parts:
         done = {"features": (6.2, {"images_total": len(ids) + 2, "images_ok": len(ids),
                                    "images_rejected": 2, "files_ignored": 1}),
                 "cluster": (1.5, {"objective": 12.25}), "purify": (2.0, {"kept": len(ids) - 3})}
         stages = {}
         for name, (seconds, counts) in done.items():
-            storage.write_manifest(ctx.path(name), {"key": "k", "stage": name,
+            storage.write_manifest(ctx.run.path(name), {"key": "k", "stage": name,
                                                     "seconds": seconds, "counts": counts})
             stages[name] = {"status": "done", "seconds": seconds, "counts": counts}
-        storage.write_json(ctx.path("summary.json"), {**done["features"][1], "stages": stages})
+        storage.write_json(ctx.run.path("summary.json"), {**done["features"][1], "stages": stages})
     if "cluster" in parts:
-        write_table(storage, ctx.path("cluster", "part-0.parquet"),
+        write_table(storage, ctx.run.path("cluster", "part-0.parquet"),
                     pa.table({"id": ids, "cluster": rng.integers(0, C, len(ids))}))
     if "purify" in parts:
         kept = np.ones(len(ids), dtype=bool)
         kept[:3] = False
         topk = np.stack([clusters, (clusters + 1) % C], 1)
-        write_table(storage, ctx.path("purify", "part-0.parquet"), pa.table({
+        write_table(storage, ctx.run.path("purify", "part-0.parquet"), pa.table({
             "id": ids, "cluster": clusters, "kept": kept,
             "topk": vectors_to_arrow(topk.astype(np.float32)).cast(pa.list_(pa.int64())),
             "topk_dist": vectors_to_arrow(rng.random((len(ids), 2)))}))
@@ -83,12 +83,12 @@ def make_run_folder(data_root: str, run: str, parts=ALL_PARTS, storage: Storage 
             raw = refined.copy()
             raw[rng.random(raw.shape) < 0.08] = rng.integers(1, C + 1)
             for kind, label in (("raw", raw), ("refined", refined)):
-                url = ctx.path("labels", kind, rec.id + ".png")
+                url = ctx.run.path("labels", kind, rec.id + ".png")
                 storage.write_bytes(url, encode_label(label))
                 rows[f"label_{kind}"].append(url)
             rows["id"].append(rec.id)
             rows["path"].append(rec.path)
-        write_table(storage, ctx.path("labels", "stats", "part-0.parquet"), pa.table(rows))
+        write_table(storage, ctx.run.path("labels", "stats", "part-0.parquet"), pa.table(rows))
     if "predictions" in parts:
         perm = {k: k % C + 1 for k in range(1, C + 1)}
         gt_dir = storage.join(data_root, f"ImageNetS{C}", "validation-segmentation")
@@ -99,13 +99,13 @@ def make_run_folder(data_root: str, run: str, parts=ALL_PARTS, storage: Storage 
             label = np.full(gt.shape, perm[int(gt[obj][0])], dtype=np.int32)
             label[rng.random(gt.shape) < 0.05] = 1
             fg = np.clip(np.where(obj, 190, 70) + rng.integers(-40, 40, gt.shape), 0, 255)
-            storage.write_bytes(ctx.path("predictions", "validation", rel), encode_label(label))
+            storage.write_bytes(ctx.run.path("predictions", "validation", rel), encode_label(label))
             buf = io.BytesIO()
             Image.fromarray(fg.astype(np.uint8), mode="L").save(buf, format="PNG")
-            storage.write_bytes(ctx.path("predictions", "validation_fg", rel), buf.getvalue())
+            storage.write_bytes(ctx.run.path("predictions", "validation_fg", rel), buf.getvalue())
         EvaluateStage().run(ctx)
     if "rejected" in parts:
-        write_table(storage, ctx.path("rejected", "part-0.parquet"), pa.table({
+        write_table(storage, ctx.run.path("rejected", "part-0.parquet"), pa.table({
             "id": pa.array([p[0] for p in PLANTED], pa.string()),
             "path": [storage.join(data_root, "ImageNetS4", "train", p[1]) for p in PLANTED],
             "reason": [p[2] for p in PLANTED]}))
@@ -162,7 +162,7 @@ def test_report_of_an_empty_run_says_not_run(tmp_path):
 def test_report_of_a_partial_run(dataset, tmp_path):
     ctx = make_run_folder(dataset, str(tmp_path / "run"),
                           parts=("config", "summary", "purify", "rejected"))
-    page, srcs = read_report(ctx.storage, build_report(ctx.storage, ctx.output))
+    page, srcs = read_report(ctx.storage, build_report(ctx.storage, ctx.run.root))
 
     assert set(srcs) == {"stage_seconds.png", "cluster_sizes.png"}
     found = sections(page)
@@ -187,21 +187,21 @@ def test_report_of_a_full_run(dataset, tmp_path):
     assert set(srcs) == FULL_FIGURES and counts["figures"] == len(FULL_FIGURES)
     assert 'class="notrun"' not in page and 'class="error"' not in page
     for src in srcs:
-        with Image.open(io.BytesIO(ctx.storage.read_bytes(ctx.path("report", src)))) as im:
+        with Image.open(io.BytesIO(ctx.storage.read_bytes(ctx.run.path("report", src)))) as im:
             assert im.format == "PNG" and im.width >= 300 and im.height >= 100
-    grid_png = ctx.storage.read_bytes(ctx.path("report", "train_labels.png"))
+    grid_png = ctx.storage.read_bytes(ctx.run.path("report", "train_labels.png"))
     with Image.open(io.BytesIO(grid_png)) as im:
         grid_h = im.height
     # 12 train images → 8 rows; the validation grid has all 8 validation images.
     assert grid_h > 8 * 150
-    val = ctx.storage.read_json(ctx.path("eval", "validation.json"))
+    val = ctx.storage.read_json(ctx.run.path("eval", "validation.json"))
     found = sections(page)
     assert f"<td>{val['mIoU']:.4g}</td>" in found["Overview"]
     assert "ids mapped to GT classes by the validation matching" in found[
         "Predictions (validation images)"]
     assert f"background threshold {val['threshold']:g}" in page
     assert "<td>train/n00000002/broken_7</td>" in found["Rejected images"]
-    for url in ctx.storage.list_files(ctx.path("report")):
+    for url in ctx.storage.list_files(ctx.run.path("report")):
         assert SECRET.encode() not in ctx.storage.read_bytes(url), url
 
 
@@ -209,15 +209,15 @@ def test_report_on_memory_storage_reads_config_from_the_run(dataset):
     storage = Storage()
     ctx = make_run_folder(dataset, "memory://report-test/run", parts=("config", "predictions"),
                           storage=storage)
-    page, srcs = read_report(storage, build_report(storage, ctx.output))  # no cfg passed
+    page, srcs = read_report(storage, build_report(storage, ctx.run.root))  # no cfg passed
     assert {"iou_per_class.png", "threshold_curve.png", "validation_predictions.png"} <= set(srcs)
     assert 'class="error"' not in page
 
 
 def test_a_corrupt_artifact_only_breaks_its_sections(dataset, tmp_path):
     ctx = make_run_folder(dataset, str(tmp_path / "run"), parts=("summary", "purify"))
-    ctx.storage.write_text(ctx.path("eval", "validation.json"), "{ not json")
-    page, srcs = read_report(ctx.storage, build_report(ctx.storage, ctx.output))
+    ctx.storage.write_text(ctx.run.path("eval", "validation.json"), "{ not json")
+    page, srcs = read_report(ctx.storage, build_report(ctx.storage, ctx.run.root))
     found = sections(page)
     assert "could not be built: JSONDecodeError" in found["Per-class IoU (validation)"]
     assert "cluster_sizes.png" in srcs and 'class="error"' not in found["Cluster sizes"]

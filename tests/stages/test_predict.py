@@ -18,9 +18,10 @@ from pdso_ray.models.heads import (
     model_input_size,
     segmenter_bytes,
 )
-from pdso_ray.stages.base import RunContext
-from pdso_ray.stages.predict import PredictStage, Predictor, prediction_urls
-from pdso_ray.stages.read_decode import ReadDecode
+from pdso_ray.run_layout import RunLayout
+from pdso_ray.stages.base import Resources, RunContext
+from pdso_ray.stages.predict import PredictStage, Predictor
+from pdso_ray.stages.read_decode import ImageReader, ReadDecode
 from pdso_ray.storage import Storage
 from pdso_ray.tables import read_table
 
@@ -28,15 +29,6 @@ CLASSES = 3
 SHORT_SIDE = 32
 META = {"format": "pdso_ray.segmenter", "version": 1, "num_classes": CLASSES, "backbone": "dino",
         "arch": "vit_tiny_test", "img_size": 32}
-
-
-@pytest.fixture(scope="module")
-def ray_local():
-    import ray
-
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()
 
 
 def _rotated_jpeg(height, width):
@@ -52,14 +44,15 @@ def _rotated_jpeg(height, width):
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     """Demo data (3 classes, 2 validation and 1 test image each) plus, in validation, a corrupt
-    JPEG, an EXIF-rotated JPEG and a file whose name is refused; a random model at model.pt."""
+    JPEG, an EXIF-rotated JPEG and a file whose name is refused (a control character); a random
+    model at model.pt."""
     tmp = tmp_path_factory.mktemp("predict")
     storage = Storage()
     root = make_demo_dataset(str(tmp / "data"), classes=CLASSES, train_per_class=0, val_per_class=2,
                              test_per_class=1, image_size=(40, 56))
     storage.write_bytes(f"{root}/validation/n00000001/corrupt.JPEG", b"\xff\xd8\xff\xe0 truncated")
     storage.write_bytes(f"{root}/validation/n00000002/rotated.JPEG", _rotated_jpeg(40, 56))
-    storage.write_bytes(f"{root}/validation/n00000003/bad name.JPEG", _rotated_jpeg(8, 8))
+    storage.write_bytes(f"{root}/validation/n00000003/bad\x07name.JPEG", _rotated_jpeg(8, 8))
     run = str(tmp / "run")
     torch.manual_seed(0)
     model = build_segmenter_from_meta(META).eval()
@@ -82,20 +75,22 @@ def _batch(records):
 def test_steps_write_the_models_prediction_at_the_original_size(setup, tmp_path):
     cfg, storage, model = setup
     records = list_split(storage, cfg.data.root, CLASSES, "validation").images
-    decoded = ReadDecode(storage, 10**7, SHORT_SIDE, exif_transpose=False)(_batch(records))
+    reader = ImageReader(storage, cfg.data.root, 10**8, 10**7)
+    decoded = ReadDecode(reader, SHORT_SIDE, Resources(), exif_transpose=False)(_batch(records))
     reasons = dict(zip(decoded["id"], decoded["reason"]))
     assert "corrupt" in reasons["validation/n00000001/corrupt"]
     assert sum(1 for r in reasons.values() if r) == 1
 
-    out_dir = str(tmp_path / "run")
-    step = Predictor(storage, f"{cfg.output}/finetune/model.pt", out_dir, SHORT_SIDE)
+    run = RunLayout(str(tmp_path / "run"))
+    storage.write_bytes(run.finetune_model, storage.read_bytes(RunLayout(cfg.output).finetune_model))
+    step = Predictor(storage, run, SHORT_SIDE, Resources())
     step.setup()
     out = step(decoded)
     assert list(out["id"]) == list(decoded["id"]) and list(out["reason"]) == list(decoded["reason"])
 
     sizes = set()
     for i, image_id in enumerate(decoded["id"]):
-        label_url, fg_url = prediction_urls(storage, out_dir, image_id)
+        label_url, fg_url = run.prediction_png(image_id), run.foreground_png(image_id)
         if decoded["reason"][i]:
             assert not storage.exists(label_url) and not storage.exists(fg_url)
             continue
@@ -114,30 +109,23 @@ def test_steps_write_the_models_prediction_at_the_original_size(setup, tmp_path)
     assert len(sizes) > 1  # the batch held several input sizes, each run as its own group
     # Stored orientation, not the EXIF-rotated one: the GT is drawn on the stored pixels.
     assert decode_label(storage.read_bytes(
-        prediction_urls(storage, out_dir, "validation/n00000002/rotated")[0])).shape == (40, 56)
-
-
-def test_prediction_urls_follow_the_layout_and_refuse_unsafe_ids():
-    storage = Storage()
-    assert prediction_urls(storage, "/r", "test/n01/x_1") == (
-        "/r/predictions/test/n01/x_1.png", "/r/predictions/test_fg/n01/x_1.png")
-    with pytest.raises(ValueError, match="unsafe image id"):
-        prediction_urls(storage, "/r", "test/../../etc/x")
+        run.prediction_png("validation/n00000002/rotated"))).shape == (40, 56)
 
 
 # ---- on Ray ---------------------------------------------------------------------------------------
 def test_stage_predicts_every_listed_image_or_rejects_it(ray_local, setup):
     cfg, storage, _ = setup
     ctx = RunContext(cfg, storage)
+    run = ctx.run
     counts = PredictStage().run(ctx)
     # validation: 6 demo images + rotated + corrupt + one refused name; test: 3 demo images.
     assert counts == {"validation_images": 9, "validation_predicted": 7, "validation_rejected": 2,
-                      "test_images": 3, "test_predicted": 3, "test_rejected": 0}
+                      "test_images": 3, "test_predicted": 3, "test_rejected": 0, "notes": []}
     for split in ("validation", "test"):
         for r in list_split(storage, cfg.data.root, CLASSES, split).images:
             if r.id.endswith("corrupt"):
                 continue
-            label_url, fg_url = prediction_urls(storage, cfg.output, r.id)
+            label_url, fg_url = run.prediction_png(r.id), run.foreground_png(r.id)
             with Image.open(io.BytesIO(storage.read_bytes(r.path))) as im:
                 width, height = im.size
             label = decode_label(storage.read_bytes(label_url))
@@ -145,15 +133,15 @@ def test_stage_predicts_every_listed_image_or_rejects_it(ray_local, setup):
             assert np.asarray(Image.open(io.BytesIO(storage.read_bytes(fg_url)))).shape == (height, width)
     rejected = read_table(storage, f"{cfg.output}/predictions/rejected_validation.parquet").to_pylist()
     by_path = {r["path"].rsplit("/", 1)[-1]: r for r in rejected}
-    assert set(by_path) == {"corrupt.JPEG", "bad name.JPEG"}
+    assert set(by_path) == {"corrupt.JPEG", "bad\x07name.JPEG"}
     assert by_path["corrupt.JPEG"]["id"] == "validation/n00000001/corrupt"
-    assert by_path["bad name.JPEG"]["id"] is None and "characters" in by_path["bad name.JPEG"]["reason"]
+    assert by_path["bad\x07name.JPEG"]["id"] is None and "control" in by_path["bad\x07name.JPEG"]["reason"]
     assert read_table(storage, f"{cfg.output}/predictions/rejected_test.parquet").num_rows == 0
 
     # A re-run predicts only images missing a PNG: a kept file is untouched, a deleted one redone.
-    kept_url = prediction_urls(storage, cfg.output, "test/n00000001/n00000001_0")[0]
+    kept_url = run.prediction_png("test/n00000001/n00000001_0")
     storage.write_bytes(kept_url, b"kept")
-    redo_fg = prediction_urls(storage, cfg.output, "test/n00000002/n00000002_0")[1]
+    redo_fg = run.foreground_png("test/n00000002/n00000002_0")
     storage.remove(redo_fg)
     assert PredictStage().run(ctx) == counts
     assert storage.read_bytes(kept_url) == b"kept" and storage.exists(redo_fg)

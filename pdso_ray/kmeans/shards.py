@@ -1,5 +1,5 @@
 """The shard actors of distributed k-means and the driver-side handle on them
-(:class:`KMeansShards`); see :mod:`pdso_ray.kmeans` for the design."""
+(:class:`KMeansShards`); see :mod:`pdso_ray.kmeans.api` for the design."""
 
 from __future__ import annotations
 
@@ -14,7 +14,8 @@ import ray
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from pdso_ray.kmeans_sources import classify_input, describe, split_sources, whole_source
+from pdso_ray.kmeans.search import kernels, resolve_kernel
+from pdso_ray.kmeans.sources import classify_input, describe, split_sources, whole_source
 from pdso_ray.method import kmeans_math as km
 from pdso_ray.storage import Storage
 
@@ -35,42 +36,6 @@ class Assignment(NamedTuple):
     distances: np.ndarray
 
 
-# ---- kernels ------------------------------------------------------------------------------------
-def search_faiss(x: np.ndarray, centroids: np.ndarray, topk: int = 1) -> tuple[np.ndarray, np.ndarray]:
-    """:func:`pdso_ray.method.kmeans_math.search_numpy`'s contract with faiss's CPU brute force."""
-    import faiss
-
-    dist, ids = faiss.knn(np.ascontiguousarray(x), np.ascontiguousarray(centroids), topk)
-    return np.maximum(dist, 0.0), ids
-
-
-def _faiss_available() -> bool:
-    try:
-        import faiss  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-def kernels() -> dict[str, km.SearchFn]:
-    """Search kernels by name: the pure ones of kmeans_math, plus faiss when it is installed."""
-    out = dict(km.KERNELS)
-    if _faiss_available():
-        out["faiss"] = search_faiss
-    return out
-
-
-def _resolve_kernel(kernel: str | None, device: str) -> str:
-    if kernel is None:
-        kernel = "torch" if device != "cpu" else "faiss" if _faiss_available() else "numpy"
-    available = kernels()
-    if kernel not in available:
-        raise ValueError(f"unknown k-means kernel {kernel!r}; available: {sorted(available)}")
-    if kernel != "torch" and device != "cpu":
-        raise ValueError(f"kernel {kernel!r} runs on CPU, got device {device!r}; use kernel='torch'")
-    return kernel
-
-
 def _cuda_available() -> bool:
     import torch
 
@@ -89,7 +54,7 @@ class KMeansShard:
     """
 
     def __init__(self, source: Any, kernel: str | None = None, device: str = "cpu", threads: int | None = None):
-        kernel = _resolve_kernel(kernel, device)
+        kernel = resolve_kernel(kernel, device)
         if threads is not None and kernel == "faiss":
             import faiss
 

@@ -1,0 +1,184 @@
+"""Preflight: every misconfiguration a run can know about, found in seconds, before Ray starts.
+
+:func:`preflight` is called by ``pdso-ray run`` (and so by ``jobs/pdso.py``) after the config is
+loaded and before the run folder's lease is taken or Ray is started. It checks:
+
+- choices against the registries themselves (:func:`check_choices`): stage names, the data
+  layout, refiners, DINO/SAM architectures, fine-tuning backbones;
+- the data root is reachable and has the layout the config says (for the stages that read
+  images), with one listing call under a short connect timeout and few retries — which also
+  proves the storage credentials;
+- every checkpoint a requested stage needs is set and readable, unless random init is allowed;
+- a GPU request can be met: ``ray.use_gpu: true`` on a local start needs a GPU here
+  (:func:`check_gpu_request` repeats the check against a cluster once connected: a GPU now, or an
+  autoscaler that can add one).
+
+Each failure raises :class:`PreflightError` (a :class:`~pdso_ray.config.ConfigError`), whose one-line
+message names the key or URL and the fix; the CLI prints it as ``error: ...`` and exits 2.
+Value ranges are checked when the config is loaded (:func:`pdso_ray.config.validate`).
+"""
+
+from __future__ import annotations
+
+import difflib
+import logging
+import os
+from typing import Any
+
+from pdso_ray.config import ConfigError, PipelineConfig
+from pdso_ray.storage import Storage, StorageError, protocol
+
+log = logging.getLogger("pdso_ray")
+
+# Storage options of the preflight probes: fail in seconds, not after minutes of retries.
+_PROBE_S3 = {"config_kwargs": {"connect_timeout": 5, "read_timeout": 15,
+                               "retries": {"max_attempts": 2, "mode": "standard"}}}
+
+
+class PreflightError(ConfigError):
+    """The run cannot start; the message names the key or URL and the fix."""
+
+
+def _choice(key: str, value: Any, choices) -> None:
+    choices = list(choices)
+    if value in choices:
+        return
+    hint = difflib.get_close_matches(str(value), [str(c) for c in choices], n=1)
+    suggestion = f" (did you mean {hint[0]!r}?)" if hint else ""
+    raise PreflightError(f"{key}={value!r}: unknown{suggestion}; choose one of {', '.join(map(str, choices))}")
+
+
+def requested_stages(cfg: PipelineConfig) -> list[str]:
+    """The stages this run executes, in pipeline order."""
+    from pdso_ray.stages import STAGES
+
+    return list(STAGES) if cfg.stages is None else [s for s in STAGES if s in cfg.stages]
+
+
+def check_choices(cfg: PipelineConfig) -> None:
+    """Every config value that names a registry entry names one that exists."""
+    from pdso_ray.data.layouts import LAYOUTS
+    from pdso_ray.method.refiners import REFINERS
+    from pdso_ray.models.dino import DINO_SPECS
+    from pdso_ray.models.heads import BACKBONES
+    from pdso_ray.models.sam import SAM_REGISTRY
+    from pdso_ray.stages import STAGES
+
+    for name in cfg.stages or []:
+        _choice("stages", name, STAGES)
+    _choice("data.layout", cfg.data.layout, LAYOUTS)
+    _choice("pseudo_labels.refine.method", cfg.pseudo_labels.refine.method, REFINERS)
+    _choice("models.dino.arch", cfg.models.dino.arch, DINO_SPECS)
+    _choice("models.sam.arch", cfg.models.sam.arch, SAM_REGISTRY)
+    _choice("finetune.backbone", cfg.finetune.backbone, BACKBONES)
+
+
+def probe_storage(cfg: PipelineConfig) -> Storage:
+    """A Storage with the run's credentials whose object-store calls fail fast."""
+    options = cfg.storage_options()
+    for scheme in ("s3", "s3a"):
+        options[scheme] = {**options.get(scheme, {}), **_PROBE_S3}
+    return Storage(options)
+
+
+def _reachable(storage: Storage, key: str, url: str, what: str) -> None:
+    try:
+        found = storage.exists(url)
+    except (StorageError, OSError) as e:
+        cause = str(e).split(" failed: ", 1)[-1]
+        raise PreflightError(f"{key}: cannot read {url} ({cause}); check the URL and the storage "
+                             "credentials (AWS_* environment, instance profile, storage.s3.*)") from None
+    if not found:
+        raise PreflightError(f"{key}: {what} not found at {url}")
+
+
+def _checkpoint(storage: Storage, key: str, url: str) -> None:
+    _reachable(storage, key, url, "checkpoint file")
+    try:
+        size = storage.size(url)
+    except OSError as e:
+        raise PreflightError(f"{key}: cannot read {url}: {e}") from None
+    if size == 0:
+        raise PreflightError(f"{key}: {url} is empty (0 bytes): not a checkpoint")
+
+
+def in_ray_job() -> bool:
+    """Whether this process is the driver of a ``ray job submit`` job (Ray sets its address)."""
+    return bool(os.environ.get("RAY_ADDRESS") or os.environ.get("RAY_JOB_ID"))
+
+
+def _local_gpu() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def preflight(cfg: PipelineConfig, storage: Storage | None = None) -> list[str]:
+    """Check ``cfg`` against the registries, the data, the checkpoints and the machine (module
+    docstring); raise :class:`PreflightError` on the first problem. Returns notes (things that
+    are fine but worth saying, e.g. "no test split")."""
+    from pdso_ray.data.layouts import build_layout
+    from pdso_ray.method.refiners import NEEDS_SAM
+    from pdso_ray.models.loading import require_checkpoint
+
+    check_choices(cfg)
+    probe = probe_storage(cfg)
+    stages = set(requested_stages(cfg))
+    notes: list[str] = []
+    layout = build_layout(cfg.data)
+    if cfg.data.features and "features" in stages:
+        _reachable(probe, "data.features", cfg.data.features, "precomputed features folder")
+    extract = "features" in stages and not cfg.data.features  # data.features replaces stage 1
+    if extract or stages & {"pseudo_labels", "finetune", "predict"}:
+        _reachable(probe, "data.root", cfg.data.root, "data root")
+        if extract:
+            split_url = layout.split_url(layout.train_split())
+            what = (f"the {cfg.data.layout} layout's {layout.train_split()} split "
+                    f"(data.layout={cfg.data.layout}, data.classes={cfg.data.classes})")
+            _reachable(probe, "data.root", split_url, what)
+        if stages & {"predict", "evaluate"}:
+            notes += [info.note for info in layout.eval_splits(probe) if info.note]
+    if protocol(cfg.output) not in ("file", "memory"):
+        try:
+            probe.exists(cfg.output)
+        except OSError as e:
+            raise PreflightError(f"output: cannot reach {cfg.output} ({e}); check the URL and "
+                                 "the storage credentials") from None
+    needs = []
+    if extract or "pseudo_labels" in stages or ("finetune" in stages and cfg.finetune.backbone == "dino"):
+        needs.append(("dino", cfg.models.dino.arch, cfg.models.dino.checkpoint))
+    if "pseudo_labels" in stages and cfg.pseudo_labels.refine.method in NEEDS_SAM:
+        needs.append(("sam", cfg.models.sam.arch, cfg.models.sam.checkpoint))
+    for kind, arch, checkpoint in needs:
+        try:
+            require_checkpoint(kind, arch, checkpoint, cfg.models.allow_random_init)
+        except ConfigError as e:
+            raise PreflightError(str(e)) from None
+        if checkpoint:
+            _checkpoint(probe, f"models.{kind}.checkpoint", checkpoint)
+    if cfg.ray.use_gpu is True and not cfg.ray.address and not in_ray_job() and not _local_gpu():
+        raise PreflightError(
+            "ray.use_gpu=true, but this machine has no GPU and the run starts a local Ray: set "
+            "ray.use_gpu=null (use GPUs when there are some) or ray.address=the cluster's address")
+    return notes
+
+
+def check_gpu_request(cfg: PipelineConfig) -> None:
+    """Once connected: ``ray.use_gpu: true`` needs GPUs in the cluster now, or an autoscaler
+    that can add them; otherwise GPU actors would wait forever."""
+    import ray
+
+    if cfg.ray.use_gpu is not True or ray.cluster_resources().get("GPU", 0) > 0:
+        return
+    try:
+        from ray._private.state import state
+
+        most = state.get_max_resources_from_cluster_config() or {}
+    except Exception:  # noqa: BLE001 - an older or unusual cluster: no autoscaler information
+        most = {}
+    if most.get("GPU", 0) > 0:
+        log.info("no GPU in the cluster yet: the autoscaler can add up to %s", most["GPU"])
+        return
+    raise PreflightError(
+        "ray.use_gpu=true, but the cluster has no GPU and its autoscaler cannot add one: set "
+        "ray.use_gpu=null (use GPUs when present) or add a GPU node group to the cluster")

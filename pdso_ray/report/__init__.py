@@ -1,0 +1,9 @@
+"""The run report: ``report/index.html`` with PNG plots and label grids beside it.
+
+:func:`build_report` (:mod:`~pdso_ray.report.page`) writes the page; its sections are in
+:mod:`~pdso_ray.report.sections`, label colours and image mosaics in :mod:`~pdso_ray.report.figures`.
+"""
+
+from pdso_ray.report.page import build_report
+
+__all__ = ["build_report"]

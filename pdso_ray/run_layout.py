@@ -1,0 +1,267 @@
+"""The run folder's layout: the only place that turns the config and an image id into a path.
+
+A run folder (``output:``, any fsspec URL) holds every artifact of a run (docs/architecture.md,
+"The run folder")::
+
+    config.yaml  summary.json  _LEASE.json
+    features/    rejected/     cluster/     denoise/     purify/
+    labels/{raw,refined}/<id>.png            labels/stats/*.parquet
+    finetune/    predictions/<id>.png        eval/        report/
+
+**Image ids.** An id is ``"{split}/{rel}"``: the split (``train``, ``validation``, ``test``, or
+``all`` for a plain folder of images) and the image's path below its split folder without the
+file suffix (ImageNet-S: ``<wnid>/<stem>``). Every per-image output is ``<folder>/<id>.png``, so
+``predictions/validation/<wnid>/<stem>.png`` sits at the same relative name as its ground truth
+``validation-segmentation/<wnid>/<stem>.png``. :func:`image_id`, :func:`split_of`,
+:func:`rel_of`, :func:`png_rel` and :func:`id_from_png_rel` are the one mapping between ids and
+relative paths; :func:`unsafe_reason` decides which listed names may become ids, and
+:func:`check_id` guards ids read back from artifacts before they become paths.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import unicodedata
+from dataclasses import dataclass
+
+from pdso_ray.config import ConfigError, PipelineConfig, load_config
+from pdso_ray.storage import Storage
+
+LABEL_SUFFIX = ".png"
+
+# Top-level files of the run folder.
+CONFIG_FILE = "config.yaml"
+SUMMARY_FILE = "summary.json"
+LEASE_FILE = "_LEASE.json"
+STARTED_FILE = "_STARTED.json"  # inside a stage folder: the key of a run in progress
+
+
+# ---- image ids ------------------------------------------------------------------------------------
+
+
+def image_id(split: str, rel: str) -> str:
+    """The id of the image at ``rel`` (relative path without suffix) below ``split``'s folder."""
+    return f"{split}/{rel}"
+
+
+def split_of(image_id_: str) -> str:
+    """``"validation"`` for ``"validation/n01443537/x"``."""
+    return image_id_.split("/", 1)[0]
+
+
+def rel_of(image_id_: str) -> str:
+    """The id without its split: ``"n01443537/x"`` for ``"validation/n01443537/x"``."""
+    return image_id_.split("/", 1)[1]
+
+
+def png_rel(image_id_: str) -> str:
+    """The relative name of the id's PNGs inside a split folder: ``"<rel>.png"``."""
+    return rel_of(image_id_) + LABEL_SUFFIX
+
+
+def id_from_png_rel(split: str, rel_png: str) -> str:
+    """Inverse of :func:`png_rel`: the id of ``split``'s image whose PNG is ``rel_png``."""
+    if not rel_png.endswith(LABEL_SUFFIX):
+        raise ValueError(f"{rel_png!r} is not a {LABEL_SUFFIX} name")
+    return image_id(split, rel_png[: -len(LABEL_SUFFIX)])
+
+
+# Longest file-name component of an id, in UTF-8 bytes: leaves room for ".png" and for the
+# ".tmp-<32 hex>-" prefix of an atomic write under the common 255-byte file-name limit.
+MAX_NAME_BYTES = 200
+# Bidirectional-text controls: legal in file names, but they make a name display as another one.
+_BIDI_CONTROLS = frozenset("\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")
+
+
+def unsafe_reason(relpath: str) -> str | None:
+    """Why ``relpath`` (a ``/``-separated relative path or id) cannot become a path inside the run
+    folder, or None if it can.
+
+    Spaces, punctuation and non-ASCII letters are normal in people's folders and are accepted.
+    Refused: an empty name, absolute or non-POSIX paths (leading ``/``, a drive letter, ``\\``),
+    empty, ``.`` or ``..`` components, control characters and bidirectional-text controls, text
+    that is not valid Unicode (undecodable bytes in a listing), and components longer than
+    ``MAX_NAME_BYTES`` UTF-8 bytes.
+    """
+    if not relpath:
+        return "empty name"
+    if relpath.startswith("/") or "\\" in relpath or re.match(r"^[A-Za-z]:(/|$)", relpath):
+        return f"absolute or non-POSIX path {relpath!r}"
+    for part in relpath.split("/"):
+        if part in ("", ".", ".."):
+            return f"path component {part!r} in {relpath!r}"
+        for ch in part:
+            category = unicodedata.category(ch)
+            if category == "Cc" or ch in _BIDI_CONTROLS:
+                return f"control character {ch!r} in {relpath!r}"
+            if category == "Cs":
+                return f"name is not valid Unicode (undecodable bytes) in {relpath!r}"
+        if len(part.encode("utf-8")) > MAX_NAME_BYTES:
+            return f"name longer than {MAX_NAME_BYTES} bytes in {relpath[:60]!r}..."
+    return None
+
+
+def check_id(image_id_: str) -> str:
+    """Return ``image_id_`` if it is safe to build an output path from, else raise ValueError.
+
+    For ids read back from artifacts (Parquet, JSON) before they become paths.
+    """
+    problem = unsafe_reason(image_id_)
+    if problem is not None:
+        raise ValueError(f"unsafe image id {image_id_!r}: {problem}")
+    if "/" not in image_id_:
+        raise ValueError(f"image id {image_id_!r} has no split prefix")
+    return image_id_
+
+
+def class_folder(image_id_: str) -> str:
+    """The first folder below the split (an ImageNet-S class folder, ``wnid``)."""
+    return rel_of(image_id_).split("/", 1)[0]
+
+
+# ---- the run folder -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RunLayout:
+    """Every path of one run folder.
+
+    ``root``: the run folder URL (``cfg.output``); ``features_source``: a folder of precomputed
+    features that replaces this run's ``features/`` (``cfg.data.features``), or None.
+    Picklable: stages hand it to Ray actors, which build their output paths with it.
+    """
+
+    root: str
+    features_source: str | None = None
+
+    @classmethod
+    def from_config(cls, cfg: PipelineConfig) -> RunLayout:
+        return cls(root=cfg.output, features_source=cfg.data.features or None)
+
+    def path(self, *parts: str) -> str:
+        return Storage.join(self.root, *parts)
+
+    # -- top level --
+    @property
+    def config_file(self) -> str:
+        return self.path(CONFIG_FILE)
+
+    @property
+    def summary_file(self) -> str:
+        return self.path(SUMMARY_FILE)
+
+    @property
+    def lease_file(self) -> str:
+        return self.path(LEASE_FILE)
+
+    def stage_dir(self, stage: str) -> str:
+        """The folder a stage owns (its ``_SUCCESS.json`` manifest lives here)."""
+        return self.path(stage)
+
+    def started_file(self, stage: str) -> str:
+        return self.path(stage, STARTED_FILE)
+
+    # -- stage 1: features --
+    @property
+    def features_dir(self) -> str:
+        """Where the pooled features are read from: ``data.features`` or this run's ``features/``."""
+        return self.features_source or self.path("features")
+
+    @property
+    def rejected_dir(self) -> str:
+        """Images that could not be used, with their reasons (``id``, ``path``, ``reason``)."""
+        return self.path("rejected")
+
+    # -- stages 2-4 --
+    def centroids_file(self, stage: str) -> str:
+        """``cluster/centroids.npy`` (k-means #1) or ``purify/centroids.npy`` (final, embedding
+        space)."""
+        return self.path(stage, "centroids.npy")
+
+    def aligned_file(self, stage: str, feature_file: str) -> str:
+        """The file of ``stage`` (cluster, denoise, purify) aligned row by row with one feature
+        file: same name, in the stage's folder."""
+        return self.path(stage, feature_file.rsplit("/", 1)[-1])
+
+    @property
+    def denoise_classifier(self) -> str:
+        """The classifier h whose hidden layer is the embedding e(x)."""
+        return self.path("denoise", "classifier.pt")
+
+    # -- stage 5: pixel pseudo labels --
+    def label_dir(self, kind: str) -> str:
+        """``labels/raw`` or ``labels/refined``."""
+        if kind not in ("raw", "refined"):
+            raise ValueError(f"label kind must be 'raw' or 'refined', got {kind!r}")
+        return self.path("labels", kind)
+
+    def label_png(self, kind: str, image_id_: str) -> str:
+        return Storage.join(self.label_dir(kind), check_id(image_id_) + LABEL_SUFFIX)
+
+    @property
+    def label_stats_dir(self) -> str:
+        return self.path("labels", "stats")
+
+    # -- stage 6: fine-tuning --
+    @property
+    def finetune_dir(self) -> str:
+        return self.path("finetune")
+
+    @property
+    def finetune_model(self) -> str:
+        return self.path("finetune", "model.pt")
+
+    # -- stage 7: predictions --
+    @property
+    def predictions_root(self) -> str:
+        return self.path("predictions")
+
+    def predictions_dir(self, split: str) -> str:
+        """Prediction PNGs of ``split``, at the relative names of its ground truth."""
+        return self.path("predictions", split)
+
+    def foreground_dir(self, split: str) -> str:
+        """Foreground-probability PNGs of ``split`` (8-bit, ``255 · (1 - p_background)``)."""
+        return self.path("predictions", split + "_fg")
+
+    def prediction_png(self, image_id_: str) -> str:
+        return Storage.join(self.predictions_root, check_id(image_id_) + LABEL_SUFFIX)
+
+    def foreground_png(self, image_id_: str) -> str:
+        return Storage.join(self.foreground_dir(split_of(check_id(image_id_))), png_rel(image_id_))
+
+    def predict_rejected(self, split: str) -> str:
+        """``split``'s images that got no prediction (``id``, ``path``, ``reason``)."""
+        return self.path("predictions", f"rejected_{split}.parquet")
+
+    # -- stage 8: evaluation --
+    @property
+    def eval_dir(self) -> str:
+        return self.path("eval")
+
+    def eval_file(self, name: str) -> str:
+        """``eval/<name>``: validation.json, test.json, match.json, threshold_curve.json."""
+        return self.path("eval", name)
+
+    # -- stage 9: report --
+    @property
+    def report_dir(self) -> str:
+        return self.path("report")
+
+    def report_file(self, name: str) -> str:
+        return self.path("report", name)
+
+
+def load_run_config(storage: Storage, run_url: str) -> PipelineConfig | None:
+    """The config a run was made with (its ``config.yaml``, secrets redacted); None when the file
+    is missing or no longer valid (logged)."""
+    url = RunLayout(run_url).config_file
+    if not storage.exists(url):
+        return None
+    try:
+        return load_config(text=storage.read_text(url))
+    except ConfigError as e:
+        logging.getLogger("pdso_ray").warning(
+            "%s is not a valid config (%s): the dataset is not located from it", url, e)
+        return None
