@@ -22,15 +22,16 @@ What is compared (same prompts from :func:`build_prompts`, same merge rule):
 With C classes and B boxes per image, batched runs 1 encoder pass and 4 decoder calls (2 when
 no box holds the peak), naive C encoder passes and 2·B decoder calls; batched also skips pass
 1's full-resolution masks (``return_masks=False``), which naive code computes and drops.
-Printed: images/s of both by wall clock and by process CPU time (best of ``--repeat`` timed
-passes over all images, the two taking turns, after one warm-up image), their ratios, the call counts, and the share of pixels where
-both labels agree (100% in fp32: batching changes no prompt).
+Printed: images/s of both by wall clock and by process CPU time, measured in ``--repeat``
+interleaved rounds (naive, batched, naive, batched, ...; one pass over all images each, after one
+warm-up image; benchmarks/timing.py), their medians, the speed-ups (the median of the per-round
+ratios), the call counts, and the share of pixels where both labels agree (100% in fp32:
+batching changes no prompt).
 """
 
 from __future__ import annotations
 
 import argparse
-import time
 
 import numpy as np
 import torch
@@ -39,6 +40,7 @@ from scipy import ndimage
 from pdso_ray.method.prompts import build_prompts
 from pdso_ray.method.refiners import RefineContext, RefineParams, merge_class_masks, refine_spo
 from pdso_ray.models.sam import SamMaskPredictor, build_sam
+from timing import MIN_ROUNDS, interleave, timed
 
 
 def synthetic_scenes(n: int, height: int, width: int, classes: int, components: int, seed: int):
@@ -102,26 +104,20 @@ class CallCounter:
         setattr(self, name, getattr(self, name) + 1)
 
 
-def timed(fns, scenes, contexts, repeat):
-    """Best-of-``repeat`` images/s of each function over all scenes, by wall clock and by this
-    process's CPU time, plus its labels. The functions take turns within each repeat, so load
-    from other processes hits both alike; CPU time is the steadier measure on a shared CPU
-    machine (with ``--threads 1``), wall clock the one that counts on a GPU."""
-    for fn in fns.values():
-        fn(*scenes[0], contexts[0])  # warm-up (allocations, lazy init)
-    wall = dict.fromkeys(fns, float("inf"))
-    cpu = dict.fromkeys(fns, float("inf"))
+def rates(fns, scenes, contexts, rounds, device):
+    """Images/s of each function over all scenes, by wall clock and by this process's CPU time,
+    in interleaved rounds (:func:`timing.interleave`), plus each one's labels from its last
+    round. CPU time is the steadier measure on a shared CPU machine (with ``--threads 1``), wall
+    clock the one that counts on a GPU."""
     labels = {}
-    for _ in range(repeat):
-        for name, fn in fns.items():
-            t0, c0 = time.perf_counter(), time.process_time()
-            labels[name] = [fn(*s, c) for s, c in zip(scenes, contexts)]
-            if torch.cuda.is_available():
-                torch.cuda.synchronize()
-            wall[name] = min(wall[name], time.perf_counter() - t0)
-            cpu[name] = min(cpu[name], time.process_time() - c0)
-    n = len(scenes)
-    return {k: n / v for k, v in wall.items()}, {k: n / v for k, v in cpu.items()}, labels
+
+    def contender(name, fn):
+        def run():
+            wall, cpu, labels[name] = timed(lambda: [fn(*s, c) for s, c in zip(scenes, contexts)], device)
+            return {"wall": len(scenes) / wall, "cpu": len(scenes) / cpu}
+        return run
+
+    return interleave({name: contender(name, fn) for name, fn in fns.items()}, rounds), labels
 
 
 def main() -> None:
@@ -134,7 +130,7 @@ def main() -> None:
     ap.add_argument("--classes", type=int, default=3)
     ap.add_argument("--components", type=int, default=2)
     ap.add_argument("--min-area", type=int, default=50)
-    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--repeat", type=int, default=MIN_ROUNDS, help="interleaved rounds (>= 3)")
     ap.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     ap.add_argument("--compile", action="store_true", help="torch.compile the encoder (batched side)")
     ap.add_argument("--threads", type=int, default=None,
@@ -162,11 +158,13 @@ def main() -> None:
         return naive_spo(image, raw, sal, ctx, naive)
 
     calls = {}
-    for name, fn in (("batched", run_fast), ("naive", run_naive)):
+    for name, fn in (("batched", run_fast), ("naive", run_naive)):  # also the warm-up
         counter.encoder = counter.decoder = 0
         fn(*scenes[0], contexts[0])
         calls[name] = (counter.encoder, counter.decoder)
-    ips, ips_cpu, labels = timed({"naive": run_naive, "batched": run_fast}, scenes, contexts, args.repeat)
+    rounds, labels = rates({"naive": run_naive, "batched": run_fast}, scenes, contexts, args.repeat, fast.device)
+    ips = {name: rounds.median(name, "wall") for name in ("naive", "batched")}
+    ips_cpu = {name: rounds.median(name, "cpu") for name in ("naive", "batched")}
     agree = np.mean([np.mean(a == b) for a, b in zip(labels["batched"], labels["naive"])])
 
     print(f"device {fast.device}, torch threads {torch.get_num_threads()}, arch {args.arch}, "
@@ -178,8 +176,10 @@ def main() -> None:
     print(f"{'naive':8s}{ips['naive']:12.2f}{ips_cpu['naive']:12.2f}  (fp32, set_image per class, calls per box)")
     print(f"{'batched':8s}{ips['batched']:12.2f}{ips_cpu['batched']:12.2f}  ({precision}"
           f"{', compiled encoder' if args.compile else ''})")
-    print(f"speed-up {ips['batched'] / ips['naive']:.2f}x wall, {ips_cpu['batched'] / ips_cpu['naive']:.2f}x CPU "
-          f"time; labels agree on {100 * agree:.2f}% of pixels")
+    print(f"speed-up {rounds.ratio('batched', 'naive', 'wall'):.2f}x wall, "
+          f"{rounds.ratio('batched', 'naive', 'cpu'):.2f}x CPU time (medians of {rounds.count} rounds: "
+          + " ".join(f"{v:.2f}" for v in rounds.ratios("batched", "naive", "wall")) + " wall); "
+          f"labels agree on {100 * agree:.2f}% of pixels")
 
 if __name__ == "__main__":
     main()

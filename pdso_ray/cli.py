@@ -91,11 +91,8 @@ def _cmd_export(args: argparse.Namespace) -> int:
                                    link=args.link)
     except ValueError as e:
         raise ConfigError(str(e)) from None
-    applied = ("no threshold" if result.threshold is None
-               else f"background threshold {result.threshold:g}")
     checked = "" if result.checked_against_dataset else " (not checked against the dataset)"
-    print(f"wrote {result.url}: {result.images} predictions{checked}, {applied}, "
-          "match.json, method.txt")
+    print(f"wrote {result.url}: {result.images} predictions{checked}, match.json, method.txt")
     return 0
 
 

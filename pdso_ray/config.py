@@ -136,15 +136,33 @@ class PurifyConfig:
 @dataclass
 class RefineConfig:
     method: str = "spo"  # spo | sam_select | gmm | none
-    sigma: float = 0.8  # secondary classes: candidates with distance <= sigma
-    min_area: int = 100  # ignore components smaller than this (pixels)
+    # Secondary classes: other candidates whose squared distance to the image embedding is
+    # <= sigma (the official --yz). None = chosen on validation from sigma_grid (the authors tried
+    # 0.5, 0.65 and 0.8); without validation ground truth the fallback is 0.8.
+    sigma: float | None = None
+    sigma_grid: list[float] = field(default_factory=lambda: [0.5, 0.65, 0.8, 1.0])
+    # spo: components smaller than this (pixels) get no box. The official spo.py has no filter
+    # (0 reproduces it); 100 is ours, against single-patch speckle of the patch-level argmax.
+    min_area: int = 100
+    # spo: all (a box per component: the intended rule) | first (only each class's first
+    # component in raster order: what the official Jittor predictor effectively prompts)
+    spo_components: str = "all"
+    # sam_select: raw pixels under an automatic mask that failed the class test: drop (-> 0, as
+    # SAM_WSSS max_iou_imp2.py) | keep (the raw label). Masks are scanned by predicted IoU, then area.
+    select_fail: str = "drop"
     gmm_confidence: float = 0.5
     sam_select_points_per_side: int = 16
 
 
 @dataclass
 class PseudoLabelsConfig:
-    threshold: float | None = None  # None = published value for data.classes (0.41/0.40/0.37)
+    # Saliency threshold t. None = chosen on a sweep of the validation pseudo labels over
+    # threshold_grid (the official pipeline's --curve); without validation ground truth the
+    # fallback is PASS's published value for data.classes (0.41 / 0.40 / 0.37).
+    threshold: float | None = None
+    threshold_grid: list[float] = field(default_factory=lambda: [round(0.2 + 0.05 * i, 2) for i in range(13)])
+    # Pixel classes come from all C final centroids (the official rule) | the image's topk nearest.
+    candidates: str = "all"
     image_size: int = 448  # DINO input size for patch features
     batch_size: int = 8
     min_actors: int = 1
@@ -167,10 +185,23 @@ class FinetuneConfig:
     max_failures: int = 2
     keep_checkpoints: int = 2  # newest epoch checkpoints kept (resume needs one); 0 keeps all
     seed: int | None = None  # None = the top-level seed
+    # ce (cross-entropy ignoring 1000) | agmm (ce + the AGMM terms, pdso_ray/method/agmm.py)
+    loss: str = "ce"
+    agmm_momentum: float = 0.9  # online EM: running Gaussians = momentum·old + (1-momentum)·batch
+    # weights of the AGMM terms (CVPR AGMM weighs its terms 1)
+    agmm_soft_target: float = 1.0  # BCE(prediction, GMM response)
+    agmm_response: float = 1.0  # BCE(response, one-hot pseudo label)
+    agmm_repulsion: float = 1.0  # between class prototypes
+    agmm_absent: float = 1.0  # -log(1 - p) of classes absent from the image
+    agmm_likelihood: float = 1.0  # NLL of features under their class's Gaussian
 
 
 @dataclass
 class PredictConfig:
+    # argmax: the official decision rule, argmax over the C+1 outputs (background included) |
+    # threshold: also PASS's foreground-threshold rule, its threshold tuned on validation ground
+    # truth and reported beside the official number.
+    background: str = "argmax"
     short_side: int = 256
     batch_size: int = 8
     min_actors: int = 1
@@ -213,6 +244,8 @@ class PipelineConfig:
         return self.seed if own is None else own
 
     def saliency_threshold(self) -> float:
+        """The configured threshold t, else PASS's published value for the nearest of 50/300/919
+        classes (the fallback when no validation sweep is possible)."""
         if self.pseudo_labels.threshold is not None:
             return self.pseudo_labels.threshold
         nearest = min(DEFAULT_SALIENCY_THRESHOLDS, key=lambda c: abs(c - self.data.classes))
@@ -273,6 +306,16 @@ def validate(cfg: PipelineConfig) -> PipelineConfig:
     if cfg.pseudo_labels.threshold is not None:
         need(0 <= cfg.pseudo_labels.threshold <= 1, "pseudo_labels.threshold",
              cfg.pseudo_labels.threshold, "must be in [0, 1]")
+    grid = cfg.pseudo_labels.threshold_grid
+    need(bool(grid) and all(0 <= t <= 1 for t in grid), "pseudo_labels.threshold_grid", grid,
+         "must be a non-empty list of values in [0, 1]")
+    sigmas = cfg.pseudo_labels.refine.sigma_grid
+    need(bool(sigmas) and all(v >= 0 for v in sigmas), "pseudo_labels.refine.sigma_grid", sigmas,
+         "must be a non-empty list of values >= 0")
+    need(cfg.pseudo_labels.candidates in ("all", "topk"), "pseudo_labels.candidates",
+         cfg.pseudo_labels.candidates, "must be all or topk")
+    need(cfg.predict.background in ("argmax", "threshold"), "predict.background",
+         cfg.predict.background, "must be argmax or threshold")
     need(cfg.finetune.keep_checkpoints >= 0, "finetune.keep_checkpoints", cfg.finetune.keep_checkpoints,
          "must be >= 0 (0 keeps every epoch's checkpoint)")
     for key in ("features.batch_size", "pseudo_labels.batch_size", "finetune.batch_size",
@@ -292,9 +335,12 @@ def validate(cfg: PipelineConfig) -> PipelineConfig:
         value = _get_attr(cfg, key)
         need(value > 0, key, value, "must be > 0")
     for key in ("features.gpus_per_actor", "pseudo_labels.gpus_per_actor", "predict.gpus_per_actor",
-                "features.decode_cpus", "finetune.weight_decay", "pseudo_labels.refine.sigma"):
+                "features.decode_cpus", "finetune.weight_decay"):
         value = _get_attr(cfg, key)
         need(value >= 0, key, value, "must be >= 0")
+    if cfg.pseudo_labels.refine.sigma is not None:
+        need(cfg.pseudo_labels.refine.sigma >= 0, "pseudo_labels.refine.sigma",
+             cfg.pseudo_labels.refine.sigma, "must be >= 0")
     if cfg.models.sam.image_size is not None:
         need(cfg.models.sam.image_size >= 16 and cfg.models.sam.image_size % 16 == 0,
              "models.sam.image_size", cfg.models.sam.image_size, "must be a positive multiple of 16")

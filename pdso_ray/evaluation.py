@@ -26,7 +26,7 @@ from itertools import islice
 import numpy as np
 from tqdm import tqdm
 
-from pdso_ray.data.imagenet_s import IGNORE_ID, decode_label, read_png
+from pdso_ray.data.imagenet_s import IGNORE_ID, decode_gray_png, decode_label
 from pdso_ray.method.metrics import (
     RESIZE_MODES,
     SIZE_BIN_NAMES,
@@ -69,11 +69,9 @@ def apply_background_threshold(label: np.ndarray, fg: np.ndarray, threshold: flo
 
 
 def decode_fg(data: bytes) -> np.ndarray:
-    """HxW uint8 from a single-channel 8-bit foreground PNG; ValueError for anything else."""
-    mode, arr = read_png(data, "foreground")
-    if mode != "L":
-        raise ValueError(f"foreground PNG must be 8-bit single-channel (mode L), got {mode!r}")
-    return arr
+    """HxW uint8 from a single-channel 8-bit foreground (or saliency) PNG; ValueError for
+    anything else."""
+    return decode_gray_png(data, "foreground")
 
 
 # ---- pairing files ---------------------------------------------------------------------------
@@ -141,7 +139,7 @@ def read_match(match_file: str, num_classes: int, storage: Storage) -> dict[int,
 def evaluate_thresholds(storage: Storage, files: Sequence[EvalFile], classes: int,
                         thresholds: Sequence[float | None] = (None,),
                         match: dict[int, int] | None = None, resize: str | None = None,
-                        workers: int | None = None, progress: bool = True
+                        workers: int | None = None, progress: bool = True, size_bins: bool = True
                         ) -> list[SegmentationResult]:
     """One result per threshold (None = labels as they are), from a single pass over ``files``.
 
@@ -150,7 +148,8 @@ def evaluate_thresholds(storage: Storage, files: Sequence[EvalFile], classes: in
     every threshold's evaluator is updated from the same arrays, spread over the CPU cores (numpy
     releases the GIL in the heavy parts). ``match``: a fixed predicted → GT matching (test reuses
     validation's); None computes a Hungarian matching per threshold. ``resize``: None (a size
-    mismatch is an error) or ``"nearest"``. Memory: one O(C²) evaluator per threshold.
+    mismatch is an error) or ``"nearest"``. Memory: one O(C²) evaluator per threshold
+    (``size_bins=False`` drops 4 of its 7 C×C tables, for long sweeps at large C).
     """
     if not files:
         raise ValueError("no images to evaluate")
@@ -161,7 +160,8 @@ def evaluate_thresholds(storage: Storage, files: Sequence[EvalFile], classes: in
     if any(t is not None for t in thresholds) and any(f.fg is None and f.pred for f in files):
         raise ValueError("thresholds need foreground maps, and some predictions have none")
     cuts = [None if t is None else fg_cut(t) for t in thresholds]
-    evaluators = [SegmentationEvaluator(classes, match=match, resize=resize) for _ in thresholds]
+    evaluators = [SegmentationEvaluator(classes, match=match, resize=resize, size_bins=size_bins)
+                  for _ in thresholds]
     io_workers = workers or min(16, 4 * (os.cpu_count() or 1))
     cpu_workers = max(1, min(len(thresholds), os.cpu_count() or 1))
     # Threshold k is handled by thread k % cpu_workers: each evaluator is touched by one thread.
@@ -199,6 +199,31 @@ def evaluate_thresholds(storage: Storage, files: Sequence[EvalFile], classes: in
                 fut.result()
             bar.update(1)
     return [ev.finalize() for ev in evaluators]
+
+
+def per_image_accuracy(storage: Storage, files: Sequence[EvalFile], match: dict[int, int],
+                       workers: int = 8) -> dict[str, float]:
+    """``{relative name: accuracy}``: per image, the share of its valid (non-ignore) pixels whose
+    prediction, mapped by ``match`` (predicted → GT id), equals the GT (NaN for an image with no
+    valid pixel). Scores single images under a dataset's matching, e.g. to find the images that
+    a refinement helped or hurt most."""
+    lut = np.full(max(match) + 1 if match else 1, -1, dtype=np.int64)
+    for p, g in match.items():
+        lut[p] = g
+
+    def score(f: EvalFile) -> tuple[str, float]:
+        gt = _read(storage, f.gt, decode_label)
+        pred = np.zeros_like(gt) if f.pred is None else _read(storage, f.pred, decode_label)
+        if pred.shape != gt.shape:
+            raise ValueError(f"{f.pred}: shape {pred.shape}, its GT {f.gt} has {gt.shape}")
+        keep = gt != IGNORE_ID
+        if not keep.any():
+            return f.rel, float("nan")
+        p = pred[keep]
+        mapped = np.where(p < len(lut), lut[np.minimum(p, len(lut) - 1)], -1)
+        return f.rel, float((mapped == gt[keep]).mean())
+
+    return dict(prefetch(score, list(files), workers))
 
 
 def best_index(results: Sequence[SegmentationResult]) -> int:

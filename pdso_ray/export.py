@@ -9,10 +9,9 @@ The archive has the layout that LUSSeg's reference inference script (LUSSeg/PASS
     method.txt          "Method name: ...", "Training data: ...", "Training scheme: ...",
                         "Networks: ...", "Paper/Project link: ...", "Method description: ..."
 
-The background threshold chosen on validation (``eval/validation.json``) is applied to each
-prediction with its foreground map, exactly as the evaluate stage scored it. When the run's
-dataset is reachable, a test image without a prediction is an error: the server scores a whole
-split. The zip is written under a temporary name beside ``OUT`` and then moved into place.
+The predictions are packed as the evaluate stage scored them: argmax over the C+1 outputs, the
+official decision rule. When the run's dataset is reachable, a test image without a prediction is
+an error: the server scores a whole split. The zip is written under a temporary name beside ``OUT`` and then moved into place.
 """
 
 from __future__ import annotations
@@ -24,9 +23,8 @@ import zipfile
 from dataclasses import dataclass
 
 from pdso_ray.config import PipelineConfig
-from pdso_ray.data.imagenet_s import TEST, VALIDATION, decode_label, encode_label
+from pdso_ray.data.imagenet_s import TEST, VALIDATION
 from pdso_ray.data.layouts import build_layout
-from pdso_ray.evaluation import apply_background_threshold, decode_fg
 from pdso_ray.run_layout import LABEL_SUFFIX, RunLayout, load_run_config, png_rel, unsafe_reason
 from pdso_ray.storage import Storage
 
@@ -37,13 +35,11 @@ _MAX_LISTED = 10  # missing files named in an error before the rest becomes a co
 
 @dataclass(frozen=True)
 class ExportResult:
-    """What went into the archive: its URL, the number of prediction PNGs, the background
-    threshold applied (None: labels as predicted) and whether completeness was checked against
-    the dataset listing."""
+    """What went into the archive: its URL, the number of prediction PNGs and whether completeness
+    was checked against the dataset listing."""
 
     url: str
     images: int
-    threshold: float | None
     checked_against_dataset: bool
 
 
@@ -53,8 +49,8 @@ def export_submission(storage: Storage, run_url: str, out_url: str, split: str =
     """Write the benchmark zip of ``split``'s predictions in ``run_url`` to ``out_url``.
 
     Raises ValueError when the run has no matching (the evaluate stage has not run), no
-    predictions for ``split``, a prediction without its foreground map while a threshold is
-    set, an unsafe file name, or (dataset reachable) test images without a prediction.
+    predictions for ``split``, an unsafe file name, or (dataset reachable) test images without a
+    prediction.
     """
     if split not in (TEST, VALIDATION):
         raise ValueError(f"split must be {TEST!r} or {VALIDATION!r}, got {split!r}")
@@ -64,8 +60,6 @@ def export_submission(storage: Storage, run_url: str, out_url: str, split: str =
         raise ValueError(f"{match_url} not found: run the evaluate stage first (the server "
                          "needs the validation matching)")
     match = storage.read_json(match_url)
-    val_url = run.eval_file("validation.json")
-    threshold = storage.read_json(val_url).get("threshold") if storage.exists(val_url) else None
 
     pred_dir = run.predictions_dir(split)
     rels = sorted(storage.list_relative(pred_dir, LABEL_SUFFIX))
@@ -75,12 +69,6 @@ def export_submission(storage: Storage, run_url: str, out_url: str, split: str =
         problem = unsafe_reason(rel)
         if problem is not None:
             raise ValueError(f"prediction {rel!r} cannot be a zip entry: {problem}")
-    fg_dir = run.foreground_dir(split)
-    if threshold is not None:
-        have_fg = storage.list_relative(fg_dir, LABEL_SUFFIX)
-        _fail_if_missing([r for r in rels if r not in have_fg], len(rels),
-                         f"have no foreground map under {fg_dir} (needed for the threshold)")
-
     cfg = load_run_config(storage, run_url)
     checked = _check_complete(storage, cfg, split, rels, pred_dir)
     method_txt = (f"Method name: {method}\n"
@@ -92,18 +80,12 @@ def export_submission(storage: Storage, run_url: str, out_url: str, split: str =
 
     def entries():
         for rel in rels:
-            data = storage.read_bytes(storage.join(pred_dir, rel))
-            if threshold is not None:
-                label = decode_label(data)
-                fg = decode_fg(storage.read_bytes(storage.join(fg_dir, rel)))
-                data = encode_label(apply_background_threshold(label, fg, threshold))
-            yield rel, data
+            yield rel, storage.read_bytes(storage.join(pred_dir, rel))
         yield "match.json", json.dumps(match).encode()
         yield "method.txt", method_txt.encode()
 
     _write_zip(storage, out_url, entries())
-    return ExportResult(url=out_url, images=len(rels), threshold=threshold,
-                        checked_against_dataset=checked)
+    return ExportResult(url=out_url, images=len(rels), checked_against_dataset=checked)
 
 
 def _check_complete(storage: Storage, cfg: PipelineConfig | None, split: str, rels: list[str],

@@ -100,6 +100,7 @@ def _run_stages(ctx: RunContext) -> dict[str, Any]:
     cfg, storage, run = ctx.cfg, ctx.storage, ctx.run
     summary: dict[str, Any] = storage.read_json(run.summary_file) if storage.exists(run.summary_file) else {}
     summary.setdefault("stages", {})
+    summary["stage_order"] = list(STAGES)
     wanted = set(requested_stages(cfg))
     keys: dict[str, str] = {}
     for name in STAGES:
@@ -169,8 +170,8 @@ def _prepare_stage_folders(ctx: RunContext, stage: Stage, key: str) -> None:
 
 
 def _update_totals(summary: dict[str, Any], stage: str, counts: dict[str, Any]) -> None:
-    """Lift image accounting, per-split counts, notes and metrics from stage counts to the top of
-    the summary; raise when the image accounting does not reconcile."""
+    """Lift image accounting, per-split counts, notes, diagnostics and metrics from stage counts
+    to the top of the summary; raise when the image accounting does not reconcile."""
     if stage == "features":
         for k in ("images_total", "images_ok", "images_rejected", "files_ignored"):
             summary[k] = counts[k]
@@ -185,8 +186,14 @@ def _update_totals(summary: dict[str, Any], stage: str, counts: dict[str, Any]) 
     if counts.get("notes"):
         notes = summary.setdefault("notes", {})
         notes[stage] = list(counts["notes"])
+    for group, values in counts.get("diagnostics", {}).items():
+        target = summary.setdefault("diagnostics", {}).setdefault(group, {})
+        if isinstance(values, dict):
+            target.update(values)
+        else:
+            summary["diagnostics"][group] = values
     if stage == "evaluate":
-        for k in ("mIoU", "mIoU_test"):
+        for k in ("mIoU", "mIoU_test", "mIoU_threshold", "mIoU_test_threshold"):
             if k in counts:
                 summary[k] = counts[k]
             else:

@@ -156,7 +156,17 @@ def preflight(cfg: PipelineConfig, storage: Storage | None = None) -> list[str]:
             raise PreflightError(str(e)) from None
         if checkpoint:
             _checkpoint(probe, f"models.{kind}.checkpoint", checkpoint)
-    if cfg.ray.use_gpu is True and not cfg.ray.address and not in_ray_job() and not _local_gpu():
+    local = not cfg.ray.address and not in_ray_job()
+    if local and "finetune" in stages:
+        cpus = cfg.ray.num_cpus or os.cpu_count() or 1
+        need = cfg.finetune.num_workers * cfg.finetune.cpus_per_worker
+        if need > cpus:
+            raise PreflightError(
+                f"finetune.num_workers={cfg.finetune.num_workers} x finetune.cpus_per_worker="
+                f"{cfg.finetune.cpus_per_worker:g} needs {need:g} CPUs, but the local Ray has {cpus}: "
+                "on one machine set finetune.num_workers=1 and finetune.cpus_per_worker to at most "
+                f"{max(1, cpus - 1)} (training workers would wait forever)")
+    if cfg.ray.use_gpu is True and local and not _local_gpu():
         raise PreflightError(
             "ray.use_gpu=true, but this machine has no GPU and the run starts a local Ray: set "
             "ray.use_gpu=null (use GPUs when there are some) or ray.address=the cluster's address")

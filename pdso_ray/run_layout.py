@@ -30,6 +30,11 @@ from pdso_ray.storage import Storage
 
 LABEL_SUFFIX = ".png"
 
+# The steps that assign images to clusters, in chain order: the keys of summary.json's
+# diagnostics.image (each {purity, nmi, accuracy, images}).
+IMAGE_DIAGNOSTIC_STEPS = ("cluster", "denoise_s1", "denoise_s2", "purify_kept", "purify_final")
+# Folders of labels/ (see RunLayout.label_dir).
+LABEL_KINDS = ("raw", "refined", "classmap", "saliency")
 # Top-level files of the run folder.
 CONFIG_FILE = "config.yaml"
 SUMMARY_FILE = "summary.json"
@@ -190,14 +195,23 @@ class RunLayout:
         return self.path("denoise", "classifier.pt")
 
     # -- stage 5: pixel pseudo labels --
-    def label_dir(self, kind: str) -> str:
-        """``labels/raw`` or ``labels/refined``."""
-        if kind not in ("raw", "refined"):
-            raise ValueError(f"label kind must be 'raw' or 'refined', got {kind!r}")
-        return self.path("labels", kind)
+    def label_dir(self, kind: str, split: str | None = None) -> str:
+        """``labels/<kind>`` (or its ``split`` folder): ``raw`` and ``refined`` labels,
+        ``classmap`` (validation: the class of every pixel before the saliency threshold) and
+        ``saliency`` (validation: 8-bit saliency maps)."""
+        if kind not in LABEL_KINDS:
+            raise ValueError(f"label kind must be one of {LABEL_KINDS}, got {kind!r}")
+        return self.path("labels", kind, *([split] if split else []))
 
     def label_png(self, kind: str, image_id_: str) -> str:
         return Storage.join(self.label_dir(kind), check_id(image_id_) + LABEL_SUFFIX)
+
+    def sweep_dir(self, sigma: float, split: str | None = None) -> str:
+        """Refined validation labels made with SPO's secondary-class distance ``sigma``."""
+        return self.path("labels", "sweep", f"sigma_{sigma:g}", *([split] if split else []))
+
+    def sweep_png(self, sigma: float, image_id_: str) -> str:
+        return Storage.join(self.sweep_dir(sigma), check_id(image_id_) + LABEL_SUFFIX)
 
     @property
     def label_stats_dir(self) -> str:
@@ -224,6 +238,13 @@ class RunLayout:
     def foreground_dir(self, split: str) -> str:
         """Foreground-probability PNGs of ``split`` (8-bit, ``255 · (1 - p_background)``)."""
         return self.path("predictions", split + "_fg")
+
+    def foreground_label_dir(self, split: str) -> str:
+        """Best-foreground-class PNGs of ``split`` (``predict.background: threshold`` only)."""
+        return self.path("predictions", split + "_fgclass")
+
+    def foreground_label_png(self, image_id_: str) -> str:
+        return Storage.join(self.foreground_label_dir(split_of(check_id(image_id_))), png_rel(image_id_))
 
     def prediction_png(self, image_id_: str) -> str:
         return Storage.join(self.predictions_root, check_id(image_id_) + LABEL_SUFFIX)

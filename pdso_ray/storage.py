@@ -71,6 +71,11 @@ def naming(operation: str, url: str) -> Iterator[None]:
         raise FileNotFoundError(f"no such file: {url}") from None
     except OSError as e:
         raise StorageError(f"{operation} {url} failed: {type(e).__name__}: {e}") from e
+    except Exception as e:
+        # botocore's connection errors are not OSErrors; they are storage failures all the same
+        if type(e).__module__.split(".")[0] in ("botocore", "aiobotocore"):
+            raise StorageError(f"{operation} {url} failed: {type(e).__name__}: {e}") from e
+        raise
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,8 @@ def test_defaults_follow_design():
     assert cfg.denoise.keep_ratio == 0.5 and cfg.denoise.epochs_f == 15 and cfg.denoise.epochs_g == 50
     assert cfg.purify.dist_quantile == 0.8 and cfg.purify.alpha == 2 and cfg.purify.topk == 50
     assert cfg.cluster.niter == 20
-    assert cfg.pseudo_labels.refine.method == "spo" and cfg.pseudo_labels.refine.sigma == 0.8
+    assert cfg.pseudo_labels.refine.method == "spo" and cfg.pseudo_labels.refine.sigma is None  # swept
+    assert cfg.pseudo_labels.threshold is None and cfg.predict.background == "argmax"
     assert cfg.predict.short_side == 256
 
 

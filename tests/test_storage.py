@@ -76,3 +76,83 @@ def test_storage_pickles_without_filesystems_and_hides_secrets():
     clone = pickle.loads(pickle.dumps(storage))
     assert clone.options == storage.options and clone._cache == {}
     assert "SECRET-VALUE" not in repr(storage)
+
+
+# ---- errors name the object; failed writes leave nothing; bounded image reads ------------------
+def test_a_failed_write_removes_its_temporary_file(tmp_path, monkeypatch):
+    import os
+
+    storage = Storage()
+    target = tmp_path / "d" / "f.bin"
+
+    def disk_full(src, dst):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "replace", disk_full)
+    with pytest.raises(OSError, match=f"writing {target} failed.*No space left"):
+        storage.write_bytes(str(target), b"payload")
+    assert list((tmp_path / "d").iterdir()) == []
+
+
+def test_permanent_s3_errors_name_the_object(s3_bucket, monkeypatch):
+    from pdso_ray.storage import StorageError
+
+    options, bucket = s3_bucket
+    storage = Storage(options)
+    url = f"{bucket}/data/img 1.jpg"
+    storage.write_bytes(url, b"jpeg bytes")
+
+    def unavailable(path, *args, **kwargs):  # what s3fs raises once botocore's retries are spent
+        raise OSError(16, "Service Unavailable")
+
+    fs, _ = storage.fs(url)
+    monkeypatch.setattr(fs, "cat_file", unavailable)
+    with pytest.raises(StorageError, match=r"reading s3://t-test-permanent-s3-errors-name-the-object/data/img 1\.jpg "
+                                           r"failed: OSError: \[Errno 16\] Service Unavailable"):
+        storage.read_bytes(url)
+    with pytest.raises(StorageError, match="img 1.jpg"):
+        storage.read_image_bytes(url, 10**6)
+
+
+def test_image_reads_are_bounded(tmp_path):
+    import os
+
+    from pdso_ray.storage import UnreadableFile
+
+    storage = Storage()
+    root = tmp_path / "data"
+    root.mkdir()
+    (root / "ok.jpg").write_bytes(b"x" * 100)
+    os.symlink(root / "ok.jpg", root / "inside.jpg")
+    (tmp_path / "secret.jpg").write_bytes(b"outside")
+    os.symlink(tmp_path / "secret.jpg", root / "outside.jpg")
+    os.symlink("/dev/zero", root / "zero.jpg")
+    os.mkfifo(root / "pipe.jpg")
+    assert storage.read_image_bytes(str(root / "ok.jpg"), 100, root=str(root)) == b"x" * 100
+    assert storage.read_image_bytes(str(root / "inside.jpg"), 100, root=str(root)) == b"x" * 100
+    with pytest.raises(UnreadableFile, match="larger than 99 bytes"):
+        storage.read_image_bytes(str(root / "ok.jpg"), 99, root=str(root))
+    with pytest.raises(UnreadableFile, match="outside the data root"):
+        storage.read_image_bytes(str(root / "outside.jpg"), 100, root=str(root))
+    with pytest.raises(UnreadableFile, match="outside the data root"):
+        storage.read_image_bytes(str(root / "zero.jpg"), 100, root=str(root))
+    with pytest.raises(UnreadableFile, match="not a regular file"):  # never blocks on the FIFO
+        storage.read_image_bytes(str(root / "pipe.jpg"), 100, root=str(root))
+    with pytest.raises(UnreadableFile, match="not a regular file"):  # /dev/zero inside no root
+        storage.read_image_bytes("/dev/zero", 100)
+
+
+def test_create_exclusive_local_and_s3(tmp_path, s3_bucket):
+    options, bucket = s3_bucket
+    for storage, url in ((Storage(), str(tmp_path / "lease.json")),
+                         (Storage(options), f"{bucket}/run/lease.json")):
+        assert storage.create_exclusive(url, b"first") is True
+        assert storage.create_exclusive(url, b"second") is False
+        assert storage.read_bytes(url) == b"first"
+
+
+def test_list_relative_skips_hidden_names(tmp_path):
+    storage = Storage()
+    for rel in ("a/x.png", "a/.tmp-1-y.png", ".hidden/z.png", "b c/\u00e9.png", "a/n.txt"):
+        storage.write_bytes(str(tmp_path / rel), b"1")
+    assert sorted(storage.list_relative(str(tmp_path), ".png")) == ["a/x.png", "b c/\u00e9.png"]

@@ -170,3 +170,10 @@ def decode_image(
             return _fail(f"cannot convert mode {oriented.mode!r} to RGB: {e}")
     orig_size = (w, h) if swapped else (h, w)
     return DecodeResult(image=rgb, orig_size=orig_size)
+
+
+def resize_square(image: np.ndarray, size: int) -> np.ndarray:
+    """HxWx3 uint8 → size×size×3 uint8 (bilinear, antialiased): DINO sees whole images at one size."""
+    if image.shape[0] == size and image.shape[1] == size:
+        return image
+    return np.asarray(Image.fromarray(image).resize((size, size), Image.BILINEAR, reducing_gap=None))

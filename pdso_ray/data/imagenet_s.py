@@ -155,6 +155,24 @@ def encode_label(label: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
+def encode_gray_png(values: np.ndarray) -> bytes:
+    """PNG bytes of an ``H×W`` uint8 array (mode L): foreground and saliency maps."""
+    values = np.asarray(values)
+    if values.ndim != 2 or values.dtype != np.uint8:
+        raise ValueError(f"expected an H×W uint8 array, got shape {values.shape} dtype {values.dtype}")
+    buf = io.BytesIO()
+    Image.fromarray(values, mode="L").save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def decode_gray_png(data: bytes, what: str = "foreground") -> np.ndarray:
+    """HxW uint8 from a single-channel 8-bit PNG; ValueError naming ``what`` for anything else."""
+    mode, arr = read_png(data, what)
+    if mode != "L":
+        raise ValueError(f"{what} PNG must be 8-bit single-channel (mode L), got {mode!r}")
+    return arr
+
+
 def read_png(data: bytes, what: str = "label") -> tuple[str, np.ndarray]:
     """``(PIL mode, pixel array)`` of PNG bytes; ValueError naming ``what`` for unreadable bytes."""
     try:

@@ -84,13 +84,15 @@ class ImageNetSLayout:
 
 @dataclass(frozen=True)
 class FolderLayout:
-    """Any tree of images (see the module docstring)."""
+    """Any tree of images (see the module docstring). ``folder_is_class``: the first folder below
+    the root names each image's class (images must then sit in a folder), which the per-run
+    diagnostics score against."""
 
     root: str
     max_file_bytes: int = 256 * 1024 * 1024
+    folder_is_class: bool = False
 
     name = "folder"
-    folder_is_class = False
 
     def train_split(self) -> str:
         return ALL
@@ -101,7 +103,7 @@ class FolderLayout:
         return self.root
 
     def list_split(self, storage: Storage, split: str) -> SplitListing:
-        return list_tree(storage, self.split_url(split), ALL, class_folders=False,
+        return list_tree(storage, self.split_url(split), ALL, class_folders=self.folder_is_class,
                          data_root=self.root, max_file_bytes=self.max_file_bytes)
 
     def split_info(self, storage: Storage, split: str) -> SplitInfo:
@@ -123,7 +125,7 @@ def _imagenet_s(cfg: DataConfig) -> ImageNetSLayout:
 
 
 def _folder(cfg: DataConfig) -> FolderLayout:
-    return FolderLayout(cfg.root, cfg.max_file_bytes)
+    return FolderLayout(cfg.root, cfg.max_file_bytes, bool(cfg.folder_is_class))
 
 
 # data.layout -> builder from the data section of the config.

@@ -43,12 +43,14 @@ class ImageRecord:
 
 @dataclass(frozen=True)
 class Rejected:
-    """An image file that cannot be used: its URL, why, and the id it would have had (None when
-    its name cannot form one), so that later stages can account for it by name."""
+    """An image file that cannot be used: its URL, why, the id it would have had (None when its
+    name cannot form one) and its path below the split folder without suffix (``rel``; a string to
+    match names with, e.g. its ground truth's, never a path to write to)."""
 
     path: str
     reason: str
     image_id: str | None = None
+    rel: str | None = None
 
 
 @dataclass
@@ -112,7 +114,7 @@ def list_tree(storage: Storage, base_url: str, split: str, *, class_folders: boo
         if problem is None:
             problem = _file_problem(entry, root_real, max_file_bytes)
         if problem is not None:
-            listing.rejected.append(Rejected(path=url, reason=problem, image_id=candidate))
+            listing.rejected.append(Rejected(path=url, reason=problem, image_id=candidate, rel=stem_rel))
             continue
         taken[candidate] = url
         listing.images.append(ImageRecord(id=candidate, path=url, split=split,

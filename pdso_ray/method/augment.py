@@ -1,5 +1,10 @@
-"""Training augmentation for segmentation: one random resized crop and horizontal flip applied
-identically to an image and its label map (docs/method.md §7).
+"""Training augmentation for segmentation: a random resized crop and horizontal flip applied
+identically to an image and its label map, for a whole batch at once (docs/method.md §7).
+
+Ray Data tasks bring each image and label to a fixed-size canvas (:func:`pad_to_canvas`); the
+training worker crops the batch with one ``grid_sample`` (:func:`random_resized_crop_batch`),
+on its GPU when it has one, from a generator seeded by the run's seed, the epoch and the rank: the
+same seed gives the same crops, and each epoch new ones.
 
 Geometry convention: a crop box is ``(top, left, height, width)`` in pixels of the input; both
 resizes map output pixel ``i`` to the input coordinate ``(i + 0.5) * in / out - 0.5``
@@ -21,47 +26,6 @@ import torch.nn.functional as F
 DEFAULT_SCALE = (0.25, 1.0)
 DEFAULT_RATIO = (3 / 4, 4 / 3)
 _MAX_TRIES = 10
-
-
-def sample_crop_box(
-    height: int,
-    width: int,
-    rng: np.random.Generator,
-    scale: tuple[float, float] = DEFAULT_SCALE,
-    ratio: tuple[float, float] = DEFAULT_RATIO,
-) -> tuple[int, int, int, int]:
-    """A random crop box ``(top, left, h, w)`` inside a ``height×width`` image.
-
-    The box covers a fraction of the area drawn uniformly from ``scale`` with an aspect ratio
-    ``w/h`` drawn log-uniformly from ``ratio``; after ``_MAX_TRIES`` boxes that do not fit, the
-    largest centred box with an aspect ratio inside ``ratio`` is used (torchvision's rule).
-    """
-    if height < 1 or width < 1:
-        raise ValueError(f"image size must be positive, got {height}x{width}")
-    if not 0 < scale[0] <= scale[1] <= 1:
-        raise ValueError(f"scale must satisfy 0 < min <= max <= 1, got {scale}")
-    if not 0 < ratio[0] <= ratio[1]:
-        raise ValueError(f"ratio must satisfy 0 < min <= max, got {ratio}")
-    area = height * width
-    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
-    for _ in range(_MAX_TRIES):
-        target = area * rng.uniform(scale[0], scale[1])
-        aspect = math.exp(rng.uniform(*log_ratio))
-        w = int(round(math.sqrt(target * aspect)))
-        h = int(round(math.sqrt(target / aspect)))
-        if 0 < w <= width and 0 < h <= height:
-            top = int(rng.integers(0, height - h + 1))
-            left = int(rng.integers(0, width - w + 1))
-            return top, left, h, w
-    in_ratio = width / height
-    if in_ratio < ratio[0]:
-        w, h = width, int(round(width / ratio[0]))
-    elif in_ratio > ratio[1]:
-        h, w = height, int(round(height * ratio[1]))
-    else:
-        h, w = height, width
-    h, w = max(1, min(h, height)), max(1, min(w, width))
-    return (height - h) // 2, (width - w) // 2, h, w
 
 
 def resize_label_nearest(label: np.ndarray, size: tuple[int, int]) -> np.ndarray:
@@ -96,36 +60,112 @@ def resize_image_bilinear(image: np.ndarray, size: tuple[int, int]) -> np.ndarra
     return t[0].permute(1, 2, 0).round_().clamp_(0, 255).to(torch.uint8).numpy()
 
 
-def random_resized_crop_pair(
-    image: np.ndarray,
-    label: np.ndarray,
-    out_size: int,
-    rng: np.random.Generator,
-    scale: tuple[float, float] = DEFAULT_SCALE,
-    ratio: tuple[float, float] = DEFAULT_RATIO,
-    flip_prob: float = 0.5,
-) -> tuple[np.ndarray, np.ndarray]:
-    """Crop the same random box out of ``image`` and ``label``, resize both to
-    ``out_size×out_size`` and flip both horizontally with probability ``flip_prob``.
+def pad_to_canvas(image: np.ndarray, label: np.ndarray, canvas: int,
+                  ignore_id: int) -> tuple[np.ndarray, np.ndarray, tuple[int, int]]:
+    """Resize an image and its label so the longer side is ``canvas`` (aspect kept; bilinear for
+    the image, nearest for the label) and pad both to ``canvas×canvas`` (image with 0, label with
+    ``ignore_id``). Returns ``(image canvas×canvas×3 uint8, label canvas×canvas, (h, w))``, ``(h,
+    w)`` the size of the valid top-left region: fixed-size rows that a training worker can batch
+    and crop, without losing the aspect ratio."""
+    if canvas < 1:
+        raise ValueError(f"canvas must be >= 1, got {canvas}")
+    if image.ndim != 3 or label.shape != image.shape[:2]:
+        raise ValueError(f"image {image.shape} and label {label.shape} must share H×W")
+    scale = canvas / max(image.shape[:2])
+    h = max(1, min(canvas, int(round(image.shape[0] * scale))))
+    w = max(1, min(canvas, int(round(image.shape[1] * scale))))
+    out_image = np.zeros((canvas, canvas, 3), dtype=np.uint8)
+    out_label = np.full((canvas, canvas), ignore_id, dtype=label.dtype)
+    out_image[:h, :w] = resize_image_bilinear(image, (h, w))
+    out_label[:h, :w] = resize_label_nearest(label, (h, w))
+    return out_image, out_label, (h, w)
+
+
+def sample_crop_boxes(valid_hw: torch.Tensor, generator: torch.Generator,
+                      scale: tuple[float, float] = DEFAULT_SCALE,
+                      ratio: tuple[float, float] = DEFAULT_RATIO) -> torch.Tensor:
+    """One random crop box per image, vectorised, with torchvision's ``RandomResizedCrop`` rule:
+    area fraction uniform in ``scale``, aspect ``w/h`` log-uniform in ``ratio``, the first of
+    ``_MAX_TRIES`` draws that fits, else the largest centred box inside ``ratio``; for a B×2
+    (height, width) int tensor of valid sizes.
+    Returns B×4 float64 ``(top, left, h, w)`` in pixels. Draws come from ``generator`` only."""
+    if not 0 < scale[0] <= scale[1] <= 1:
+        raise ValueError(f"scale must satisfy 0 < min <= max <= 1, got {scale}")
+    if not 0 < ratio[0] <= ratio[1]:
+        raise ValueError(f"ratio must satisfy 0 < min <= max, got {ratio}")
+    if valid_hw.ndim != 2 or valid_hw.shape[1] != 2:
+        raise ValueError(f"valid_hw must be B×2, got shape {tuple(valid_hw.shape)}")
+    hw = valid_hw.to(torch.float64).cpu()
+    b = hw.shape[0]
+    height, width = hw[:, 0:1], hw[:, 1:2]
+    area = height * width
+    frac = torch.empty(b, _MAX_TRIES, dtype=torch.float64).uniform_(scale[0], scale[1], generator=generator)
+    log_r = torch.empty(b, _MAX_TRIES, dtype=torch.float64).uniform_(
+        math.log(ratio[0]), math.log(ratio[1]), generator=generator)
+    aspect = torch.exp(log_r)
+    w = torch.round(torch.sqrt(area * frac * aspect))
+    h = torch.round(torch.sqrt(area * frac / aspect))
+    fits = (w > 0) & (w <= width) & (h > 0) & (h <= height)
+    first = torch.where(fits.any(1), fits.float().argmax(1), torch.full((b,), -1, dtype=torch.int64))
+    pos = torch.rand(b, 2, dtype=torch.float64, generator=generator)
+    rows = torch.arange(b)
+    pick = first.clamp(min=0)
+    bh, bw = h[rows, pick], w[rows, pick]
+    # fallback: the largest centred box with an aspect ratio inside `ratio`
+    in_ratio = width[:, 0] / height[:, 0]
+    fh = torch.where(in_ratio < ratio[0], torch.round(width[:, 0] / ratio[0]), height[:, 0])
+    fw = torch.where(in_ratio > ratio[1], torch.round(height[:, 0] * ratio[1]), width[:, 0])
+    fh, fw = fh.clamp(1, None).minimum(height[:, 0]), fw.clamp(1, None).minimum(width[:, 0])
+    use_fallback = first < 0
+    bh, bw = torch.where(use_fallback, fh, bh), torch.where(use_fallback, fw, bw)
+    top = torch.where(use_fallback, torch.floor((height[:, 0] - bh) / 2),
+                      torch.floor(pos[:, 0] * (height[:, 0] - bh + 1)))
+    left = torch.where(use_fallback, torch.floor((width[:, 0] - bw) / 2),
+                       torch.floor(pos[:, 1] * (width[:, 0] - bw + 1)))
+    return torch.stack([top, left, bh, bw], dim=1)
+
+
+def random_resized_crop_batch(images: torch.Tensor, labels: torch.Tensor, valid_hw: torch.Tensor,
+                              out_size: int, generator: torch.Generator,
+                              scale: tuple[float, float] = DEFAULT_SCALE,
+                              ratio: tuple[float, float] = DEFAULT_RATIO,
+                              flip_prob: float = 0.5) -> tuple[torch.Tensor, torch.Tensor]:
+    """A random resized crop and horizontal flip per image of a batch, one ``grid_sample`` for all
+    (on the batch's device: the GPU when training runs there).
 
     Args:
-        image: ``H×W×3`` uint8 RGB.
-        label: ``H×W`` integer ids (same H, W as the image), e.g. 0..C and 1000 for ignore.
+        images: B×S×S×3 uint8 canvases (:func:`pad_to_canvas`).
+        labels: B×S×S integer labels of the same canvases.
+        valid_hw: B×2 sizes of the valid top-left regions: crops stay inside them.
         out_size: side of the square output.
-        rng: the only source of randomness (seed it for reproducible crops).
+        generator: a CPU ``torch.Generator``, the only source of randomness (seeded per epoch and
+            rank by the trainer: the same seed gives the same crops on any device).
 
     Returns:
-        ``(image out×out×3 uint8, label out×out with the label's dtype)``.
+        ``(B×out×out×3 uint8 images, B×out×out labels of the labels' dtype)``: the image resampled
+        bilinearly, the label by nearest neighbour at the same points (the geometry convention of
+        the module docstring), so ids are never blended.
     """
     if out_size < 1:
         raise ValueError(f"out_size must be >= 1, got {out_size}")
-    if not 0 <= flip_prob <= 1:
-        raise ValueError(f"flip_prob must be in [0, 1], got {flip_prob}")
-    if image.ndim != 3 or label.shape != image.shape[:2]:
-        raise ValueError(f"image {image.shape} and label {label.shape} must share H×W")
-    top, left, h, w = sample_crop_box(image.shape[0], image.shape[1], rng, scale, ratio)
-    img = resize_image_bilinear(image[top:top + h, left:left + w], (out_size, out_size))
-    lab = resize_label_nearest(label[top:top + h, left:left + w], (out_size, out_size))
-    if rng.random() < flip_prob:
-        img, lab = img[:, ::-1], lab[:, ::-1]
-    return np.ascontiguousarray(img), np.ascontiguousarray(lab)
+    if images.ndim != 4 or images.shape[-1] != 3 or labels.shape != images.shape[:3]:
+        raise ValueError(f"images must be B×S×S×3 and labels B×S×S, got {tuple(images.shape)}, "
+                         f"{tuple(labels.shape)}")
+    b, canvas_h, canvas_w = labels.shape
+    boxes = sample_crop_boxes(valid_hw, generator, scale, ratio)
+    flip = torch.rand(b, generator=generator, dtype=torch.float64) < flip_prob
+    # Output pixel j samples the input coordinate left + (j + 0.5) * w / out - 0.5, flipped with
+    # j -> out - 1 - j; grid_sample(align_corners=False) wants (x + 0.5) / W * 2 - 1.
+    j = (torch.arange(out_size, dtype=torch.float64) + 0.5) / out_size  # out
+    top, left, h, w = boxes.unbind(1)
+    xs = left[:, None] + torch.where(flip[:, None], 1 - j[None], j[None]) * w[:, None]  # B×out
+    ys = top[:, None] + j[None] * h[:, None]
+    gx = (xs / canvas_w * 2 - 1)[:, None, :].expand(b, out_size, out_size)
+    gy = (ys / canvas_h * 2 - 1)[:, :, None].expand(b, out_size, out_size)
+    grid = torch.stack([gx, gy], dim=-1).to(device=images.device, dtype=torch.float32)
+    x = images.permute(0, 3, 1, 2).float()
+    out_images = F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+    out_labels = F.grid_sample(labels[:, None].float(), grid, mode="nearest", padding_mode="border",
+                               align_corners=False)[:, 0]
+    out_images = out_images.round_().clamp_(0, 255).to(torch.uint8).permute(0, 2, 3, 1)
+    return out_images, out_labels.round_().to(labels.dtype)

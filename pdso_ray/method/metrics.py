@@ -221,13 +221,15 @@ class SegmentationEvaluator:
     ``num_classes`` is C. ``match``: a fixed predicted -> GT mapping (e.g. the validation
     matching reused on test); when None the Hungarian matching is computed from all images at
     :meth:`finalize`. ``resize``: None (shape mismatch raises ValueError) or ``"nearest"``.
-    ``ignore_id``: GT value whose pixels are dropped.
+    ``ignore_id``: GT value whose pixels are dropped. ``size_bins=False`` skips the object-size
+    bins (their mIoU is then NaN): a threshold sweep keeps one evaluator per threshold, and the bins
+    are 4 of its 7 C×C tables.
 
     State is O(C^2) int64 counts, independent of the number of images and pixels.
     """
 
     def __init__(self, num_classes: int, match: dict[int, int] | None = None,
-                 resize: str | None = None, ignore_id: int = IGNORE_ID):
+                 resize: str | None = None, ignore_id: int = IGNORE_ID, size_bins: bool = True):
         if int(num_classes) < 1 or int(num_classes) >= ignore_id:
             raise ValueError(f"num_classes must be in 1..{ignore_id - 1}, got {num_classes}")
         if resize not in RESIZE_MODES:
@@ -245,7 +247,8 @@ class SegmentationEvaluator:
                 self._lut[p] = g
         k = c + 1
         self._confusion = np.zeros((k, k), dtype=np.int64)
-        self._bin_confusion = np.zeros((len(SIZE_BIN_NAMES), k, k), dtype=np.int64)
+        self.size_bins = size_bins
+        self._bin_confusion = np.zeros((len(SIZE_BIN_NAMES) if size_bins else 0, k, k), dtype=np.int64)
         self._cooccurrence = np.zeros((c, c), dtype=np.int64)
         # [p, g]: images whose single most-predicted foreground id is p and whose GT has g.
         self._dominant = np.zeros((k, k), dtype=np.int64)
@@ -322,12 +325,13 @@ class SegmentationEvaluator:
 
         # Size bins: each GT foreground class's pixels go to its bin; GT background pixels go
         # to every bin used by this image.
-        col_bins = np.full(gt_ids.size, -1, dtype=np.intp)
         is_fg = gt_ids > 0
-        col_bins[is_fg] = size_bin(gt_counts[gt_ids[is_fg]], gt.size)
-        for b in np.unique(col_bins[is_fg]):
-            cols = ~is_fg | (col_bins == b)
-            self._bin_confusion[b][np.ix_(pred_ids, gt_ids[cols])] += counts[:, cols]
+        if self.size_bins:
+            col_bins = np.full(gt_ids.size, -1, dtype=np.intp)
+            col_bins[is_fg] = size_bin(gt_counts[gt_ids[is_fg]], gt.size)
+            for b in np.unique(col_bins[is_fg]):
+                cols = ~is_fg | (col_bins == b)
+                self._bin_confusion[b][np.ix_(pred_ids, gt_ids[cols])] += counts[:, cols]
 
         if fg_pred.size:
             top = pred_counts[fg_pred]
@@ -362,8 +366,8 @@ class SegmentationEvaluator:
             hits += int(target[tied].min() in gt_ids)
         image_accuracy = 100.0 * hits / self.num_images
 
-        size_miou = {}
-        for b, bin_name in enumerate(SIZE_BIN_NAMES):
+        size_miou = {name: math.nan for name in SIZE_BIN_NAMES}
+        for b, bin_name in enumerate(SIZE_BIN_NAMES[: len(self._bin_confusion)]):
             bin_matched = apply_match(self._bin_confusion[b], final)
             present = bin_matched.sum(axis=0) > 0
             bin_iou = iou_from_confusion(bin_matched)

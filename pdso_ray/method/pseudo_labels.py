@@ -14,39 +14,37 @@ import torch.nn.functional as F
 _EPS = 1e-12
 
 
-def raw_pseudo_label(
+def class_map(
     patch_emb: np.ndarray,
-    saliency: np.ndarray,
     candidate_centroids: np.ndarray,
     candidate_ids: np.ndarray,
-    threshold: float,
-    out_hw: tuple[int, int] | None = None,
+    out_hw: tuple[int, int],
+    prune_to: int | None = 2,
 ) -> np.ndarray:
-    """Raw pixel pseudo label of one image.
+    """Per-pixel class of one image before the saliency threshold: ``1 + id`` of the candidate
+    centroid of highest cosine similarity to the embedded patch feature.
 
-    Each pixel takes the candidate centroid of highest cosine similarity to its embedded patch
-    feature, as label ``1 + cluster id``; pixels with ``saliency < threshold`` become 0.
+    Resolution: the per-patch cosine-similarity maps are upsampled bilinearly
+    (``align_corners=False``) to ``out_hw`` *before* the argmax, so class boundaries fall where
+    two similarities cross, between patch centres, instead of on the patch grid's staircase.
 
-    Resolution choice: the ``K`` per-patch cosine-similarity maps are upsampled bilinearly
-    (``align_corners=False``) to ``out_hw`` *before* the argmax, rather than upsampling the
-    per-patch argmax with nearest neighbour. Class boundaries then fall where two similarities
-    cross, between patch centres, instead of on the patch grid's staircase; inside a patch whose
-    neighbours agree the result is the same.
+    ``prune_to``: with many candidates (all C centroids, the official rule), upsampling C maps
+    to the image's size would take C·H·W floats (689 MB for C = 919 at 500×375). Only the classes
+    among the ``prune_to`` most similar of at least one patch are upsampled; the argmax is
+    exact at every patch centre, and between them can differ only where a class that is third or
+    worse at every neighbouring patch centre would win the interpolation. None upsamples all.
 
     Args:
-        patch_emb: ``h×w×D'`` float per-patch features already passed through ``e(x)``
-            (need not be normalised: cosine similarity normalises them).
-        saliency: ``H×W`` float in [0, 1], already upsampled to the output size.
-        candidate_centroids: ``K×D'`` float centroids of the image's candidate clusters.
-        candidate_ids: ``K`` integer cluster ids (0-based) of those centroids.
-        threshold: saliency threshold ``t``.
-        out_hw: output ``(H, W)``; defaults to the saliency's shape, which it must equal.
+        patch_emb: ``h×w×D'`` per-patch features already passed through the embedding (need
+            not be normalised: cosine similarity normalises them).
+        candidate_centroids: ``K×D'`` centroids of the candidate clusters.
+        candidate_ids: ``K`` non-negative cluster ids (0-based) of those centroids.
+        out_hw: output ``(H, W)``.
 
     Returns:
-        ``H×W`` int32 label: 0 background, ``1 + candidate_ids[k]`` elsewhere.
+        ``H×W`` int32, values ``1 + candidate_ids[k]``.
     """
     patch_emb = np.asarray(patch_emb)
-    saliency = np.asarray(saliency)
     centroids = np.asarray(candidate_centroids)
     ids = np.asarray(candidate_ids)
     if patch_emb.ndim != 3:
@@ -57,22 +55,64 @@ def raw_pseudo_label(
         )
     if ids.shape != (centroids.shape[0],) or not np.issubdtype(ids.dtype, np.integer) or np.any(ids < 0):
         raise ValueError(f"candidate_ids must be {centroids.shape[0]} non-negative integers, got {ids!r}")
-    if saliency.ndim != 2:
-        raise ValueError(f"saliency must be H×W, got shape {saliency.shape}")
-    out_hw = tuple(saliency.shape) if out_hw is None else tuple(out_hw)
-    if out_hw != saliency.shape:
-        raise ValueError(f"out_hw {out_hw} != saliency shape {saliency.shape}: upsample saliency first")
+    if len(out_hw) != 2 or min(out_hw) < 1:
+        raise ValueError(f"out_hw must be (H, W) with positive sides, got {out_hw!r}")
+    if prune_to is not None and prune_to < 1:
+        raise ValueError(f"prune_to must be >= 1 or None, got {prune_to}")
 
     emb = torch.from_numpy(np.ascontiguousarray(patch_emb, dtype=np.float32))
     cen = torch.from_numpy(np.ascontiguousarray(centroids, dtype=np.float32))
     emb = emb / emb.norm(dim=-1, keepdim=True).clamp_min(_EPS)
     cen = cen / cen.norm(dim=-1, keepdim=True).clamp_min(_EPS)
-    sim = torch.einsum("hwd,kd->khw", emb, cen)[None]  # 1×K×h×w
-    sim = F.interpolate(sim, size=out_hw, mode="bilinear", align_corners=False)[0]
-    best = sim.argmax(dim=0).numpy()
-    label = (ids.astype(np.int64)[best] + 1).astype(np.int32)
-    label[saliency < threshold] = 0
-    return label
+    sim = torch.einsum("hwd,kd->khw", emb, cen)  # K×h×w
+    keep = np.arange(len(ids))
+    if prune_to is not None and len(ids) > prune_to:
+        top = sim.topk(prune_to, dim=0).indices  # prune_to×h×w
+        keep = torch.unique(top).numpy()
+        sim = sim[torch.from_numpy(keep)]
+    sim = F.interpolate(sim[None], size=tuple(int(s) for s in out_hw), mode="bilinear",
+                        align_corners=False)[0]
+    best = keep[sim.argmax(dim=0).numpy()]
+    return (ids.astype(np.int64)[best] + 1).astype(np.int32)
+
+
+def apply_saliency_threshold(classes: np.ndarray, saliency: np.ndarray, threshold: float) -> np.ndarray:
+    """``classes`` (H×W) with every pixel whose ``saliency`` (H×W in [0, 1]) is below
+    ``threshold`` set to background 0."""
+    classes, saliency = np.asarray(classes), np.asarray(saliency)
+    if classes.shape != saliency.shape:
+        raise ValueError(f"saliency shape {saliency.shape} != class map shape {classes.shape}")
+    return np.where(saliency < threshold, 0, classes).astype(np.int32)
+
+
+def raw_pseudo_label(
+    patch_emb: np.ndarray,
+    saliency: np.ndarray,
+    candidate_centroids: np.ndarray,
+    candidate_ids: np.ndarray,
+    threshold: float,
+    out_hw: tuple[int, int] | None = None,
+    prune_to: int | None = 2,
+) -> np.ndarray:
+    """Raw pixel pseudo label of one image: :func:`class_map`, then pixels with
+    ``saliency < threshold`` become 0 (background).
+
+    Args:
+        saliency: ``H×W`` float in [0, 1], already upsampled to the output size.
+        out_hw: output ``(H, W)``; defaults to the saliency's shape, which it must equal.
+        The others: see :func:`class_map`.
+
+    Returns:
+        ``H×W`` int32 label: 0 background, ``1 + candidate_ids[k]`` elsewhere.
+    """
+    saliency = np.asarray(saliency)
+    if saliency.ndim != 2:
+        raise ValueError(f"saliency must be H×W, got shape {saliency.shape}")
+    out_hw = tuple(saliency.shape) if out_hw is None else tuple(out_hw)
+    if out_hw != saliency.shape:
+        raise ValueError(f"out_hw {out_hw} != saliency shape {saliency.shape}: upsample saliency first")
+    return apply_saliency_threshold(class_map(patch_emb, candidate_centroids, candidate_ids, out_hw,
+                                              prune_to), saliency, threshold)
 
 
 def main_and_secondary_classes(

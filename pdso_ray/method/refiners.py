@@ -63,22 +63,39 @@ class MaskPredictor(Protocol):
         pairs. Independent of :meth:`set_image`."""
 
 
+# Choices of RefineParams.spo_components and RefineParams.select_fail.
+SPO_COMPONENTS = ("all", "first")
+SELECT_FAIL_RULES = ("drop", "keep")
+
+
 @dataclass(frozen=True)
 class RefineParams:
     """Per-run settings of the refiners (``pseudo_labels.refine`` in the config).
 
     Attributes:
-        min_area: spo — connected components with fewer pixels get no box prompt.
+        min_area: spo — connected components with fewer pixels get no box prompt. The official
+            ``spo.py`` has no such filter (its ``largestConnectComponent`` returns the whole
+            label), so 0 reproduces it; the default 100 is ours, against single-patch speckle of
+            the patch-level argmax, which SAM would turn into spurious objects.
+        spo_components: spo — ``all``: one box per kept component (the intended rule: the PDSO
+            figure boxes every object); ``first``: only the first kept component of each class
+            in raster order, which is what the official Jittor predictor effectively prompts
+            (it decodes one prompt per box but returns element 0 only).
         select_mask_overlap: sam_select — a mask goes to a class when more than this fraction of
             the mask lies in the class's raw region ...
         select_region_cover: sam_select — ... or when it covers at least this fraction of it.
+        select_fail: sam_select — what becomes of a raw pixel that an automatic mask covers but
+            no assigned mask does (the mask failed the class test): ``drop`` sets it to 0, as
+            SAM_WSSS ``merge/max_iou_imp2.py``; ``keep`` leaves the raw label.
         gmm_confidence: gmm — pixels whose largest posterior is below this become 1000.
         gmm_em_steps: gmm — EM steps after the fit from the raw label's hard assignment.
     """
 
     min_area: int = 100
+    spo_components: str = "all"
     select_mask_overlap: float = 0.5
     select_region_cover: float = 0.85
+    select_fail: str = "drop"
     gmm_confidence: float = 0.5
     gmm_em_steps: int = 2
 
@@ -89,6 +106,10 @@ class RefineParams:
             value = getattr(self, name)
             if not 0.0 <= value <= 1.0:
                 raise ValueError(f"{name} must lie in [0, 1], got {value}")
+        if self.spo_components not in SPO_COMPONENTS:
+            raise ValueError(f"spo_components must be one of {SPO_COMPONENTS}, got {self.spo_components!r}")
+        if self.select_fail not in SELECT_FAIL_RULES:
+            raise ValueError(f"select_fail must be one of {SELECT_FAIL_RULES}, got {self.select_fail!r}")
 
 
 @dataclass(frozen=True)
@@ -216,6 +237,14 @@ def _predict_batched(
     return out[0], out[1], out[2]
 
 
+def _first_component(prompts: ClassPrompts) -> ClassPrompts:
+    """The class's first kept component only (``spo_components: first``). The saliency peak, when
+    it lies in any kept component of the class, rides on that first box: the official predictor
+    broadcasts the point to every box of the class and returns element 0, i.e. point + box 0."""
+    return ClassPrompts(prompts.class_id, prompts.boxes[:1], prompts.point,
+                        None if prompts.point is None else 0)
+
+
 def refine_spo(
     image: np.ndarray,
     raw_label: np.ndarray,
@@ -226,8 +255,9 @@ def refine_spo(
     """SAM optimisation (SPO).
 
     For the main class, then each secondary class present in the raw label: one box per kept
-    connected component, plus the saliency peak as a positive point on the box of the component
-    holding it. Pass 1 asks for three masks per prompt and keeps the one of highest predicted IoU;
+    connected component (``min_area``), plus the saliency peak as a positive point on the box of
+    the component holding it; with ``spo_components: first`` only the first kept component in
+    raster order gets a box, and the peak rides on it (see :func:`_first_component`). Pass 1 asks for three masks per prompt and keeps the one of highest predicted IoU;
     pass 2 re-asks each prompt for a single mask with pass 1's low-res logits as ``mask_input``.
     A class's mask is the union of its pass-2 masks; classes merge main first, secondary classes
     only filling pixels still unlabelled; pixels no mask covers are 0. The image is embedded once;
@@ -238,6 +268,8 @@ def refine_spo(
     if predictor is None:
         raise ValueError("refine method 'spo' needs a MaskPredictor, got None")
     prompts = build_prompts(raw_label, saliency, context.classes, context.params.min_area)
+    if context.params.spo_components == "first":
+        prompts = [_first_component(p) for p in prompts]
     if not prompts:
         return _result(np.zeros(raw_label.shape, np.int32), raw_label, prompts=0, masks_used=0)
 
@@ -266,14 +298,29 @@ def refine_sam_select(
     context: RefineContext,
     predictor: MaskPredictor | None,
 ) -> RefineResult:
-    """Assign SAM's automatic masks to classes.
+    """Assign SAM's automatic masks to classes (SAM_WSSS ``merge/max_iou_imp2.py``).
 
-    A mask goes to the context class (present in the raw label) whose raw region holds more than
-    ``select_mask_overlap`` of the mask, or of which the mask covers at least
-    ``select_region_cover``; when several qualify, the one with the largest overlap. Each mask is
-    claimed by one class at most. Masks are visited by decreasing predicted IoU and a pixel takes
-    the class of the first assigned mask covering it. Pixels no assigned mask covers keep the raw
-    label.
+    The class test (SAM_WSSS's): a mask qualifies for a context class present in the raw label
+    when more than ``select_mask_overlap`` of the mask lies in the class's raw region, or when it
+    covers at least ``select_region_cover`` of that region. A mask goes to the qualifying class
+    of largest overlap and is claimed by one class at most. Masks are scanned by decreasing
+    predicted IoU, then decreasing area, then the generator's order; a pixel takes the class of
+    the first assigned mask covering it (an assigned mask labels all its pixels, raw background
+    included). The other pixels follow ``select_fail``:
+
+    * ``drop`` (SAM_WSSS): a pixel under some mask that no class took is set to 0 — the mask
+      failed the test, so the raw label there is taken for a false activation; only pixels no
+      mask touches keep the raw label;
+    * ``keep``: every pixel outside the assigned masks keeps the raw label.
+
+    Differences from ``max_iou_imp2.py``, which loops over classes in increasing id order, lets
+    the lowest id claim a mask that qualifies for several, and lets a later class overwrite an
+    earlier one where their masks and raw regions overlap: here a mask goes to its best class and
+    the first mask wins a pixel, so the result does not depend on class ids; only the context
+    classes (main and secondary) can take masks, so under ``drop`` raw pixels of other classes
+    survive only where no mask lies; and the scan order is fixed instead of the filesystem's.
+    Under ``drop`` the result does not depend on the scan order except where assigned masks of
+    different classes overlap.
     """
     _check_inputs(image, raw_label, saliency)
     if predictor is None:
@@ -281,19 +328,25 @@ def refine_sam_select(
     params = context.params
     regions = [(c, raw_label == c) for c in context.classes]
     regions = [(c, r, int(r.sum())) for c, r in regions if r.any()]
-    auto = predictor.generate_automatic(image)
-    order = sorted(range(len(auto)), key=lambda i: -auto[i][1])
+    masks, scores = [], []
+    for mask, score in predictor.generate_automatic(image):
+        mask = np.asarray(mask, dtype=bool)
+        if mask.shape != raw_label.shape:
+            raise ValueError(f"automatic mask shape {mask.shape} != raw label shape {raw_label.shape}")
+        masks.append(mask)
+        scores.append(float(score))
+    areas = [int(m.sum()) for m in masks]
+    order = sorted(range(len(masks)), key=lambda i: (-scores[i], -areas[i], i))
 
     label = raw_label.astype(np.int32, copy=True)
     claimed = np.zeros(raw_label.shape, dtype=bool)
+    covered = np.zeros(raw_label.shape, dtype=bool)
     used = 0
     for i in order:
-        mask = np.asarray(auto[i][0], dtype=bool)
-        if mask.shape != raw_label.shape:
-            raise ValueError(f"automatic mask shape {mask.shape} != raw label shape {raw_label.shape}")
-        area = int(mask.sum())
+        mask, area = masks[i], areas[i]
         if area == 0:
             continue
+        covered |= mask
         best_class, best_overlap = None, 0
         for c, region, region_area in regions:
             overlap = int(np.count_nonzero(mask & region))
@@ -308,7 +361,9 @@ def refine_sam_select(
             label[take] = best_class
             claimed |= take
             used += 1
-    return _result(label, raw_label, prompts=len(auto), masks_used=used)
+    if params.select_fail == "drop":
+        label[covered & ~claimed] = 0
+    return _result(label, raw_label, prompts=len(masks), masks_used=used)
 
 
 def _patch_labels(raw_label: np.ndarray, hw: tuple[int, int]) -> np.ndarray:

@@ -3,7 +3,9 @@
 ``build_dino(arch, checkpoint, storage, img_size)`` returns a :class:`DinoBackbone`, a timm
 ``VisionTransformer`` (built with ``pretrained=False``: nothing is ever fetched from a model hub)
 whose forward gives what PDSO needs: the last layer's patch tokens and the CLS->patch attention of
-the last block, averaged over heads (DESIGN §3.1).
+the last block, averaged over heads (DESIGN §3.1). ``attention_features`` also returns the last
+block's per-patch keys (or queries, values) and the CLS token, optionally with attention restricted
+to a region: what LightCluster clusters and labels by.
 
 Checkpoints that load (see :func:`load_dino_weights`):
 - the official DINO release files, e.g. ``dino_deitsmall8_pretrain.pth``: a flat state dict
@@ -72,6 +74,11 @@ DINO_SPECS: dict[str, DinoSpec] = {
         download=f"{_DINO_DOWNLOADS}/dino_vitbase16_pretrain/dino_vitbase16_pretrain.pth"),
     # Tests and the demo: the ViT-S/8 layout shrunk to 2 blocks of width 48 (random init or tiny files).
     "vit_tiny_test": DinoSpec("vit_small_patch8_224", overrides={"embed_dim": 48, "depth": 2, "num_heads": 2}),
+    # The demo's learned stand-in (pdso_ray.models.dino_pretrain): the tiny layout plus 4 register
+    # tokens (Darcet et al. 2023; checkpoint key ``reg_token``). Without them the last block's CLS
+    # attention settles on the background and saliency pooling averages it.
+    "vit_tiny_reg4": DinoSpec("vit_small_patch8_224",
+                              overrides={"embed_dim": 48, "depth": 2, "num_heads": 2, "reg_tokens": 4}),
 }
 
 
@@ -114,48 +121,135 @@ class DinoBackbone(nn.Module):
             cls_attention: B×h×w float32, the last block's softmax attention of the CLS query to
                 each patch, averaged over heads (rows sum to 1 minus the CLS->prefix share).
         """
-        if images.ndim != 4 or images.shape[1] != 3:
-            raise ValueError(f"images must be B×3×H×W, got shape {tuple(images.shape)}")
-        b, _, height, width = images.shape
-        p = self.patch_size
-        if height % p or width % p:
-            raise ValueError(f"image size {height}×{width} is not a multiple of the patch size {p}")
+        out = self.attention_features(images, kind=None)
+        return out.patch_tokens, out.cls_attention
+
+    def attention_features(self, images: torch.Tensor, kind: str | None = "key",
+                           patch_mask: torch.Tensor | None = None) -> AttentionFeatures:
+        """:meth:`forward`'s outputs plus the last block's per-patch attention features and the
+        CLS token, in one pass (LightCluster's inputs, ``pdso_ray.method.lightcluster``).
+
+        Args:
+            images: B×3×H×W float, as for :meth:`forward`.
+            kind: which projection of the last block to return per patch: ``"query"``, ``"key"``
+                or ``"value"`` (see :data:`ATTENTION_FEATURE_KINDS`); None returns none
+                (``features`` is None), which is all :meth:`forward` needs.
+            patch_mask: optional B×h×w bool. Where given, every block lets each token attend only
+                to the prefix (CLS) token and the patches where the mask is True, so the CLS token
+                summarises that region alone, each kept patch at its own position (as if the rest
+                of the image were cut away): the CLS token of an object region. An all-False row
+                gives the CLS token of the prefix alone.
+
+        Returns:
+            :class:`AttentionFeatures`, float32 (bf16 autocast supported). Without ``patch_mask``
+            its ``patch_tokens`` and ``cls_attention`` equal :meth:`forward`'s.
+        """
+        if kind is not None and kind not in ATTENTION_FEATURE_KINDS:
+            raise ValueError(f"kind must be one of {ATTENTION_FEATURE_KINDS}, got {kind!r}")
+        b, h, w = self._grid(images)
         vit = self.vit
+        prefix = vit.num_prefix_tokens
+        key_mask = None
+        if patch_mask is not None:
+            if patch_mask.dtype != torch.bool or tuple(patch_mask.shape) != (b, h, w):
+                raise ValueError(f"patch_mask must be a {b}×{h}×{w} bool tensor, got "
+                                 f"{tuple(patch_mask.shape)} {patch_mask.dtype}")
+            keep = torch.cat([patch_mask.new_ones(b, prefix), patch_mask.flatten(1)], dim=1)
+            key_mask = keep.to(images.device)[:, None, None, :]  # B×1×1×N: same keys for every head and query
         # forward_features, unrolled so the last block's input is at hand for the attention.
         x = vit.patch_embed(images)
         x = vit._pos_embed(x)
         x = vit.patch_drop(x)
         x = vit.norm_pre(x)
         for block in vit.blocks[:-1]:
-            x = block(x)
+            x = block(x, attn_mask=key_mask)
         last = vit.blocks[-1]
-        attention = _cls_attention(last, x, vit.num_prefix_tokens)
-        x = vit.norm(last(x))
-        h, w = height // p, width // p
-        tokens = x[:, vit.num_prefix_tokens:].reshape(b, h, w, -1).float()
-        return tokens, attention.reshape(b, h, w)
+        attention, features = _last_block_features(last, x, prefix, kind, key_mask)
+        x = vit.norm(last(x, attn_mask=key_mask))
+        return AttentionFeatures(
+            patch_tokens=x[:, prefix:].reshape(b, h, w, -1).float(),
+            cls_attention=attention.reshape(b, h, w),
+            features=None if features is None else features[:, prefix:].reshape(b, h, w, -1).float(),
+            cls_token=x[:, 0].float(),
+        )
+
+    def _grid(self, images: torch.Tensor) -> tuple[int, int, int]:
+        """(B, h, w) of a B×3×H×W batch on the patch grid; ValueError for other shapes."""
+        if images.ndim != 4 or images.shape[1] != 3:
+            raise ValueError(f"images must be B×3×H×W, got shape {tuple(images.shape)}")
+        b, _, height, width = images.shape
+        p = self.patch_size
+        if height % p or width % p:
+            raise ValueError(f"image size {height}×{width} is not a multiple of the patch size {p}")
+        return b, height // p, width // p
 
 
-def _cls_attention(block: nn.Module, x: torch.Tensor, num_prefix: int) -> torch.Tensor:
-    """B×N_patches attention of the CLS query in ``block``, averaged over heads (float32).
+# Projections of the last block that :meth:`DinoBackbone.attention_features` returns per patch.
+ATTENTION_FEATURE_KINDS = ("query", "key", "value")
+
+
+@dataclass
+class AttentionFeatures:
+    """One batch through :meth:`DinoBackbone.attention_features` (float32, on the input's device).
+
+    Attributes:
+        patch_tokens: B×h×w×D last-layer patch tokens after the final norm.
+        cls_attention: B×h×w last block's CLS->patch attention, averaged over heads (0 on patches
+            a ``patch_mask`` left out).
+        features: B×h×w×D the last block's per-patch queries, keys or values (None for
+            ``kind=None``): the qkv projection
+            of the block's normalised input, heads concatenated in head order (head i holds
+            columns ``i*head_dim:(i+1)*head_dim``), after timm's q/k norm (identity for DINO),
+            not L2-normalised.
+        cls_token: B×D the CLS token after the final norm.
+    """
+
+    patch_tokens: torch.Tensor
+    cls_attention: torch.Tensor
+    features: torch.Tensor | None
+    cls_token: torch.Tensor
+
+
+def _last_block_features(block: nn.Module, x: torch.Tensor, num_prefix: int, kind: str | None,
+                         key_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The CLS query's attention to the patches in ``block`` (B×N_patches float32, averaged over
+    heads) and the block's B×N×D queries, keys or values (``kind``; None for ``kind=None``) for
+    its input ``x``, heads concatenated.
 
     timm runs attention fused (SDPA), which never materialises the weights. Only the CLS row is
     needed, so it is recomputed from the block's own q/k projections: one query against all keys,
     about a third of one qkv projection, instead of the full N×N attention of an unfused block.
+    ``key_mask`` (B×1×1×N bool, True = may be attended to) removes keys from that softmax, as the
+    block itself does when it gets the same mask.
     """
     attn = block.attn
     b, n, _ = x.shape
     heads, head_dim, dim = attn.num_heads, attn.head_dim, attn.attn_dim
     xn = block.norm1(x)
     weight, bias = attn.qkv.weight, attn.qkv.bias
-    q = F.linear(xn[:, :1], weight[:dim], None if bias is None else bias[:dim])
-    k = F.linear(xn, weight[dim:2 * dim], None if bias is None else bias[dim:2 * dim])
-    q = attn.q_norm(q.reshape(b, 1, heads, head_dim).transpose(1, 2))
-    k = attn.k_norm(k.reshape(b, n, heads, head_dim).transpose(1, 2))
+
+    def project(part: int, rows: torch.Tensor) -> torch.Tensor:  # part 0 = q, 1 = k, 2 = v; B×heads×n×hd
+        cut = slice(part * dim, (part + 1) * dim)
+        out = F.linear(rows, weight[cut], None if bias is None else bias[cut])
+        return out.reshape(b, rows.shape[1], heads, head_dim).transpose(1, 2)
+
+    q = attn.q_norm(project(0, xn[:, :1]))
+    k = attn.k_norm(project(1, xn))
     # float32 logits, autocast off: a bf16 softmax over ~800 keys loses visible precision.
     with torch.autocast(device_type=x.device.type, enabled=False):
         logits = (q.float() * attn.scale) @ k.float().transpose(-2, -1)  # B×heads×1×N
-        return logits.softmax(dim=-1)[:, :, 0, num_prefix:].mean(dim=1)
+        if key_mask is not None:
+            logits = logits.masked_fill(~key_mask, float("-inf"))
+        attention = logits.softmax(dim=-1)[:, :, 0, num_prefix:].mean(dim=1)
+    if kind is None:
+        return attention, None
+    if kind == "key":
+        features = k
+    elif kind == "query":
+        features = attn.q_norm(project(0, xn))
+    else:
+        features = project(2, xn)
+    return attention, features.transpose(1, 2).reshape(b, n, dim)
 
 
 # ---- building -------------------------------------------------------------------------------------

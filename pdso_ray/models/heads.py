@@ -16,7 +16,7 @@ from __future__ import annotations
 import io
 import logging
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import timm
@@ -90,6 +90,15 @@ class Segmenter(nn.Module):
         if x.ndim != 4 or x.shape[1] != 3:
             raise ValueError(f"input must be B×3×H×W, got shape {tuple(x.shape)}")
         return self.head(self.backbone(x))
+
+    def features_and_logits(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """One forward that also returns the pixel features (for the AGMM loss, docs/method.md §7):
+        ``(features B×D×h×w, logits B×(C+1)×h×w)``, the backbone feature map (D =
+        ``backbone.out_channels``) and the head's output on it, which :meth:`forward` returns."""
+        if x.ndim != 4 or x.shape[1] != 3:
+            raise ValueError(f"input must be B×3×H×W, got shape {tuple(x.shape)}")
+        features = self.backbone(x)
+        return features, self.head(features)
 
 
 # ---- building -------------------------------------------------------------------------------------
@@ -196,23 +205,30 @@ def model_input_size(height: int, width: int, short_side: int, multiple: int) ->
     return fit(height), fit(width)
 
 
-def logits_to_prediction(logits: torch.Tensor, size: tuple[int, int],
-                         chunk: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
-    """Upsample one image's logits to ``size`` and take the per-pixel decision.
+class Prediction(NamedTuple):
+    """One image's decision at full resolution (``H×W`` tensors).
+
+    ``label``: int64 argmax over the C+1 outputs, background (0) included — the official
+    decision rule (PASS and PDSO write and score this). ``foreground_label``: int64 argmax over the
+    C foreground channels (ids 1..C). ``foreground``: float32 ``1 - softmax(...)[0]`` in [0, 1];
+    with ``foreground_label`` it serves PASS's foreground-threshold rule
+    (``predict.background: threshold``)."""
+
+    label: torch.Tensor
+    foreground_label: torch.Tensor
+    foreground: torch.Tensor
+
+
+def logits_to_prediction(logits: torch.Tensor, size: tuple[int, int], chunk: int = 64) -> Prediction:
+    """Upsample one image's logits to ``size`` and take the per-pixel decisions.
 
     Logits are upsampled bilinearly (``align_corners=False``) before the argmax and softmax, in
     chunks of ``chunk`` channels with a running max and log-sum-exp, so memory stays
-    ``O(chunk·H·W)`` even for C = 919 at full image size.
+    ``O(chunk·H·W)`` even for C = 919 at full image size. Ties go to the lower id.
 
     Args:
         logits: ``(C+1)×h×w`` float, channel 0 background.
         size: ``(H, W)`` output size.
-
-    Returns:
-        ``label``: ``H×W`` int64 argmax over the C foreground channels 1..C (ties go to the lower
-        id) — background is not decided here: as in PASS, it is where ``foreground`` falls below
-        a threshold chosen on validation (the evaluate stage sweeps it);
-        ``foreground``: ``H×W`` float32, ``1 - softmax(...)[0]``, in [0, 1].
     """
     if logits.ndim != 3 or logits.shape[0] < 2:
         raise ValueError(f"logits must be (C+1)×h×w with C >= 1, got shape {tuple(logits.shape)}")
@@ -229,13 +245,15 @@ def logits_to_prediction(logits: torch.Tensor, size: tuple[int, int],
         lse = torch.logaddexp(lse, torch.logsumexp(up, dim=0))
         if background is None:
             background = up[0].clone()
-            up[0] = -torch.inf  # the label is the best foreground class
+            up[0] = -torch.inf  # the running argmax is over the foreground channels
         top, idx = up.max(dim=0)
         better = top > best
         label = torch.where(better, idx + start, label)
         best = torch.where(better, top, best)
     foreground = (1.0 - torch.exp(background - lse)).clamp_(0.0, 1.0)
-    return label, foreground
+    # Background wins where its logit is at least the best foreground one (ties: lower id).
+    argmax = torch.where(background >= best, torch.zeros_like(label), label)
+    return Prediction(argmax, label, foreground)
 
 
 def foreground_to_uint8(foreground: np.ndarray) -> np.ndarray:

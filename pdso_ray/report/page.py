@@ -14,6 +14,7 @@ import hashlib
 import html
 import io
 import logging
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -29,17 +30,19 @@ from pdso_ray.storage import Storage, UnreadableFile
 log = logging.getLogger("pdso_ray")
 
 
-def build_report(storage: Storage, run_url: str, cfg: PipelineConfig | None = None) -> str:
+def build_report(storage: Storage, run_url: str, cfg: PipelineConfig | None = None,
+                 stage_order: Sequence[str] | None = None) -> str:
     """Write ``report/index.html`` and its PNGs under ``run_url``; return the page's URL.
 
     ``cfg`` locates the dataset (images and GT for the validation grid); by default it is read
-    from the run's ``config.yaml``.
+    from the run's ``config.yaml``. ``stage_order``: the pipeline's stages, for the stage table
+    (default: the order of ``summary.json``).
     """
     from pdso_ray.report.sections import SECTIONS
 
     if cfg is None:
         cfg = load_run_config(storage, run_url)
-    report = Report(storage, run_url, cfg)
+    report = Report(storage, run_url, cfg, stage_order)
     body = []
     for title, build in SECTIONS:
         try:
@@ -56,10 +59,13 @@ def build_report(storage: Storage, run_url: str, cfg: PipelineConfig | None = No
 
 class Report:
     """What a section gets: storage, the run folder's layout (:attr:`run`), the run's config (None
-    when it has none) and its image source (:attr:`data`, None without a config)."""
+    when it has none), its image source (:attr:`data`, None without a config) and the pipeline's
+    stage order (:attr:`stage_order`, None when unknown)."""
 
-    def __init__(self, storage: Storage, run_url: str, cfg: PipelineConfig | None):
+    def __init__(self, storage: Storage, run_url: str, cfg: PipelineConfig | None,
+                 stage_order: Sequence[str] | None = None):
         self.storage, self.cfg = storage, cfg
+        self.stage_order = list(stage_order) if stage_order else None
         self.run = RunLayout(run_url, cfg.data.features if cfg else None)
         self.data = build_layout(cfg.data) if cfg is not None else None
 

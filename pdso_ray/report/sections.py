@@ -15,20 +15,15 @@ import numpy as np
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-from pdso_ray.data.imagenet_s import IGNORE_ID, VALIDATION
-from pdso_ray.evaluation import apply_background_threshold, decode_fg
-from pdso_ray.method.metrics import SIZE_BIN_NAMES
-from pdso_ray.report.figures import class_colors, label_grid
+from pdso_ray.report import quality
+from pdso_ray.report.figures import label_grid
 from pdso_ray.report.page import Report, esc, fmt, not_run, sample, table
-from pdso_ray.run_layout import LABEL_SUFFIX, png_rel
-from pdso_ray.stages import STAGES
 from pdso_ray.tables import column_values, iter_row_groups, parquet_files
 
 log = logging.getLogger("pdso_ray")
 
 MAX_GRID_ROWS = 8
 MAX_REJECTED_ROWS = 200
-MAX_BARS_BY_ID = 61  # per-class IoU drawn per id up to here (ImageNet-S50 + background)
 
 
 def _overview(r: Report) -> str:
@@ -40,20 +35,32 @@ def _overview(r: Report) -> str:
     for key in ("images_total", "images_ok", "images_rejected", "files_ignored"):
         if summary and key in summary:
             rows.append([key.replace("_", " "), summary[key]])
+    for split, info in sorted((summary or {}).get("splits", {}).items()):
+        rows.append([f"{split} images", ", ".join(f"{k} {v}" for k, v in info.items())])
     if val is not None:
-        rows += [["validation mIoU (%)", val["mIoU"]], ["validation Acc (%)", val.get("Acc")],
-                 ["background threshold", val.get("threshold")],
-                 ["validation images", val.get("num_images")]]
+        rows += [["validation mIoU (%), official rule (argmax over C+1)", val["mIoU"]],
+                 ["validation Acc (%)", val.get("Acc")], ["validation images", val.get("num_images")]]
     if test is not None:
         rows += [["test mIoU (%)", test["mIoU"]], ["test images", test.get("num_images")]]
-    return table(["", "value"], rows)
+    tuned = r.json(r.run.eval_file("validation_threshold.json"))
+    if tuned is not None:
+        rows.append([f"validation mIoU (%), threshold rule (t = {tuned['threshold']:g}, tuned on "
+                     "validation ground truth)", tuned["mIoU"]])
+    out = table(["", "value"], rows)
+    for stage, notes in ((summary or {}).get("notes") or {}).items():
+        out += "".join(f'<p class="note">{esc(stage)}: {esc(n)}</p>' for n in notes)
+    return out
 
 
 def _stages(r: Report) -> str:
-    summary = (r.json(r.run.summary_file) or {}).get("stages", {})
+    whole = r.json(r.run.summary_file)
+    if whole is None and r.stage_order is None:
+        return not_run("no summary.json")
+    summary = (whole or {}).get("stages", {})
+    order = r.stage_order or (whole or {}).get("stage_order") or list(summary)
     rows, seconds = [], {}
     # The report stage is still running while this is written: its row would be stale.
-    for name in [s for s in STAGES if s != "report"]:
+    for name in [s for s in order if s != "report"]:
         manifest = r.storage.read_manifest(r.run.stage_dir(name)) or {}
         info = summary.get(name, {})
         status = info.get("status") or ("done" if manifest else "not run")
@@ -121,63 +128,6 @@ def _cluster_sizes(r: Report) -> str:
     return out
 
 
-def _per_class_iou(r: Report) -> str:
-    val = r.json(r.run.eval_file("validation.json"))
-    if val is None:
-        return not_run("no eval/validation.json")
-    iou = np.array([np.nan if v is None else v for v in val["IoU"]], dtype=float)
-    test = r.json(r.run.eval_file("test.json"))
-    fig = Figure(figsize=(10, 3.4))
-    ax = fig.subplots()
-    if iou.size <= MAX_BARS_BY_ID:
-        ids = np.arange(iou.size)
-        ax.bar(ids, iou, color=class_colors()[ids] / 255.0, edgecolor="#444444", linewidth=0.5)
-        if test is not None:
-            ax.plot(ids, [np.nan if v is None else v for v in test["IoU"]], "k.", label="test")
-        ax.set_xticks(ids)
-        ax.set_xlabel("class id (0 = background; colours as in the pictures below)")
-    else:
-        # Hundreds of one-pixel bars by id read as noise; sorted, they show the distribution.
-        ranked = np.sort(np.nan_to_num(iou, nan=0.0))[::-1]
-        ax.fill_between(np.arange(1, ranked.size + 1), ranked, step="mid", color="#4c78a8")
-        ax.set_xlabel(f"classes sorted by IoU ({iou.size} incl. background)")
-    ax.axhline(val["mIoU"], color="#888888", linestyle="--", label=f"mIoU {val['mIoU']:.2f}")
-    ax.set(ylabel="IoU (%)", ylim=(0, 100))
-    ax.legend(fontsize=8, loc="upper right")
-    out = r.figure(fig, "iou_per_class.png", "per-class IoU")
-    size_miou = val.get("size_mIoU") or {}
-    bins = [b for b in SIZE_BIN_NAMES if b in size_miou]  # JSON sorted them by name
-    out += table(["mIoU", "Acc", "PixelAcc", *[f"mIoU {b}" for b in bins], "images"],
-                  [[val["mIoU"], val.get("Acc"), val.get("PixelAcc"),
-                    *[size_miou[b] for b in bins], val.get("num_images")]])
-    worst = np.argsort(np.nan_to_num(iou, nan=-1.0))[:5]
-    lowest = ", ".join(f"class {i}: {fmt(float(iou[i]))}" for i in worst)
-    out += f"<p>Lowest IoU: {lowest}</p>"
-    return out
-
-
-def _threshold(r: Report) -> str:
-    curve = r.json(r.run.eval_file("threshold_curve.json"))
-    val = r.json(r.run.eval_file("validation.json"))
-    if curve is None:
-        if val is not None:
-            return "<p>No sweep: the predictions came without foreground maps.</p>"
-        return not_run("no eval/threshold_curve.json")
-    ts = [p["threshold"] for p in curve]
-    miou = [p["mIoU"] for p in curve]
-    fig = Figure(figsize=(6, 3.2))
-    ax = fig.subplots()
-    ax.plot(ts, miou, "o-", color="#4c78a8", markersize=4)
-    chosen = val.get("threshold") if val else None
-    if chosen is not None:
-        ax.axvline(chosen, color="#e45756", linestyle="--", label=f"chosen t = {chosen:g}")
-        ax.legend(fontsize=8)
-    ax.set(xlabel="background threshold t (foreground probability)", ylabel="validation mIoU (%)")
-    return (r.figure(fig, "threshold_curve.png", "mIoU against background threshold")
-            + f"<p>Pixels whose foreground probability is below t become background; "
-              f"the best t on validation ({fmt(chosen)}) is applied to test.</p>")
-
-
 def _train_grid(r: Report) -> str:
     stats = r.run.label_stats_dir
     if not parquet_files(r.storage, stats):
@@ -194,47 +144,6 @@ def _train_grid(r: Report) -> str:
     return (r.figure(fig, "train_labels.png", "train images with raw and refined labels")
             + "<p>Label colours are cluster ids (train images have no ground truth); "
               "black is background, white ignore.</p>")
-
-
-def _validation_grid(r: Report) -> str:
-    pred_dir = r.run.predictions_dir(VALIDATION)
-    rels = list(r.storage.list_relative(pred_dir, LABEL_SUFFIX))
-    if not rels:
-        return not_run("no predictions/validation/")
-    val = r.json(r.run.eval_file("validation.json")) or {}
-    threshold = val.get("threshold")
-    match = r.json(r.run.eval_file("match.json"))
-    lut = None
-    if match is not None:
-        lut = np.arange(IGNORE_ID + 1)
-        for p, g in match.items():
-            lut[int(p)] = int(g)
-    images, gt_dir = {}, None
-    if r.data is not None:
-        gt_dir = r.data.gt_dir(r.storage, VALIDATION)
-        try:
-            listing = r.data.list_split(r.storage, VALIDATION)
-            images = {png_rel(rec.id): rec.path for rec in listing.images}
-        except FileNotFoundError:
-            log.warning("report: validation images not found under %s", r.data.split_url(VALIDATION))
-    rows = []
-    for rel in sample(rels, MAX_GRID_ROWS):
-        pred = r.label(r.storage.join(pred_dir, rel))
-        fg_url = r.storage.join(r.run.foreground_dir(VALIDATION), rel)
-        if pred is not None and threshold is not None and r.storage.exists(fg_url):
-            pred = apply_background_threshold(pred, decode_fg(r.storage.read_bytes(fg_url)),
-                                              threshold)
-        if pred is not None and lut is not None:
-            pred = lut[np.clip(pred, 0, IGNORE_ID)]
-        gt = None if gt_dir is None else r.label(r.storage.join(gt_dir, rel))
-        image = r.image(images[rel], exif_transpose=False) if rel in images else None
-        rows.append((rel[:-4], [image, pred, gt]))
-    how = (f"background threshold {threshold:g}, " if threshold is not None else "") + (
-        "ids mapped to GT classes by the validation matching" if lut is not None
-        else "raw predicted ids (no matching yet)")
-    fig = label_grid(rows, ["image", "prediction", "ground truth"])
-    return (r.figure(fig, "validation_predictions.png", "validation predictions and GT")
-            + f"<p>Prediction: {esc(how)}. Black is background, white ignore.</p>")
 
 
 def _rejected(r: Report) -> str:
@@ -270,9 +179,16 @@ def _configuration(r: Report) -> str:
 
 
 SECTIONS: list[tuple[str, Callable[[Report], str]]] = [
-    ("Overview", _overview), ("Stages", _stages), ("Cluster sizes", _cluster_sizes),
-    ("Per-class IoU (validation)", _per_class_iou), ("Background threshold", _threshold),
+    ("Overview", _overview),
+    ("Ablation: what each stage adds", quality.ablation),
+    ("Image-level diagnostics (train images)", quality.image_diagnostics),
+    ("Stages", _stages),
+    ("Pseudo-label threshold and σ (chosen on validation)", quality.pseudo_label_choice),
+    ("Pseudo labels on validation: largest gains and losses from refinement", quality.pseudo_label_gains),
+    ("Cluster sizes", _cluster_sizes),
+    ("Per-class IoU (validation)", quality.per_class_iou),
+    ("Threshold rule (tuned on validation ground truth)", quality.threshold_rule),
     ("Pseudo labels (train images)", _train_grid),
-    ("Predictions (validation images)", _validation_grid),
+    ("Predictions (validation images)", quality.validation_grid),
     ("Rejected images", _rejected), ("Configuration", _configuration),
 ]

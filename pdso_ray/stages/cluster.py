@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 
 from pdso_ray.stages.base import RunContext, Stage
+from pdso_ray.stages.diagnostics import folder_classes, image_diagnostics, image_scores
 from pdso_ray.tables import parquet_files, save_array, write_aligned
 
 
@@ -34,7 +35,9 @@ class ClusterStage(Stage):
         save_array(storage, ctx.run.centroids_file(self.name), result.centroids)
         write_aligned(storage, files, ctx.run.stage_dir(self.name),
                       {"cluster": result.assignments.astype(np.int32)})
+        truth = folder_classes(ctx, ctx.run.stage_dir(self.name))
         return {"images": int(result.assignments.size), "objective": result.objective,
                 "empty_clusters": int((result.counts == 0).sum()),
                 "largest_cluster": int(result.counts.max()),
-                "smallest_cluster": int(result.counts.min())}
+                "smallest_cluster": int(result.counts.min()),
+                **image_diagnostics([("cluster", image_scores(truth, result.assignments))])}

@@ -19,9 +19,11 @@ import numpy as np
 from pdso_ray.config import DenoiseConfig
 from pdso_ray.run_layout import RunLayout
 from pdso_ray.stages.base import RunContext, Stage
+from pdso_ray.stages.diagnostics import folder_classes, image_diagnostics, image_scores
 from pdso_ray.storage import Storage
 from pdso_ray.tables import (
     arrow_to_vectors,
+    column_values,
     parquet_files,
     read_table,
     row_group_sizes,
@@ -134,4 +136,19 @@ class DenoiseStage(Stage):
         settings = dataclasses.replace(ctx.cfg.denoise, seed=ctx.cfg.seed_for("denoise"))
         task = ray.remote(run_denoise).options(num_gpus=1 if ctx.cluster_has_gpu else 0,
                                                num_cpus=1, max_retries=2)
-        return ray.get(task.remote(ctx.storage, files, ctx.run, ctx.cfg.data.classes, settings))
+        counts = ray.get(task.remote(ctx.storage, files, ctx.run, ctx.cfg.data.classes, settings))
+        return {**counts, **self.diagnostics(ctx)}
+
+    def diagnostics(self, ctx: RunContext) -> dict[str, Any]:
+        """Purity of the k-means #1 labels on S1, and of the labels h trains on (g's relabelling)
+        on S2, against the class folders."""
+        out = ctx.run.stage_dir(self.name)
+        truth = folder_classes(ctx, out)
+        if truth is None:
+            return {}
+        kmeans = column_values(ctx.storage, ctx.run.stage_dir("cluster"), "cluster")
+        subset1 = column_values(ctx.storage, out, "subset1")
+        clean = column_values(ctx.storage, out, "clean")
+        relabel = column_values(ctx.storage, out, "relabel")
+        return image_diagnostics([("denoise_s1", image_scores(truth, kmeans, subset1)),
+                                  ("denoise_s2", image_scores(truth, relabel, clean))])

@@ -1,24 +1,27 @@
-"""Stage 8, ``evaluate``: predictions + ground truth → ``eval/*.json`` (the official protocol,
-:mod:`pdso_ray.evaluation`).
+"""Stage 8, ``evaluate``: predictions + ground truth → ``eval/*.json`` with the official protocol
+(:mod:`pdso_ray.evaluation`), and the run's ablation.
 
-Validation: a PASS-style background threshold sweep when the predict stage wrote foreground maps
-(``predictions/validation_fg/``): for every threshold t of
-:data:`~pdso_ray.evaluation.BACKGROUND_THRESHOLDS`, pixels whose foreground probability is below t
-become background and the others keep their label; each t gets its own Hungarian matching and
-mIoU. The best t (highest mIoU, the lowest t on ties) and its matching are kept. Without
-foreground maps the labels are evaluated as they are (threshold null).
+**The official number.** ``predictions/validation/`` hold argmax over the C+1 outputs, background
+included (PASS's and PDSO's rule): the Hungarian matching on validation and its mIoU give
+``eval/validation.json`` and ``eval/match.json`` (``{"pred id": gt id}``, the official toolbox's
+format) and the summary's ``mIoU``; ``pdso-ray evaluate --pred OUTPUT/predictions/validation``
+reproduces it exactly. Test predictions with ground truth (``test-segmentation/``; the official
+test GT is withheld) are scored with the *validation* matching: ``eval/test.json``, ``mIoU_test``.
+Without test GT the predictions are only counted: ``pdso-ray export`` packs them for the server.
 
-Test: if ground truth exists (``test-segmentation/``; the official test GT is withheld), the test
-predictions are evaluated with the best t and the *validation* matching. Without GT the
-predictions are only counted: ``pdso-ray export`` packs them for the benchmark server.
+**The threshold rule** (``predict.background: threshold``): PASS's alternative decision — the best
+foreground class, and background where the foreground probability is below t — with t swept over
+:data:`~pdso_ray.evaluation.BACKGROUND_THRESHOLDS` on validation ground truth (one matching per t,
+best mIoU, lowest t on ties): ``eval/threshold_curve.json``, ``eval/validation_threshold.json``,
+``eval/test_threshold.json`` and ``mIoU_threshold`` — tuned on validation GT, so reported beside
+the official number, never as it.
 
-Writes ``eval/threshold_curve.json`` (``[{"threshold", "mIoU"}]``, with a sweep),
-``eval/validation.json`` (the metrics of :meth:`SegmentationResult.to_json` plus ``threshold``),
-``eval/match.json`` (``{"pred id": gt id}``, the official toolbox's format) and, with test GT,
-``eval/test.json``. An image that was rejected (at listing or by the predict stage:
-``predictions/rejected_{split}.parquet``) is scored as an all-background prediction and listed
-under ``unpredicted``; any other missing prediction is an error. A split without ground truth, or
-a run on a plain folder of images, is skipped with a note in the counts.
+**The ablation** (``diagnostics.ablation``): validation mIoU of the raw pseudo labels, of the
+refined ones (both from ``eval/pseudo_labels.json``) and of the final model.
+
+An image that was rejected (at listing or by the predict stage) is scored as an all-background
+prediction and listed under ``unpredicted``; any other missing prediction is an error. A split
+without ground truth, or a run on a plain folder of images, is skipped with a note.
 """
 
 from __future__ import annotations
@@ -36,15 +39,29 @@ log = logging.getLogger("pdso_ray")
 
 
 def rejected_rels(ctx: RunContext, split: str) -> set[str]:
-    """Relative names (``<wnid>/<stem>.png``) of the ``split`` images that got no prediction."""
+    """Relative names (``<wnid>/<stem>.png``) of the ``split`` images that got no prediction: from
+    their ids, or for names the listing could not make an id of, from their paths below the split
+    folder (the ground truth of such an image has that name too)."""
     url = ctx.run.predict_rejected(split)
     if not ctx.storage.exists(url):
         return set()
-    return {png_rel(r.image_id) for r in read_rejected(ctx.storage, url) if r.image_id}
+    _, base = ctx.storage.fs(ctx.data.split_url(split))
+    base = base.rstrip("/") + "/"
+    out = set()
+    for r in read_rejected(ctx.storage, url):
+        if r.image_id:
+            out.add(png_rel(r.image_id))
+            continue
+        _, path = ctx.storage.fs(r.path)
+        if path.startswith(base) and "." in path[len(base):]:
+            rel = path[len(base):]
+            out.add(rel[: rel.rfind(".")] + LABEL_SUFFIX)
+    return out
 
 
 class EvaluateStage(Stage):
-    """Threshold sweep and matching on validation, reused on test (see the module docstring)."""
+    """The official score on validation and test, the threshold rule beside it when predicted,
+    the ablation (see the module docstring)."""
 
     name = "evaluate"
     config_sections = ("data.root", "data.layout", "data.classes", "data.class_list")
@@ -52,7 +69,8 @@ class EvaluateStage(Stage):
 
     def extra_outputs(self, run: RunLayout) -> tuple[str, ...]:
         return tuple(run.eval_file(n) for n in
-                     ("validation.json", "test.json", "match.json", "threshold_curve.json"))
+                     ("validation.json", "test.json", "match.json", "threshold_curve.json",
+                      "validation_threshold.json", "test_threshold.json"))
 
     def run(self, ctx: RunContext) -> dict[str, Any]:
         storage, classes, run = ctx.storage, ctx.cfg.data.classes, ctx.run
@@ -63,47 +81,78 @@ class EvaluateStage(Stage):
             for note in notes:
                 log.info("evaluate: %s", note)
             return {"skipped": True, "notes": notes or ["no validation ground truth: nothing to evaluate"]}
-
-        val_fg = run.foreground_dir(VALIDATION)
-        sweep = bool(storage.list_relative(val_fg, LABEL_SUFFIX))
-        files = pair_files(storage, run.predictions_dir(VALIDATION), val.gt_dir,
-                           val_fg if sweep else None, rejected_rels(ctx, VALIDATION))
-        unpredicted = [f.rel for f in files if f.pred is None]
-        thresholds: list[float | None] = list(BACKGROUND_THRESHOLDS) if sweep else [None]
-        log.info("evaluate: %d validation images, %s", len(files),
-                 f"sweeping {len(thresholds)} background thresholds" if sweep
-                 else "no foreground maps, no threshold sweep")
-        results = evaluate_thresholds(storage, files, classes, thresholds)
-        best = best_index(results)
-        threshold, result = thresholds[best], results[best]
-        if sweep:
-            curve = [{"threshold": t, "mIoU": r.miou} for t, r in zip(thresholds, results)]
-            storage.write_json(run.eval_file("threshold_curve.json"), curve)
-        storage.write_json(run.eval_file("match.json"),
-                           {str(p): g for p, g in sorted(result.match.items())})
-        storage.write_json(run.eval_file("validation.json"),
-                           {**result.to_json(), "split": VALIDATION, "threshold": threshold,
-                            "unpredicted": unpredicted})
-        counts: dict[str, Any] = {"validation_images": result.num_images, "mIoU": result.miou,
-                                  "threshold": threshold, "validation_unpredicted": len(unpredicted),
-                                  "notes": notes}
-        log.info("evaluate: validation mIoU %.2f at background threshold %s", result.miou, threshold)
-
         test = splits.get(TEST)
-        test_pred = run.predictions_dir(TEST)
-        counts["test_images"] = len(storage.list_relative(test_pred, LABEL_SUFFIX))
-        if counts["test_images"] and test is not None and test.gt_dir is not None:
-            test_files = pair_files(storage, test_pred, test.gt_dir,
-                                    run.foreground_dir(TEST) if sweep else None, rejected_rels(ctx, TEST))
-            (test_result,) = evaluate_thresholds(storage, test_files, classes, [threshold],
-                                                 match=result.match)
+        test_gt = test.gt_dir if test is not None else None
+        counts: dict[str, Any] = {"notes": notes}
+
+        files = pair_files(storage, run.predictions_dir(VALIDATION), val.gt_dir,
+                           rejected=rejected_rels(ctx, VALIDATION))
+        (result,) = evaluate_thresholds(storage, files, classes)
+        storage.write_json(run.eval_file("match.json"), {str(p): g for p, g in sorted(result.match.items())})
+        unpredicted = [f.rel for f in files if f.pred is None]
+        storage.write_json(run.eval_file("validation.json"),
+                           {**result.to_json(), "split": VALIDATION, "rule": "argmax",
+                            "unpredicted": unpredicted})
+        counts.update(validation_images=result.num_images, mIoU=result.miou,
+                      validation_unpredicted=len(unpredicted))
+        log.info("evaluate: validation mIoU %.2f (argmax over C+1, the official rule)", result.miou)
+        counts["test_images"] = len(storage.list_relative(run.predictions_dir(TEST), LABEL_SUFFIX))
+        if counts["test_images"] and test_gt is not None:
+            test_files = pair_files(storage, run.predictions_dir(TEST), test_gt, rejected=rejected_rels(ctx, TEST))
+            (test_result,) = evaluate_thresholds(storage, test_files, classes, match=result.match)
             storage.write_json(run.eval_file("test.json"),
-                               {**test_result.to_json(), "split": TEST, "threshold": threshold,
-                                "match_from": VALIDATION,
+                               {**test_result.to_json(), "split": TEST, "rule": "argmax", "match_from": VALIDATION,
                                 "unpredicted": [f.rel for f in test_files if f.pred is None]})
             counts["mIoU_test"] = test_result.miou
-            log.info("evaluate: test mIoU %.2f (validation matching and threshold)", test_result.miou)
+            log.info("evaluate: test mIoU %.2f (validation matching)", test_result.miou)
         elif counts["test_images"]:
-            log.info("evaluate: %d test predictions, no test ground truth: kept for "
-                     "`pdso-ray export`", counts["test_images"])
+            log.info("evaluate: %d test predictions, no test ground truth: kept for `pdso-ray export`",
+                     counts["test_images"])
+        if storage.list_relative(run.foreground_dir(VALIDATION), LABEL_SUFFIX):
+            counts.update(self._threshold_rule(ctx, val.gt_dir, test_gt))
+        counts["diagnostics"] = {"ablation": ablation(ctx, result.miou)}
         return counts
+
+    def _threshold_rule(self, ctx: RunContext, val_gt: str, test_gt: str | None) -> dict[str, Any]:
+        """PASS's foreground-threshold rule, t tuned on validation GT (module docstring)."""
+        storage, classes, run = ctx.storage, ctx.cfg.data.classes, ctx.run
+        files = pair_files(storage, run.foreground_label_dir(VALIDATION), val_gt,
+                           run.foreground_dir(VALIDATION), rejected_rels(ctx, VALIDATION))
+        thresholds = list(BACKGROUND_THRESHOLDS)
+        results = evaluate_thresholds(storage, files, classes, thresholds, size_bins=False)
+        best = best_index(results)
+        threshold, result = thresholds[best], results[best]
+        storage.write_json(run.eval_file("threshold_curve.json"),
+                           [{"threshold": t, "mIoU": r.miou} for t, r in zip(thresholds, results)])
+        tuned = "background threshold tuned on validation ground truth"
+        storage.write_json(run.eval_file("validation_threshold.json"),
+                           {**result.to_json(), "split": VALIDATION, "rule": "threshold",
+                            "threshold": threshold, "note": tuned})
+        out: dict[str, Any] = {"mIoU_threshold": result.miou, "threshold": threshold}
+        log.info("evaluate: validation mIoU %.2f with the threshold rule (t = %g, %s)",
+                 result.miou, threshold, tuned)
+        test_fgclass = run.foreground_label_dir(TEST)
+        if test_gt is not None and storage.list_relative(test_fgclass, LABEL_SUFFIX):
+            test_files = pair_files(storage, test_fgclass, test_gt, run.foreground_dir(TEST),
+                                    rejected_rels(ctx, TEST))
+            (test_result,) = evaluate_thresholds(storage, test_files, classes, [threshold], match=result.match)
+            storage.write_json(run.eval_file("test_threshold.json"),
+                               {**test_result.to_json(), "split": TEST, "rule": "threshold",
+                                "threshold": threshold, "match_from": VALIDATION, "note": tuned})
+            out["mIoU_test_threshold"] = test_result.miou
+        return out
+
+
+def ablation(ctx: RunContext, final_miou: float) -> list[dict[str, Any]]:
+    """``[{"step", "mIoU"}]``: validation mIoU of the raw and refined pseudo labels (when the
+    pseudo-label stage could score them) and of the final model."""
+    steps = []
+    pseudo = ctx.storage.read_json(ctx.run.eval_file("pseudo_labels.json")) \
+        if ctx.storage.exists(ctx.run.eval_file("pseudo_labels.json")) else None
+    if pseudo is not None:
+        steps.append({"step": f"raw pseudo labels (t = {pseudo['raw']['threshold']:g})", "mIoU": pseudo["raw"]["mIoU"]})
+        refined = pseudo["refined"]
+        how = f"{refined['method']}" + (f", sigma = {refined['sigma']:g}" if refined["method"] == "spo" else "")
+        steps.append({"step": f"refined pseudo labels ({how})", "mIoU": refined["mIoU"]})
+    steps.append({"step": f"final model ({ctx.cfg.finetune.backbone}, {ctx.cfg.finetune.loss})", "mIoU": final_miou})
+    return steps

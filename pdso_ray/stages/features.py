@@ -60,7 +60,8 @@ class DinoFeatures(BatchStep):
         feats_flip = np.zeros((n, dim), dtype=np.float32)
         peaks = np.zeros((n, 2), dtype=np.float32)
         if ok.any():
-            x = to_model_input(batch["image"][ok], self.image_size).to(self.device)
+            # uint8 travels to the device and is resized and normalised there
+            x = to_model_input(batch["image"][ok], self.image_size, device=self.device)
             x = torch.cat([x, torch.flip(x, dims=[3])])
             with torch.inference_mode(), torch.autocast(
                     self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
@@ -155,7 +156,8 @@ class FeaturesStage(StreamingStage):
         total = len(work.ids) + len(work.rejected)
         reconcile("features", total, n_ok, n_rejected)
         return {"images_total": total, "images_ok": n_ok, "images_rejected": n_rejected,
-                "files_ignored": work.info["ignored"]}
+                "files_ignored": work.info["ignored"],
+                "splits": {ctx.data.train_split(): {"images": total, "ok": n_ok, "rejected": n_rejected}}}
 
 
 def _count_ids(storage: Storage, folder: str, include_null: bool = False) -> int:

@@ -1,16 +1,20 @@
 """Stage 6, ``finetune``: train the segmentation model on the refined pseudo labels with Ray Train
 (docs/method.md §7).
 
-Data: the rows of ``labels/stats/`` with a refined label → Ray Data (CPU tasks): read image and
-label through :class:`Storage`, decode, one random resized crop + flip applied to both
-(:mod:`pdso_ray.method.augment`) → fixed-size ``uint8`` images and ``int16`` labels, streamed to the
-workers as ``get_dataset_shard("train")``. Ray Data re-executes that map for every epoch, so each
-epoch sees new crops, and the expensive decode scales with the cluster's CPUs instead of running
-inside the GPU workers.
+Data: the rows of ``labels/stats/`` with a refined label, in a seeded block order → Ray Data (CPU
+tasks): read image and label through :class:`Storage`, decode, resize onto a fixed-size canvas
+(twice the crop size, aspect kept, padded with ignore) → ``uint8`` images and ``int16`` labels,
+streamed to the workers as ``get_dataset_shard("train")``; the expensive decode scales with the
+cluster's CPUs instead of running inside the GPU workers. Each worker then crops and flips the
+whole batch at once on its device (:func:`pdso_ray.method.augment.random_resized_crop_batch`),
+from a generator seeded by the run's seed, the epoch and its rank: a run is reproducible, and
+every epoch sees new crops.
 
 Training: :func:`train_loop_per_worker` under a ``TorchTrainer`` (DDP), cross-entropy ignoring
-1000, AdamW with a per-step cosine schedule, bf16 autocast on GPU. Every epoch rank 0 reports a
-checkpoint (``state.pt``: model, optimizer, scheduler, epoch) to ``finetune/train/epoch_NNNN/``
+1000 (``finetune.loss: agmm`` adds the AGMM terms of :mod:`pdso_ray.method.agmm`), AdamW with a
+per-step cosine schedule, bf16 autocast on GPU. Every epoch rank 0 reports a checkpoint
+(``state.pt``: model, optimizer, scheduler, epoch, and with AGMM the running mixture) to
+``finetune/train/epoch_NNNN/``
 (the newest ``finetune.keep_checkpoints`` are kept);
 ``FailureConfig(max_failures)`` restarts failed workers from the latest one, and re-running the
 stage resumes from it too (finished epochs are skipped). At the end the driver writes the weights
@@ -40,35 +44,36 @@ log = logging.getLogger("pdso_ray")
 
 TRAIN_RUN_NAME = "train"  # Ray Train's run folder inside finetune/
 STATE_NAME = "state.pt"  # inside each checkpoint directory
+FINETUNE_LOSSES = ("ce", "agmm")  # the choices of finetune.loss
 
 
 class LoadTrainPairs(BatchStep):
-    """Read, decode and augment one batch of (image, refined label) pairs.
+    """Read and decode one batch of (image, refined label) pairs onto fixed-size canvases.
 
     In: ``id``, ``path`` (image URL), ``label_refined`` (label PNG URL). Out: ``image``
-    (B×S×S×3 uint8 RGB) and ``label`` (B×S×S int16, ids 0..C and 1000) with S = ``crop_size``.
-    JPEGs are decoded DCT-downscaled when much larger than the crop; the label (made at the
-    image's full size by ``pseudo_labels``) is then resized with nearest neighbour to match.
-    Crops come from fresh OS entropy on every call: a seeded generator would repeat the same
-    crops every epoch, since Ray Data gives the map no epoch number.
+    (B×S×S×3 uint8 RGB), ``label`` (B×S×S int16, ids 0..C and 1000) and ``valid`` (B×2 int32: the
+    height and width of the image inside its canvas), S = ``canvas``: each image resized so its
+    longer side is S, padded with ignore (:func:`pdso_ray.method.augment.pad_to_canvas`). JPEGs
+    are decoded DCT-downscaled when much larger. Deterministic: the random crop and flip happen in
+    the training worker, whose generator knows the epoch (Ray Data gives a map none).
 
     An image or label that cannot be read fails the batch with its URL: both were readable when
     the labels were made, so a failure here is a changed or damaged file, not data to drop.
     """
 
-    def __init__(self, reader: ImageReader, crop_size: int, batch_size: int):
+    def __init__(self, reader: ImageReader, canvas: int, batch_size: int):
         self.reader = reader
         self.storage = reader.storage
-        self.crop_size = crop_size
+        self.canvas = canvas
         self.resources = Resources(batch_size=batch_size, num_cpus=1.0, stateful=False)
 
     def __call__(self, batch: Batch) -> Batch:
-        from pdso_ray.method.augment import random_resized_crop_pair, resize_label_nearest
+        from pdso_ray.method.augment import pad_to_canvas, resize_label_nearest
 
-        rng = np.random.default_rng()
-        n, s = len(batch["id"]), self.crop_size
+        n, s = len(batch["id"]), self.canvas
         images = np.zeros((n, s, s, 3), dtype=np.uint8)
         labels = np.zeros((n, s, s), dtype=np.int16)
+        valid = np.zeros((n, 2), dtype=np.int32)
         for i, (path, label_url) in enumerate(zip(batch["path"], batch["label_refined"])):
             path, label_url = str(path), str(label_url)
             decoded = self.reader.read(path, target_short_side=s)
@@ -78,10 +83,9 @@ class LoadTrainPairs(BatchStep):
             if label.shape != tuple(decoded.orig_size):
                 raise ValueError(f"label {label_url} is {label.shape[0]}×{label.shape[1]}, its image "
                                  f"{path} {decoded.orig_size[0]}×{decoded.orig_size[1]}")
-            label = resize_label_nearest(label, decoded.image.shape[:2])
-            images[i], lab = random_resized_crop_pair(decoded.image, label, s, rng)
-            labels[i] = lab.astype(np.int16)
-        return {"image": images, "label": labels}
+            label = resize_label_nearest(label.astype(np.int16), decoded.image.shape[:2])  # DCT-downscaled
+            images[i], labels[i], valid[i] = pad_to_canvas(decoded.image, label, s, IGNORE_ID)
+        return {"image": images, "label": labels, "valid": valid}
 
 
 def cosine_factor(step: int, total_steps: int) -> float:
@@ -89,6 +93,38 @@ def cosine_factor(step: int, total_steps: int) -> float:
     if total_steps < 1:
         raise ValueError(f"total_steps must be >= 1, got {total_steps}")
     return 0.5 * (1.0 + math.cos(math.pi * min(step, total_steps) / total_steps))
+
+
+def _with_features(segmenter):
+    """The segmenter as a module whose ``forward`` is ``features_and_logits``: DDP syncs the
+    gradients of what ``forward`` computes, so the AGMM path must go through it."""
+    from torch import nn
+
+    class FeaturesAndLogits(nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.segmenter = inner
+
+        def forward(self, x):
+            return self.segmenter.features_and_logits(x)
+
+    return FeaturesAndLogits(segmenter)
+
+
+def _agmm_terms(features, logits, target, mixture, fc, weights):
+    """One step of the AGMM loss: E-step statistics of the batch, summed over all ranks (so every
+    rank's mixture, and the one rank 0 checkpoints, stay identical), the running mixture's
+    update, then the AGMM terms (a scalar to add to the cross-entropy)."""
+    import torch.distributed as dist
+
+    from pdso_ray.method import agmm
+
+    labels = agmm.cell_labels(target, tuple(features.shape[-2:]), logits.shape[1])
+    stats = agmm.em_statistics(features, labels, mixture)
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(stats)
+    mixture.update(stats, fc.agmm_momentum)
+    return agmm.agmm_loss(features.float(), logits, labels, mixture, weights).total
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
@@ -99,7 +135,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     when there is one; reports ``{"epoch", "loss", "start_epoch", "images"}`` once per epoch on
     every rank (rank 0 attaches the checkpoint). ``loss`` is the mean over all ranks of the
     per-batch losses, ``start_epoch`` the first epoch this attempt trained, ``images`` the rows
-    seen in the epoch by all ranks.
+    seen in the epoch by all ranks. With ``finetune.loss: agmm`` the loss adds the AGMM terms and
+    the running mixture travels in the checkpoint (key ``agmm``), so a resume continues it.
     """
     import functools
 
@@ -109,19 +146,34 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     import torch.distributed as dist
     import torch.nn.functional as F
 
+    from pdso_ray.method.agmm import AgmmWeights, GaussianMixture
+    from pdso_ray.method.augment import random_resized_crop_batch
     from pdso_ray.models.dino import to_model_input
     from pdso_ray.models.heads import build_segmenter
 
     cfg, storage = config["cfg"], config["storage"]
     fc = cfg.finetune
+    if fc.loss not in FINETUNE_LOSSES:
+        raise ValueError(f"finetune.loss={fc.loss!r}: choose one of {', '.join(FINETUNE_LOSSES)}")
+    use_agmm = fc.loss == "agmm"
+    if use_agmm:
+        if not 0.0 <= fc.agmm_momentum < 1.0:
+            raise ValueError(f"finetune.agmm_momentum={fc.agmm_momentum}: must lie in [0, 1)")
+        weights = AgmmWeights(fc.agmm_soft_target, fc.agmm_response, fc.agmm_repulsion,
+                              fc.agmm_absent, fc.agmm_likelihood)
     rank = ray.train.get_context().get_world_rank()
     torch.manual_seed(cfg.seed_for("finetune"))  # same initial head on every rank (DDP also broadcasts rank 0's)
     device = ray.train.torch.get_device()
     on_gpu = device.type == "cuda"
 
     model = build_segmenter(fc.backbone, config["num_classes"], config["dino"], storage)
+    if use_agmm:
+        model = _with_features(model)
     model = ray.train.torch.prepare_model(model)
     core = model.module if hasattr(model, "module") else model
+    if use_agmm:
+        core = core.segmenter
+        mixture = GaussianMixture(config["num_classes"] + 1, core.backbone.out_channels).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=fc.lr, weight_decay=fc.weight_decay)
     total_steps = max(1, config["steps_per_epoch"] * fc.epochs)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -135,6 +187,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         core.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
+        if use_agmm:
+            if "agmm" not in state:
+                raise ValueError("finetune.loss=agmm, but the checkpoint to resume from has no AGMM "
+                                 "mixture (it was trained with finetune.loss=ce)")
+            mixture.load_state_dict(state["agmm"])
         start_epoch = int(state["epoch"]) + 1
         if rank == 0:
             log.info("finetune: resuming after epoch %d of %d", start_epoch - 1, fc.epochs)
@@ -145,19 +202,29 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         loss_sum = torch.zeros((), device=device)
         batches = torch.zeros((), device=device)
         images = torch.zeros((), device=device)
+        # Crops from the seed, the epoch and the rank: reproducible, and new every epoch.
+        crops = torch.Generator().manual_seed(
+            int(np.random.SeedSequence([cfg.seed_for("finetune"), epoch, rank]).generate_state(1)[0]))
         for batch in shard.iter_torch_batches(batch_size=fc.batch_size, device=device,
-                                              dtypes={"image": torch.uint8, "label": torch.int64},
+                                              dtypes={"image": torch.uint8, "label": torch.int64,
+                                                      "valid": torch.int64},
                                               local_shuffle_buffer_size=4 * fc.batch_size,
                                               local_shuffle_seed=cfg.seed_for("finetune") + epoch):
-            target = batch["label"]
-            x = to_model_input(batch["image"], fc.crop_size, device=device)
+            image, target = random_resized_crop_batch(batch["image"], batch["label"], batch["valid"],
+                                                      fc.crop_size, crops)
+            x = to_model_input(image, fc.crop_size, device=device)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=on_gpu):
-                logits = model(x)
+                if use_agmm:
+                    features, logits = model(x)
+                else:
+                    logits = model(x)
             logits = F.interpolate(logits.float(), size=target.shape[-2:], mode="bilinear",
                                    align_corners=False)
             # Sum over valid pixels / their count: a crop that is all ignore adds 0, not NaN.
             loss = F.cross_entropy(logits, target, ignore_index=IGNORE_ID, reduction="sum")
             loss = loss / (target != IGNORE_ID).sum().clamp(min=1)
+            if use_agmm:
+                loss = loss + _agmm_terms(features, logits, target, mixture, fc, weights)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -173,10 +240,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         with tempfile.TemporaryDirectory() as folder:
             ckpt = None
             if rank == 0:
-                torch.save({"model": core.state_dict(), "optimizer": optimizer.state_dict(),
-                            "scheduler": scheduler.state_dict(), "epoch": epoch,
-                            "meta": config["meta"], "metrics": metrics},
-                           os.path.join(folder, STATE_NAME))
+                state = {"model": core.state_dict(), "optimizer": optimizer.state_dict(),
+                         "scheduler": scheduler.state_dict(), "epoch": epoch,
+                         "meta": config["meta"], "metrics": metrics}
+                if use_agmm:
+                    state["agmm"] = mixture.state_dict()
+                torch.save(state, os.path.join(folder, STATE_NAME))
                 ckpt = ray.train.Checkpoint.from_directory(folder)
                 log.info("finetune: epoch %d/%d loss %.4f", epoch, fc.epochs, metrics["loss"])
             ray.train.report(metrics, checkpoint=ckpt, checkpoint_dir_name=f"epoch_{epoch:04d}")
@@ -246,9 +315,12 @@ class FinetuneStage(Stage):
         # streaming_split(equal=True) gives each worker floor(n / workers) rows.
         steps_per_epoch = math.ceil((images // fc.num_workers) / fc.batch_size)
 
-        ds = map_step(ds.randomize_block_order(),
-                      LoadTrainPairs(ImageReader.from_config(storage, cfg.data), fc.crop_size, fc.batch_size),
-                      ctx.cluster_has_gpu)
+        # A seeded block order, kept in order through the map: the same seed gives the same
+        # batches (with one worker; several take blocks as they come).
+        ds = ds.randomize_block_order(seed=cfg.seed_for("finetune"))
+        ds.context.execution_options.preserve_order = True
+        ds = map_step(ds, LoadTrainPairs(ImageReader.from_config(storage, cfg.data), 2 * fc.crop_size,
+                                         fc.batch_size), ctx.cluster_has_gpu)
 
         out = ctx.run.finetune_dir
         storage_path, storage_fs = _train_storage(storage, out)

@@ -3,29 +3,30 @@
 list (driver) → read + decode (CPU tasks; JPEG DCT-downscaled towards the prediction size) →
 actor pool holding ``finetune/model.pt`` (GPU and bf16 when present): resize so the short side is
 ``predict.short_side`` (each side a multiple of the model's stride), logits, bilinear upsampling
-to the image's original size, argmax over the C+1 channels → PNGs:
+to the image's original size → PNGs:
 
-- ``predictions/{split}/<wnid>/<stem>.png``: label codec of :mod:`pdso_ray.data.imagenet_s`,
-  ids 0..C (0 background);
-- ``predictions/{split}_fg/<wnid>/<stem>.png``: 8-bit grey, ``round(255 · (1 − p(background)))``,
-  for the evaluate stage's background-threshold sweep.
+- ``predictions/<split>/<rel>.png``: argmax over the C+1 channels, background included — the
+  official decision rule (PASS and PDSO write and score this); label codec of
+  :mod:`pdso_ray.data.imagenet_s`, ids 0..C;
+- with ``predict.background: threshold`` also ``predictions/<split>_fgclass/`` (the best
+  foreground class) and ``predictions/<split>_fg/`` (8-bit grey, ``round(255 · (1 −
+  p(background)))``): PASS's foreground-threshold rule, whose threshold the evaluate stage tunes
+  on validation ground truth and reports beside the official number.
 
 Images are decoded without applying EXIF orientation, as the official ImageNet-S tools read them,
 so every prediction has its ground truth's size. An image that cannot be read or decoded gets no
-PNG and a row (id, path, reason) in ``predictions/rejected_{split}.parquet``. A re-run skips
-images whose two PNGs both exist (the foreground map is written last).
+PNG and a row (id, path, reason) in ``predictions/rejected_{split}.parquet``; so does one the
+listing refused. A re-run skips images whose prediction exists (written last). With
+``data.layout: folder`` the one split is ``all``: ``predictions/all/<relative path>.png``.
 """
 
 from __future__ import annotations
 
-import io
 import logging
 from collections import defaultdict
 from typing import Any
 
-import numpy as np
-
-from pdso_ray.data.imagenet_s import encode_label
+from pdso_ray.data.imagenet_s import encode_gray_png, encode_label
 from pdso_ray.data.listing import Rejected
 from pdso_ray.run_layout import LABEL_SUFFIX, RunLayout, id_from_png_rel, split_of
 from pdso_ray.stages.base import Batch, BatchStep, Resources, RunContext
@@ -36,29 +37,24 @@ from pdso_ray.storage import Storage
 log = logging.getLogger("pdso_ray")
 
 
-def encode_gray_png(values: np.ndarray) -> bytes:
-    """PNG bytes of an ``H×W`` uint8 array (mode L)."""
-    from PIL import Image
-
-    if values.ndim != 2 or values.dtype != np.uint8:
-        raise ValueError(f"expected an H×W uint8 array, got shape {values.shape} dtype {values.dtype}")
-    buf = io.BytesIO()
-    Image.fromarray(values, mode="L").save(buf, format="PNG")
-    return buf.getvalue()
-
-
 class Predictor(BatchStep):
-    """Load the fine-tuned model once per actor; predict and write both PNGs of each good row.
+    """Load the fine-tuned model once per actor; predict and write the PNGs of each good row.
 
-    Rows whose resized input sizes agree run as one batch. Out: ``id``, ``reason`` (rows with a
-    reason were not written).
+    Always ``predictions/<id>.png``: argmax over the C+1 outputs, background included (the
+    official decision rule). With ``foreground_rule`` (``predict.background: threshold``) also the
+    best foreground class (``<split>_fgclass/``) and the foreground probability (``<split>_fg/``,
+    ``round(255·(1 − p_background))``), which PASS's threshold rule combines. Rows whose resized
+    input sizes agree run as one batch. Out: ``id``, ``reason`` (rows with a reason were not
+    written).
     """
 
-    def __init__(self, storage: Storage, run: RunLayout, short_side: int, resources: Resources):
+    def __init__(self, storage: Storage, run: RunLayout, short_side: int, resources: Resources,
+                 foreground_rule: bool = False):
         self.storage = storage
         self.run = run
         self.short_side = short_side
         self.resources = resources
+        self.foreground_rule = foreground_rule
 
     def setup(self) -> None:
         import torch
@@ -88,12 +84,15 @@ class Predictor(BatchStep):
             with torch.inference_mode():
                 for j, i in enumerate(rows):
                     orig = (int(batch["height"][i]), int(batch["width"][i]))
-                    label, foreground = logits_to_prediction(logits[j].float(), orig)
+                    pred = logits_to_prediction(logits[j].float(), orig)
                     image_id = str(batch["id"][i])
-                    fg = foreground_to_uint8(foreground.cpu().numpy())
-                    self.storage.write_bytes(self.run.prediction_png(image_id), encode_label(label.cpu().numpy()))
-                    # last: marks the image done
-                    self.storage.write_bytes(self.run.foreground_png(image_id), encode_gray_png(fg))
+                    if self.foreground_rule:
+                        self.storage.write_bytes(self.run.foreground_label_png(image_id),
+                                                 encode_label(pred.foreground_label.cpu().numpy()))
+                        self.storage.write_bytes(self.run.foreground_png(image_id), encode_gray_png(
+                            foreground_to_uint8(pred.foreground.cpu().numpy())))
+                    # last: the official prediction marks the image done
+                    self.storage.write_bytes(self.run.prediction_png(image_id), encode_label(pred.label.cpu().numpy()))
         return {"id": batch["id"], "reason": batch["reason"]}
 
 
@@ -127,13 +126,12 @@ class PredictStage(StreamingStage):
         return work
 
     def done_ids(self, ctx: RunContext) -> set[str]:
-        """Ids of the images whose two PNGs both exist (the foreground map is written last)."""
+        """Ids of the images whose prediction exists (written after the foreground rule's PNGs)."""
         out = set()
         for info in ctx.data.eval_splits(ctx.storage):
             if info.present:
                 labels = ctx.storage.list_relative(ctx.run.predictions_dir(info.split), LABEL_SUFFIX)
-                fgs = ctx.storage.list_relative(ctx.run.foreground_dir(info.split), LABEL_SUFFIX)
-                out |= {id_from_png_rel(info.split, rel) for rel in labels.keys() & fgs.keys()}
+                out |= {id_from_png_rel(info.split, rel) for rel in labels}
         return out
 
     def steps(self, ctx: RunContext) -> list[BatchStep]:
@@ -144,7 +142,8 @@ class PredictStage(StreamingStage):
                            exif_transpose=False),
                 Predictor(ctx.storage, ctx.run, pc.short_side,
                           Resources(batch_size=pc.batch_size, num_cpus=1.0, num_gpus=pc.gpus_per_actor,
-                                    min_actors=pc.min_actors, max_actors=pc.max_actors))]
+                                    min_actors=pc.min_actors, max_actors=pc.max_actors),
+                          foreground_rule=pc.background == "threshold")]
 
     def finish(self, ctx: RunContext, work: Work, results: dict[str, str]) -> dict[str, Any]:
         paths = {r["id"]: r["path"] for r in work.rows}
@@ -153,12 +152,10 @@ class PredictStage(StreamingStage):
             if reason:
                 rejected[split_of(image_id)].append(Rejected(paths[image_id], reason, image_id))
         written = self.done_ids(ctx)
-        counts: dict[str, Any] = {"notes": work.info["notes"]}
+        splits: dict[str, dict[str, int]] = {}
         for split, listed in work.info["listed"].items():
             write_rejected(ctx.storage, ctx.run.predict_rejected(split), rejected[split])
             n = sum(1 for i in written if split_of(i) == split)
-            counts[f"{split}_images"] = listed
-            counts[f"{split}_predicted"] = n
-            counts[f"{split}_rejected"] = len(rejected[split])
+            splits[split] = {"images": listed, "predicted": n, "rejected": len(rejected[split])}
             reconcile(f"predict: {split}", listed, n, len(rejected[split]))
-        return counts
+        return {"splits": splits, "notes": work.info["notes"]}

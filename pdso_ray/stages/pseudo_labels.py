@@ -1,11 +1,28 @@
-"""Stage 5, ``pseudo_labels``: one streaming pass that turns each train image into a raw and a
-refined pixel label (docs/method.md §5–§6).
+"""Stage 5, ``pseudo_labels``: pixel pseudo labels of every train image, raw and refined, with the
+saliency threshold t and SPO's secondary-class distance σ chosen on validation
+(docs/method.md §5–§6).
 
-read + decode (CPU tasks) → actor pool holding DINO, the denoised embedding ``e(x)``, the final
-centroids and SAM: patch features + saliency → raw label → prompts → SAM → refined label → PNGs
-(``labels/raw/<id>.png``, ``labels/refined/<id>.png``) → per-image statistics as Parquet
-(``labels/stats/``). Per-patch features are recomputed here, never stored. A re-run skips images
-whose statistics row exists.
+Three streaming passes (:mod:`pdso_ray.stages.streaming`), each resumable, over an actor pool
+holding DINO, the denoised embedding e(x), the final centroids and SAM:
+
+1. **validation scores** — for each validation image: its candidate classes (the nearest final
+   centroids of its pooled embedding, as purify computed them for train images), the class of
+   every pixel before any threshold (``labels/classmap/validation/``) and its 8-bit saliency
+   (``labels/saliency/validation/``);
+2. the driver sweeps t over ``pseudo_labels.threshold_grid`` with the official protocol (one
+   Hungarian matching per t, best mIoU), reading only those PNGs; **validation refinement** —
+   the raw labels at the chosen t (``labels/raw/validation/``) refined once per σ of
+   ``pseudo_labels.refine.sigma_grid`` (``labels/sweep/sigma_<σ>/validation/``); the driver
+   keeps the best σ;
+3. **train labels** — raw and refined labels of every train image at the chosen t and σ
+   (``labels/raw/train/``, ``labels/refined/train/``) and per-image statistics
+   (``labels/stats/``).
+
+An explicit ``pseudo_labels.threshold`` or ``refine.sigma`` replaces its sweep; without validation
+ground truth both fall back to the configured (or published) values, with a note. The choice and
+its curves go to ``eval/pseudo_label_threshold.json``; the validation mIoU of the raw and refined
+labels at the chosen values, and per-image scores, to ``eval/pseudo_labels.json`` and the summary's
+``diagnostics.pseudo_labels``. Per-patch features are recomputed here, never stored.
 """
 
 from __future__ import annotations
@@ -18,11 +35,11 @@ import pyarrow as pa
 import pyarrow.compute as pac
 
 from pdso_ray.config import PipelineConfig
-from pdso_ray.data.imagenet_s import encode_label
-from pdso_ray.run_layout import RunLayout
-from pdso_ray.stages.base import Batch, BatchStep, Resources, RunContext
+from pdso_ray.data.imagenet_s import VALIDATION, encode_gray_png, encode_label
+from pdso_ray.run_layout import LABEL_SUFFIX, RunLayout, id_from_png_rel, png_rel
+from pdso_ray.stages.base import Batch, BatchStep, Resources, RunContext, Stage
 from pdso_ray.stages.read_decode import ImageReader
-from pdso_ray.stages.streaming import StreamingStage, Work, ids_in, object_column, reconcile
+from pdso_ray.stages.streaming import StreamingPass, Work, ids_in, object_column, reconcile, run_pass
 from pdso_ray.storage import Storage
 from pdso_ray.tables import iter_row_groups, parquet_files, shard_name, write_table
 
@@ -31,25 +48,44 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("pdso_ray")
 
+FALLBACK_SIGMA = 0.8  # the official --yz, when nothing can be swept
+STAT_COLUMNS = ("prompts", "masks_used", "pixels_changed")
+
+
+def saliency_to_uint8(saliency: np.ndarray) -> np.ndarray:
+    """``H×W`` saliency in [0, 1] → uint8 ``round(255 s)``: the stored maps, and what the raw label's
+    threshold compares, so the validation sweep and the train labels apply t identically."""
+    return np.clip(np.rint(np.asarray(saliency, dtype=np.float64) * 255.0), 0, 255).astype(np.uint8)
+
 
 class PseudoLabeler(BatchStep):
-    """Per image: decode, DINO patch tokens and saliency, ``e(x)`` per patch, raw label from the
-    image's candidate centroids, refinement (SAM or other), both labels written as PNGs.
+    """One image at a time: decode, embedded patch tokens and saliency, the class map over the
+    candidate centroids, then by ``mode``:
 
-    In: ``id``, ``path``, ``topk`` (K ids), ``topk_dist`` (K distances). Out: one statistics row per
-    image (``reason`` non-empty when the image could not be decoded — it was decodable in stage 1,
-    so this only happens if the file changed since).
+    - ``"scores"``: write the class map and the saliency map (validation);
+    - ``"sweep"``: the raw label at ``threshold``, refined once per σ of ``sigmas`` (validation);
+    - ``"train"``: the raw and the refined label at ``threshold`` and ``sigmas[0]``, and a
+      statistics row.
+
+    In: ``id``, ``path``, and for train images ``topk``/``topk_dist`` (their nearest final
+    centroids from purify; validation images get them from their own pooled embedding). Out:
+    ``id``, ``reason`` ("" when written; a decode failure otherwise — the image changed since it
+    was listed), plus the statistics columns in train mode.
     """
 
-    def __init__(self, cfg: PipelineConfig, storage: Storage, run: RunLayout):
+    def __init__(self, cfg: PipelineConfig, storage: Storage, run: RunLayout, mode: str,
+                 threshold: float | None = None, sigmas: tuple[float, ...] = ()):
         from pdso_ray.models.loading import DinoSource, SamSource
 
-        self.cfg = cfg
-        self.storage = storage
-        self.run = run
+        if mode not in ("scores", "sweep", "train"):
+            raise ValueError(f"mode must be scores, sweep or train, got {mode!r}")
+        if mode != "scores" and (threshold is None or not sigmas):
+            raise ValueError(f"mode {mode!r} needs a threshold and at least one sigma")
+        self.cfg, self.storage, self.run = cfg, storage, run
+        self.mode, self.threshold, self.sigmas = mode, threshold, tuple(sigmas)
         self.reader = ImageReader.from_config(storage, cfg.data)
         self.dino = DinoSource.from_config(cfg)
-        self.sam = SamSource.from_config(cfg) if _needs_sam(cfg) else None
+        self.sam = SamSource.from_config(cfg) if mode != "scores" and _needs_sam(cfg) else None
         pc = cfg.pseudo_labels
         self.resources = Resources(batch_size=pc.batch_size, num_gpus=pc.gpus_per_actor,
                                    min_actors=pc.min_actors, max_actors=pc.max_actors)
@@ -57,94 +93,97 @@ class PseudoLabeler(BatchStep):
     def setup(self) -> None:
         import torch
 
+        from pdso_ray.evaluation import fg_cut
         from pdso_ray.method.refiners import RefineParams, get_refiner
+        from pdso_ray.models.embedding import Embedder
         from pdso_ray.models.loading import load_embedding
         from pdso_ray.tables import load_array
 
         cfg = self.cfg
-        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        self.model = self.dino.build(self.storage).to(self.device).eval()
-        self.embed = load_embedding(self.storage, self.run.denoise_classifier).to(self.device)
-        self.centroids = load_array(self.storage, self.run.centroids_file("purify"))
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.embedder = Embedder(self.dino.build(self.storage),
+                                 load_embedding(self.storage, self.run.denoise_classifier), device)
+        self.centroids = load_array(self.storage, self.run.centroids_file("purify")).astype(np.float32)
         rc = cfg.pseudo_labels.refine
         self.refine = get_refiner(rc.method)
-        self.params = RefineParams(min_area=rc.min_area, gmm_confidence=rc.gmm_confidence)
+        self.params = RefineParams(min_area=rc.min_area, spo_components=rc.spo_components,
+                                   select_fail=rc.select_fail, gmm_confidence=rc.gmm_confidence)
         self.predictor = None
         if self.sam is not None:
-            self.predictor = self.sam.predictor(self.storage, device=self.device,
+            self.predictor = self.sam.predictor(self.storage, device=device,
                                                 points_per_side=rc.sam_select_points_per_side)
-        self.threshold = cfg.saliency_threshold()
+        self.cut = None if self.threshold is None else fg_cut(self.threshold)
 
-    def _patch_features(self, image: np.ndarray):
-        """Embedded patch features (h×w×D') and saliency upsampled to the image (H×W in [0, 1])."""
-        import torch
-        import torch.nn.functional as F
+    def _candidates(self, image: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """An image's ``purify.topk`` nearest final centroids (ids, squared L2 distances) from its
+        pooled embedding, as purify computed them for train images."""
+        from pdso_ray.method.kmeans_math import search_numpy
 
-        from pdso_ray.method.features import saliency_from_attention
-        from pdso_ray.models.dino import to_model_input
+        emb = self.embedder.image(image, self.cfg.models.dino.image_size)[None]
+        dist, ids = search_numpy(emb, self.centroids, min(self.cfg.purify.topk, len(self.centroids)))
+        return ids[0].astype(np.int64), dist[0].astype(np.float64)
 
-        size = self.cfg.pseudo_labels.image_size
-        x = to_model_input(image[None], size).to(self.device)
-        with torch.inference_mode(), torch.autocast(
-                self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
-            tokens, attention = self.model(x)
-            emb = self.embed(tokens.float())
-        saliency = saliency_from_attention(attention.float())
-        saliency = F.interpolate(saliency[:, None], size=image.shape[:2], mode="bilinear",
-                                 align_corners=False)[0, 0]
-        return emb[0].float().cpu().numpy(), saliency.clamp(0, 1).cpu().numpy()
-
-    def __call__(self, batch: Batch) -> Batch:
-        from pdso_ray.method.pseudo_labels import main_and_secondary_classes, raw_pseudo_label
+    def _refine(self, image, raw, saliency, emb, topk, topk_dist, sigma):
+        from pdso_ray.method.pseudo_labels import main_and_secondary_classes
         from pdso_ray.method.refiners import RefineContext
 
-        rows: dict[str, list] = {k: [] for k in (
-            "id", "path", "label_raw", "label_refined", "main_class", "classes", "prompts",
-            "masks_used", "pixels_changed", "reason")}
-        for image_id, path, topk, topk_dist in zip(batch["id"], batch["path"], batch["topk"],
-                                                   batch["topk_dist"]):
+        main, secondary = main_and_secondary_classes(topk, topk_dist, sigma)
+        # label ids are cluster id + 1; only classes the raw label holds get prompts
+        in_raw = set(np.unique(raw).tolist())
+        context = RefineContext(main_class=main + 1,
+                                secondary_classes=[c + 1 for c in secondary if c + 1 in in_raw],
+                                patch_emb=emb, params=self.params)
+        return main, self.refine(image, raw, saliency, context, self.predictor)
+
+    def __call__(self, batch: Batch) -> Batch:
+        from pdso_ray.method.pseudo_labels import class_map
+
+        pc = self.cfg.pseudo_labels
+        rows: dict[str, list] = {k: [] for k in ("id", "reason", "path", "label_raw", "label_refined",
+                                                 "main_class", "classes", *STAT_COLUMNS)}
+        for i, (image_id, path) in enumerate(zip(batch["id"], batch["path"])):
             image_id, path = str(image_id), str(path)
-            topk = np.asarray(topk, dtype=np.int64)
-            topk_dist = np.asarray(topk_dist, dtype=np.float64)
-            raw_url = self.run.label_png("raw", image_id)
-            refined_url = self.run.label_png("refined", image_id)
             decoded = self.reader.read(path)
-            stats: dict[str, Any] = {"prompts": 0, "masks_used": 0, "pixels_changed": 0}
-            main = -1
-            present: list[int] = []
+            stats: dict[str, Any] = dict.fromkeys(STAT_COLUMNS, 0)
+            main, present = -1, []
             if decoded.ok:
                 image = decoded.image
-                emb, saliency = self._patch_features(image)
-                raw = raw_pseudo_label(emb, saliency, self.centroids[topk], topk, self.threshold)
-                main, secondary = main_and_secondary_classes(topk, topk_dist,
-                                                             self.cfg.pseudo_labels.refine.sigma)
-                # label ids are cluster id + 1; only classes the raw label holds get prompts
-                in_raw = set(np.unique(raw).tolist())
-                context = RefineContext(
-                    main_class=main + 1,
-                    secondary_classes=[c + 1 for c in secondary if c + 1 in in_raw],
-                    patch_emb=emb, params=self.params)
-                result = self.refine(image, raw, saliency, context, self.predictor)
-                self.storage.write_bytes(raw_url, encode_label(raw))
-                self.storage.write_bytes(refined_url, encode_label(result.label))
-                stats = result.stats
-                present = sorted(int(c) for c in np.unique(result.label) if 0 < c < 1000)
+                emb, saliency = self.embedder.patches(image, pc.image_size)
+                if "topk" in batch:
+                    topk = np.asarray(batch["topk"][i], dtype=np.int64)
+                    topk_dist = np.asarray(batch["topk_dist"][i], dtype=np.float64)
+                else:
+                    topk, topk_dist = self._candidates(image)
+                ids = np.arange(len(self.centroids)) if pc.candidates == "all" else topk
+                classes = class_map(emb, self.centroids[ids], ids, image.shape[:2])
+                saliency_u8 = saliency_to_uint8(saliency)
+                if self.mode == "scores":
+                    self.storage.write_bytes(self.run.label_png("saliency", image_id), encode_gray_png(saliency_u8))
+                    self.storage.write_bytes(self.run.label_png("classmap", image_id), encode_label(classes))
+                else:
+                    raw = np.where(saliency_u8 < self.cut, 0, classes).astype(np.int32)
+                    for sigma in self.sigmas:
+                        main, result = self._refine(image, raw, saliency, emb, topk, topk_dist, sigma)
+                        refined_url = (self.run.sweep_png(sigma, image_id) if self.mode == "sweep"
+                                       else self.run.label_png("refined", image_id))
+                        self.storage.write_bytes(refined_url, encode_label(result.label))
+                    # last: the raw label marks the image done
+                    self.storage.write_bytes(self.run.label_png("raw", image_id), encode_label(raw))
+                    stats = result.stats
+                    present = sorted(int(c) for c in np.unique(result.label) if 0 < c < 1000)
             rows["id"].append(image_id)
-            rows["path"].append(path)
-            rows["label_raw"].append(raw_url if decoded.ok else "")
-            rows["label_refined"].append(refined_url if decoded.ok else "")
-            rows["main_class"].append(main + 1 if decoded.ok else 0)
-            rows["classes"].append(np.asarray(present, dtype=np.int32))
-            rows["prompts"].append(int(stats.get("prompts", 0)))
-            rows["masks_used"].append(int(stats.get("masks_used", 0)))
-            rows["pixels_changed"].append(int(stats.get("pixels_changed", 0)))
             rows["reason"].append("" if decoded.ok else decoded.reason)
+            rows["path"].append(path)
+            written = decoded.ok and self.mode == "train"
+            rows["label_raw"].append(self.run.label_png("raw", image_id) if written else "")
+            rows["label_refined"].append(self.run.label_png("refined", image_id) if written else "")
+            rows["main_class"].append(main + 1 if written else 0)
+            rows["classes"].append(np.asarray(present, dtype=np.int32))
+            for k in STAT_COLUMNS:
+                rows[k].append(int(stats.get(k, 0)))
         out: Batch = {}
         for k, v in rows.items():
-            if k in ("prompts", "masks_used", "pixels_changed", "main_class"):
-                out[k] = np.asarray(v, dtype=np.int64)
-            else:
-                out[k] = object_column(v)
+            out[k] = np.asarray(v, dtype=np.int64) if k in (*STAT_COLUMNS, "main_class") else object_column(v)
         return out
 
 
@@ -159,7 +198,6 @@ class WriteStats(BatchStep):
 
     def __call__(self, batch: Batch) -> Batch:
         ids = [str(i) for i in batch["id"]]
-        name = shard_name(ids)
         table = pa.table({
             "id": pa.array(ids, pa.string()),
             "path": pa.array([str(p) for p in batch["path"]], pa.string()),
@@ -167,12 +205,10 @@ class WriteStats(BatchStep):
             "label_refined": pa.array([str(p) for p in batch["label_refined"]], pa.string()),
             "main_class": pa.array(batch["main_class"], pa.int32()),
             "classes": pa.array([list(map(int, c)) for c in batch["classes"]], pa.list_(pa.int32())),
-            "prompts": pa.array(batch["prompts"], pa.int64()),
-            "masks_used": pa.array(batch["masks_used"], pa.int64()),
-            "pixels_changed": pa.array(batch["pixels_changed"], pa.int64()),
+            **{k: pa.array(batch[k], pa.int64()) for k in STAT_COLUMNS},
             "reason": pa.array([str(r) for r in batch["reason"]], pa.string()),
         })
-        write_table(self.storage, Storage.join(self.stats_dir, name), table)
+        write_table(self.storage, Storage.join(self.stats_dir, shard_name(ids)), table)
         return {"id": batch["id"], "reason": batch["reason"]}
 
 
@@ -182,13 +218,51 @@ def _needs_sam(cfg: PipelineConfig) -> bool:
     return cfg.pseudo_labels.refine.method in NEEDS_SAM
 
 
-class PseudoLabelsStage(StreamingStage):
-    name = "pseudo_labels"
-    config_sections = ("pseudo_labels", "models", "data.max_pixels", "data.max_file_bytes", "seed")
-    depends_on = ("features", "purify")
+# ---- the three passes ------------------------------------------------------------------------------
+class _ValidationPass(StreamingPass):
+    """The validation images that the listing accepted (decode failures are counted, and scored as
+    all background by the sweeps)."""
 
-    def extra_outputs(self, run: RunLayout) -> tuple[str, ...]:
-        return (run.path("labels"),)
+    def __init__(self, mode: str, threshold: float | None = None, sigmas: tuple[float, ...] = ()):
+        self.mode, self.threshold, self.sigmas = mode, threshold, sigmas
+        self.name = f"pseudo_labels (validation {'scores' if mode == 'scores' else 'refinement'})"
+
+    def batch_size(self, ctx: RunContext) -> int:
+        return ctx.cfg.pseudo_labels.batch_size
+
+    def work(self, ctx: RunContext) -> Work:
+        listing = ctx.data.list_split(ctx.storage, VALIDATION)
+        return Work(ids=[r.id for r in listing.images],
+                    rows=[{"id": r.id, "path": r.path} for r in listing.images])
+
+    def _outputs(self, ctx: RunContext) -> list[str]:
+        run = ctx.run
+        if self.mode == "scores":
+            return [run.label_dir("saliency", VALIDATION), run.label_dir("classmap", VALIDATION)]
+        return [run.label_dir("raw", VALIDATION), *[run.sweep_dir(s, VALIDATION) for s in self.sigmas]]
+
+    def done_ids(self, ctx: RunContext) -> set[str]:
+        done = None
+        for folder in self._outputs(ctx):
+            have = set(ctx.storage.list_relative(folder, LABEL_SUFFIX))
+            done = have if done is None else done & have
+        return {id_from_png_rel(VALIDATION, rel) for rel in done or ()}
+
+    def steps(self, ctx: RunContext) -> list[BatchStep]:
+        return [PseudoLabeler(ctx.cfg, ctx.storage, ctx.run, self.mode, self.threshold, self.sigmas)]
+
+    def finish(self, ctx: RunContext, work: Work, results: dict[str, str]) -> dict[str, Any]:
+        failed = {png_rel(i) for i, reason in results.items() if reason}
+        done = self.done_ids(ctx)
+        reconcile(self.name, len(work.ids), len(done & set(work.ids)), len(failed))
+        return {"images": len(work.ids), "failed": sorted(failed)}
+
+
+class _TrainPass(StreamingPass):
+    name = "pseudo_labels (train)"
+
+    def __init__(self, threshold: float, sigma: float):
+        self.threshold, self.sigma = threshold, sigma
 
     def batch_size(self, ctx: RunContext) -> int:
         return ctx.cfg.pseudo_labels.batch_size
@@ -213,16 +287,118 @@ class PseudoLabelsStage(StreamingStage):
         return ds
 
     def steps(self, ctx: RunContext) -> list[BatchStep]:
-        return [PseudoLabeler(ctx.cfg, ctx.storage, ctx.run),
+        return [PseudoLabeler(ctx.cfg, ctx.storage, ctx.run, "train", self.threshold, (self.sigma,)),
                 WriteStats(ctx.storage, ctx.run.label_stats_dir, self.batch_size(ctx))]
 
     def finish(self, ctx: RunContext, work: Work, results: dict[str, str]) -> dict[str, Any]:
-        totals = {"images": 0, "failed": 0, "prompts": 0, "masks_used": 0, "pixels_changed": 0}
-        for table in iter_row_groups(ctx.storage, ctx.run.label_stats_dir,
-                                     columns=["reason", "prompts", "masks_used", "pixels_changed"]):
+        totals = {"images": 0, "failed": 0, **dict.fromkeys(STAT_COLUMNS, 0)}
+        for table in iter_row_groups(ctx.storage, ctx.run.label_stats_dir, columns=["reason", *STAT_COLUMNS]):
             totals["images"] += table.num_rows
             totals["failed"] += sum(1 for r in table.column("reason").to_pylist() if r)
-            for k in ("prompts", "masks_used", "pixels_changed"):
+            for k in STAT_COLUMNS:
                 totals[k] += int(pac.sum(table.column(k)).as_py() or 0)
-        reconcile("pseudo_labels", len(work.ids), totals["images"] - totals["failed"], totals["failed"])
+        reconcile(self.name, len(work.ids), totals["images"] - totals["failed"], totals["failed"])
         return totals
+
+
+# ---- the stage ---------------------------------------------------------------------------------------
+class PseudoLabelsStage(Stage):
+    name = "pseudo_labels"
+    config_sections = ("pseudo_labels", "models", "purify.topk", "data.root", "data.layout",
+                       "data.max_pixels", "data.max_file_bytes", "seed")
+    depends_on = ("features", "purify")
+
+    def extra_outputs(self, run: RunLayout) -> tuple[str, ...]:
+        return (run.path("labels"), run.eval_file("pseudo_label_threshold.json"),
+                run.eval_file("pseudo_labels.json"))
+
+    def run(self, ctx: RunContext) -> dict[str, Any]:
+        cfg, pc = ctx.cfg, ctx.cfg.pseudo_labels
+        gt_dir = ctx.data.gt_dir(ctx.storage, VALIDATION)
+        sigma_grid = ([pc.refine.sigma] if pc.refine.sigma is not None else list(pc.refine.sigma_grid)) \
+            if _uses_sigma(cfg) else [pc.refine.sigma if pc.refine.sigma is not None else FALLBACK_SIGMA]
+        notes: list[str] = []
+        diagnostics: dict[str, Any] = {}
+        if gt_dir is None:
+            threshold = cfg.saliency_threshold()
+            sigma = pc.refine.sigma if pc.refine.sigma is not None else FALLBACK_SIGMA
+            notes.append(f"no validation ground truth: saliency threshold {threshold:g} "
+                         f"({'configured' if pc.threshold is not None else 'PASS published value'}) "
+                         f"and sigma {sigma:g} ({'configured' if pc.refine.sigma is not None else 'default'})"
+                         " were not chosen on validation")
+            choice = {"threshold": threshold, "sigma": sigma, "source": "fallback", "curve": [],
+                      "sigma_curve": []}
+        else:
+            scores = run_pass(ctx, _ValidationPass("scores"))
+            threshold, curve, raw = self._choose_threshold(ctx, gt_dir, scores["failed"])
+            refined_pass = run_pass(ctx, _ValidationPass("sweep", threshold, tuple(sigma_grid)))
+            sigma, sigma_curve, refined = self._choose_sigma(ctx, gt_dir, sigma_grid, refined_pass["failed"])
+            choice = {"threshold": threshold, "sigma": sigma, "curve": curve, "sigma_curve": sigma_curve,
+                      "source": {"threshold": "configured" if pc.threshold is not None else "validation sweep",
+                                 "sigma": "configured" if pc.refine.sigma is not None
+                                 else "validation sweep" if _uses_sigma(cfg) else "unused"}}
+            diagnostics = self._diagnostics(ctx, gt_dir, threshold, sigma, raw, refined, scores["failed"])
+            log.info("pseudo_labels: t = %g (validation raw mIoU %.2f), sigma = %g (refined mIoU %.2f)",
+                     threshold, raw.miou, sigma, refined.miou)
+        ctx.storage.write_json(ctx.run.eval_file("pseudo_label_threshold.json"), choice)
+        counts = run_pass(ctx, _TrainPass(threshold, sigma))
+        out: dict[str, Any] = {**counts, "threshold": threshold, "sigma": sigma, "notes": notes}
+        if diagnostics:
+            out["diagnostics"] = {"pseudo_labels": diagnostics}
+        return out
+
+    @staticmethod
+    def _files(ctx: RunContext, pred_dir: str, gt_dir: str, failed, fg_dir: str | None = None):
+        from pdso_ray.evaluation import pair_files
+
+        listing_rejected = {r.rel + LABEL_SUFFIX for r in ctx.data.list_split(ctx.storage, VALIDATION).rejected}
+        return pair_files(ctx.storage, pred_dir, gt_dir, fg_dir, rejected=listing_rejected | set(failed))
+
+    def _choose_threshold(self, ctx: RunContext, gt_dir: str, failed):
+        from pdso_ray.evaluation import best_index, evaluate_thresholds
+
+        pc, run = ctx.cfg.pseudo_labels, ctx.run
+        grid = [pc.threshold] if pc.threshold is not None else sorted(pc.threshold_grid)
+        files = self._files(ctx, run.label_dir("classmap", VALIDATION), gt_dir, failed,
+                            run.label_dir("saliency", VALIDATION))
+        results = evaluate_thresholds(ctx.storage, files, ctx.cfg.data.classes, grid, size_bins=False)
+        best = best_index(results)
+        return grid[best], [{"threshold": t, "mIoU": r.miou} for t, r in zip(grid, results)], results[best]
+
+    def _choose_sigma(self, ctx: RunContext, gt_dir: str, grid: list[float], failed):
+        from pdso_ray.evaluation import evaluate_thresholds
+
+        results = [evaluate_thresholds(ctx.storage, self._files(ctx, ctx.run.sweep_dir(s, VALIDATION),
+                                                                gt_dir, failed),
+                                       ctx.cfg.data.classes, size_bins=False)[0] for s in grid]
+        best = int(np.argmax([r.miou for r in results]))
+        return grid[best], [{"sigma": s, "mIoU": r.miou} for s, r in zip(grid, results)], results[best]
+
+    def _diagnostics(self, ctx: RunContext, gt_dir: str, threshold: float, sigma: float, raw, refined,
+                     failed) -> dict[str, Any]:
+        """Validation mIoU of the raw and refined labels at the chosen values, and per-image
+        accuracies (under each one's matching), kept in ``eval/pseudo_labels.json`` for the report."""
+        from pdso_ray.evaluation import per_image_accuracy
+
+        run = ctx.run
+        raw_files = self._files(ctx, run.label_dir("raw", VALIDATION), gt_dir, failed)
+        refined_files = self._files(ctx, run.sweep_dir(sigma, VALIDATION), gt_dir, failed)
+        raw_acc = per_image_accuracy(ctx.storage, raw_files, raw.match)
+        refined_acc = per_image_accuracy(ctx.storage, refined_files, refined.match)
+        method = ctx.cfg.pseudo_labels.refine.method
+        report = {"raw": {"mIoU": raw.miou, "threshold": threshold, "match": _json_match(raw.match)},
+                  "refined": {"mIoU": refined.miou, "method": method, "sigma": sigma,
+                              "dir": run.sweep_dir(sigma, VALIDATION), "match": _json_match(refined.match)},
+                  "images": {rel: {"raw": raw_acc[rel], "refined": refined_acc.get(rel)} for rel in raw_acc}}
+        ctx.storage.write_json(run.eval_file("pseudo_labels.json"), report)
+        return {"raw": {"mIoU": raw.miou, "threshold": threshold},
+                "refined": {"mIoU": refined.miou, "method": method, "sigma": sigma}}
+
+
+def _uses_sigma(cfg: PipelineConfig) -> bool:
+    """Only SPO reads sigma (its secondary classes)."""
+    return cfg.pseudo_labels.refine.method == "spo"
+
+
+def _json_match(match: dict[int, int]) -> dict[str, int]:
+    return {str(p): int(g) for p, g in sorted(match.items())}

@@ -17,9 +17,11 @@ import numpy as np
 import pyarrow as pa
 
 from pdso_ray.stages.base import RunContext, Stage
+from pdso_ray.stages.diagnostics import folder_classes, image_diagnostics, image_scores
 from pdso_ray.storage import Storage
 from pdso_ray.tables import (
     arrow_to_vectors,
+    column_values,
     parquet_files,
     read_table,
     row_group_sizes,
@@ -115,6 +117,10 @@ class PurifyStage(Stage):
             task.remote(storage, feature_files[a:b], emb_files[a:b], out,
                         kept[start:stop], centroids, min(pc.topk, k))
             for a, b, start, stop in _writer_groups(file_rows)]))
+        truth = folder_classes(ctx, out)
+        final = column_values(storage, out, "cluster") if truth is not None else None
         return {"images": int(len(kept)), "kept": int(kept.sum()),
                 "objective_kmeans2": second.objective, "objective_kmeans3": third.objective,
-                "largest_cluster": int(sizes.max()), "empty_clusters": int((sizes == 0).sum())}
+                "largest_cluster": int(sizes.max()), "empty_clusters": int((sizes == 0).sum()),
+                **image_diagnostics([("purify_kept", image_scores(truth, final, kept)),
+                                     ("purify_final", image_scores(truth, final))])}

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from pdso_ray.config import DataConfig
-from pdso_ray.data.decode import DecodeResult, decode_image
+from pdso_ray.data.decode import DecodeResult, decode_image, resize_square
 from pdso_ray.stages.base import Batch, BatchStep, Resources
 from pdso_ray.storage import Storage, UnreadableFile
 
@@ -46,15 +46,6 @@ class ImageReader:
             return DecodeResult(reason=str(e))
         return decode_image(data, max_pixels=self.max_pixels, target_short_side=target_short_side,
                             exif_transpose=exif_transpose)
-
-
-def resize_square(image: np.ndarray, size: int) -> np.ndarray:
-    """HxWx3 uint8 → size×size×3 uint8 (bilinear, antialiased): DINO sees whole images at one size."""
-    from PIL import Image
-
-    if image.shape[0] == size and image.shape[1] == size:
-        return image
-    return np.asarray(Image.fromarray(image).resize((size, size), Image.BILINEAR, reducing_gap=None))
 
 
 class ReadDecode(BatchStep):

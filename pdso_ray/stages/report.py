@@ -19,6 +19,8 @@ class ReportStage(Stage):
     always_run = True  # a cheap view of whatever the run folder holds now
 
     def run(self, ctx: RunContext) -> dict[str, Any]:
-        url = build_report(ctx.storage, ctx.cfg.output, cfg=ctx.cfg)
+        from pdso_ray.stages import STAGES
+
+        url = build_report(ctx.storage, ctx.cfg.output, cfg=ctx.cfg, stage_order=list(STAGES))
         figures = ctx.storage.list_files(ctx.run.report_dir, suffixes=(".png",))
         return {"index": url, "figures": len(figures)}

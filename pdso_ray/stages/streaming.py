@@ -3,7 +3,7 @@
     work (driver: the ids to account for) → skip the ids already done → Ray Data blocks
     → the stage's steps (decode, model, writers) → reconcile: every image written or rejected
 
-A :class:`StreamingStage` says four things: which images it must account for and which are
+A :class:`StreamingPass` (a :class:`StreamingStage` is a stage that is one) says four things: which images it must account for and which are
 refused before streaming (:meth:`~StreamingStage.work`), which are already done
 (:meth:`~StreamingStage.done_ids`), the Ray Data source and steps for the rest
 (:meth:`~StreamingStage.dataset`, :meth:`~StreamingStage.steps`), and how to count the result
@@ -113,8 +113,12 @@ def from_rows(rows: list[dict[str, Any]], batch_size: int) -> "ray.data.Dataset"
     return ray.data.from_items(rows, override_num_blocks=max(1, min(len(rows) // batch_size, MAX_BLOCKS)))
 
 
-class StreamingStage(Stage):
-    """A per-image stage on the skeleton of the module docstring."""
+class StreamingPass:
+    """One pass of the skeleton (module docstring) over a set of images. A stage may run several
+    (``pseudo_labels`` runs one over validation images to choose its thresholds, then one over
+    train images); :class:`StreamingStage` is a stage that is one pass."""
+
+    name: str = "pass"
 
     def work(self, ctx: RunContext) -> Work:
         raise NotImplementedError
@@ -133,19 +137,28 @@ class StreamingStage(Stage):
         return from_rows([r for r in work.rows if r["id"] in todo], self.batch_size(ctx))
 
     def finish(self, ctx: RunContext, work: Work, results: dict[str, str]) -> dict[str, Any]:
-        """Write what the stage keeps besides its per-image outputs, reconcile, return counts."""
+        """Write what the pass keeps besides its per-image outputs, reconcile, return counts."""
         raise NotImplementedError
 
+
+def run_pass(ctx: RunContext, step: StreamingPass) -> dict[str, Any]:
+    """Run one pass: account, skip what is done, stream the rest, reconcile."""
+    work = step.work(ctx)
+    done = step.done_ids(ctx)
+    todo = [i for i in work.ids if i not in done]
+    log.info("%s: %d images, %d already done, %d to process", step.name, len(work.ids),
+             len(work.ids) - len(todo), len(todo))
+    results: dict[str, str] = {}
+    if todo:
+        results = stream(ctx, step.dataset(ctx, work, set(todo)), step.steps(ctx), todo, step.name)
+    return step.finish(ctx, work, results)
+
+
+class StreamingStage(StreamingPass, Stage):
+    """A per-image stage that is one :class:`StreamingPass`."""
+
     def run(self, ctx: RunContext) -> dict[str, Any]:
-        work = self.work(ctx)
-        done = self.done_ids(ctx)
-        todo = [i for i in work.ids if i not in done]
-        log.info("%s: %d images, %d already done, %d to process", self.name, len(work.ids),
-                 len(work.ids) - len(todo), len(todo))
-        results: dict[str, str] = {}
-        if todo:
-            results = stream(ctx, self.dataset(ctx, work, set(todo)), self.steps(ctx), todo, self.name)
-        return self.finish(ctx, work, results)
+        return run_pass(ctx, self)
 
 
 def object_column(values: Sequence[Any]) -> np.ndarray:

@@ -1,7 +1,12 @@
 import numpy as np
 import pytest
 
-from pdso_ray.method.pseudo_labels import main_and_secondary_classes, raw_pseudo_label
+from pdso_ray.method.pseudo_labels import (
+    apply_saliency_threshold,
+    class_map,
+    main_and_secondary_classes,
+    raw_pseudo_label,
+)
 
 
 def _emb(rng, h, w, d):
@@ -66,3 +71,22 @@ def test_main_and_secondary_classes():
         main_and_secondary_classes(ids, dist[:2], 0.8)
     with pytest.raises(ValueError, match="integers"):
         main_and_secondary_classes(ids.astype(float), dist, 0.8)
+
+
+def test_pruned_class_map_agrees_with_all_candidates_at_patch_centres():
+    rng = np.random.default_rng(5)
+    emb = _emb(rng, 7, 6, 16)
+    cen = rng.standard_normal((40, 16)).astype(np.float32)
+    ids = np.arange(40)
+    full = class_map(emb, cen, ids, (7, 6), prune_to=None)
+    pruned = class_map(emb, cen, ids, (7, 6), prune_to=2)
+    np.testing.assert_array_equal(pruned, full)  # at patch resolution the argmax is exact
+    big_full = class_map(emb, cen, ids, (56, 48), prune_to=None)
+    big_pruned = class_map(emb, cen, ids, (56, 48), prune_to=2)
+    assert (big_full == big_pruned).mean() > 0.99
+
+
+def test_threshold_is_applied_to_the_class_map():
+    classes = np.array([[3, 3], [2, 2]], np.int32)
+    sal = np.array([[0.1, 0.5], [0.49, 0.9]])
+    np.testing.assert_array_equal(apply_saliency_threshold(classes, sal, 0.5), [[0, 3], [0, 2]])

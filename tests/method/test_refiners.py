@@ -172,6 +172,50 @@ def test_spo_ignores_small_components_and_skips_sam_without_prompts():
     assert len(fake.calls[0]["boxes"]) == 1 and out.label.sum() == 9
 
 
+def _two_component_scene():
+    """Class 1 in two components, A (first in raster order) and B, the saliency peak in B; a
+    2-px speckle of class 1 above both (first of all in raster order, below min_area 10)."""
+    a, b = _rect(8, 20, 8, 20), _rect(40, 52, 40, 52)
+    raw = np.zeros((H, W), np.int32)
+    raw[a | b] = 1
+    raw[0, 60:62] = 1
+    sal = np.zeros((H, W))
+    sal[45, 46] = 1.0
+    return a, b, raw, sal
+
+
+def test_spo_all_components_prompts_every_kept_component():
+    a, b, raw, sal = _two_component_scene()
+    fake = FakeSam([a, b])
+    out = refine_spo(IMAGE, raw, sal, RefineContext(1, params=RefineParams(min_area=10)), fake)
+    assert [c["multimask"] for c in fake.calls] == [True, True, False, False]
+    np.testing.assert_array_equal(fake.calls[0]["boxes"], [[8, 8, 19, 19]])  # A, no point
+    np.testing.assert_array_equal(fake.calls[1]["boxes"], [[40, 40, 51, 51]])  # B carries the peak
+    np.testing.assert_array_equal(fake.calls[1]["points"], [[[46, 45]]])
+    np.testing.assert_array_equal(out.label, np.where(a | b, 1, 0))
+    assert out.stats["prompts"] == 2 and out.stats["masks_used"] == 2
+
+
+def test_spo_first_component_prompts_one_box_per_class_with_the_peak_on_it():
+    a, b, raw, sal = _two_component_scene()
+    fake = FakeSam([a, b])
+    params = RefineParams(min_area=10, spo_components="first")
+    out = refine_spo(IMAGE, raw, sal, RefineContext(1, params=params), fake)
+    # one prompt: A's box (the first kept component) with the peak, although the peak lies in B,
+    # as the official predictor's element 0 (point broadcast to every box, box 0 returned)
+    assert [c["multimask"] for c in fake.calls] == [True, False]
+    for call in fake.calls:
+        np.testing.assert_array_equal(call["boxes"], [[8, 8, 19, 19]])
+        np.testing.assert_array_equal(call["points"], [[[46, 45]]])
+    np.testing.assert_array_equal(out.label, np.where(a, 1, 0))  # B is lost
+    assert out.stats["prompts"] == 1 and out.stats["masks_used"] == 1
+    # "first" counts among kept components: with min_area 0 (the official code has no filter)
+    # the speckle is the first component and the only one prompted
+    fake = FakeSam([a, b])
+    refine_spo(IMAGE, raw, sal, RefineContext(1, params=RefineParams(min_area=0, spo_components="first")), fake)
+    np.testing.assert_array_equal(fake.calls[0]["boxes"], [[60, 0, 61, 0]])
+
+
 def test_spo_is_idempotent_with_a_good_sam():
     a, b, raw, sal = _two_object_scene()
     ctx = RefineContext(1, (2,), params=RefineParams(min_area=10))
@@ -181,7 +225,8 @@ def test_spo_is_idempotent_with_a_good_sam():
     assert twice.stats["pixels_changed"] == 0
 
 
-def test_sam_select_assignment_rules():
+@pytest.mark.parametrize("select_fail", ["drop", "keep"])
+def test_sam_select_assignment_rules(select_fail):
     raw = np.zeros((H, W), np.int32)
     r1 = _rect(10, 30, 10, 30)  # class 1, 400 px
     r2 = _rect(40, 46, 40, 46)  # class 2, 36 px
@@ -191,7 +236,9 @@ def test_sam_select_assignment_rules():
     m_bg = _rect(0, 6, 0, 64)  # no overlap: unused
     m_low = _rect(12, 34, 12, 30)  # lower score; 324 of 396 px in r1: class 1, unclaimed pixels only
     auto = [(m_bg, 0.99), (m_low, 0.5), (m_obj, 0.9), (m_cover, 0.8)]
-    out = refine_sam_select(IMAGE, raw, np.zeros((H, W)), RefineContext(1, (2,)), FakeSam([], auto))
+    ctx = RefineContext(1, (2,), params=RefineParams(select_fail=select_fail))
+    out = refine_sam_select(IMAGE, raw, np.zeros((H, W)), ctx, FakeSam([], auto))
+    # no raw foreground lies under the failing mask m_bg: both rules give the same label
     expected = raw.copy()
     expected[m_obj] = 1
     expected[m_cover & ~m_obj] = 2
@@ -218,6 +265,50 @@ def test_sam_select_mask_claimed_by_one_class_only():
     ctx = RefineContext(1, params=RefineParams(select_region_cover=0.5))
     out = refine_sam_select(IMAGE, raw2, np.zeros((H, W)), ctx, FakeSam([], [(half, 0.9)]))
     assert out.stats["masks_used"] == 1 and np.all(out.label[half] == 1)
+
+
+def _false_activation_scene():
+    """Class 1: a true object (with a SAM mask that qualifies), a false activation inside a
+    large background mask (which fails the class test), and a patch no mask touches."""
+    obj, fake_act, untouched = _rect(10, 30, 10, 30), _rect(44, 54, 44, 54), _rect(56, 62, 2, 7)
+    raw = np.zeros((H, W), np.int32)
+    raw[obj | fake_act | untouched] = 1  # region: 400 + 100 + 30 px
+    m_obj = obj.copy()
+    m_bg = _rect(36, 64, 36, 64)  # 784 px; 100 in the region: < 0.5 of the mask, < 0.85 of the region
+    return raw, obj, fake_act, untouched, [(m_bg, 0.9), (m_obj, 0.95)]
+
+
+def test_sam_select_drop_rule_removes_a_false_activation_and_keep_rule_keeps_it():
+    raw, obj, fake_act, untouched, auto = _false_activation_scene()
+    dropped = refine_sam_select(IMAGE, raw, np.zeros((H, W)), RefineContext(1), FakeSam([], auto))
+    np.testing.assert_array_equal(dropped.label, np.where(obj | untouched, 1, 0))
+    assert dropped.stats == {"prompts": 2, "masks_used": 1, "pixels_changed": 100}
+    ctx = RefineContext(1, params=RefineParams(select_fail="keep"))
+    kept = refine_sam_select(IMAGE, raw, np.zeros((H, W)), ctx, FakeSam([], auto))
+    np.testing.assert_array_equal(kept.label, raw)
+    assert kept.stats == {"prompts": 2, "masks_used": 1, "pixels_changed": 0}
+
+
+def test_sam_select_scan_order_is_iou_then_area_then_generator_order():
+    raw = np.zeros((H, W), np.int32)
+    raw[10:30, 10:30] = 1
+    raw[30:50, 30:50] = 2
+    small = _rect(10, 34, 10, 34)  # class 1: 400 of its 576 px in region 1
+    large = _rect(26, 54, 26, 54)  # class 2: 400 of its 784 px in region 2
+    overlap = small & large
+    for auto in ([(small, 0.9), (large, 0.9)], [(large, 0.9), (small, 0.9)]):
+        out = refine_sam_select(IMAGE, raw, np.zeros((H, W)), RefineContext(1, (2,)), FakeSam([], auto))
+        assert np.all(out.label[overlap] == 2)  # equal IoU: the larger mask is scanned first
+    out = refine_sam_select(IMAGE, raw, np.zeros((H, W)), RefineContext(1, (2,)),
+                            FakeSam([], [(small, 0.91), (large, 0.9)]))
+    assert np.all(out.label[overlap] == 1)  # a higher predicted IoU comes first
+    twin = _rect(10, 30, 10, 30)  # same score and area as the (shifted) mask below: list order
+    shifted = _rect(11, 31, 10, 30)
+    raw3 = np.zeros((H, W), np.int32)
+    raw3[10:20, 10:30], raw3[20:31, 10:30] = 1, 2
+    for auto, first in (([(twin, 0.9), (shifted, 0.9)], 1), ([(shifted, 0.9), (twin, 0.9)], 2)):
+        out = refine_sam_select(IMAGE, raw3, np.zeros((H, W)), RefineContext(1, (2,)), FakeSam([], auto))
+        assert np.all(out.label[twin & shifted] == first)
 
 
 def _gmm_scene(seed=0):
@@ -272,6 +363,11 @@ def test_none_registry_and_input_checks():
         RefineContext(1, (1, 2))
     with pytest.raises(ValueError, match="gmm_confidence must lie in"):
         RefineParams(gmm_confidence=1.5)
+    with pytest.raises(ValueError, match="spo_components must be one of .* got 'some'"):
+        RefineParams(spo_components="some")
+    with pytest.raises(ValueError, match="select_fail must be one of .* got 'ignore'"):
+        RefineParams(select_fail="ignore")
+    assert RefineParams().spo_components == "all" and RefineParams().select_fail == "drop"
     with pytest.raises(ValueError, match="needs a MaskPredictor"):
         refine_spo(IMAGE, raw, np.zeros((H, W)), RefineContext(1), None)
 

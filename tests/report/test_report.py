@@ -15,6 +15,7 @@ from pdso_ray.data.imagenet_s import IGNORE_ID, decode_label, encode_label, list
 from pdso_ray.data.synthetic import make_demo_dataset
 from pdso_ray.report import build_report
 from pdso_ray.report.figures import class_colors, colorize
+from pdso_ray.stages import STAGES
 from pdso_ray.stages.base import RunContext
 from pdso_ray.stages.evaluate import EvaluateStage
 from pdso_ray.stages.report import ReportStage
@@ -23,9 +24,17 @@ from pdso_ray.tables import vectors_to_arrow, write_table
 
 C = 4
 SECRET = "report-secret-PLANTED-41d7"
-ALL_PARTS = ("config", "summary", "cluster", "purify", "labels", "predictions", "rejected")
-FULL_FIGURES = {"stage_seconds.png", "cluster_sizes.png", "iou_per_class.png",
+ALL_PARTS = ("config", "summary", "cluster", "purify", "labels", "pseudo", "predictions", "rejected")
+FULL_FIGURES = {"stage_seconds.png", "cluster_sizes.png", "iou_per_class.png", "image_diagnostics.png",
+                "pseudo_label_curves.png", "pseudo_label_gains.png",
                 "threshold_curve.png", "train_labels.png", "validation_predictions.png"}
+SECTIONS = 13
+DIAGNOSTICS = {"image": {step: {"purity": p, "nmi": p - 0.1, "accuracy": p - 0.05, "images": 12}
+                         for step, p in (("cluster", 0.6), ("denoise_s1", 0.7), ("denoise_s2", 0.8),
+                                         ("purify_kept", 0.85), ("purify_final", 0.75))},
+               "ablation": [{"step": "raw pseudo labels (t = 0.4)", "mIoU": 40.0},
+                            {"step": "refined pseudo labels (spo, sigma = 0.8)", "mIoU": 55.5},
+                            {"step": "final model (dino, ce)", "mIoU": 61.25}]}
 # Rejected rows planted in every run that has them; the second one's path must come out escaped.
 PLANTED = [("train/n00000002/broken_7", "n00000002/broken_7.JPEG", "truncated or corrupt image"),
            (None, "n00000003/<script>alert(1)</script>.JPEG",
@@ -62,7 +71,9 @@ def make_run_folder(data_root: str, run: str, parts=ALL_PARTS, storage: Storage 
             storage.write_manifest(ctx.run.path(name), {"key": "k", "stage": name,
                                                     "seconds": seconds, "counts": counts})
             stages[name] = {"status": "done", "seconds": seconds, "counts": counts}
-        storage.write_json(ctx.run.path("summary.json"), {**done["features"][1], "stages": stages})
+        storage.write_json(ctx.run.path("summary.json"), {**done["features"][1], "stages": stages,
+                                                          "stage_order": list(STAGES),
+                                                          "diagnostics": DIAGNOSTICS})
     if "cluster" in parts:
         write_table(storage, ctx.run.path("cluster", "part-0.parquet"),
                     pa.table({"id": ids, "cluster": rng.integers(0, C, len(ids))}))
@@ -89,17 +100,40 @@ def make_run_folder(data_root: str, run: str, parts=ALL_PARTS, storage: Storage 
             rows["id"].append(rec.id)
             rows["path"].append(rec.path)
         write_table(storage, ctx.run.path("labels", "stats", "part-0.parquet"), pa.table(rows))
+    perm = {k: k % C + 1 for k in range(1, C + 1)}
+    gt_dir = storage.join(data_root, f"ImageNetS{C}", "validation-segmentation")
+    gts = {url[len(gt_dir) + 1:]: decode_label(storage.read_bytes(url))
+           for url in storage.list_files(gt_dir, suffixes=(".png",))}
+    if "pseudo" in parts:
+        images = {}
+        for rel, gt in gts.items():
+            obj = (gt > 0) & (gt != IGNORE_ID)
+            refined = np.where(obj, perm[int(gt[obj][0])], 0).astype(np.int32)
+            raw = refined.copy()
+            raw[rng.random(raw.shape) < 0.3] = 0
+            storage.write_bytes(ctx.run.path("labels", "raw", "validation", rel), encode_label(raw))
+            storage.write_bytes(ctx.run.path("labels", "sweep", "sigma_0.8", "validation", rel),
+                                encode_label(refined))
+            images[rel] = {"raw": float(rng.random()), "refined": float(rng.random())}
+        match = {"0": 0, **{str(p): g for g, p in perm.items()}}
+        storage.write_json(ctx.run.path("eval", "pseudo_label_threshold.json"), {
+            "threshold": 0.4, "sigma": 0.8, "source": {"threshold": "validation sweep", "sigma": "validation sweep"},
+            "curve": [{"threshold": t, "mIoU": 30 + 10 * t} for t in (0.2, 0.4, 0.6)],
+            "sigma_curve": [{"sigma": v, "mIoU": 50 + v} for v in (0.5, 0.8)]})
+        storage.write_json(ctx.run.path("eval", "pseudo_labels.json"), {
+            "raw": {"mIoU": 40.0, "threshold": 0.4, "match": match},
+            "refined": {"mIoU": 55.5, "method": "spo", "sigma": 0.8,
+                        "dir": ctx.run.sweep_dir(0.8, "validation"), "match": match},
+            "images": images})
     if "predictions" in parts:
-        perm = {k: k % C + 1 for k in range(1, C + 1)}
-        gt_dir = storage.join(data_root, f"ImageNetS{C}", "validation-segmentation")
-        for url in storage.list_files(gt_dir, suffixes=(".png",)):
-            rel = url[len(gt_dir) + 1:]
-            gt = decode_label(storage.read_bytes(url))
+        for rel, gt in gts.items():
             obj = (gt > 0) & (gt != IGNORE_ID)
             label = np.full(gt.shape, perm[int(gt[obj][0])], dtype=np.int32)
             label[rng.random(gt.shape) < 0.05] = 1
             fg = np.clip(np.where(obj, 190, 70) + rng.integers(-40, 40, gt.shape), 0, 255)
-            storage.write_bytes(ctx.run.path("predictions", "validation", rel), encode_label(label))
+            official = np.where(fg < 128, 0, label)
+            storage.write_bytes(ctx.run.path("predictions", "validation", rel), encode_label(official))
+            storage.write_bytes(ctx.run.path("predictions", "validation_fgclass", rel), encode_label(label))
             buf = io.BytesIO()
             Image.fromarray(fg.astype(np.uint8), mode="L").save(buf, format="PNG")
             storage.write_bytes(ctx.run.path("predictions", "validation_fg", rel), buf.getvalue())
@@ -153,10 +187,9 @@ def test_report_of_an_empty_run_says_not_run(tmp_path):
     page, srcs = read_report(storage, url)
     assert srcs == []
     found = sections(page)
-    assert len(found) == 9
+    assert len(found) == SECTIONS
     not_run = [t for t, body in found.items() if 'class="notrun"' in body]
-    assert not_run == [t for t in found if t != "Stages"]
-    assert page.count("<td>not run</td>") == 8  # every stage's status but the report's own
+    assert not_run == list(found)
 
 
 def test_report_of_a_partial_run(dataset, tmp_path):
@@ -164,9 +197,10 @@ def test_report_of_a_partial_run(dataset, tmp_path):
                           parts=("config", "summary", "purify", "rejected"))
     page, srcs = read_report(ctx.storage, build_report(ctx.storage, ctx.run.root))
 
-    assert set(srcs) == {"stage_seconds.png", "cluster_sizes.png"}
+    assert set(srcs) == {"stage_seconds.png", "cluster_sizes.png", "image_diagnostics.png"}
     found = sections(page)
-    for title in ("Per-class IoU (validation)", "Background threshold",
+    for title in ("Per-class IoU (validation)", "Threshold rule (tuned on validation ground truth)",
+                  "Pseudo-label threshold and σ (chosen on validation)",
                   "Pseudo labels (train images)", "Predictions (validation images)"):
         assert 'class="notrun"' in found[title], title
     assert "<td>features</td><td>done</td><td>6.2</td>" in page
@@ -197,9 +231,16 @@ def test_report_of_a_full_run(dataset, tmp_path):
     val = ctx.storage.read_json(ctx.run.path("eval", "validation.json"))
     found = sections(page)
     assert f"<td>{val['mIoU']:.4g}</td>" in found["Overview"]
-    assert "ids mapped to GT classes by the validation matching" in found[
+    assert "ids mapped to ground-truth classes by the validation matching" in found[
         "Predictions (validation images)"]
-    assert f"background threshold {val['threshold']:g}" in page
+    tuned = ctx.storage.read_json(ctx.run.path("eval", "validation_threshold.json"))
+    assert f"t = {tuned['threshold']:g}, tuned on validation ground truth" in found["Overview"]
+    ablation = found["Ablation: what each stage adds"]
+    assert "<td>refined pseudo labels (spo, sigma = 0.8)</td><td>55.5</td>" in ablation
+    assert "k-means #1 0.600 → S1 (small loss under f) 0.700" in ablation and "never reads" in ablation
+    assert "<td>purified (kept) set</td><td>0.85</td>" in found["Image-level diagnostics (train images)"]
+    gains = found["Pseudo labels on validation: largest gains and losses from refinement"]
+    assert "raw 40.00, refined 55.50" in gains and "n00000001" in gains  # the legend names wnids
     assert "<td>train/n00000002/broken_7</td>" in found["Rejected images"]
     for url in ctx.storage.list_files(ctx.run.path("report")):
         assert SECRET.encode() not in ctx.storage.read_bytes(url), url
@@ -211,6 +252,7 @@ def test_report_on_memory_storage_reads_config_from_the_run(dataset):
                           storage=storage)
     page, srcs = read_report(storage, build_report(storage, ctx.run.root))  # no cfg passed
     assert {"iou_per_class.png", "threshold_curve.png", "validation_predictions.png"} <= set(srcs)
+    assert "ids mapped to ground-truth classes" in page
     assert 'class="error"' not in page
 
 

@@ -55,16 +55,19 @@ def png_l(arr: np.ndarray) -> bytes:
 
 
 def write_predictions(ctx: RunContext, split: str, make) -> int:
-    """For every GT PNG of ``split``: ``make(gt) -> (label, fg or None)`` written as the predict
-    stage would. Returns the number of images."""
+    """For every GT PNG of ``split``: ``make(gt) -> (best foreground class, fg or None)``, written
+    as the predict stage would: the official argmax (background where p_background > 1/2, i.e.
+    fg < 128) and, with fg, the threshold rule's two maps. Returns the number of images."""
     storage = ctx.storage
     gt_dir = storage.join(ctx.cfg.data.root, f"ImageNetS{C}", f"{split}-segmentation")
     urls = storage.list_files(gt_dir, suffixes=(".png",))
     for url in urls:
         rel = url[len(gt_dir) + 1:]
         label, fg = make(decode_label(storage.read_bytes(url)))
-        storage.write_bytes(ctx.run.path("predictions", split, rel), encode_label(label))
+        official = label if fg is None else np.where(fg < 128, 0, label)
+        storage.write_bytes(ctx.run.path("predictions", split, rel), encode_label(official))
         if fg is not None:
+            storage.write_bytes(ctx.run.path("predictions", f"{split}_fgclass", rel), encode_label(label))
             storage.write_bytes(ctx.run.path("predictions", f"{split}_fg", rel), png_l(fg))
     return len(urls)
 
@@ -138,7 +141,7 @@ def test_single_pass_sweep_equals_separate_evaluations(dataset, tmp_path):
 
     write_predictions(ctx, "validation", noisy)
     s = ctx.storage
-    files = pair_files(s, ctx.run.path("predictions", "validation"),
+    files = pair_files(s, ctx.run.path("predictions", "validation_fgclass"),
                        s.join(dataset, f"ImageNetS{C}", "validation-segmentation"),
                        ctx.run.path("predictions", "validation_fg"))
     assert len(files) == 2 * C
@@ -169,9 +172,11 @@ def test_perfect_predictions_score_100(dataset):
     assert counts["mIoU"] == pytest.approx(100.0, abs=1e-6)
     assert counts["mIoU_test"] == pytest.approx(100.0, abs=1e-6)
     assert counts["threshold"] == 0.0  # every t scores 100: the lowest wins the tie
+    assert counts["mIoU_threshold"] == pytest.approx(100.0, abs=1e-6)
     val = storage.read_json(ctx.run.path("eval", "validation.json"))
     assert val["IoU"] == pytest.approx([100.0] * (C + 1), abs=1e-6)
-    assert val["threshold"] == 0.0 and val["num_images"] == 2 * C
+    assert val["rule"] == "argmax" and val["num_images"] == 2 * C
+    assert storage.read_json(ctx.run.path("eval", "validation_threshold.json"))["threshold"] == 0.0
     match = storage.read_json(ctx.run.path("eval", "match.json"))
     assert match == {str(i): i for i in range(C + 1)}
     curve = storage.read_json(ctx.run.path("eval", "threshold_curve.json"))
@@ -188,7 +193,9 @@ def test_sweep_picks_the_known_best_threshold(dataset, tmp_path):
     counts = EvaluateStage().run(ctx)
 
     assert counts["threshold"] == 0.55
-    assert counts["mIoU"] == pytest.approx(100.0, abs=1e-6)
+    assert counts["mIoU_threshold"] == pytest.approx(100.0, abs=1e-6)
+    # The official argmax labels the background pixels whose fg is 140 (p_bg < 1/2): below 100.
+    assert counts["mIoU"] < 95.0
     curve = {p["threshold"]: p["mIoU"] for p in
              ctx.storage.read_json(ctx.run.path("eval", "threshold_curve.json"))}
     perfect_ts = [t for t, m in curve.items() if m == pytest.approx(100.0, abs=1e-6)]
@@ -197,8 +204,8 @@ def test_sweep_picks_the_known_best_threshold(dataset, tmp_path):
     assert curve[0.0] == curve[0.2] < curve[0.25] == curve[0.5] < 100.0
     # From 0.8 every pixel is background: only the background class scores.
     assert curve[0.8] < curve[0.25]
-    val = ctx.storage.read_json(ctx.run.path("eval", "validation.json"))
-    assert val["threshold"] == 0.55
+    tuned = ctx.storage.read_json(ctx.run.path("eval", "validation_threshold.json"))
+    assert tuned["threshold"] == 0.55 and "tuned on validation ground truth" in tuned["note"]
     assert "mIoU_test" not in counts and counts["test_images"] == 0
     assert not ctx.storage.exists(ctx.run.path("eval", "test.json"))
 
@@ -213,11 +220,13 @@ def test_test_split_reuses_validation_matching_and_threshold(dataset, tmp_path):
 
     inverse = {str(p): g for g, p in perm.items()}
     assert ctx.storage.read_json(ctx.run.path("eval", "match.json")) == {"0": 0, **inverse}
-    assert counts["mIoU"] == pytest.approx(100.0, abs=1e-6)
+    assert counts["mIoU_threshold"] == pytest.approx(100.0, abs=1e-6)
     # Test is only perfect with the validation threshold (0.55) and the validation matching.
-    assert counts["mIoU_test"] == pytest.approx(100.0, abs=1e-6)
+    assert counts["mIoU_test_threshold"] == pytest.approx(100.0, abs=1e-6)
+    tuned = ctx.storage.read_json(ctx.run.path("eval", "test_threshold.json"))
+    assert tuned["threshold"] == 0.55 and tuned["match"] == {"0": 0, **inverse}
     test = ctx.storage.read_json(ctx.run.path("eval", "test.json"))
-    assert test["threshold"] == 0.55 and test["match"] == {"0": 0, **inverse}
+    assert test["rule"] == "argmax" and test["match"] == {"0": 0, **inverse}
     assert counts["test_images"] == 2 * C
 
 
@@ -230,10 +239,11 @@ def test_test_split_is_not_rematched(dataset, tmp_path):
 
     counts = EvaluateStage().run(ctx)
 
-    assert counts["mIoU"] == pytest.approx(100.0, abs=1e-6)
-    test = ctx.storage.read_json(ctx.run.path("eval", "test.json"))
+    assert counts["mIoU_threshold"] == pytest.approx(100.0, abs=1e-6)
+    test = ctx.storage.read_json(ctx.run.path("eval", "test_threshold.json"))
     assert test["IoU"][1:] == [0.0] * C  # every object pixel lands in a wrong class
-    assert counts["mIoU_test"] == pytest.approx(test["IoU"][0] / (C + 1))
+    assert counts["mIoU_test_threshold"] == pytest.approx(test["IoU"][0] / (C + 1))
+    assert ctx.storage.read_json(ctx.run.path("eval", "test.json"))["IoU"][1:] == [0.0] * C
 
 
 def test_without_test_ground_truth_predictions_are_only_counted(tmp_path):
@@ -264,10 +274,10 @@ def test_without_foreground_maps_there_is_no_sweep(dataset, tmp_path):
     write_predictions(ctx, "validation", labels_only)
     counts = EvaluateStage().run(ctx)
 
-    assert counts["threshold"] is None
+    assert "threshold" not in counts and "mIoU_threshold" not in counts
     assert 90.0 < counts["mIoU"] < 100.0
     assert not ctx.storage.exists(ctx.run.path("eval", "threshold_curve.json"))
-    assert ctx.storage.read_json(ctx.run.path("eval", "validation.json"))["threshold"] is None
+    assert [s["step"] for s in counts["diagnostics"]["ablation"]] == ["final model (dino, ce)"]
 
 
 def test_missing_prediction_or_foreground_map_is_an_error(dataset, tmp_path):
@@ -286,7 +296,7 @@ def test_images_rejected_by_predict_count_as_background(dataset, tmp_path):
     ctx = make_ctx(dataset, str(tmp_path / "run"))
     write_predictions(ctx, "validation", perfect)
     victim = "n00000002/n00000002_1"
-    for kind in ("validation", "validation_fg"):
+    for kind in ("validation", "validation_fg", "validation_fgclass"):
         ctx.storage.remove(ctx.run.path("predictions", kind, victim + ".png"))
     write_table(ctx.storage, ctx.run.path("predictions", "rejected_validation.parquet"),
                 pa.table({"id": [f"validation/{victim}"], "path": ["x.JPEG"],
@@ -345,7 +355,7 @@ def test_export_zip_has_the_benchmark_layout(dataset, tmp_path):
 
     result = export_submission(ctx.storage, ctx.run.root, out, method="my method", link="x.org")
 
-    assert result.images == 2 * C and result.threshold == 0.55 and result.checked_against_dataset
+    assert result.images == 2 * C and result.checked_against_dataset
     with zipfile.ZipFile(out) as zf:
         names = zf.namelist()
         pngs = sorted(n for n in names if n.endswith(".png"))
@@ -356,12 +366,8 @@ def test_export_zip_has_the_benchmark_layout(dataset, tmp_path):
         method = zf.read("method.txt").decode()
         assert method.splitlines()[0] == "Method name: my method"
         assert "Paper/Project link: x.org" in method and f"ImageNet-S{C}" in method
-        for name in pngs:  # unmatched ids, thresholded as the evaluation scored them
-            label = decode_label(ctx.storage.read_bytes(ctx.run.path("predictions", "test", name)))
-            fg = np.asarray(Image.open(ctx.run.path("predictions", "test_fg", name)))
-            want = apply_background_threshold(label, fg, 0.55)
-            assert np.array_equal(decode_label(zf.read(name)), want), name
-            assert set(np.unique(want)) - {0} == {set(np.unique(label)).pop()}
+        for name in pngs:  # unmatched ids, the official predictions as the evaluation scored them
+            assert zf.read(name) == ctx.storage.read_bytes(ctx.run.path("predictions", "test", name))
     assert [p.name for p in (tmp_path / "sub").iterdir()] == ["test.zip"]  # no temp left
 
 
@@ -373,9 +379,6 @@ def test_export_refuses_incomplete_or_unevaluated_runs(dataset, tmp_path):
 
     ctx = evaluated_run(dataset, str(tmp_path / "run2"))
     victim = "n00000003/n00000003_1.png"
-    ctx.storage.remove(ctx.run.path("predictions", "test_fg", victim))
-    with pytest.raises(ValueError, match=f"foreground map.*{victim}"):
-        export_submission(ctx.storage, ctx.run.root, str(tmp_path / "b.zip"))
     ctx.storage.remove(ctx.run.path("predictions", "test", victim))
     with pytest.raises(ValueError, match=f"1 of {2 * C} images have no prediction.*{victim}"):
         export_submission(ctx.storage, ctx.run.root, str(tmp_path / "c.zip"))

@@ -49,30 +49,32 @@ def run_setup(tmp_path_factory):
     return tmp, run, records
 
 
-def _config(tmp, run, epochs):
+def _config(tmp, run, epochs, loss="ce"):
     return load_config(text=f"""
 output: {run}
 data: {{root: {tmp / 'data'}, classes: {CLASSES}}}
 models: {{allow_random_init: true, dino: {{arch: vit_tiny_test, image_size: 32}}}}
 finetune: {{epochs: {epochs}, batch_size: 4, crop_size: 32, num_workers: 2, cpus_per_worker: 0.5,
-           use_gpu: false, max_failures: 1, lr: 0.001}}
+           use_gpu: false, max_failures: 1, lr: 0.001, loss: {loss}}}
 """)
 
 
 # ---- without Ray ----------------------------------------------------------------------------------
-def test_load_train_pairs_crops_images_and_labels(run_setup, tmp_path):
+def test_load_train_pairs_puts_images_and_labels_on_canvases(run_setup, tmp_path):
     _, run, records = run_setup
     storage = Storage()
     batch = {"id": np.asarray([r.id for r in records[:3]], dtype=object),
              "path": np.asarray([r.path for r in records[:3]], dtype=object),
              "label_refined": np.asarray([Storage.join(run, "labels", "refined", r.id + ".png")
                                           for r in records[:3]], dtype=object)}
-    out = LoadTrainPairs(ImageReader(storage, "/", 10**8, 10**7), crop_size=24, batch_size=8)(batch)
-    assert out["image"].shape == (3, 24, 24, 3) and out["image"].dtype == np.uint8
-    assert out["label"].shape == (3, 24, 24) and out["label"].dtype == np.int16
-    for url, label in zip(batch["label_refined"], out["label"]):
+    out = LoadTrainPairs(ImageReader(storage, "/", 10**8, 10**7), canvas=48, batch_size=8)(batch)
+    assert out["image"].shape == (3, 48, 48, 3) and out["image"].dtype == np.uint8
+    assert out["label"].shape == (3, 48, 48) and out["label"].dtype == np.int16
+    for url, label, (h, w) in zip(batch["label_refined"], out["label"], out["valid"]):
         source = decode_label(storage.read_bytes(url))
-        assert set(np.unique(label)) <= set(np.unique(source)) <= {0, 1, 2, 3, IGNORE_ID}
+        assert max(h, w) == 48 and abs(h / w - source.shape[0] / source.shape[1]) < 0.1  # aspect kept
+        assert set(np.unique(label[:h, :w])) <= set(np.unique(source)) <= {0, 1, 2, 3, IGNORE_ID}
+        assert (label[h:] == IGNORE_ID).all() and (label[:, w:] == IGNORE_ID).all()  # padding
 
     # A label of the wrong size, and an image that no longer decodes, fail with the URL.
     bad_label = str(tmp_path / "small.png")
@@ -93,6 +95,49 @@ def test_cosine_schedule():
     assert cosine_factor(0, 10) == 1.0
     assert cosine_factor(5, 10) == pytest.approx(0.5)
     assert cosine_factor(10, 10) == pytest.approx(0.0) and cosine_factor(12, 10) == pytest.approx(0.0)
+
+
+def test_agmm_step_of_the_train_loop(tmp_path):
+    """What the loop does per batch with finetune.loss=agmm, without Ray: one forward through the
+    wrapper DDP sees, the mixture's update, a finite loss reaching backbone and head, and the
+    mixture state in the checkpoint format (weights_only)."""
+    import io
+
+    import torch.nn.functional as F
+
+    from pdso_ray.method.agmm import AgmmWeights, GaussianMixture
+    from pdso_ray.models.heads import build_segmenter_from_meta
+    from pdso_ray.stages.finetune import _agmm_terms, _with_features, train_loop_per_worker
+
+    torch.manual_seed(0)
+    segmenter = build_segmenter_from_meta({"num_classes": CLASSES, "backbone": "dino",
+                                           "arch": "vit_tiny_test", "img_size": 32})
+    net = _with_features(segmenter)
+    assert [id(p) for p in net.parameters()] == [id(p) for p in segmenter.parameters()]  # the optimizer's order
+    x = torch.randn(2, 3, 32, 32)
+    target = torch.zeros(2, 32, 32, dtype=torch.int64)
+    target[0, :, 16:], target[1, 8:24, 8:24], target[1, :4] = 1, 3, IGNORE_ID
+    features, logits = net(x)
+    logits = F.interpolate(logits, size=(32, 32), mode="bilinear", align_corners=False)
+    mixture = GaussianMixture(CLASSES + 1, 48)
+    fc = _config(tmp_path, str(tmp_path / "run"), epochs=1, loss="agmm").finetune
+    loss = _agmm_terms(features, logits, target, mixture, fc, AgmmWeights())
+    assert loss.ndim == 0 and torch.isfinite(loss)
+    assert mixture.updates.tolist() == [1, 1, 0, 1]  # classes 0, 1, 3 are in the batch
+    loss.backward()
+    assert segmenter.head.weight.grad.abs().sum() > 0
+    assert segmenter.backbone.vit.patch_embed.proj.weight.grad.abs().sum() > 0
+
+    buf = io.BytesIO()
+    torch.save({"agmm": mixture.state_dict()}, buf)
+    restored = GaussianMixture(CLASSES + 1, 48)
+    restored.load_state_dict(torch.load(io.BytesIO(buf.getvalue()), weights_only=True)["agmm"])
+    for name, value in mixture.state_dict().items():
+        assert torch.equal(restored.state_dict()[name], value)
+
+    bad = _config(tmp_path, str(tmp_path / "run"), epochs=1, loss="hinge")
+    with pytest.raises(ValueError, match="finetune.loss='hinge': choose one of ce, agmm"):
+        train_loop_per_worker({"cfg": bad, "storage": None})
 
 
 def test_train_storage_paths(tmp_path, s3_bucket):
@@ -188,3 +233,4 @@ def test_finetune_survives_a_crash_and_resumes_with_more_epochs(ray_local, run_s
     # finetune.keep_checkpoints=2 (the default): the oldest epoch's checkpoint is gone
     kept = sorted(d for d in os.listdir(os.path.join(run, "finetune", "train")) if d.startswith("epoch_"))
     assert kept == ["epoch_0002", "epoch_0003"]
+

@@ -83,7 +83,7 @@ def test_steps_write_the_models_prediction_at_the_original_size(setup, tmp_path)
 
     run = RunLayout(str(tmp_path / "run"))
     storage.write_bytes(run.finetune_model, storage.read_bytes(RunLayout(cfg.output).finetune_model))
-    step = Predictor(storage, run, SHORT_SIDE, Resources())
+    step = Predictor(storage, run, SHORT_SIDE, Resources(), foreground_rule=True)
     step.setup()
     out = step(decoded)
     assert list(out["id"]) == list(decoded["id"]) and list(out["reason"]) == list(decoded["reason"])
@@ -91,6 +91,7 @@ def test_steps_write_the_models_prediction_at_the_original_size(setup, tmp_path)
     sizes = set()
     for i, image_id in enumerate(decoded["id"]):
         label_url, fg_url = run.prediction_png(image_id), run.foreground_png(image_id)
+        fgclass_url = run.foreground_label_png(image_id)
         if decoded["reason"][i]:
             assert not storage.exists(label_url) and not storage.exists(fg_url)
             continue
@@ -100,12 +101,14 @@ def test_steps_write_the_models_prediction_at_the_original_size(setup, tmp_path)
         sizes.add(size)
         with torch.inference_mode():
             logits = model(to_model_input(image[None], size))[0]
-        label, fg = logits_to_prediction(logits, orig)
-        written = decode_label(storage.read_bytes(label_url))
-        assert written.shape == orig and np.array_equal(written, label.numpy())
-        assert written.min() >= 1 and written.max() <= CLASSES
+        pred = logits_to_prediction(logits, orig)
+        written = decode_label(storage.read_bytes(label_url))  # argmax over C+1: the official rule
+        assert written.shape == orig and np.array_equal(written, pred.label.numpy())
+        assert written.min() >= 0 and written.max() <= CLASSES
+        fgclass = decode_label(storage.read_bytes(fgclass_url))
+        assert np.array_equal(fgclass, pred.foreground_label.numpy()) and fgclass.min() >= 1
         fg_png = np.asarray(Image.open(io.BytesIO(storage.read_bytes(fg_url))))
-        assert np.array_equal(fg_png, foreground_to_uint8(fg.numpy()))
+        assert np.array_equal(fg_png, foreground_to_uint8(pred.foreground.numpy()))
     assert len(sizes) > 1  # the batch held several input sizes, each run as its own group
     # Stored orientation, not the EXIF-rotated one: the GT is drawn on the stored pixels.
     assert decode_label(storage.read_bytes(
@@ -119,18 +122,17 @@ def test_stage_predicts_every_listed_image_or_rejects_it(ray_local, setup):
     run = ctx.run
     counts = PredictStage().run(ctx)
     # validation: 6 demo images + rotated + corrupt + one refused name; test: 3 demo images.
-    assert counts == {"validation_images": 9, "validation_predicted": 7, "validation_rejected": 2,
-                      "test_images": 3, "test_predicted": 3, "test_rejected": 0, "notes": []}
+    assert counts == {"splits": {"validation": {"images": 9, "predicted": 7, "rejected": 2},
+                                 "test": {"images": 3, "predicted": 3, "rejected": 0}}, "notes": []}
     for split in ("validation", "test"):
         for r in list_split(storage, cfg.data.root, CLASSES, split).images:
             if r.id.endswith("corrupt"):
                 continue
-            label_url, fg_url = run.prediction_png(r.id), run.foreground_png(r.id)
             with Image.open(io.BytesIO(storage.read_bytes(r.path))) as im:
                 width, height = im.size
-            label = decode_label(storage.read_bytes(label_url))
+            label = decode_label(storage.read_bytes(run.prediction_png(r.id)))
             assert label.shape == (height, width) and 0 <= label.min() and label.max() <= CLASSES
-            assert np.asarray(Image.open(io.BytesIO(storage.read_bytes(fg_url)))).shape == (height, width)
+            assert not storage.exists(run.foreground_png(r.id))  # predict.background: argmax
     rejected = read_table(storage, f"{cfg.output}/predictions/rejected_validation.parquet").to_pylist()
     by_path = {r["path"].rsplit("/", 1)[-1]: r for r in rejected}
     assert set(by_path) == {"corrupt.JPEG", "bad\x07name.JPEG"}
@@ -141,7 +143,7 @@ def test_stage_predicts_every_listed_image_or_rejects_it(ray_local, setup):
     # A re-run predicts only images missing a PNG: a kept file is untouched, a deleted one redone.
     kept_url = run.prediction_png("test/n00000001/n00000001_0")
     storage.write_bytes(kept_url, b"kept")
-    redo_fg = run.foreground_png("test/n00000002/n00000002_0")
-    storage.remove(redo_fg)
+    redo = run.prediction_png("test/n00000002/n00000002_0")
+    storage.remove(redo)
     assert PredictStage().run(ctx) == counts
-    assert storage.read_bytes(kept_url) == b"kept" and storage.exists(redo_fg)
+    assert storage.read_bytes(kept_url) == b"kept" and storage.exists(redo)

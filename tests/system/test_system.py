@@ -185,12 +185,14 @@ def test_ray_job_submit_runs_the_pipeline_on_a_running_head(tmp_path):
             [str(BIN / "ray"), "job", "submit", "--address", f"http://127.0.0.1:{dashboard_port}",
              "--working-dir", str(REPO), "--runtime-env-json", json.dumps({"excludes": JOB_EXCLUDES}),
              "--", "python", "jobs/pdso.py", "--config", "jobs/configs/demo.yaml",
-             *_overrides(root, output, f"stages={','.join(stages)}", "ray.num_cpus=null")],
+             # demo.yaml sets ray.num_cpus=2: inside a job the submitted cluster wins anyway
+             *_overrides(root, output, f"stages={','.join(stages)}")],
             env=env, cwd=REPO, capture_output=True, text=True, timeout=420)
         log = submit.stdout + submit.stderr
         assert submit.returncode == 0, log[-4000:]
         assert re.search(r"Job 'raysubmit_\w+' succeeded", log), log[-4000:]
-        # ray.num_cpus=null: the driver joined this head rather than starting a Ray of its own
+        # the driver joined this head rather than starting a Ray of its own
+        assert "running inside a Ray job: using its cluster" in log, log[-4000:]
         assert re.search(rf"Connecting to existing Ray cluster at address: \S+:{gcs_port}\b", log), \
             log[-4000:]
     finally:

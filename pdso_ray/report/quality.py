@@ -1,0 +1,286 @@
+"""The report's quality sections: what each stage adds, measured (docs/method.md, "Measuring
+quality").
+
+- the ablation: validation mIoU of raw pseudo labels, refined ones and the final model, with the
+  image-level purity row beside it;
+- image-level diagnostics of every clustering step against the class folders (which the method
+  never reads), as a table and one plot across the steps;
+- the saliency threshold t and SPO's σ chosen on validation, with their curves;
+- the validation images whose pseudo labels refinement helped and hurt most;
+- per-class IoU, the threshold rule (when predicted) and the validation predictions.
+
+Label colours in every picture are ground-truth classes (predicted ids mapped through the matching
+that scored them), with a legend of class folders (and names, when the dataset has a
+``class_names.txt`` of ``wnid name`` lines, as ImageNet's ``LOC_synset_mapping.txt``).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import Any
+
+import numpy as np
+from matplotlib.figure import Figure
+
+from pdso_ray.data.imagenet_s import IGNORE_ID, VALIDATION
+from pdso_ray.method.metrics import SIZE_BIN_NAMES
+from pdso_ray.report.figures import class_colors, label_grid
+from pdso_ray.report.page import Report, esc, fmt, not_run, sample, table
+from pdso_ray.run_layout import IMAGE_DIAGNOSTIC_STEPS as IMAGE_STEPS
+from pdso_ray.run_layout import LABEL_SUFFIX, png_rel
+
+log = logging.getLogger("pdso_ray")
+
+MAX_GRID_ROWS = 8
+GAIN_LOSS_ROWS = 6
+MAX_BARS_BY_ID = 61  # per-class IoU drawn per id up to here (ImageNet-S50 + background)
+STEP_NAMES = {"cluster": "k-means #1", "denoise_s1": "S1 (small loss under f)",
+              "denoise_s2": "S2 (small loss under g)", "purify_kept": "purified (kept) set",
+              "purify_final": "final assignment"}
+_DIAGNOSTIC_NOTE = ("These diagnostics score the method against the ImageNet-S class folders "
+                    "(wnids) of the train images, which the method itself never reads.")
+
+
+def _summary(r: Report) -> dict[str, Any]:
+    return r.json(r.run.summary_file) or {}
+
+
+def _lut(match: dict[str, int] | None) -> np.ndarray | None:
+    """Predicted id → GT id lookup (ids without an entry keep their value)."""
+    if match is None:
+        return None
+    lut = np.arange(IGNORE_ID + 1)
+    for p, g in match.items():
+        lut[int(p)] = int(g)
+    return lut
+
+
+def _mapped(label: np.ndarray | None, lut: np.ndarray | None) -> np.ndarray | None:
+    if label is None or lut is None:
+        return label
+    return lut[np.clip(label, 0, IGNORE_ID)]
+
+
+def class_names(r: Report) -> dict[int, str]:
+    """GT id → ``"wnid (name)"`` (or the wnid alone), from the validation ground-truth folders
+    (ids follow the sorted folder names, the ImageNet-S convention) and the dataset's optional
+    ``class_names.txt``."""
+    if r.data is None or not hasattr(r.data, "dataset_url"):
+        return {}
+    gt_dir = r.data.gt_dir(r.storage, VALIDATION)
+    if gt_dir is None:
+        return {}
+    wnids = sorted({rel.split("/", 1)[0] for rel in r.storage.list_relative(gt_dir, LABEL_SUFFIX)})
+    names: dict[str, str] = {}
+    names_url = r.storage.join(r.data.dataset_url, "class_names.txt")
+    if r.storage.exists(names_url):
+        for line in r.storage.read_text(names_url).splitlines():
+            wnid, _, name = line.strip().partition(" ")
+            if wnid:
+                names[wnid] = name.strip()
+    return {i: f"{w} ({names[w]})" if names.get(w) else w for i, w in enumerate(wnids, start=1)}
+
+
+def legend(ids, names: dict[int, str]) -> str:
+    """An HTML legend: a swatch of each id's colour and its class."""
+    colours = class_colors()
+    items = []
+    for i in sorted({int(i) for i in ids if 0 <= int(i) <= IGNORE_ID}):
+        what = "background" if i == 0 else "ignore" if i == IGNORE_ID else names.get(i, f"class {i}")
+        r_, g, b = colours[i]
+        items.append(f'<span style="white-space:nowrap"><span style="display:inline-block;width:1em;'
+                     f'height:1em;background:rgb({r_},{g},{b});border:1px solid #999"></span> '
+                     f'{i}: {esc(what)}</span>')
+    return '<p class="note">' + " &nbsp; ".join(items) + "</p>" if items else ""
+
+
+# ---- the ablation and the image-level diagnostics ------------------------------------------------
+def ablation(r: Report) -> str:
+    diag = _summary(r).get("diagnostics", {})
+    steps = diag.get("ablation")
+    image = diag.get("image", {})
+    if not steps and not image:
+        return not_run("no diagnostics in summary.json (the evaluate stage scores the ablation)")
+    out = ""
+    if steps:
+        out += table(["step", "validation mIoU (%)"], [[s["step"], s["mIoU"]] for s in steps])
+    if image:
+        row = " → ".join(f"{STEP_NAMES[k]} {image[k]['purity']:.3f}" for k in IMAGE_STEPS if k in image)
+        out += f"<p><b>Image-level purity</b> (train images): {esc(row)}</p>"
+        out += f'<p class="note">{esc(_DIAGNOSTIC_NOTE)}</p>'
+    return out
+
+
+def image_diagnostics(r: Report) -> str:
+    image = _summary(r).get("diagnostics", {}).get("image", {})
+    if not image:
+        if r.cfg is not None and not r.data.folder_is_class:
+            return "<p>Not computed: this run's images have no class folders to score against.</p>"
+        return not_run("no diagnostics.image in summary.json")
+    steps = [k for k in IMAGE_STEPS if k in image]
+    rows = [[STEP_NAMES[k], image[k]["purity"], image[k]["nmi"], image[k]["accuracy"], image[k]["images"]]
+            for k in steps]
+    fig = Figure(figsize=(7, 3.2))
+    ax = fig.subplots()
+    x = np.arange(len(steps))
+    for metric, colour in (("purity", "#4c78a8"), ("nmi", "#f58518"), ("accuracy", "#54a24b")):
+        ax.plot(x, [image[k][metric] for k in steps], "o-", color=colour, label=metric)
+    ax.set_xticks(x, [STEP_NAMES[k] for k in steps], rotation=20, ha="right", fontsize=8)
+    ax.set(ylim=(0, 1.02), ylabel="score")
+    ax.legend(fontsize=8)
+    return (f'<p class="note">{esc(_DIAGNOSTIC_NOTE)}</p>'
+            + table(["step", "purity", "NMI", "Hungarian accuracy", "images"], rows)
+            + r.figure(fig, "image_diagnostics.png", "image-level purity, NMI and accuracy per step"))
+
+
+# ---- pseudo labels on validation -------------------------------------------------------------------
+def pseudo_label_choice(r: Report) -> str:
+    choice = r.json(r.run.eval_file("pseudo_label_threshold.json"))
+    if choice is None:
+        return not_run("no eval/pseudo_label_threshold.json")
+    if choice["source"] == "fallback":
+        return (f"<p>No validation ground truth: t = {choice['threshold']:g} and σ = "
+                f"{choice['sigma']:g} are the configured or published values, not chosen on validation.</p>")
+    out, fig = "", Figure(figsize=(10, 3.2))
+    axes = fig.subplots(1, 2)
+    for ax, key, name, unit in ((axes[0], "curve", "threshold", "saliency threshold t"),
+                                (axes[1], "sigma_curve", "sigma", "SPO secondary-class distance σ")):
+        points = choice.get(key) or []
+        if points:
+            ax.plot([p[name] for p in points], [p["mIoU"] for p in points], "o-", color="#4c78a8", markersize=4)
+            ax.axvline(choice[name], color="#e45756", linestyle="--", label=f"chosen {choice[name]:g}")
+            ax.legend(fontsize=8)
+        ax.set(xlabel=unit, ylabel="validation mIoU (%)")
+    out += r.figure(fig, "pseudo_label_curves.png", "validation mIoU of pseudo labels against t and sigma")
+    source = choice["source"]
+    out += (f"<p>Raw pseudo labels: t = {choice['threshold']:g} ({esc(source['threshold'])}); "
+            f"refined: σ = {choice['sigma']:g} ({esc(source['sigma'])}). Each point is the official "
+            "protocol on the validation pseudo labels (its own Hungarian matching).</p>")
+    return out
+
+
+def pseudo_label_gains(r: Report) -> str:
+    report = r.json(r.run.eval_file("pseudo_labels.json"))
+    if report is None:
+        return not_run("no eval/pseudo_labels.json (validation pseudo labels need validation ground truth)")
+    scored = {rel: s for rel, s in report["images"].items()
+              if s.get("refined") is not None and not math.isnan(s["raw"]) and not math.isnan(s["refined"])}
+    if not scored:
+        return "<p>No validation image could be scored.</p>"
+    by_gain = sorted(scored, key=lambda rel: scored[rel]["refined"] - scored[rel]["raw"])
+    n = min(GAIN_LOSS_ROWS, len(by_gain) // 2 or 1)
+    picks = [("largest gain", rel) for rel in by_gain[::-1][:n]] + [("largest loss", rel) for rel in by_gain[:n]]
+    gt_dir = r.data.gt_dir(r.storage, VALIDATION) if r.data is not None else None
+    images = _validation_images(r)
+    raw_lut, refined_lut = _lut(report["raw"]["match"]), _lut(report["refined"]["match"])
+    rows, shown = [], set()
+    for kind, rel in picks:
+        raw = _mapped(r.label(r.storage.join(r.run.label_dir("raw", VALIDATION), rel)), raw_lut)
+        refined = _mapped(r.label(r.storage.join(report["refined"]["dir"], rel)), refined_lut)
+        gt = None if gt_dir is None else r.label(r.storage.join(gt_dir, rel))
+        image = r.image(images[rel], exif_transpose=False) if rel in images else None
+        for lab in (raw, refined, gt):
+            if lab is not None:
+                shown.update(np.unique(lab).tolist())
+        s = scored[rel]
+        rows.append((f"{kind}: {rel[:-4]}  {s['raw']:.2f}→{s['refined']:.2f}", [image, raw, refined, gt]))
+    fig = label_grid(rows, ["image", "raw", f"refined ({report['refined']['method']})", "ground truth"])
+    return (f"<p>Validation mIoU: raw {report['raw']['mIoU']:.2f}, refined {report['refined']['mIoU']:.2f}. "
+            f"The {n} images refinement helped most and the {n} it hurt most (per-image pixel accuracy, "
+            "each label mapped to ground-truth classes by its own matching).</p>"
+            + r.figure(fig, "pseudo_label_gains.png", "pseudo labels that refinement helped and hurt most")
+            + legend(shown, class_names(r)))
+
+
+def _validation_images(r: Report) -> dict[str, str]:
+    """``{<wnid>/<stem>.png: image URL}`` of the validation images, {} when not reachable."""
+    if r.data is None:
+        return {}
+    try:
+        return {png_rel(rec.id): rec.path for rec in r.data.list_split(r.storage, VALIDATION).images}
+    except (FileNotFoundError, ValueError):
+        log.warning("report: validation images not reachable")
+        return {}
+
+
+# ---- the final model -------------------------------------------------------------------------------
+def per_class_iou(r: Report) -> str:
+    val = r.json(r.run.eval_file("validation.json"))
+    if val is None:
+        return not_run("no eval/validation.json")
+    iou = np.array([np.nan if v is None else v for v in val["IoU"]], dtype=float)
+    test = r.json(r.run.eval_file("test.json"))
+    fig = Figure(figsize=(10, 3.4))
+    ax = fig.subplots()
+    if iou.size <= MAX_BARS_BY_ID:
+        ids = np.arange(iou.size)
+        ax.bar(ids, iou, color=class_colors()[ids] / 255.0, edgecolor="#444444", linewidth=0.5)
+        if test is not None:
+            ax.plot(ids, [np.nan if v is None else v for v in test["IoU"]], "k.", label="test")
+        ax.set_xticks(ids)
+        ax.set_xlabel("class id (0 = background; colours as in the pictures below)")
+    else:
+        # Hundreds of one-pixel bars by id read as noise; sorted, they show the distribution.
+        ranked = np.sort(np.nan_to_num(iou, nan=0.0))[::-1]
+        ax.fill_between(np.arange(1, ranked.size + 1), ranked, step="mid", color="#4c78a8")
+        ax.set_xlabel(f"classes sorted by IoU ({iou.size} incl. background)")
+    ax.axhline(val["mIoU"], color="#888888", linestyle="--", label=f"mIoU {val['mIoU']:.2f}")
+    ax.set(ylabel="IoU (%)", ylim=(0, 100))
+    ax.legend(fontsize=8, loc="upper right")
+    out = r.figure(fig, "iou_per_class.png", "per-class IoU")
+    size_miou = val.get("size_mIoU") or {}
+    bins = [b for b in SIZE_BIN_NAMES if b in size_miou]  # JSON sorted them by name
+    out += table(["mIoU", "Acc", "PixelAcc", *[f"mIoU {b}" for b in bins], "images"],
+                 [[val["mIoU"], val.get("Acc"), val.get("PixelAcc"),
+                   *[size_miou[b] for b in bins], val.get("num_images")]])
+    worst = np.argsort(np.nan_to_num(iou, nan=-1.0))[:5]
+    names = class_names(r)
+    lowest = ", ".join(f"{names.get(int(i), f'class {i}') if i else 'background'}: {fmt(float(iou[i]))}"
+                       for i in worst)
+    return out + f"<p>Lowest IoU: {esc(lowest)}</p>"
+
+
+def threshold_rule(r: Report) -> str:
+    curve = r.json(r.run.eval_file("threshold_curve.json"))
+    tuned = r.json(r.run.eval_file("validation_threshold.json"))
+    if r.json(r.run.eval_file("validation.json")) is None:
+        return not_run("no eval/validation.json")
+    if curve is None or tuned is None:
+        return ("<p>Not used (<code>predict.background: argmax</code>): the official rule, argmax "
+                "over the C+1 outputs, is the only decision.</p>")
+    fig = Figure(figsize=(6, 3.2))
+    ax = fig.subplots()
+    ax.plot([p["threshold"] for p in curve], [p["mIoU"] for p in curve], "o-", color="#4c78a8", markersize=4)
+    ax.axvline(tuned["threshold"], color="#e45756", linestyle="--", label=f"best t = {tuned['threshold']:g}")
+    ax.legend(fontsize=8)
+    ax.set(xlabel="background threshold t (foreground probability)", ylabel="validation mIoU (%)")
+    official = r.json(r.run.eval_file("validation.json")) or {}
+    return (r.figure(fig, "threshold_curve.png", "mIoU of the threshold rule against t")
+            + f"<p>PASS's foreground-threshold rule: {tuned['mIoU']:.2f} at t = {tuned['threshold']:g}, "
+              f"<b>tuned on validation ground truth</b> — beside, not instead of, the official "
+              f"{fmt(official.get('mIoU'))}.</p>")
+
+
+def validation_grid(r: Report) -> str:
+    pred_dir = r.run.predictions_dir(VALIDATION)
+    rels = list(r.storage.list_relative(pred_dir, LABEL_SUFFIX))
+    if not rels:
+        return not_run("no predictions/validation/")
+    lut = _lut(r.json(r.run.eval_file("match.json")))
+    gt_dir = r.data.gt_dir(r.storage, VALIDATION) if r.data is not None else None
+    images = _validation_images(r)
+    rows, shown = [], set()
+    for rel in sample(rels, MAX_GRID_ROWS):
+        pred = _mapped(r.label(r.storage.join(pred_dir, rel)), lut)
+        gt = None if gt_dir is None else r.label(r.storage.join(gt_dir, rel))
+        for lab in (pred, gt):
+            if lab is not None:
+                shown.update(np.unique(lab).tolist())
+        rows.append((rel[:-4], [r.image(images[rel], exif_transpose=False) if rel in images else None, pred, gt]))
+    how = ("ids mapped to ground-truth classes by the validation matching" if lut is not None
+           else "raw predicted ids (no matching yet)")
+    fig = label_grid(rows, ["image", "prediction (argmax over C+1)", "ground truth"])
+    return (r.figure(fig, "validation_predictions.png", "validation predictions and GT")
+            + f"<p>Prediction: {esc(how)}. Black is background, white ignore.</p>"
+            + legend(shown, class_names(r)))

@@ -1,0 +1,62 @@
+"""``pdso-ray``: version, help for every option, the inspect table, error exit codes."""
+
+import argparse
+import json
+
+import pytest
+
+from pdso_ray import __version__
+from pdso_ray.cli import build_parser, format_summary, main
+from pdso_ray.stages import STAGES
+
+
+def test_version(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["--version"])
+    assert e.value.code == 0 and capsys.readouterr().out.strip() == f"pdso-ray {__version__}"
+
+
+def test_every_option_of_every_command_has_help():
+    parser = build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    missing = []
+    for name, command in sub.choices.items():
+        assert command.description, name
+        for action in command._actions:
+            if not isinstance(action, argparse._HelpAction) and not action.help:
+                missing.append(f"{name} {action.dest}")
+    assert missing == []
+
+
+SUMMARY = {
+    "images_total": 12, "images_ok": 11, "images_rejected": 1, "files_ignored": 0, "mIoU": 61.234,
+    "splits": {"train": {"images": 12, "ok": 11, "rejected": 1},
+               "validation": {"images": 4, "predicted": 4, "rejected": 0}},
+    "notes": {"predict": ["no test split (/d/ImageNetS2/test not found): skipped"]},
+    # deliberately out of pipeline order, with one stage missing
+    "stages": {"report": {"status": "done", "seconds": 1.0}, "features": {"status": "done", "seconds": 12.5},
+               "cluster": {"status": "skipped"}},
+}
+
+
+def test_inspect_prints_a_table_in_pipeline_order(tmp_path, capsys):
+    (tmp_path / "summary.json").write_text(json.dumps(SUMMARY))
+    assert main(["inspect", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    rows = [line.split()[0] for line in out.splitlines()[2:2 + len(STAGES)]]
+    assert rows == list(STAGES)
+    assert "not run" in out.splitlines()[2 + list(STAGES).index("denoise")]
+    assert "validation mIoU: 61.23" in out and "note (predict): no test split" in out
+    assert "train: images 12, ok 11, rejected 1" in out
+    assert out == format_summary(str(tmp_path), SUMMARY) + "\n"
+    assert main(["inspect", str(tmp_path), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out) == SUMMARY
+
+
+def test_errors_are_one_line_and_exit_2(tmp_path, capsys):
+    assert main(["inspect", str(tmp_path / "none")]) == 2
+    assert capsys.readouterr().err.startswith("error: no summary.json in ")
+    assert main(["run", str(tmp_path / "missing.yaml")]) == 2
+    assert capsys.readouterr().err.strip() == f"error: config file not found: {tmp_path / 'missing.yaml'}"
+    assert main(["run", "jobs/configs/demo.yaml", "--set", "cluster.niter=zero"]) == 2
+    assert "cluster.niter='zero'" in capsys.readouterr().err

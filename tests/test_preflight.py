@@ -1,0 +1,81 @@
+"""Preflight: misconfiguration fails in seconds, before Ray starts, with one ``error:`` line that
+names the key or URL and the fix (exit code 2)."""
+
+import sys
+import time
+
+import pytest
+
+from pdso_ray.cli import main
+from pdso_ray.config import load_config
+from pdso_ray.data.synthetic import make_demo_dataset
+from pdso_ray.preflight import PreflightError, preflight
+
+DEMO = "jobs/configs/demo.yaml"
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory):
+    root = str(tmp_path_factory.mktemp("pf") / "data")
+    make_demo_dataset(root, classes=2, train_per_class=1, val_per_class=1, test_per_class=0)
+    return root
+
+
+@pytest.fixture(scope="module")
+def dino_file(tmp_path_factory):
+    from pdso_ray.models.dino import build_dino, save_dino_checkpoint
+
+    url = str(tmp_path_factory.mktemp("w") / "dino.pth")
+    save_dino_checkpoint(build_dino("vit_tiny_test", img_size=64), url)
+    return url
+
+
+def _run(capsys, *overrides):
+    started = time.monotonic()
+    code = main(["run", DEMO, *[a for o in overrides for a in ("--set", o)]])
+    err = capsys.readouterr().err.strip().splitlines()
+    ray = sys.modules.get("ray")
+    assert ray is None or not ray.is_initialized(), "preflight must fail before Ray starts"
+    return code, err, time.monotonic() - started
+
+
+def test_a_missing_sam_checkpoint_fails_in_seconds_without_starting_ray(capsys, data_root, dino_file, tmp_path):
+    code, err, seconds = _run(capsys, f"data.root={data_root}", "data.classes=2", f"output={tmp_path}/run",
+                              "models.allow_random_init=false", f"models.dino.checkpoint={dino_file}")
+    assert code == 2 and len(err) == 1 and err[0].startswith("error: models.sam.checkpoint is not set")
+    assert "sam_vit_b_01ec64.pth" in err[0] and seconds < 30
+    assert not (tmp_path / "run").exists()  # nothing was written
+
+
+@pytest.mark.parametrize("override,needle", [
+    ("models.sam.checkpoint={tmp}/nope.pth", "models.sam.checkpoint: checkpoint file not found at {tmp}/nope.pth"),
+    ("models.sam.checkpoint={tmp}/empty.pth", "models.sam.checkpoint: {tmp}/empty.pth is empty"),
+    ("data.root={tmp}/nowhere", "data.root: data root not found at {tmp}/nowhere"),
+    ("data.classes=7", "the imagenet_s layout's train split (data.layout=imagenet_s, data.classes=7) not found"),
+    ("ray.use_gpu=true", "ray.use_gpu=true, but this machine has no GPU"),
+    ("pseudo_labels.refine.method=sam_selectt", "did you mean 'sam_select'"),
+])
+def test_each_misconfiguration_is_named(capsys, data_root, dino_file, tmp_path, override, needle):
+    (tmp_path / "empty.pth").write_bytes(b"")
+    base = [f"data.root={data_root}", "data.classes=2", f"output={tmp_path}/run",
+            "models.allow_random_init=false", f"models.dino.checkpoint={dino_file}",
+            f"models.sam.checkpoint={dino_file}"]
+    code, err, _ = _run(capsys, *base, override.format(tmp=tmp_path))
+    assert code == 2 and len(err) == 1 and err[0].startswith("error: "), err
+    assert needle.format(tmp=tmp_path) in err[0]
+
+
+def test_unreachable_storage_fails_fast_naming_the_url(data_root):
+    cfg = load_config(DEMO, ["data.classes=2", "data.root=s3://no-such-bucket/data",
+                             "storage.s3.endpoint_url=http://127.0.0.1:9", "storage.s3.key=k",
+                             "storage.s3.secret=s"])
+    started = time.monotonic()
+    with pytest.raises(PreflightError, match=r"data.root: cannot read s3://no-such-bucket/data .*credentials"):
+        preflight(cfg)
+    assert time.monotonic() - started < 60
+
+
+def test_a_good_config_passes_and_says_what_it_skips(data_root, tmp_path):
+    cfg = load_config(DEMO, [f"data.root={data_root}", "data.classes=2", f"output={tmp_path}/run"])
+    notes = preflight(cfg)
+    assert any("no test split" in n for n in notes)
