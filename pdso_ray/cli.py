@@ -18,7 +18,8 @@ from pathlib import Path
 from pdso_ray import __version__
 from pdso_ray.config import ConfigError
 
-DEMO_CONFIG = Path(__file__).resolve().parent.parent / "jobs" / "configs" / "demo.yaml"
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DEMO_CONFIG = REPO_ROOT / "jobs" / "configs" / "demo.yaml"
 EXIT_BAD_INPUT = 2
 EXIT_INTERRUPTED = 130
 
@@ -26,11 +27,12 @@ EXIT_INTERRUPTED = 130
 def _run(cfg) -> int:
     from pdso_ray.pipeline import run_pipeline
     from pdso_ray.preflight import preflight
+    from pdso_ray.run_layout import RunLayout
 
     for note in preflight(cfg):
         logging.getLogger("pdso_ray").info("preflight: %s", note)
     summary = run_pipeline(cfg)
-    _print_summary(cfg.output, summary)
+    print(format_summary(cfg.output, summary, RunLayout.from_config(cfg).report_file("index.html")))
     return 0
 
 
@@ -59,6 +61,10 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     data_root = os.path.join(workdir, "data")
     cfg = load_config(str(DEMO_CONFIG), [f"data.root={data_root}",
                                          f"output={os.path.join(workdir, 'run')}", *(args.set or [])])
+    # the stand-in checkpoints are named relative to the repository: run from anywhere
+    for model in (cfg.models.dino, cfg.models.sam):
+        if model.checkpoint and "://" not in model.checkpoint and not os.path.isabs(model.checkpoint):
+            model.checkpoint = str(REPO_ROOT / model.checkpoint)
     make_demo_dataset(data_root, classes=cfg.data.classes, train_per_class=args.train_per_class,
                       val_per_class=args.val_per_class, test_per_class=args.val_per_class,
                       seed=args.seed)
@@ -86,9 +92,9 @@ def _cmd_export(args: argparse.Namespace) -> int:
     from pdso_ray.storage import Storage
 
     try:
-        result = export_submission(Storage(), args.run, args.out, split=args.split,
-                                   method=args.method, description=args.description,
-                                   link=args.link)
+        name = args.method or ("PDSO (pdso-ray)" if args.results == "pdso" else "LightCluster (pdso-ray)")
+        result = export_submission(Storage(), args.run, args.out, split=args.split, method=name,
+                                   description=args.description, link=args.link, results=args.results)
     except ValueError as e:
         raise ConfigError(str(e)) from None
     checked = "" if result.checked_against_dataset else " (not checked against the dataset)"
@@ -98,28 +104,38 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
 def _cmd_inspect(args: argparse.Namespace) -> int:
     from pdso_ray.run_layout import RunLayout
+    from pdso_ray.stages import METHODS
     from pdso_ray.storage import Storage
 
     storage = Storage()
-    url = RunLayout(args.run).summary_file
-    if not storage.exists(url):
-        raise ConfigError(f"no summary.json in {args.run}: not a run folder, or no stage has finished yet")
-    summary = storage.read_json(url)
+    run = RunLayout(args.run, method=args.method)
+    if not storage.exists(run.summary_file):
+        raise ConfigError(f"no summary.json in {run.method_root}: not a run folder, or no "
+                          f"{args.method} stage has finished yet")
+    summary = storage.read_json(run.summary_file)
     if args.json:
         print(json.dumps(summary, indent=2))
-    else:
-        print(format_summary(args.run, summary))
+        return 0
+    print(format_summary(args.run, summary, run.report_file("index.html")))
+    for other in (m for m in METHODS if m != args.method):
+        url = run.for_method(other).summary_file
+        if storage.exists(url):
+            found = storage.read_json(url)
+            miou = f"validation mIoU {found['mIoU']:.2f}" if "mIoU" in found else "not evaluated"
+            print(f"also in this folder: {other}, {miou} (pdso-ray inspect {args.run} --method {other})")
     return 0
 
 
-def format_summary(output: str, summary: dict) -> str:
-    """The run's summary as text: one line per stage in pipeline order, then the accounting,
-    the notes and the headline numbers."""
-    from pdso_ray.stages import STAGES
+def format_summary(output: str, summary: dict, report_url: str | None = None) -> str:
+    """The run's summary as text: one line per stage of its method in pipeline order, then the
+    accounting, the notes and the headline numbers."""
+    from pdso_ray.stages import method_stages
 
     stages = summary.get("stages", {})
-    lines = [f"run folder: {output}", f"  {'stage':<14} {'status':<11} {'seconds':>9}"]
-    for name in [*STAGES, *[s for s in stages if s not in STAGES]]:
+    method = summary.get("method", "pdso")
+    order = summary.get("stage_order") or method_stages(method)
+    lines = [f"run folder: {output} (method: {method})", f"  {'stage':<14} {'status':<11} {'seconds':>9}"]
+    for name in [*order, *[s for s in stages if s not in order]]:
         info = stages.get(name)
         if info is None:
             lines.append(f"  {name:<14} {'not run':<11}")
@@ -137,13 +153,9 @@ def format_summary(output: str, summary: dict) -> str:
     for key, label in (("mIoU", "validation mIoU"), ("mIoU_test", "test mIoU")):
         if key in summary:
             lines.append(f"{label}: {summary[key]:.2f}")
-    if stages.get("report"):
-        lines.append(f"report: {output}/report/index.html")
+    if stages.get("report") and report_url:
+        lines.append(f"report: {report_url}")
     return "\n".join(lines)
-
-
-def _print_summary(output: str, summary: dict) -> None:
-    print(format_summary(output, summary))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -209,7 +221,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("out", help="zip file to write (path or URL), e.g. test.zip")
     p.add_argument("--split", default="test", choices=["test", "validation"],
                    help="which predictions to pack (default: test)")
-    p.add_argument("--method", default="PDSO (pdso-ray)", help="method name in method.txt")
+    p.add_argument("--results", default="pdso", choices=["pdso", "lightcluster"],
+                   help="whose predictions to pack: PDSO's (the run folder's top) or LightCluster's "
+                   "(its lightcluster/ folder); default pdso")
+    p.add_argument("--method", default=None,
+                   help="method name in method.txt (default: PDSO (pdso-ray) or LightCluster (pdso-ray))")
     p.add_argument("--description", default="null", help="method description in method.txt")
     p.add_argument("--link", default="null", help="paper/project link in method.txt")
     p.set_defaults(func=_cmd_export)
@@ -217,6 +233,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("inspect", help="print a run's summary (stages in pipeline order)",
                        description="Print a run folder's summary.json as a table.")
     p.add_argument("run", help="run folder (the config's `output`)")
+    p.add_argument("--method", default="pdso", choices=["pdso", "lightcluster"],
+                   help="whose summary to print (default pdso; the other is named when present)")
     p.add_argument("--json", action="store_true", help="print summary.json as it is")
     p.set_defaults(func=_cmd_inspect)
     return parser

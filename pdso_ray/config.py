@@ -210,6 +210,32 @@ class PredictConfig:
 
 
 @dataclass
+class LightClusterConfig:
+    """LightCluster (``method: lightcluster``; docs/method.md, "LightCluster"): training-free
+    multi-level clustering of the last block's attention features."""
+
+    feature: str = "key"  # which projection of the last block is clustered: key | query | value
+    dataset_k: int = 2  # clusters of the dataset-level k-means over a patch sample
+    category_k: int = 2  # clusters of each category's k-means over its images' sampled patches
+    image_k: int = 2  # clusters of each image's own k-means
+    min_votes: int = 2  # levels (of 3) that must call a patch foreground: 1 union, 2 majority, 3 all
+    patches_per_image: int = 4  # patches sampled per train image for the dataset and category levels
+    niter: int = 20
+    nredo: int = 30  # restarts of the distributed k-means (dataset level, labelling), as PDSO's
+    # Labelling vector: object_cls (the CLS token of a forward pass restricted to the mask) |
+    # image_cls (the image's CLS token, one forward pass fewer).
+    labelling: str = "object_cls"
+    refine_iterations: int = 10  # pixel-adaptive refinement steps of the upsampled mask (0 = none)
+    refine_short_side: int = 320  # resolution the mask is refined at, then resized to the image
+    finetune: bool = False  # also train the segmentation model on LightCluster's labels (as PDSO)
+    seed: int | None = None  # None = the top-level seed
+    batch_size: int = 16
+    min_actors: int = 1
+    max_actors: int = 4
+    gpus_per_actor: float = 1.0
+
+
+@dataclass
 class RayConfig:
     address: str | None = None  # None = connect to a running cluster if any, else start locally
     num_cpus: int | None = None  # local start only
@@ -221,7 +247,10 @@ class RayConfig:
 @dataclass
 class PipelineConfig:
     output: str = "runs/demo"
-    stages: list[str] | None = None  # None = every stage, in pipeline order
+    # pdso (the main method) | lightcluster (training-free; its outputs go below lightcluster/,
+    # sharing the run folder's features and k-means with PDSO)
+    method: str = "pdso"
+    stages: list[str] | None = None  # None = every stage of the method, in pipeline order
     # Seeds everything: random-init weights, k-means, denoising, augmentations, sampling.
     # A section's own `seed` overrides it for that section.
     seed: int = 0
@@ -235,6 +264,7 @@ class PipelineConfig:
     pseudo_labels: PseudoLabelsConfig = field(default_factory=PseudoLabelsConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     predict: PredictConfig = field(default_factory=PredictConfig)
+    lightcluster: LightClusterConfig = field(default_factory=LightClusterConfig)
     ray: RayConfig = field(default_factory=RayConfig)
 
     # -- derived values --
@@ -346,7 +376,24 @@ def validate(cfg: PipelineConfig) -> PipelineConfig:
              "models.sam.image_size", cfg.models.sam.image_size, "must be a positive multiple of 16")
     if cfg.ray.num_cpus is not None:
         need(cfg.ray.num_cpus >= 1, "ray.num_cpus", cfg.ray.num_cpus, "must be >= 1 (or null)")
-    for section in ("features", "pseudo_labels", "predict"):
+    need(cfg.method in ("pdso", "lightcluster"), "method", cfg.method, "must be pdso or lightcluster")
+    lc = cfg.lightcluster
+    need(lc.feature in ("key", "query", "value"), "lightcluster.feature", lc.feature, "must be key, query or value")
+    need(lc.labelling in ("object_cls", "image_cls"), "lightcluster.labelling", lc.labelling,
+         "must be object_cls or image_cls")
+    for key in ("lightcluster.dataset_k", "lightcluster.category_k", "lightcluster.image_k"):
+        value = _get_attr(cfg, key)
+        need(value >= 2, key, value, "must be >= 2 (foreground and background)")
+    need(1 <= lc.min_votes <= 3, "lightcluster.min_votes", lc.min_votes, "must be 1, 2 or 3 (of the three levels)")
+    for key in ("lightcluster.patches_per_image", "lightcluster.niter", "lightcluster.nredo",
+                "lightcluster.refine_short_side", "lightcluster.batch_size", "lightcluster.min_actors",
+                "lightcluster.max_actors"):
+        value = _get_attr(cfg, key)
+        need(value >= 1, key, value, "must be >= 1")
+    for key in ("lightcluster.refine_iterations", "lightcluster.gpus_per_actor"):
+        value = _get_attr(cfg, key)
+        need(value >= 0, key, value, "must be >= 0")
+    for section in ("features", "pseudo_labels", "predict", "lightcluster"):
         lo, hi = _get_attr(cfg, f"{section}.min_actors"), _get_attr(cfg, f"{section}.max_actors")
         need(lo <= hi, f"{section}.min_actors", lo, f"must be <= {section}.max_actors ({hi})")
     return cfg

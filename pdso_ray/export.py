@@ -45,8 +45,11 @@ class ExportResult:
 
 def export_submission(storage: Storage, run_url: str, out_url: str, split: str = TEST,
                       method: str = "PDSO (pdso-ray)", description: str = "null",
-                      link: str = "null") -> ExportResult:
+                      link: str = "null", results: str = "pdso") -> ExportResult:
     """Write the benchmark zip of ``split``'s predictions in ``run_url`` to ``out_url``.
+
+    ``results``: whose predictions (``pdso``, or ``lightcluster`` for its ``lightcluster/``
+    folder); ``method`` is the name written to method.txt.
 
     Raises ValueError when the run has no matching (the evaluate stage has not run), no
     predictions for ``split``, an unsafe file name, or (dataset reachable) test images without a
@@ -54,7 +57,7 @@ def export_submission(storage: Storage, run_url: str, out_url: str, split: str =
     """
     if split not in (TEST, VALIDATION):
         raise ValueError(f"split must be {TEST!r} or {VALIDATION!r}, got {split!r}")
-    run = RunLayout(run_url)
+    run = RunLayout(run_url, method=results)
     match_url = run.eval_file("match.json")
     if not storage.exists(match_url):
         raise ValueError(f"{match_url} not found: run the evaluate stage first (the server "
@@ -69,7 +72,7 @@ def export_submission(storage: Storage, run_url: str, out_url: str, split: str =
         problem = unsafe_reason(rel)
         if problem is not None:
             raise ValueError(f"prediction {rel!r} cannot be a zip entry: {problem}")
-    cfg = load_run_config(storage, run_url)
+    cfg = load_run_config(storage, run_url, results)
     checked = _check_complete(storage, cfg, split, rels, pred_dir)
     method_txt = (f"Method name: {method}\n"
                   f"Training data: {_training_data(cfg)}\n"
@@ -143,4 +146,6 @@ def _training_data(cfg: PipelineConfig | None) -> str:
 def _networks(cfg: PipelineConfig | None) -> str:
     if cfg is None:
         return "null"
+    if cfg.method == "lightcluster" and not cfg.lightcluster.finetune:
+        return f"{cfg.models.dino.arch} (attention features; training-free clustering)"
     return f"{cfg.models.dino.arch} (features), {cfg.finetune.backbone} (segmentation)"

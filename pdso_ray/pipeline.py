@@ -20,7 +20,7 @@ from pdso_ray.config import PipelineConfig, dump_yaml
 from pdso_ray.preflight import check_choices, check_gpu_request, in_ray_job, requested_stages
 from pdso_ray.run_lease import RunLease
 from pdso_ray.run_layout import RunLayout
-from pdso_ray.stages import STAGES, stage_class
+from pdso_ray.stages import METHOD_OF_STAGE, STAGES, method_stages, stage_class
 from pdso_ray.stages.base import RunContext, Stage
 from pdso_ray.storage import Storage
 
@@ -74,9 +74,11 @@ def cluster_has_gpu(cfg: PipelineConfig) -> bool:
     return ray.cluster_resources().get("GPU", 0) > 0
 
 
-def stage_key(stage: type[Stage], cfg: PipelineConfig, upstream_keys: dict[str, str]) -> str:
-    parts = [stage.name, cfg.section_hash(*stage.config_sections)]
-    parts += [f"{dep}={upstream_keys.get(dep, '')}" for dep in stage.depends_on]
+def stage_key(name: str, config_sections: tuple[str, ...], upstream: tuple[str, ...], cfg: PipelineConfig,
+              upstream_keys: dict[str, str]) -> str:
+    """A stage's identity: the hash of its config sections chained with its upstream stages' keys."""
+    parts = [name, cfg.section_hash(*config_sections)]
+    parts += [f"{dep}={upstream_keys.get(dep, '')}" for dep in upstream]
     return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
 
 
@@ -100,22 +102,26 @@ def _run_stages(ctx: RunContext) -> dict[str, Any]:
     cfg, storage, run = ctx.cfg, ctx.storage, ctx.run
     summary: dict[str, Any] = storage.read_json(run.summary_file) if storage.exists(run.summary_file) else {}
     summary.setdefault("stages", {})
-    summary["stage_order"] = list(STAGES)
+    summary["method"] = cfg.method
+    summary["stage_order"] = method_stages(cfg.method, cfg.lightcluster.finetune)
     wanted = set(requested_stages(cfg))
     keys: dict[str, str] = {}
     for name in STAGES:
+        if METHOD_OF_STAGE.get(name, cfg.method) != cfg.method:
+            continue  # the other method's stage: its folder is not this run's
         stage_cls = stage_class(name)
         if name == "features" and cfg.data.features:
             keys[name] = _precomputed_features(ctx, summary)
             continue
         manifest = storage.read_manifest(run.stage_dir(name))
-        key = stage_key(stage_cls, cfg, keys)
+        upstream = stage_cls.upstream(cfg)
+        key = stage_key(name, stage_cls.config_sections, upstream, cfg, keys)
         if name not in wanted:
             # Not asked for: downstream stages may still read its outputs if they exist.
             if manifest is not None:
                 keys[name] = manifest["key"]
             continue
-        for dep in stage_cls.depends_on:
+        for dep in upstream:
             if dep not in keys:
                 raise PipelineError(
                     f"stage {name!r} reads the outputs of {dep!r}, which has not completed in "
@@ -124,6 +130,8 @@ def _run_stages(ctx: RunContext) -> dict[str, Any]:
             log.info("stage %s: up to date, skipped", name)
             keys[name] = key
             summary["stages"].setdefault(name, {}).update(status="skipped")
+            # the summary reflects every completed stage, also one another run (or method) did
+            _update_totals(summary, name, manifest.get("counts", {}))
             continue
         stage = stage_cls()
         _prepare_stage_folders(ctx, stage, key)
@@ -165,7 +173,7 @@ def _prepare_stage_folders(ctx: RunContext, stage: Stage, key: str) -> None:
         for url in (run.stage_dir(stage.name), *stage.extra_outputs(run)):
             storage.remove(url, recursive=True)
         storage.write_json(started_url, {"key": key})
-    else:
+    elif not stage.always_run:
         log.info("stage %s: resuming an interrupted run", stage.name)
 
 
@@ -179,7 +187,7 @@ def _update_totals(summary: dict[str, Any], stage: str, counts: dict[str, Any]) 
             raise PipelineError(
                 f"image accounting does not reconcile: total {summary['images_total']} != "
                 f"ok {summary['images_ok']} + rejected {summary['images_rejected']}")
-    if stage in ("features", "predict"):
+    if counts.get("splits"):  # features (train), predict or lightcluster (evaluation splits)
         splits = summary.setdefault("splits", {})
         for split, info in counts.get("splits", {}).items():
             splits[split] = info

@@ -49,28 +49,38 @@ def _choice(key: str, value: Any, choices) -> None:
 
 
 def requested_stages(cfg: PipelineConfig) -> list[str]:
-    """The stages this run executes, in pipeline order."""
-    from pdso_ray.stages import STAGES
+    """The stages this run executes, in pipeline order: ``stages``, or every stage of the method."""
+    from pdso_ray.stages import STAGES, method_stages
 
-    return list(STAGES) if cfg.stages is None else [s for s in STAGES if s in cfg.stages]
+    if cfg.stages is None:
+        return method_stages(cfg.method, cfg.lightcluster.finetune)
+    return [s for s in STAGES if s in cfg.stages]
 
 
 def check_choices(cfg: PipelineConfig) -> None:
     """Every config value that names a registry entry names one that exists."""
     from pdso_ray.data.layouts import LAYOUTS
-    from pdso_ray.method.refiners import REFINERS
+    from pdso_ray.method.refiners import REFINERS, SELECT_FAIL_RULES, SPO_COMPONENTS
     from pdso_ray.models.dino import DINO_SPECS
     from pdso_ray.models.heads import BACKBONES
     from pdso_ray.models.sam import SAM_REGISTRY
-    from pdso_ray.stages import STAGES
+    from pdso_ray.stages import METHOD_OF_STAGE, STAGES
+    from pdso_ray.stages.finetune import FINETUNE_LOSSES
 
     for name in cfg.stages or []:
         _choice("stages", name, STAGES)
+        owner = METHOD_OF_STAGE.get(name, cfg.method)
+        if owner != cfg.method:
+            raise PreflightError(f"stages: {name!r} is a stage of method {owner}; this run has "
+                                 f"method={cfg.method} (set method={owner} to run it)")
     _choice("data.layout", cfg.data.layout, LAYOUTS)
     _choice("pseudo_labels.refine.method", cfg.pseudo_labels.refine.method, REFINERS)
     _choice("models.dino.arch", cfg.models.dino.arch, DINO_SPECS)
     _choice("models.sam.arch", cfg.models.sam.arch, SAM_REGISTRY)
     _choice("finetune.backbone", cfg.finetune.backbone, BACKBONES)
+    _choice("finetune.loss", cfg.finetune.loss, FINETUNE_LOSSES)
+    _choice("pseudo_labels.refine.spo_components", cfg.pseudo_labels.refine.spo_components, SPO_COMPONENTS)
+    _choice("pseudo_labels.refine.select_fail", cfg.pseudo_labels.refine.select_fail, SELECT_FAIL_RULES)
 
 
 def probe_storage(cfg: PipelineConfig) -> Storage:

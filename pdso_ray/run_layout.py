@@ -3,10 +3,16 @@
 A run folder (``output:``, any fsspec URL) holds every artifact of a run (docs/architecture.md,
 "The run folder")::
 
-    config.yaml  summary.json  _LEASE.json
-    features/    rejected/     cluster/     denoise/     purify/
+    _LEASE.json  pretrain/     features/    rejected/    cluster/      (shared by both methods)
+    config.yaml  summary.json  denoise/     purify/                   (PDSO, at the top)
     labels/{raw,refined}/<id>.png            labels/stats/*.parquet
     finetune/    predictions/<id>.png        eval/        report/
+    lightcluster/   config.yaml summary.json levels/ labels/ [finetune/ predictions/] eval/ report/
+
+**Methods.** PDSO's folders sit at the top of the run folder; another method's (``method:
+lightcluster``) sit below a folder of its name (:attr:`RunLayout.method_root`), with the same
+names inside, so both methods can run on one folder and share its ``features`` and k-means
+(:data:`pdso_ray.stages.SHARED_STAGES`), and the report can set them side by side.
 
 **Image ids.** An id is ``"{split}/{rel}"``: the split (``train``, ``validation``, ``test``, or
 ``all`` for a plain folder of images) and the image's path below its split folder without the
@@ -26,6 +32,7 @@ import unicodedata
 from dataclasses import dataclass
 
 from pdso_ray.config import ConfigError, PipelineConfig, load_config
+from pdso_ray.stages import METHODS, SHARED_STAGES
 from pdso_ray.storage import Storage
 
 LABEL_SUFFIX = ".png"
@@ -40,6 +47,9 @@ CONFIG_FILE = "config.yaml"
 SUMMARY_FILE = "summary.json"
 LEASE_FILE = "_LEASE.json"
 STARTED_FILE = "_STARTED.json"  # inside a stage folder: the key of a run in progress
+MAIN_METHOD = "pdso"  # its folders are the run folder's top level
+# A stage whose folder is not named after it (inside lightcluster/, "lightcluster" would repeat).
+STAGE_FOLDERS = {"lightcluster": "levels"}
 
 
 # ---- image ids ------------------------------------------------------------------------------------
@@ -130,42 +140,66 @@ def class_folder(image_id_: str) -> str:
 
 @dataclass(frozen=True)
 class RunLayout:
-    """Every path of one run folder.
+    """Every path of one run folder, for one method.
 
     ``root``: the run folder URL (``cfg.output``); ``features_source``: a folder of precomputed
-    features that replaces this run's ``features/`` (``cfg.data.features``), or None.
+    features that replaces this run's ``features/`` (``cfg.data.features``), or None;
+    ``method``: whose outputs the method-specific paths point at (module docstring).
     Picklable: stages hand it to Ray actors, which build their output paths with it.
     """
 
     root: str
     features_source: str | None = None
+    method: str = MAIN_METHOD
+
+    def __post_init__(self):
+        if self.method not in METHODS:
+            raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
 
     @classmethod
     def from_config(cls, cfg: PipelineConfig) -> RunLayout:
-        return cls(root=cfg.output, features_source=cfg.data.features or None)
+        return cls(root=cfg.output, features_source=cfg.data.features or None, method=cfg.method)
+
+    def for_method(self, method: str) -> RunLayout:
+        """The same run folder seen by ``method`` (the report reads the other method's results)."""
+        return RunLayout(self.root, self.features_source, method)
 
     def path(self, *parts: str) -> str:
+        """A path at the top of the run folder (shared by every method)."""
         return Storage.join(self.root, *parts)
+
+    @property
+    def method_root(self) -> str:
+        """Where this method's outputs live: the run folder for PDSO, ``<method>/`` otherwise."""
+        return self.root if self.method == MAIN_METHOD else self.path(self.method)
+
+    def method_path(self, *parts: str) -> str:
+        """A path below :attr:`method_root`."""
+        return Storage.join(self.method_root, *parts)
 
     # -- top level --
     @property
     def config_file(self) -> str:
-        return self.path(CONFIG_FILE)
+        """The config this method's last run used (secrets redacted)."""
+        return self.method_path(CONFIG_FILE)
 
     @property
     def summary_file(self) -> str:
-        return self.path(SUMMARY_FILE)
+        return self.method_path(SUMMARY_FILE)
 
     @property
     def lease_file(self) -> str:
+        """One lease for the whole folder: two runs never write it at once, whatever their method."""
         return self.path(LEASE_FILE)
 
     def stage_dir(self, stage: str) -> str:
-        """The folder a stage owns (its ``_SUCCESS.json`` manifest lives here)."""
-        return self.path(stage)
+        """The folder a stage owns (its ``_SUCCESS.json`` manifest lives here): at the top for the
+        shared stages, below :attr:`method_root` for the rest."""
+        folder = STAGE_FOLDERS.get(stage, stage)
+        return self.path(folder) if stage in SHARED_STAGES else self.method_path(folder)
 
     def started_file(self, stage: str) -> str:
-        return self.path(stage, STARTED_FILE)
+        return Storage.join(self.stage_dir(stage), STARTED_FILE)
 
     # -- stage 1: features --
     @property
@@ -182,17 +216,17 @@ class RunLayout:
     def centroids_file(self, stage: str) -> str:
         """``cluster/centroids.npy`` (k-means #1) or ``purify/centroids.npy`` (final, embedding
         space)."""
-        return self.path(stage, "centroids.npy")
+        return Storage.join(self.stage_dir(stage), "centroids.npy")
 
     def aligned_file(self, stage: str, feature_file: str) -> str:
         """The file of ``stage`` (cluster, denoise, purify) aligned row by row with one feature
         file: same name, in the stage's folder."""
-        return self.path(stage, feature_file.rsplit("/", 1)[-1])
+        return Storage.join(self.stage_dir(stage), feature_file.rsplit("/", 1)[-1])
 
     @property
     def denoise_classifier(self) -> str:
         """The classifier h whose hidden layer is the embedding e(x)."""
-        return self.path("denoise", "classifier.pt")
+        return Storage.join(self.stage_dir("denoise"), "classifier.pt")
 
     # -- stage 5: pixel pseudo labels --
     def label_dir(self, kind: str, split: str | None = None) -> str:
@@ -201,47 +235,65 @@ class RunLayout:
         ``saliency`` (validation: 8-bit saliency maps)."""
         if kind not in LABEL_KINDS:
             raise ValueError(f"label kind must be one of {LABEL_KINDS}, got {kind!r}")
-        return self.path("labels", kind, *([split] if split else []))
+        return self.method_path("labels", kind, *([split] if split else []))
 
     def label_png(self, kind: str, image_id_: str) -> str:
         return Storage.join(self.label_dir(kind), check_id(image_id_) + LABEL_SUFFIX)
 
     def sweep_dir(self, sigma: float, split: str | None = None) -> str:
         """Refined validation labels made with SPO's secondary-class distance ``sigma``."""
-        return self.path("labels", "sweep", f"sigma_{sigma:g}", *([split] if split else []))
+        return self.method_path("labels", "sweep", f"sigma_{sigma:g}", *([split] if split else []))
 
     def sweep_png(self, sigma: float, image_id_: str) -> str:
         return Storage.join(self.sweep_dir(sigma), check_id(image_id_) + LABEL_SUFFIX)
 
     @property
     def label_stats_dir(self) -> str:
-        return self.path("labels", "stats")
+        return self.method_path("labels", "stats")
+
+    # -- LightCluster (method: lightcluster): its stage folder lightcluster/levels/ --
+    def lightcluster_path(self, *parts: str) -> str:
+        """``lightcluster/levels/<parts>``: the patch sample (``samples/``), the fitted levels
+        (``*.npy``), the labelling vectors (``vectors/{train,eval}/``), the per-image mask bits
+        (``masks/<id>.png``) and the images it could not read (``rejected_<pass>.parquet``)."""
+        return Storage.join(self.stage_dir("lightcluster"), *parts)
+
+    def lightcluster_mask_png(self, image_id_: str) -> str:
+        return self.lightcluster_path("masks", check_id(image_id_) + LABEL_SUFFIX)
+
+    def level_dir(self, level: str, split: str | None = None) -> str:
+        """Validation labels from one LightCluster mask (a level, the consistent mask before
+        refinement, or the refined one), for the ablation: ``labels/levels/<level>/<split>``."""
+        return self.method_path("labels", "levels", level, *([split] if split else []))
+
+    def level_png(self, level: str, image_id_: str) -> str:
+        return Storage.join(self.level_dir(level), check_id(image_id_) + LABEL_SUFFIX)
 
     # -- stage 6: fine-tuning --
     @property
     def finetune_dir(self) -> str:
-        return self.path("finetune")
+        return self.method_path("finetune")
 
     @property
     def finetune_model(self) -> str:
-        return self.path("finetune", "model.pt")
+        return self.method_path("finetune", "model.pt")
 
     # -- stage 7: predictions --
     @property
     def predictions_root(self) -> str:
-        return self.path("predictions")
+        return self.method_path("predictions")
 
     def predictions_dir(self, split: str) -> str:
         """Prediction PNGs of ``split``, at the relative names of its ground truth."""
-        return self.path("predictions", split)
+        return self.method_path("predictions", split)
 
     def foreground_dir(self, split: str) -> str:
         """Foreground-probability PNGs of ``split`` (8-bit, ``255 · (1 - p_background)``)."""
-        return self.path("predictions", split + "_fg")
+        return self.method_path("predictions", split + "_fg")
 
     def foreground_label_dir(self, split: str) -> str:
         """Best-foreground-class PNGs of ``split`` (``predict.background: threshold`` only)."""
-        return self.path("predictions", split + "_fgclass")
+        return self.method_path("predictions", split + "_fgclass")
 
     def foreground_label_png(self, image_id_: str) -> str:
         return Storage.join(self.foreground_label_dir(split_of(check_id(image_id_))), png_rel(image_id_))
@@ -254,30 +306,30 @@ class RunLayout:
 
     def predict_rejected(self, split: str) -> str:
         """``split``'s images that got no prediction (``id``, ``path``, ``reason``)."""
-        return self.path("predictions", f"rejected_{split}.parquet")
+        return self.method_path("predictions", f"rejected_{split}.parquet")
 
     # -- stage 8: evaluation --
     @property
     def eval_dir(self) -> str:
-        return self.path("eval")
+        return self.method_path("eval")
 
     def eval_file(self, name: str) -> str:
         """``eval/<name>``: validation.json, test.json, match.json, threshold_curve.json."""
-        return self.path("eval", name)
+        return self.method_path("eval", name)
 
     # -- stage 9: report --
     @property
     def report_dir(self) -> str:
-        return self.path("report")
+        return self.method_path("report")
 
     def report_file(self, name: str) -> str:
-        return self.path("report", name)
+        return self.method_path("report", name)
 
 
-def load_run_config(storage: Storage, run_url: str) -> PipelineConfig | None:
-    """The config a run was made with (its ``config.yaml``, secrets redacted); None when the file
-    is missing or no longer valid (logged)."""
-    url = RunLayout(run_url).config_file
+def load_run_config(storage: Storage, run_url: str, method: str = MAIN_METHOD) -> PipelineConfig | None:
+    """The config ``method``'s last run in ``run_url`` was made with (its ``config.yaml``, secrets
+    redacted); None when the file is missing or no longer valid (logged)."""
+    url = RunLayout(run_url, method=method).config_file
     if not storage.exists(url):
         return None
     try:

@@ -7,7 +7,9 @@ import pytest
 
 from pdso_ray import __version__
 from pdso_ray.cli import build_parser, format_summary, main
-from pdso_ray.stages import STAGES
+from pdso_ray.stages import method_stages
+
+STAGES = method_stages("pdso")
 
 
 def test_version(capsys):
@@ -48,9 +50,24 @@ def test_inspect_prints_a_table_in_pipeline_order(tmp_path, capsys):
     assert "not run" in out.splitlines()[2 + list(STAGES).index("denoise")]
     assert "validation mIoU: 61.23" in out and "note (predict): no test split" in out
     assert "train: images 12, ok 11, rejected 1" in out
-    assert out == format_summary(str(tmp_path), SUMMARY) + "\n"
+    assert out == format_summary(str(tmp_path), SUMMARY, str(tmp_path / "report" / "index.html")) + "\n"
+    assert f"report: {tmp_path / 'report' / 'index.html'}" in out
     assert main(["inspect", str(tmp_path), "--json"]) == 0
     assert json.loads(capsys.readouterr().out) == SUMMARY
+
+
+def test_inspect_names_the_other_method_of_the_folder(tmp_path, capsys):
+    (tmp_path / "summary.json").write_text(json.dumps(SUMMARY))
+    (tmp_path / "lightcluster").mkdir()
+    (tmp_path / "lightcluster" / "summary.json").write_text(json.dumps(
+        {"method": "lightcluster", "mIoU": 33.5, "stage_order": method_stages("lightcluster"),
+         "stages": {"lightcluster": {"status": "done", "seconds": 3.0}}}))
+    assert main(["inspect", str(tmp_path)]) == 0
+    assert "also in this folder: lightcluster, validation mIoU 33.50" in capsys.readouterr().out
+    assert main(["inspect", str(tmp_path), "--method", "lightcluster"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == f"run folder: {tmp_path} (method: lightcluster)"
+    assert [line.split()[0] for line in out[2:7]] == method_stages("lightcluster")
 
 
 def test_errors_are_one_line_and_exit_2(tmp_path, capsys):

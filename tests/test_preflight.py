@@ -41,7 +41,8 @@ def _run(capsys, *overrides):
 
 def test_a_missing_sam_checkpoint_fails_in_seconds_without_starting_ray(capsys, data_root, dino_file, tmp_path):
     code, err, seconds = _run(capsys, f"data.root={data_root}", "data.classes=2", f"output={tmp_path}/run",
-                              "models.allow_random_init=false", f"models.dino.checkpoint={dino_file}")
+                              "models.allow_random_init=false", f"models.dino.checkpoint={dino_file}",
+                              "models.sam.checkpoint=null")
     assert code == 2 and len(err) == 1 and err[0].startswith("error: models.sam.checkpoint is not set")
     assert "sam_vit_b_01ec64.pth" in err[0] and seconds < 30
     assert not (tmp_path / "run").exists()  # nothing was written

@@ -312,11 +312,15 @@ def label_vectors(image_cls: np.ndarray, object_cls: np.ndarray | None, has_obje
 # ---- one image, and everything in memory ---------------------------------------------------------
 @dataclass
 class ImageMasks:
-    """One image's masks: ``votes`` h×w int8 (levels calling each patch foreground), ``patch_mask``
-    h×w bool (the consistent mask), ``mask`` H×W bool (upsampled and refined)."""
+    """One image's masks: ``levels`` 3×h×w bool (the dataset, category and image level's patch
+    masks, in that order), ``votes`` h×w int8 (levels calling each patch foreground),
+    ``patch_mask`` h×w bool (the consistent mask), ``upsampled`` H×W bool (the consistent mask
+    upsampled, before refinement, at 0.5), ``mask`` H×W bool (upsampled and refined)."""
 
+    levels: np.ndarray
     votes: np.ndarray
     patch_mask: np.ndarray
+    upsampled: np.ndarray
     mask: np.ndarray
 
 
@@ -340,8 +344,9 @@ def segment_image(features: np.ndarray, saliency: np.ndarray, image: np.ndarray,
              image_level_mask(features, saliency, params.image_k, params.niter, params.seed))
     patch_mask, votes = consistent_mask(masks, params.min_votes)
     soft = upsample_mask(patch_mask, np.asarray(image).shape[:2], device)
+    upsampled = (soft > 0.5).cpu().numpy()
     soft = refine_mask(image, soft, params.refine_iterations, params.refine_dilations, params.refine_temperature)
-    return ImageMasks(votes, patch_mask, (soft > 0.5).cpu().numpy())
+    return ImageMasks(np.stack(masks), votes, patch_mask, upsampled, (soft > 0.5).cpu().numpy())
 
 
 @dataclass

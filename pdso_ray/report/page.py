@@ -24,25 +24,27 @@ from pdso_ray.config import PipelineConfig
 from pdso_ray.data.imagenet_s import decode_label
 from pdso_ray.data.layouts import build_layout
 from pdso_ray.report.figures import PANEL_SIDE
-from pdso_ray.run_layout import RunLayout, load_run_config
+from pdso_ray.run_layout import MAIN_METHOD, RunLayout, load_run_config
 from pdso_ray.storage import Storage, UnreadableFile
 
 log = logging.getLogger("pdso_ray")
 
 
 def build_report(storage: Storage, run_url: str, cfg: PipelineConfig | None = None,
-                 stage_order: Sequence[str] | None = None) -> str:
-    """Write ``report/index.html`` and its PNGs under ``run_url``; return the page's URL.
+                 stage_order: Sequence[str] | None = None, method: str | None = None) -> str:
+    """Write ``report/index.html`` and its PNGs for one method's results under ``run_url``
+    (``<run>/report/`` for PDSO, ``<run>/<method>/report/`` otherwise); return the page's URL.
 
-    ``cfg`` locates the dataset (images and GT for the validation grid); by default it is read
-    from the run's ``config.yaml``. ``stage_order``: the pipeline's stages, for the stage table
-    (default: the order of ``summary.json``).
+    ``cfg`` locates the dataset (images and GT for the validation grid) and names the method; by
+    default it is read from the method's ``config.yaml``. ``method``: when ``cfg`` is not given
+    (default PDSO). ``stage_order``: the pipeline's stages, for the stage table (default: the order
+    of ``summary.json``).
     """
     from pdso_ray.report.sections import SECTIONS
 
     if cfg is None:
-        cfg = load_run_config(storage, run_url)
-    report = Report(storage, run_url, cfg, stage_order)
+        cfg = load_run_config(storage, run_url, method or MAIN_METHOD)
+    report = Report(storage, run_url, cfg, stage_order, method=cfg.method if cfg else method or MAIN_METHOD)
     body = []
     for title, build in SECTIONS:
         try:
@@ -58,15 +60,15 @@ def build_report(storage: Storage, run_url: str, cfg: PipelineConfig | None = No
 
 
 class Report:
-    """What a section gets: storage, the run folder's layout (:attr:`run`), the run's config (None
-    when it has none), its image source (:attr:`data`, None without a config) and the pipeline's
+    """What a section gets: storage, the run folder's layout for the reported method (:attr:`run`;
+    ``run.for_method`` reaches the other method's results), the run's config (None when it has none), its image source (:attr:`data`, None without a config) and the pipeline's
     stage order (:attr:`stage_order`, None when unknown)."""
 
     def __init__(self, storage: Storage, run_url: str, cfg: PipelineConfig | None,
-                 stage_order: Sequence[str] | None = None):
+                 stage_order: Sequence[str] | None = None, method: str = MAIN_METHOD):
         self.storage, self.cfg = storage, cfg
         self.stage_order = list(stage_order) if stage_order else None
-        self.run = RunLayout(run_url, cfg.data.features if cfg else None)
+        self.run = RunLayout(run_url, cfg.data.features if cfg else None, method)
         self.data = build_layout(cfg.data) if cfg is not None else None
 
     def json(self, url: str) -> Any:

@@ -1,7 +1,9 @@
 """The report's quality sections: what each stage adds, measured (docs/method.md, "Measuring
 quality").
 
-- the ablation: validation mIoU of raw pseudo labels, refined ones and the final model, with the
+- both methods side by side when both ran on the run folder;
+- the ablation: validation mIoU of each labelling step (PDSO: raw pseudo labels, refined ones;
+  LightCluster: each level's mask, consistent, refined) and the final model, per method, with the
   image-level purity row beside it;
 - image-level diagnostics of every clustering step against the class folders (which the method
   never reads), as a table and one plot across the steps;
@@ -18,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import math
+import posixpath
 from typing import Any
 
 import numpy as np
@@ -29,6 +32,7 @@ from pdso_ray.report.figures import class_colors, label_grid
 from pdso_ray.report.page import Report, esc, fmt, not_run, sample, table
 from pdso_ray.run_layout import IMAGE_DIAGNOSTIC_STEPS as IMAGE_STEPS
 from pdso_ray.run_layout import LABEL_SUFFIX, png_rel
+from pdso_ray.stages import METHODS, SHARED_STAGES
 
 log = logging.getLogger("pdso_ray")
 
@@ -95,20 +99,74 @@ def legend(ids, names: dict[int, str]) -> str:
     return '<p class="note">' + " &nbsp; ".join(items) + "</p>" if items else ""
 
 
-# ---- the ablation and the image-level diagnostics ------------------------------------------------
+# ---- the methods side by side, the ablation and the image-level diagnostics -----------------------
+def _method_summaries(r: Report) -> list[tuple[str, dict[str, Any]]]:
+    """``(method, summary.json)`` of every method that ran in this run folder, this report's first."""
+    others = [m for m in METHODS if m != r.run.method]
+    found = []
+    for method in (r.run.method, *others):
+        summary = r.json(r.run.for_method(method).summary_file)
+        if summary:
+            found.append((method, summary))
+    return found
+
+
+def methods(r: Report) -> str:
+    """Both methods' numbers when both ran on this run folder's data (they share its features and
+    k-means #1)."""
+    found = _method_summaries(r)
+    if not found:
+        return not_run("no summary.json")
+    if len(found) < 2:
+        other = [m for m in METHODS if m != r.run.method]
+        return (f"<p>Only {esc(r.run.method)} ran on this run folder. Run the same config with "
+                f"<code>--set method={esc(other[0])}</code> to compare on the same data and features.</p>")
+    rows = []
+    for method, summary in found:
+        stages = summary.get("stages", {})
+        seconds = sum(info.get("seconds", 0) for name, info in stages.items()
+                      if info.get("status") == "done" and name not in SHARED_STAGES)
+        page = "index.html" if method == r.run.method else \
+            posixpath.relpath(r.run.for_method(method).report_file("index.html"), r.run.report_dir)
+        rows.append([f'<a href="{esc(page)}">{esc(method)}</a>', summary.get("mIoU"), summary.get("mIoU_test"),
+                     seconds])
+    head = ["method", "validation mIoU (%)", "test mIoU (%)", "seconds of its own stages (last run)"]
+    body = "".join("<tr>" + "".join(f"<td>{c if i == 0 else esc(fmt(c))}</td>" for i, c in enumerate(row)) + "</tr>"
+                   for row in rows)
+    return (f"<table><tr>{''.join(f'<th>{esc(h)}</th>' for h in head)}</tr>{body}</table>"
+            '<p class="note">Same images, same DINO features and the same k-means #1 (the shared stages '
+            "at the top of the run folder); mIoU with the official rule (argmax over C+1, Hungarian "
+            "matching on validation).</p>")
+
+
 def ablation(r: Report) -> str:
-    diag = _summary(r).get("diagnostics", {})
-    steps = diag.get("ablation")
-    image = diag.get("image", {})
-    if not steps and not image:
+    found = _method_summaries(r)
+    if not found:
         return not_run("no diagnostics in summary.json (the evaluate stage scores the ablation)")
     out = ""
-    if steps:
-        out += table(["step", "validation mIoU (%)"], [[s["step"], s["mIoU"]] for s in steps])
-    if image:
-        row = " → ".join(f"{STEP_NAMES[k]} {image[k]['purity']:.3f}" for k in IMAGE_STEPS if k in image)
-        out += f"<p><b>Image-level purity</b> (train images): {esc(row)}</p>"
-        out += f'<p class="note">{esc(_DIAGNOSTIC_NOTE)}</p>'
+    for method, summary in found:
+        diag = summary.get("diagnostics", {})
+        steps = diag.get("ablation")
+        image = diag.get("image", {})
+        if len(found) > 1:
+            out += f"<h3>{esc(method)}</h3>"
+        if not steps and not image:
+            out += not_run("no diagnostics in summary.json (the evaluate stage scores the ablation)")
+            continue
+        if steps:
+            out += table(["step", "validation mIoU (%)"], [[s["step"], s["mIoU"]] for s in steps])
+        if image and method == "pdso":
+            row = " → ".join(f"{STEP_NAMES[k]} {image[k]['purity']:.3f}" for k in IMAGE_STEPS if k in image)
+            out += f"<p><b>Image-level purity</b> (train images): {esc(row)}</p>"
+            out += f'<p class="note">{esc(_DIAGNOSTIC_NOTE)}</p>'
+        levels = diag.get("lightcluster", {}).get("levels")
+        if levels:
+            out += table(["LightCluster mask", "validation mIoU (%)", "foreground IoU"],
+                         [[v["mask"], v["mIoU"], v["fg_iou"]] for v in levels])
+        classes = diag.get("lightcluster", {}).get("classes")
+        if classes:
+            out += (f"<p><b>LightCluster labelling</b> (train images, against the class folders): purity "
+                    f"{classes['purity']:.3f}, NMI {classes['nmi']:.3f}</p>")
     return out
 
 

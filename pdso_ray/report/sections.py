@@ -31,7 +31,7 @@ def _overview(r: Report) -> str:
     val, test = r.json(r.run.eval_file("validation.json")), r.json(r.run.eval_file("test.json"))
     if summary is None and val is None:
         return not_run("no summary.json")
-    rows = [["run folder", r.run.root]]
+    rows = [["run folder", r.run.root], ["method", r.run.method]]
     for key in ("images_total", "images_ok", "images_rejected", "files_ignored"):
         if summary and key in summary:
             rows.append([key.replace("_", " "), summary[key]])
@@ -180,6 +180,7 @@ def _configuration(r: Report) -> str:
 
 SECTIONS: list[tuple[str, Callable[[Report], str]]] = [
     ("Overview", _overview),
+    ("Methods on this data", quality.methods),
     ("Ablation: what each stage adds", quality.ablation),
     ("Image-level diagnostics (train images)", quality.image_diagnostics),
     ("Stages", _stages),

@@ -131,6 +131,12 @@ class Stage:
     depends_on: ClassVar[tuple[str, ...]] = ()
     always_run: ClassVar[bool] = False  # cheap views of everything else (the report)
 
+    @classmethod
+    def upstream(cls, cfg: PipelineConfig) -> tuple[str, ...]:
+        """The stages whose outputs this one reads in a run of ``cfg`` (by default
+        ``depends_on``; a stage both methods run may read different ones per method)."""
+        return cls.depends_on
+
     def extra_outputs(self, run: RunLayout) -> tuple[str, ...]:
         return ()
 

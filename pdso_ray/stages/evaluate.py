@@ -16,8 +16,8 @@ best mIoU, lowest t on ties): ``eval/threshold_curve.json``, ``eval/validation_t
 ``eval/test_threshold.json`` and ``mIoU_threshold`` — tuned on validation GT, so reported beside
 the official number, never as it.
 
-**The ablation** (``diagnostics.ablation``): validation mIoU of the raw pseudo labels, of the
-refined ones (both from ``eval/pseudo_labels.json``) and of the final model.
+**The ablation** (``diagnostics.ablation``): validation mIoU of each labelling step and of the final
+predictions (:func:`ablation`; PDSO's raw and refined pseudo labels, LightCluster's masks).
 
 An image that was rejected (at listing or by the predict stage) is scored as an all-background
 prediction and listed under ``unpredicted``; any other missing prediction is an error. A split
@@ -66,6 +66,13 @@ class EvaluateStage(Stage):
     name = "evaluate"
     config_sections = ("data.root", "data.layout", "data.classes", "data.class_list")
     depends_on = ("predict",)
+
+    @classmethod
+    def upstream(cls, cfg) -> tuple[str, ...]:
+        """LightCluster without fine-tuning predicts in its own stage."""
+        if cfg.method == "lightcluster" and not cfg.lightcluster.finetune:
+            return ("lightcluster",)
+        return cls.depends_on
 
     def extra_outputs(self, run: RunLayout) -> tuple[str, ...]:
         return tuple(run.eval_file(n) for n in
@@ -144,15 +151,27 @@ class EvaluateStage(Stage):
 
 
 def ablation(ctx: RunContext, final_miou: float) -> list[dict[str, Any]]:
-    """``[{"step", "mIoU"}]``: validation mIoU of the raw and refined pseudo labels (when the
-    pseudo-label stage could score them) and of the final model."""
+    """``[{"step", "mIoU"}]``: validation mIoU of each labelling step the method scored, then of its
+    final predictions. PDSO: the raw and refined pseudo labels (``eval/pseudo_labels.json``), then
+    the final model. LightCluster: each level's mask, the consistent mask before and after
+    refinement (``eval/lightcluster.json``), then the fine-tuned model when one was trained (the
+    refined masks are the predictions otherwise)."""
+    storage, run, cfg = ctx.storage, ctx.run, ctx.cfg
     steps = []
-    pseudo = ctx.storage.read_json(ctx.run.eval_file("pseudo_labels.json")) \
-        if ctx.storage.exists(ctx.run.eval_file("pseudo_labels.json")) else None
-    if pseudo is not None:
-        steps.append({"step": f"raw pseudo labels (t = {pseudo['raw']['threshold']:g})", "mIoU": pseudo["raw"]["mIoU"]})
-        refined = pseudo["refined"]
-        how = f"{refined['method']}" + (f", sigma = {refined['sigma']:g}" if refined["method"] == "spo" else "")
-        steps.append({"step": f"refined pseudo labels ({how})", "mIoU": refined["mIoU"]})
-    steps.append({"step": f"final model ({ctx.cfg.finetune.backbone}, {ctx.cfg.finetune.loss})", "mIoU": final_miou})
+    if cfg.method == "lightcluster":
+        url = run.eval_file("lightcluster.json")
+        if storage.exists(url):
+            steps += [{"step": level["step"], "mIoU": level["mIoU"]} for level in storage.read_json(url)["levels"]]
+        if not cfg.lightcluster.finetune:
+            steps.append({"step": "final: the refined masks (no training)", "mIoU": final_miou})
+            return steps
+    else:
+        url = run.eval_file("pseudo_labels.json")
+        pseudo = storage.read_json(url) if storage.exists(url) else None
+        if pseudo is not None:
+            steps.append({"step": f"raw pseudo labels (t = {pseudo['raw']['threshold']:g})", "mIoU": pseudo["raw"]["mIoU"]})
+            refined = pseudo["refined"]
+            how = f"{refined['method']}" + (f", sigma = {refined['sigma']:g}" if refined["method"] == "spo" else "")
+            steps.append({"step": f"refined pseudo labels ({how})", "mIoU": refined["mIoU"]})
+    steps.append({"step": f"final model ({cfg.finetune.backbone}, {cfg.finetune.loss})", "mIoU": final_miou})
     return steps

@@ -283,6 +283,13 @@ class FinetuneStage(Stage):
                        "data.max_file_bytes", "seed")
     depends_on = ("pseudo_labels",)
 
+    @classmethod
+    def upstream(cls, cfg) -> tuple[str, ...]:
+        """The stage that wrote the method's train labels (``labels/stats/``)."""
+        from pdso_ray.stages import LABEL_STAGE
+
+        return (LABEL_STAGE[cfg.method],)
+
     # The worker function; a class attribute so a subclass can wrap it (fault-injection tests).
     train_loop = staticmethod(train_loop_per_worker)
 

@@ -309,7 +309,7 @@ class PseudoLabelsStage(Stage):
     depends_on = ("features", "purify")
 
     def extra_outputs(self, run: RunLayout) -> tuple[str, ...]:
-        return (run.path("labels"), run.eval_file("pseudo_label_threshold.json"),
+        return (run.method_path("labels"), run.eval_file("pseudo_label_threshold.json"),
                 run.eval_file("pseudo_labels.json"))
 
     def run(self, ctx: RunContext) -> dict[str, Any]:

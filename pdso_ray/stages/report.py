@@ -19,8 +19,9 @@ class ReportStage(Stage):
     always_run = True  # a cheap view of whatever the run folder holds now
 
     def run(self, ctx: RunContext) -> dict[str, Any]:
-        from pdso_ray.stages import STAGES
+        from pdso_ray.stages import method_stages
 
-        url = build_report(ctx.storage, ctx.cfg.output, cfg=ctx.cfg, stage_order=list(STAGES))
+        url = build_report(ctx.storage, ctx.cfg.output, cfg=ctx.cfg,
+                           stage_order=method_stages(ctx.cfg.method, ctx.cfg.lightcluster.finetune))
         figures = ctx.storage.list_files(ctx.run.report_dir, suffixes=(".png",))
         return {"index": url, "figures": len(figures)}

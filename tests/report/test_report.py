@@ -28,7 +28,7 @@ ALL_PARTS = ("config", "summary", "cluster", "purify", "labels", "pseudo", "pred
 FULL_FIGURES = {"stage_seconds.png", "cluster_sizes.png", "iou_per_class.png", "image_diagnostics.png",
                 "pseudo_label_curves.png", "pseudo_label_gains.png",
                 "threshold_curve.png", "train_labels.png", "validation_predictions.png"}
-SECTIONS = 13
+SECTIONS = 14
 DIAGNOSTICS = {"image": {step: {"purity": p, "nmi": p - 0.1, "accuracy": p - 0.05, "images": 12}
                          for step, p in (("cluster", 0.6), ("denoise_s1", 0.7), ("denoise_s2", 0.8),
                                          ("purify_kept", 0.85), ("purify_final", 0.75))},

@@ -1,0 +1,27 @@
+"""Stand-ins for the pretrained models that cannot be downloaded here, trained on synthetic data.
+
+What they are: tiny models in the official checkpoint layouts, trained on the world of
+:mod:`pdso_ray.data.synthetic` (saturated textured shapes on low-saturation backgrounds), so
+that the demo exercises every step of the method with models that behave like the real ones
+there: the SAM stand-in segments the object a box or point points at, class-agnostically
+(it is trained on object masks only, never on class ids). Each asset ships in ``ASSETS_DIR``
+beside the module that reproduces it with one command.
+
+What they are not: pretrained models. They know nothing of natural images; numbers a run with
+them produces measure the pipeline on synthetic data, never PDSO on ImageNet-S.
+
+Assets (load with the model builders, e.g. ``build_sam(SAM_ARCH, SAM_ASSET)``):
+
+* ``SAM_ASSET``: SAM ``SAM_ARCH`` at its native 256 px, state dict in the official flat layout
+  (``image_encoder.*``, ``prompt_encoder.*``, ``mask_decoder.*``). Reproduce with
+  ``python -m pdso_ray.standins.sam_training --out pdso_ray/standins/assets/sam_tiny.pth``.
+"""
+
+from __future__ import annotations
+
+import os
+
+ASSETS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets")
+
+SAM_ARCH = "vit_tiny_test"
+SAM_ASSET = os.path.join(ASSETS_DIR, "sam_tiny.pth")
