@@ -255,7 +255,8 @@ class RunLayout:
     def lightcluster_path(self, *parts: str) -> str:
         """``lightcluster/levels/<parts>``: the patch sample (``samples/``), the fitted levels
         (``*.npy``), the labelling vectors (``vectors/{train,eval}/``), the per-image mask bits
-        (``masks/<id>.png``) and the images it could not read (``rejected_<pass>.parquet``)."""
+        (``masks/<id>.png``), what the label pass finished (``labelled/``) and the images it could
+        not read (``rejected_{sample,segment}/``)."""
         return Storage.join(self.stage_dir("lightcluster"), *parts)
 
     def lightcluster_mask_png(self, image_id_: str) -> str:

@@ -28,7 +28,7 @@ steps between them, each resumable:
    the predictions ``predictions/<split>/`` that ``evaluate`` scores.
 
 Every image is accounted for: a train image that no longer decodes is listed in
-``levels/rejected_<pass>.parquet``, an evaluation image in ``predictions/rejected_<split>.parquet``
+``levels/rejected_{sample,segment}/``, an evaluation image in ``predictions/rejected_<split>.parquet``
 (scored as all background, as PDSO's predict stage does).
 """
 
@@ -63,6 +63,8 @@ MASK_NAMES = {"dataset": "dataset level alone", "category": "category level alon
 # The dataset-level k-means trains on at most this many sampled patches per cluster (all are
 # assigned): two clusters need few points, and the sample of a large dataset is millions of rows.
 DATASET_POINTS_PER_CLUSTER = 16_384
+# Images per task of the label pass (and per labels/stats file): PNG work, spread over the CPUs.
+LABEL_TASK_IMAGES = 256
 
 
 def params_from_config(cfg: PipelineConfig):
@@ -172,31 +174,25 @@ class AttentionStep(BatchStep):
             features = result.features.float().cpu().numpy()
             saliency = saliency_from_attention(result.cls_attention.float()).cpu().numpy()
         if self.mode == "sample":
-            self._write_sample(batch, ids, good, features, saliency)
-            return out
+            return {**out, **self._sample(batch, ids, good, features, saliency)}
         return {**out, **self._segment(batch, ids, good, images, result if good else None, features, saliency)}
 
     @staticmethod
     def _is_eval_only(batch: Batch, i: int) -> bool:
         return "train" in batch and not bool(batch["train"][i])
 
-    def _write_sample(self, batch, ids, good, features, saliency) -> None:
+    def _sample(self, batch, ids, good, features, saliency) -> Batch:
+        """Each good image's ``patches_per_image`` sampled rows (m×D) and their saliency (m)."""
         from pdso_ray.method.lightcluster import sample_patches
 
-        cols: dict[str, list] = {"id": [], "category": [], "saliency": [], "feat": []}
+        n, d = len(ids), self.model.embed_dim
+        rows = [np.zeros((0, d), np.float32)] * n
+        sal = [np.zeros(0, np.float32)] * n
         for j, i in enumerate(good):
-            rows, sal = sample_patches(features[j], saliency[j], self.params.patches_per_image,
-                                       image_rng(self.params.seed, ids[i]))
-            cols["id"] += [ids[i]] * len(sal)
-            cols["category"] += [int(batch["category"][i])] * len(sal)
-            cols["saliency"] += sal.tolist()
-            cols["feat"].append(rows)
-        if not cols["id"]:
-            return
-        table = pa.table({"id": pa.array(cols["id"], pa.string()), "category": pa.array(cols["category"], pa.int32()),
-                          "saliency": pa.array(cols["saliency"], pa.float32()),
-                          "feat": vectors_to_arrow(np.concatenate(cols["feat"]))})
-        write_table(self.storage, self.run.lightcluster_path("samples", shard_name(ids)), table)
+            rows[i], sal[i] = sample_patches(features[j], saliency[j], self.params.patches_per_image,
+                                             image_rng(self.params.seed, ids[i]))
+        return {"category": np.asarray(batch["category"]), "sample": object_column(rows),
+                "sample_saliency": object_column(sal)}
 
     def _segment(self, batch, ids, good, images, result, features, saliency) -> Batch:
         import torch
@@ -385,7 +381,8 @@ class _SamplePass(StreamingPass):
         return ids_in(ctx.storage, ctx.run.lightcluster_path("samples"), ctx.run.lightcluster_path("rejected_sample"))
 
     def steps(self, ctx: RunContext) -> list[BatchStep]:
-        return [AttentionStep(ctx.cfg, ctx.storage, ctx.run, "sample"), _RejectFailures(ctx, "rejected_sample")]
+        return [AttentionStep(ctx.cfg, ctx.storage, ctx.run, "sample"),
+                WriteSample(ctx.storage, ctx.run, ctx.cfg.features.rows_per_file)]
 
     def finish(self, ctx: RunContext, work: Work, results: dict[str, str]) -> dict[str, Any]:
         sampled = ids_in(ctx.storage, ctx.run.lightcluster_path("samples"))
@@ -394,17 +391,30 @@ class _SamplePass(StreamingPass):
         return {"images": len(work.ids), "failed": len(failed)}
 
 
-class _RejectFailures(BatchStep):
-    """After the sample pass's actor: the images it could not decode, to ``<folder>/``."""
+class WriteSample(BatchStep):
+    """The sample pass's last step: one ``samples/`` file per batch of images (``id, category,
+    saliency, feat``, one row per sampled patch) and their failures to ``rejected_sample/``, both
+    named by the batch's ids."""
 
-    def __init__(self, ctx: RunContext, folder: str):
-        self.storage, self.folder = ctx.storage, ctx.run.lightcluster_path(folder)
-        self.resources = Resources(batch_size=ctx.cfg.lightcluster.batch_size, num_cpus=0, stateful=False)
+    def __init__(self, storage: Storage, run: RunLayout, images_per_file: int):
+        self.storage, self.run = storage, run
+        self.resources = Resources(batch_size=images_per_file, num_cpus=0, stateful=False)
 
     def __call__(self, batch: Batch) -> Batch:
-        bad = [(str(i), str(r)) for i, r in zip(batch["id"], batch["reason"]) if r]
+        ids = [str(i) for i in batch["id"]]
+        name = shard_name(ids)
+        ok = [i for i, r in enumerate(batch["reason"]) if not r]
+        counts = [len(batch["sample_saliency"][i]) for i in ok]
+        if sum(counts):
+            table = pa.table({
+                "id": pa.array(np.repeat(np.asarray(ids, dtype=object)[ok], counts), pa.string()),
+                "category": pa.array(np.repeat(np.asarray(batch["category"])[ok], counts), pa.int32()),
+                "saliency": pa.array(np.concatenate([batch["sample_saliency"][i] for i in ok]), pa.float32()),
+                "feat": vectors_to_arrow(np.concatenate([batch["sample"][i] for i in ok]))})
+            write_table(self.storage, self.run.lightcluster_path("samples", name), table)
+        bad = [(ids[i], str(r)) for i, r in enumerate(batch["reason"]) if r]
         if bad:
-            write_rejected(self.storage, Storage.join(self.folder, shard_name([str(i) for i in batch["id"]])),
+            write_rejected(self.storage, self.run.lightcluster_path("rejected_sample", name),
                            [Rejected(path="", reason=r, image_id=i) for i, r in bad])
         return {"id": batch["id"], "reason": batch["reason"]}
 
@@ -427,7 +437,7 @@ class _SegmentPass(StreamingPass):
 
     def steps(self, ctx: RunContext) -> list[BatchStep]:
         return [AttentionStep(ctx.cfg, ctx.storage, ctx.run, "segment"),
-                WriteVectors(ctx.storage, ctx.run, self.batch_size(ctx))]
+                WriteVectors(ctx.storage, ctx.run, ctx.cfg.features.rows_per_file)]
 
     def finish(self, ctx: RunContext, work: Work, results: dict[str, str]) -> dict[str, Any]:
         failed = ids_in(ctx.storage, ctx.run.lightcluster_path("rejected_segment"))
@@ -451,7 +461,7 @@ class _LabelPass(StreamingPass):
         return ids_in(ctx.storage, ctx.run.lightcluster_path("labelled"))
 
     def steps(self, ctx: RunContext) -> list[BatchStep]:
-        return [WriteLabels(ctx.storage, ctx.run, self.write_predictions, self.batch_size(ctx))]
+        return [WriteLabels(ctx.storage, ctx.run, self.write_predictions, LABEL_TASK_IMAGES)]
 
     def finish(self, ctx: RunContext, work: Work, results: dict[str, str]) -> dict[str, Any]:
         reconcile(self.name, len(work.ids), len(self.done_ids(ctx) & set(work.ids)), 0)
@@ -517,7 +527,8 @@ class LightClusterStage(Stage):
         fs, _ = storage.arrow_fs(files[0])
         ds = ray.data.read_parquet([storage.arrow_fs(u)[1] for u in files], filesystem=fs,
                                    columns=["category", "saliency", "feat"])
-        fitted = ds.groupby("category").map_groups(
+        # one partition per sample file at most: the default (200) costs seconds on small runs
+        fitted = ds.groupby("category", num_partitions=max(1, min(cfg.data.classes, len(files)))).map_groups(
             fit_category, fn_kwargs={"k": lc.category_k, "niter": lc.niter, "seed": seed, "dim": dim},
             batch_format="numpy").take_all()
         num_categories = cfg.data.classes
