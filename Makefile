@@ -18,7 +18,10 @@ $(STAMP): pyproject.toml constraints.txt
 	$(BIN)/python -m pip install -q -c constraints.txt -e '.[dev]'
 	touch $(STAMP)
 
+# LightCluster first, then PDSO on the same run folder: they share features and k-means, and
+# PDSO's report (the one printed last) sets both methods side by side.
 demo: $(STAMP)
+	$(BIN)/pdso-ray demo --workdir $(DEMO_DIR) --set method=lightcluster
 	$(BIN)/pdso-ray demo --workdir $(DEMO_DIR)
 
 test: $(STAMP)

@@ -199,10 +199,27 @@ def pretrain_specs(ctx: Context) -> list[RowSpec]:
         unit="steps/s", bare_loop=True)]
 
 
+def bare_pretrain_step(trainer, views, bf16: bool) -> None:
+    """The bare loop's DINO step a :class:`DinoPretrainer` is judged against: teacher and student
+    forward on views made beforehand, DINO loss, backward, AdamW, EMA (no augmentation,
+    clipping, freezing or diagnostics)."""
+    from pdso_ray.method.self_distillation import ema_update
+
+    sched = trainer.schedule()
+    with torch.autocast(trainer.device.type, dtype=torch.bfloat16, enabled=bf16):
+        with torch.no_grad():
+            teacher, _ = trainer.teacher(views.global_crops)
+        student, _ = trainer.student(views.global_crops, views.local_crops)
+    loss = trainer.dino_loss(student, teacher, sched["teacher_temp"])
+    trainer.optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    trainer.optimizer.step()
+    ema_update(trainer.teacher, trainer.student, sched["momentum"])
+
+
 def run_pretrain(ctx: Context, specs: list[RowSpec]) -> list[Row]:
     from pdso_ray.data.decode import decode_image
     from pdso_ray.method.multicrop import multicrop
-    from pdso_ray.method.self_distillation import ema_update
     from pdso_ray.models.dino_pretrain import DinoPretrainer
 
     p = ctx.profile
@@ -214,16 +231,7 @@ def run_pretrain(ctx: Context, specs: list[RowSpec]) -> list[Row]:
     views = multicrop(images, cfg.crops, torch.Generator().manual_seed(0))
 
     def bare_step() -> None:
-        sched = trainer.schedule()
-        with torch.autocast(ctx.device, dtype=torch.bfloat16, enabled=gpu):
-            with torch.no_grad():
-                teacher, _ = trainer.teacher(views.global_crops)
-            student, _ = trainer.student(views.global_crops, views.local_crops)
-        loss = trainer.dino_loss(student, teacher, sched["teacher_temp"])
-        trainer.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        trainer.optimizer.step()
-        ema_update(trainer.teacher, trainer.student, sched["momentum"])
+        bare_pretrain_step(trainer, views, bf16=gpu)
 
     def steps_per_s(fn) -> float:
         return p.pretrain_steps / timed(lambda: repeat(fn, p.pretrain_steps), ctx.device)[0]

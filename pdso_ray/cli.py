@@ -25,10 +25,11 @@ EXIT_INTERRUPTED = 130
 
 
 def _run(cfg) -> int:
-    from pdso_ray.pipeline import run_pipeline
+    from pdso_ray.pipeline import resolve_checkpoints, run_pipeline
     from pdso_ray.preflight import preflight
     from pdso_ray.run_layout import RunLayout
 
+    cfg = resolve_checkpoints(cfg)  # a pretraining run's later stages load its teacher
     for note in preflight(cfg):
         logging.getLogger("pdso_ray").info("preflight: %s", note)
     summary = run_pipeline(cfg)

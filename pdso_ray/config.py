@@ -91,6 +91,59 @@ class ModelsConfig:
 
 
 @dataclass
+class PretrainConfig:
+    """Stage ``pretrain`` (DINO self-distillation of ``models.dino.arch`` on the train images).
+
+    The recipe fields left at None take :class:`pdso_ray.models.dino_pretrain.DinoPretrainConfig`'s
+    defaults, the recipe of the demo's tiny stand-in; ``jobs/configs/imagenet_s_pretrain.yaml``
+    sets DINO's published ViT-S values.
+    """
+
+    epochs: int = 60
+    batch_size: int = 64  # per worker
+    # Side of the square each image is decoded and resized to before cropping; None = 1.5x the
+    # backbone's input (models.dino.image_size), rounded to a multiple of 8.
+    input_size: int | None = None
+    num_workers: int = 1
+    cpus_per_worker: float = 1.0
+    use_gpu: bool = True  # when the cluster has GPUs
+    decode_cpus: float = 1.0
+    max_failures: int = 2  # worker restarts (from the last epoch's checkpoint) before giving up
+    keep_checkpoints: int = 2
+    probe_images: int = 64  # fixed train images the per-epoch saliency probe runs on
+    # Collapse guard: from this epoch on, a teacher whose outputs carry less than min_kl_div nats
+    # of information about the image (H(mean q) - mean H(q)) has collapsed; the run stops.
+    collapse_after_epochs: int = 5
+    min_kl_div: float = 0.5
+    seed: int | None = None  # None = the top-level seed
+    # recipe (None = DinoPretrainConfig's default)
+    lr: float | None = None  # peak, as used: scale it with the total batch yourself
+    min_lr: float | None = None
+    warmup_epochs: float | None = None
+    weight_decay: float | None = None
+    weight_decay_end: float | None = None
+    momentum: float | None = None  # teacher EMA momentum at the start (cosine to momentum_end)
+    momentum_end: float | None = None
+    teacher_temp: float | None = None
+    warmup_teacher_temp: float | None = None
+    warmup_teacher_temp_epochs: float | None = None
+    clip_grad: float | None = None
+    freeze_last_layer_epochs: float | None = None
+    out_dim: int | None = None  # prototypes K of the projection head
+    head_hidden_dim: int | None = None
+    head_bottleneck_dim: int | None = None
+    global_scale: list[float] | None = None  # [min, max] area share of the 2 global views
+    num_local: int | None = None
+    local_size: int | None = None
+    local_scale: list[float] | None = None
+    brightness: float | None = None
+    contrast: float | None = None
+    saturation: float | None = None
+    hue: float | None = None
+    patch_loss_weight: float | None = None  # iBOT masked-patch term (0 = off)
+
+
+@dataclass
 class FeaturesConfig:
     batch_size: int = 64
     min_actors: int = 1
@@ -104,7 +157,7 @@ class FeaturesConfig:
 @dataclass
 class ClusterConfig:
     niter: int = 20
-    nredo: int = 1
+    nredo: int = 30  # best of n random starts by objective (the paper's faiss setting)
     seed: int | None = None  # None = the top-level seed
     num_shards: int | None = None  # None = one per CPU (or GPU) in the cluster
 
@@ -119,6 +172,20 @@ class DenoiseConfig:
     lr: float = 1e-3
     batch_size: int = 1024
     seed: int | None = None  # None = the top-level seed
+    # Output layer of f, g, h: cosine (logit_scale * cos(z, w_c): trains the normalised embedding
+    # k-means #2 clusters in) | linear (W z + b).
+    head: str = "cosine"
+    logit_scale: float = 16.0
+    centre: bool = True  # f and g subtract the mean feature first (a cosine head has no bias)
+    # S2 = g's small-loss subset against: kmeans (the k-means #1 labels, as the paper) | relabel
+    # (g's own prediction); h trains on S2 with those labels.
+    s2_labels: str = "kmeans"
+    # h trains on: s2 (S2 with the labels above, the paper) | all (every image with g's
+    # relabelling, so that e(x) carries g's partition; docs/method.md §3).
+    h_rows: str = "all"
+    # Where k-means #2 starts: weights (h's cosine-head class directions: the nearest is h's own
+    # prediction) | means (the mean embedding of each class over h's training rows).
+    prototypes: str = "weights"
     # Features (feat + feat_flip, float32) up to this size are loaded once into the denoise task's
     # memory; larger ones stream from Parquet on every pass. S919 at D=384 is 3.9 GB and fits.
     max_in_memory_gb: float = 4.0
@@ -131,6 +198,15 @@ class PurifyConfig:
     topk: int = 50
     niter: int = 20
     seed: int | None = None  # None = the top-level seed
+    # Where k-means #2 and #3 start: prototypes (#2 from the mean embedding of each class over
+    # h's training set S2, #3 from #2's centroids) | random (random rows, best of nredo: the paper).
+    init: str = "prototypes"
+    nredo: int = 30  # restarts of k-means #2 and #3 with init=random
+    # Lloyd iterations with init=prototypes (niter is for random starts): k-means #2 from the
+    # prototypes (0: every image to its nearest prototype, h's partition) and #3 from #2's
+    # centroids on the kept images (0: #2's centroids are final; 1: the kept images' means).
+    prototype_niter2: int = 0
+    prototype_niter3: int = 0
 
 
 @dataclass
@@ -257,6 +333,7 @@ class PipelineConfig:
     data: DataConfig = field(default_factory=DataConfig)
     storage: StorageConfig = field(default_factory=StorageConfig)
     models: ModelsConfig = field(default_factory=ModelsConfig)
+    pretrain: PretrainConfig = field(default_factory=PretrainConfig)
     features: FeaturesConfig = field(default_factory=FeaturesConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     denoise: DenoiseConfig = field(default_factory=DenoiseConfig)
@@ -331,8 +408,31 @@ def validate(cfg: PipelineConfig) -> PipelineConfig:
          "must be in (0, 1]")
     need(cfg.purify.alpha >= 1, "purify.alpha", cfg.purify.alpha, "must be >= 1")
     need(cfg.purify.topk >= 1, "purify.topk", cfg.purify.topk, "must be >= 1")
+    need(cfg.purify.init in ("prototypes", "random"), "purify.init", cfg.purify.init,
+         "must be prototypes or random")
+    need(cfg.purify.nredo >= 1, "purify.nredo", cfg.purify.nredo, "must be >= 1")
+    for key in ("purify.prototype_niter2", "purify.prototype_niter3"):
+        need(_get_attr(cfg, key) >= 0, key, _get_attr(cfg, key), "must be >= 0")
+    need(cfg.denoise.head in ("cosine", "linear"), "denoise.head", cfg.denoise.head, "must be cosine or linear")
+    need(cfg.denoise.logit_scale > 0, "denoise.logit_scale", cfg.denoise.logit_scale, "must be > 0")
+    need(cfg.denoise.s2_labels in ("kmeans", "relabel"), "denoise.s2_labels", cfg.denoise.s2_labels,
+         "must be kmeans or relabel")
+    need(cfg.denoise.h_rows in ("s2", "all"), "denoise.h_rows", cfg.denoise.h_rows, "must be s2 or all")
+    need(cfg.denoise.prototypes in ("weights", "means"), "denoise.prototypes", cfg.denoise.prototypes,
+         "must be weights or means")
+    need(cfg.denoise.prototypes == "means" or cfg.denoise.head == "cosine", "denoise.prototypes",
+         cfg.denoise.prototypes, "weights needs denoise.head=cosine")
     need(cfg.cluster.niter >= 1, "cluster.niter", cfg.cluster.niter, "must be >= 1")
     need(cfg.cluster.nredo >= 1, "cluster.nredo", cfg.cluster.nredo, "must be >= 1")
+    pt = cfg.pretrain
+    for key in ("epochs", "batch_size", "num_workers", "probe_images"):
+        need(getattr(pt, key) >= 1, f"pretrain.{key}", getattr(pt, key), "must be >= 1")
+    need(pt.input_size is None or pt.input_size >= cfg.models.dino.image_size, "pretrain.input_size",
+         pt.input_size, f"must be >= models.dino.image_size ({cfg.models.dino.image_size}), the global crop")
+    for key in ("global_scale", "local_scale"):
+        value = getattr(pt, key)
+        need(value is None or (len(value) == 2 and 0 < value[0] <= value[1] <= 1), f"pretrain.{key}",
+             value, "must be [min, max] with 0 < min <= max <= 1")
     if cfg.pseudo_labels.threshold is not None:
         need(0 <= cfg.pseudo_labels.threshold <= 1, "pseudo_labels.threshold",
              cfg.pseudo_labels.threshold, "must be in [0, 1]")

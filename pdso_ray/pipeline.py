@@ -10,6 +10,7 @@ is never marked done.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import logging
 import os
@@ -82,12 +83,39 @@ def stage_key(name: str, config_sections: tuple[str, ...], upstream: tuple[str, 
     return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
 
 
+def resolve_checkpoints(cfg: PipelineConfig, storage: Storage | None = None) -> PipelineConfig:
+    """The config the stages run with, as to model checkpoints:
+
+    - a local checkpoint path given relative (``pdso_ray/standins/assets/dino_tiny.pth``) is made
+      absolute against the working directory, so that Ray workers, whose working directory is
+      their own, read the same file;
+    - when ``models.dino.checkpoint`` is unset and this run pretrains (``pretrain`` is requested,
+      or has completed in the run folder), the checkpoint is the pretrained teacher
+      (``pretrain/dino_teacher.pth``). Its URL then enters the config hash of every stage that
+      loads DINO, and ``features`` chains the ``pretrain`` key
+      (:meth:`pdso_ray.stages.features.FeaturesStage.upstream`), so a new pretraining recomputes
+      everything after it.
+
+    Returns ``cfg`` itself when nothing changes, else a changed copy."""
+    resolved = copy.deepcopy(cfg)
+    for model in (resolved.models.dino, resolved.models.sam):
+        if model.checkpoint and "://" not in model.checkpoint and not os.path.isabs(model.checkpoint):
+            model.checkpoint = os.path.abspath(model.checkpoint)
+    if not resolved.models.dino.checkpoint:
+        run = RunLayout.from_config(cfg)
+        storage = storage or Storage(cfg.storage_options())
+        if "pretrain" in requested_stages(cfg) or storage.read_manifest(run.stage_dir("pretrain")) is not None:
+            resolved.models.dino.checkpoint = run.pretrain_teacher
+    return cfg if resolved == cfg else resolved
+
+
 def run_pipeline(cfg: PipelineConfig, storage: Storage | None = None) -> dict[str, Any]:
     """Run the stages named in ``cfg.stages`` (all by default, in pipeline order) under the run
     folder's lease; return the summary. Raises :class:`~pdso_ray.run_lease.LeaseHeld` when another
     run holds the folder."""
     storage = storage or Storage(cfg.storage_options())
     check_choices(cfg)
+    cfg = resolve_checkpoints(cfg, storage)
     run = RunLayout.from_config(cfg)
     storage.makedirs(cfg.output)
     with RunLease(storage, run.lease_file).held():

@@ -26,6 +26,7 @@ import os
 from typing import Any
 
 from pdso_ray.config import ConfigError, PipelineConfig
+from pdso_ray.run_layout import RunLayout
 from pdso_ray.storage import Storage, StorageError, protocol
 
 log = logging.getLogger("pdso_ray")
@@ -123,6 +124,17 @@ def _local_gpu() -> bool:
     return torch.cuda.is_available()
 
 
+def _check_train_workers(section: str, train_cfg: Any, cpus: int) -> None:
+    """A Ray Train stage's workers must fit the local Ray, or they wait forever."""
+    need = train_cfg.num_workers * train_cfg.cpus_per_worker
+    if need > cpus:
+        raise PreflightError(
+            f"{section}.num_workers={train_cfg.num_workers} x {section}.cpus_per_worker="
+            f"{train_cfg.cpus_per_worker:g} needs {need:g} CPUs, but the local Ray has {cpus}: "
+            f"on one machine set {section}.num_workers=1 and {section}.cpus_per_worker to at most "
+            f"{max(1, cpus - 1)} (training workers would wait forever)")
+
+
 def preflight(cfg: PipelineConfig, storage: Storage | None = None) -> list[str]:
     """Check ``cfg`` against the registries, the data, the checkpoints and the machine (module
     docstring); raise :class:`PreflightError` on the first problem. Returns notes (things that
@@ -139,7 +151,7 @@ def preflight(cfg: PipelineConfig, storage: Storage | None = None) -> list[str]:
     if cfg.data.features and "features" in stages:
         _reachable(probe, "data.features", cfg.data.features, "precomputed features folder")
     extract = "features" in stages and not cfg.data.features  # data.features replaces stage 1
-    if extract or stages & {"pseudo_labels", "finetune", "predict"}:
+    if extract or stages & {"pretrain", "pseudo_labels", "finetune", "predict"}:
         _reachable(probe, "data.root", cfg.data.root, "data root")
         if extract:
             split_url = layout.split_url(layout.train_split())
@@ -155,7 +167,10 @@ def preflight(cfg: PipelineConfig, storage: Storage | None = None) -> list[str]:
             raise PreflightError(f"output: cannot reach {cfg.output} ({e}); check the URL and "
                                  "the storage credentials") from None
     needs = []
-    if extract or "pseudo_labels" in stages or ("finetune" in stages and cfg.finetune.backbone == "dino"):
+    # The teacher a pretrain stage of this run will write is not there yet: nothing to check.
+    pretrained_here = "pretrain" in stages and cfg.models.dino.checkpoint == RunLayout.from_config(cfg).pretrain_teacher
+    loads_dino = extract or "pseudo_labels" in stages or ("finetune" in stages and cfg.finetune.backbone == "dino")
+    if loads_dino and not pretrained_here:
         needs.append(("dino", cfg.models.dino.arch, cfg.models.dino.checkpoint))
     if "pseudo_labels" in stages and cfg.pseudo_labels.refine.method in NEEDS_SAM:
         needs.append(("sam", cfg.models.sam.arch, cfg.models.sam.checkpoint))
@@ -167,15 +182,11 @@ def preflight(cfg: PipelineConfig, storage: Storage | None = None) -> list[str]:
         if checkpoint:
             _checkpoint(probe, f"models.{kind}.checkpoint", checkpoint)
     local = not cfg.ray.address and not in_ray_job()
-    if local and "finetune" in stages:
+    if local:
         cpus = cfg.ray.num_cpus or os.cpu_count() or 1
-        need = cfg.finetune.num_workers * cfg.finetune.cpus_per_worker
-        if need > cpus:
-            raise PreflightError(
-                f"finetune.num_workers={cfg.finetune.num_workers} x finetune.cpus_per_worker="
-                f"{cfg.finetune.cpus_per_worker:g} needs {need:g} CPUs, but the local Ray has {cpus}: "
-                "on one machine set finetune.num_workers=1 and finetune.cpus_per_worker to at most "
-                f"{max(1, cpus - 1)} (training workers would wait forever)")
+        for section in ("pretrain", "finetune"):  # the Ray Train stages
+            if section in stages:
+                _check_train_workers(section, getattr(cfg, section), cpus)
     if cfg.ray.use_gpu is True and local and not _local_gpu():
         raise PreflightError(
             "ray.use_gpu=true, but this machine has no GPU and the run starts a local Ray: set "

@@ -201,6 +201,23 @@ class RunLayout:
     def started_file(self, stage: str) -> str:
         return Storage.join(self.stage_dir(stage), STARTED_FILE)
 
+    # -- stage 0 (optional): pretrain --
+    @property
+    def pretrain_dir(self) -> str:
+        """Ray Train's run (``train/epoch_NNNN/`` checkpoints), ``history.json``, the teacher."""
+        return self.path("pretrain")
+
+    @property
+    def pretrain_history(self) -> str:
+        """Per-epoch loss and collapse diagnostics of the pretraining run (a JSON list)."""
+        return self.path("pretrain", "history.json")
+
+    @property
+    def pretrain_teacher(self) -> str:
+        """The teacher backbone in the official DINO release layout: what ``features``,
+        ``pseudo_labels`` and ``finetune`` load when ``models.dino.checkpoint`` is unset."""
+        return self.path("pretrain", "dino_teacher.pth")
+
     # -- stage 1: features --
     @property
     def features_dir(self) -> str:

@@ -15,12 +15,13 @@ ASSIGN = np.array([0, 1, 0, 2, 0, 1, 0, 0, 1])
 DIST = np.array([0.5, 0.2, 0.1, 3.0, 0.9, 0.4, 0.3, 0.7, 0.6])
 
 
-def simple_kmeans(x, k, seed, niter=25, nredo=5):
-    """Lloyd's k-means, best of ``nredo`` random starts: (centroids, assignments, sq. distances)."""
+def simple_kmeans(x, k, *, seed, nredo, init=None, niter=25):
+    """Lloyd's k-means from ``init`` or best of ``nredo`` random starts: (centroids, assignments,
+    sq. distances)."""
     rng = np.random.default_rng(seed)
     best = None
-    for _ in range(nredo):
-        centroids = x[rng.choice(len(x), k, replace=False)].astype(np.float64)
+    for _ in range(1 if init is not None else nredo):
+        centroids = (x[rng.choice(len(x), k, replace=False)] if init is None else init).astype(np.float64)
         for _ in range(niter):
             assign = ((x[:, None, :] - centroids[None]) ** 2).sum(-1).argmin(1)
             for c in range(k):
@@ -99,7 +100,7 @@ def test_purify_drops_planted_outliers_and_finds_the_blobs():
     x = centers[truth] + 0.3 * rng.normal(size=(k * per, 8)).astype(np.float32)
     outliers = rng.choice(len(x), 12, replace=False)
     x[outliers] += rng.normal(size=(12, 8)).astype(np.float32) * 2.5  # far from every blob
-    result = purify(x, k, simple_kmeans, dist_quantile=0.8, alpha=2.0, topk=3, seed=0)
+    result = purify(x, k, simple_kmeans, dist_quantile=0.8, alpha=2.0, topk=3, seed=0, nredo=5)
 
     assert result.centroids.shape == (k, 8) and result.topk_ids.shape == (len(x), 3)
     assert (result.assignments == result.topk_ids[:, 0]).all()
@@ -121,7 +122,7 @@ def test_purify_kept_count_is_the_intersection_of_both_rules():
     rng = np.random.default_rng(4)
     x = np.concatenate([rng.normal(0, 0.1, (90, 2)), rng.normal(5, 0.1, (10, 2))]).astype(np.float32)
 
-    def two_blob_kmeans(data, k, seed):
+    def two_blob_kmeans(data, k, **_):
         assign = (data[:, 0] > 2.5).astype(int)
         cents = np.stack([data[assign == c].mean(0) for c in range(k)])
         return cents, assign, ((data - cents[assign]) ** 2).sum(1)
@@ -132,7 +133,7 @@ def test_purify_kept_count_is_the_intersection_of_both_rules():
     assert result.topk_ids.shape == (100, 2)  # topk clipped to the number of clusters
     assert purify(x, 2, two_blob_kmeans, dist_quantile=0.8, alpha=1.0, topk=50, seed=0).topk_ids.shape == (100, 2)
 
-    def one_cluster_kmeans(data, k, seed):  # leaves cluster 1 empty
+    def one_cluster_kmeans(data, k, **_):  # leaves cluster 1 empty
         return np.zeros((k, 2), np.float32), np.zeros(len(data), int), np.ones(len(data))
 
     with pytest.raises(ValueError, match="kept 1 images, fewer than k=2"):
@@ -147,3 +148,25 @@ def test_purify_stage_does_not_import_torch():
     code = "import sys, pdso_ray.stages.purify; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_stage_lloyd_from_runs_the_kmeans_steps_from_the_given_start():
+    """The purify stage's k-means #2/#3 from prototypes: 0 iterations keep the start; n
+    iterations (on all rows or a subset) equal the in-memory Lloyd iterations from it."""
+    from pdso_ray.kmeans import KMeansShards
+    from pdso_ray.method import kmeans_math as km
+    from pdso_ray.stages.purify import lloyd_from
+
+    rng = np.random.default_rng(5)
+    x = rng.normal(size=(300, 4)).astype(np.float32)
+    init = x[[0, 1, 2]] + 0.1
+    subset = np.sort(rng.choice(300, 120, replace=False))
+    with KMeansShards.create(x, 0, kernel="numpy") as shards:
+        assert np.array_equal(lloyd_from(shards, init, 0, seed=3), init)
+        on_all = lloyd_from(shards, init, 4, seed=3)
+        on_subset = lloyd_from(shards, init, 4, seed=3, subset=subset)
+    expected_all, _ = km.lloyd(lambda c: km.lloyd_partial(x, c), init, 4, 3)
+    expected_subset, _ = km.lloyd(lambda c: km.lloyd_partial(x[subset], c), init, 4, 3)
+    np.testing.assert_allclose(on_all, expected_all, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(on_subset, expected_subset, rtol=1e-5, atol=1e-6)
+    assert not np.allclose(on_all, on_subset)  # the subset is what #3 trains on

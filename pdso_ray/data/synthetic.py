@@ -66,10 +66,24 @@ class ClassStyle:
     period: float
 
 
-def class_style(k: int, classes: int) -> ClassStyle:
-    """Style of class k in 1..classes: evenly spaced hues; textures and shapes cycle with
-    coprime lengths (4 and 5), so 20 consecutive classes never share both."""
+def class_style(k: int, classes: int, style_seed: int | None = None) -> ClassStyle:
+    """Style of class k in 1..classes.
+
+    ``style_seed`` None (the demo's classes): evenly spaced hues; textures and shapes cycle with
+    coprime lengths (4 and 5), so 20 consecutive classes never share both. Otherwise the style is
+    drawn from ``(style_seed, k)`` alone: a uniform hue, texture and shape, and a period in
+    [0.3, 0.55] — classes unlike any demo set's, e.g. to pretrain a backbone on data the
+    evaluation never shows.
+    """
     i = k - 1
+    if style_seed is not None:
+        rng = np.random.default_rng([style_seed, k])
+        return ClassStyle(
+            hue=float(rng.random()),
+            texture=TEXTURES[int(rng.integers(len(TEXTURES)))],
+            shape=SHAPES[int(rng.integers(len(SHAPES)))],
+            period=float(rng.uniform(0.3, 0.55)),
+        )
     return ClassStyle(
         hue=i / classes,
         texture=TEXTURES[i % len(TEXTURES)],
@@ -165,15 +179,17 @@ def render_sample(
     classes: int,
     size: tuple[int, int],
     ignore_border: int = 1,
+    style_seed: int | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """One image of class k and its label.
 
     Returns ``(image, label)``: HxWx3 uint8 RGB and HxW int32 with k on the object,
     BACKGROUND_ID elsewhere and IGNORE_ID on a band of ``ignore_border`` pixels each side of
-    the object's border (0 disables it). ``size`` is ``(H, W)``.
+    the object's border (0 disables it). ``size`` is ``(H, W)``; ``style_seed`` as in
+    :func:`class_style`.
     """
     h, w = size
-    style = class_style(k, classes)
+    style = class_style(k, classes, style_seed)
     img = _background(rng, h, w)
 
     half = rng.uniform(0.18, 0.35) * min(h, w)  # half of the object's extent, in pixels
@@ -220,6 +236,7 @@ def make_demo_dataset(
     seed: int = 0,
     storage: Storage | None = None,
     ignore_border: int = 1,
+    style_seed: int | None = None,
 ) -> str:
     """Write a synthetic ``ImageNetS{classes}/`` under ``out_dir`` and return its URL.
 
@@ -227,7 +244,9 @@ def make_demo_dataset(
     is not written), ``{validation,test}-segmentation/<wnid>/<wnid>_<i>.png`` (label codec of
     :mod:`imagenet_s`), ``classes.txt`` (sorted wnids, one per line) and ``synthetic.json``
     (the parameters). wnids are ``n00000001``.. so class k has id k. Each image side is drawn
-    from ``image_size`` = (min, max), inclusive.
+    from ``image_size`` = (min, max), inclusive. ``style_seed`` set: class appearances are drawn
+    at random from it (see :func:`class_style`) instead of the demo's fixed ones, e.g. for
+    pretraining data with other classes than the evaluation's.
 
     Re-running with the same parameters returns at once; a folder made with other parameters
     is replaced; a non-empty folder that this function did not make raises FileExistsError.
@@ -255,6 +274,8 @@ def make_demo_dataset(
         "seed": seed,
         "ignore_border": ignore_border,
     }
+    if style_seed is not None:  # only when set, so folders made before the option stay valid
+        params["style_seed"] = style_seed
     marker_url = Storage.join(root, MARKER_NAME)
     if storage.exists(marker_url):
         if storage.read_json(marker_url) == {**params, "complete": True}:
@@ -273,7 +294,7 @@ def make_demo_dataset(
             for i in range(counts[split]):
                 rng = np.random.default_rng([seed, split_index, k, i])
                 size = (int(rng.integers(lo, hi + 1)), int(rng.integers(lo, hi + 1)))
-                image, label = render_sample(rng, k, classes, size, ignore_border)
+                image, label = render_sample(rng, k, classes, size, ignore_border, style_seed)
                 name = f"{wnid}_{i}"
                 storage.write_bytes(Storage.join(root, split, wnid, f"{name}.JPEG"), _jpeg_bytes(image))
                 if split in GT_SPLITS:

@@ -6,10 +6,32 @@ labels y (C clusters):
 1. train a linear classifier ``f`` on all (x, x', y) for ``epochs_f`` epochs;
 2. per-image loss = cross-entropy of the mean of the logits of x and x'; per cluster keep the
    ``keep_ratio`` lowest-loss images -> S1 (:func:`small_loss_subset`);
-3. train a linear ``g`` on S1 for ``epochs_g`` epochs; relabel every image with g's prediction and
-   select S2 from g's losses against those labels, the same way;
-4. train ``h`` (MLP D -> D' -> C) on S2 with g's labels for ``epochs_h`` epochs; its hidden layer is
-   the embedding e(x) used from stage 4 on (:func:`embed_features`, :meth:`Classifier.embed`).
+3. train a linear ``g`` on S1 for ``epochs_g`` epochs; relabel every image with g's prediction;
+   select S2 the same way from g's losses against the k-means labels (``s2_labels="kmeans"``, the
+   paper's rule) or against g's own labels (``"relabel"``);
+4. train ``h`` (MLP D -> D' -> C) for ``epochs_h`` epochs on S2 with the labels S2 was selected
+   under (``h_rows="s2"``, the paper), or on every image with g's relabelling (``"all"``); its
+   hidden layer is the embedding e(x) used from stage 4 on (:func:`embed_features`,
+   :meth:`Classifier.embed`). k-means #2 starts from one prototype per class
+   (:mod:`pdso_ray.method.purify`): ``prototypes="weights"``, h's cosine-head class directions
+   (:func:`head_prototypes`; the nearest one to e(x) is h's own prediction of x), or ``"means"``,
+   the mean embedding of each class over h's training rows (:func:`class_prototypes`).
+
+What h trains on decides the partition its embedding carries (measured on held-out known truth,
+benchmarks/denoise_purify_quality.py): trained on S2, half the images, h's prediction on the whole
+set is only as pure as k-means #1 (the other half falls back to k-means-like boundaries), so
+k-means #2 loses what g's relabelling gained; trained on every image with g's labels it carries
+g's partition into e(x).
+
+Heads (``head``): ``"cosine"`` (default) scores a class by ``logit_scale · cos(z, w_c)``, so that
+training shapes exactly the geometry k-means #2 clusters in: L2-normalised e(x) gathered around
+one direction per class. ``"linear"`` (``W z + b``) leaves the normalised embedding's geometry
+unconstrained (measured on held-out known truth, benchmarks/denoise_purify_quality.py: a dominant
+shared direction, mean cosine 0.8 between random images, and k-means #2/#3 on it lost the
+purity DFF had gained). A cosine head has no bias, so with ``centre`` the linear f and g first
+subtract the mean image feature (DINO features share a large common component that would
+otherwise compress every cosine); h's hidden layer has a bias of its own and is not centred, so
+per-patch tokens embed exactly as before.
 
 Scale: 1.28 M × 384 features and 919 classes on a CPU. Nothing is N×N; the data are read through a
 :class:`FeatureSource`, block by block, so a caller holding Parquet row groups streams them and never
@@ -33,6 +55,10 @@ from torch import nn
 from pdso_ray.method.selection import keep_lowest_per_group
 
 _SCORE_BATCH = 16384
+HEADS = ("cosine", "linear")
+S2_LABELS = ("kmeans", "relabel")
+H_ROWS = ("s2", "all")
+PROTOTYPES = ("weights", "means")
 
 
 # ---- data ------------------------------------------------------------------------------------------
@@ -121,46 +147,77 @@ class Classifier(nn.Module):
     """Linear (``hidden_dim=None``: f, g) or MLP D -> D' -> C (h) classifier on image features.
 
     Inputs are L2-normalised first (pooled features already are), so the same module applies to
-    per-patch tokens, whose norms differ: any ...×D tensor works, as a 1×1 convolution would.
+    per-patch tokens, whose norms differ: any ...×D tensor works, as a 1×1 convolution would. With
+    ``centre`` (a D vector, the mean normalised feature) the normalised input minus ``centre`` is
+    normalised again. ``head``: ``"linear"`` logits ``W z + b``; ``"cosine"`` logits
+    ``logit_scale · cos(z, w_c)`` (no bias), z being the input (linear) or the hidden layer (MLP).
     """
 
-    def __init__(self, in_dim: int, num_classes: int, hidden_dim: int | None = None):
+    def __init__(self, in_dim: int, num_classes: int, hidden_dim: int | None = None, *, head: str = "linear",
+                 logit_scale: float = 16.0, centre: np.ndarray | torch.Tensor | None = None):
         super().__init__()
         if in_dim < 1 or num_classes < 1 or (hidden_dim is not None and hidden_dim < 1):
             raise ValueError(f"bad classifier shape: in_dim={in_dim} num_classes={num_classes} "
                              f"hidden_dim={hidden_dim}")
+        if head not in HEADS:
+            raise ValueError(f"head must be one of {HEADS}, got {head!r}")
+        if head == "cosine" and not logit_scale > 0:
+            raise ValueError(f"logit_scale must be > 0, got {logit_scale}")
         self.hidden = None if hidden_dim is None else nn.Sequential(nn.Linear(in_dim, hidden_dim), nn.GELU())
-        self.out = nn.Linear(hidden_dim or in_dim, num_classes)
+        self.cosine = head == "cosine"
+        self.out = nn.Linear(hidden_dim or in_dim, num_classes, bias=not self.cosine)
+        self.register_buffer("logit_scale", torch.tensor(float(logit_scale)) if self.cosine else None)
+        if centre is not None:
+            centre = torch.as_tensor(centre, dtype=torch.float32).clone()
+            if centre.shape != (in_dim,):
+                raise ValueError(f"centre must have shape ({in_dim},), got {tuple(centre.shape)}")
+        self.register_buffer("centre", centre)
 
     @classmethod
     def from_state_dict(cls, state_dict: dict[str, torch.Tensor]) -> Classifier:
-        """Rebuild a saved classifier; its shape is read from the weights."""
+        """Rebuild a saved classifier; its shape, head and centre are read from the weights."""
         out_w = state_dict["out.weight"]
+        head = "linear" if "out.bias" in state_dict else "cosine"
+        scale = float(state_dict["logit_scale"]) if head == "cosine" else 16.0
+        options = dict(head=head, logit_scale=scale, centre=state_dict.get("centre"))
         if "hidden.0.weight" in state_dict:
             hidden_w = state_dict["hidden.0.weight"]
-            model = cls(hidden_w.shape[1], out_w.shape[0], hidden_w.shape[0])
+            model = cls(hidden_w.shape[1], out_w.shape[0], hidden_w.shape[0], **options)
         else:
-            model = cls(out_w.shape[1], out_w.shape[0])
+            model = cls(out_w.shape[1], out_w.shape[0], **options)
         model.load_state_dict(state_dict)
         return model
+
+    def _inputs(self, x: torch.Tensor) -> torch.Tensor:
+        z = F.normalize(x.float(), dim=-1)
+        return z if self.centre is None else F.normalize(z - self.centre, dim=-1)
+
+    def _logits(self, z: torch.Tensor, unit: bool = False) -> torch.Tensor:
+        """Head on ...×D' features z; ``unit``: z is already a unit vector or a mean of unit
+        vectors (the cosine head is then linear in z, which :meth:`pair_logits` relies on)."""
+        if not self.cosine:
+            return self.out(z)
+        if not unit:
+            z = F.normalize(z, dim=-1)
+        return self.logit_scale * F.linear(z, F.normalize(self.out.weight, dim=-1))
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         """Penultimate activations e(x), ...×D' (not normalised); only for the MLP (h)."""
         if self.hidden is None:
             raise ValueError("a linear classifier has no hidden layer to embed with (use hidden_dim)")
-        return self.hidden(F.normalize(x.float(), dim=-1))
+        return self.hidden(self._inputs(x))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Logits ...×C."""
-        x = F.normalize(x.float(), dim=-1)
-        return self.out(x if self.hidden is None else self.hidden(x))
+        z = self._inputs(x)
+        return self._logits(z, unit=True) if self.hidden is None else self._logits(self.hidden(z))
 
     def pair_logits(self, x: torch.Tensor, x_flip: torch.Tensor) -> torch.Tensor:
         """Mean of the logits of an image and its flip (the per-image prediction of DFF)."""
         if self.hidden is None:
-            # Linear: the mean of the logits is the logits of the mean input, at half the cost.
-            mean_input = (F.normalize(x.float(), dim=-1) + F.normalize(x_flip.float(), dim=-1)) / 2
-            return self.out(mean_input)
+            # Without a hidden layer both heads are linear in the (unit) inputs: the mean of the
+            # logits is the logits of the mean input, at half the cost.
+            return self._logits((self._inputs(x) + self._inputs(x_flip)) / 2, unit=True)
         return (self(x) + self(x_flip)) / 2
 
 
@@ -182,7 +239,8 @@ def _to_device(a: np.ndarray, device: torch.device | str) -> torch.Tensor:
 
 def train_classifier(source: FeatureSource, labels: np.ndarray, num_classes: int, *,
                      mask: np.ndarray | None = None, hidden_dim: int | None = None, epochs: int,
-                     lr: float, batch_size: int, seed: int,
+                     lr: float, batch_size: int, seed: int, head: str = "linear",
+                     logit_scale: float = 16.0, centre: np.ndarray | None = None,
                      device: torch.device | str = "cpu") -> Classifier:
     """Train a :class:`Classifier` with minibatch Adam on the rows of ``source`` where ``mask`` holds.
 
@@ -195,6 +253,7 @@ def train_classifier(source: FeatureSource, labels: np.ndarray, num_classes: int
         labels: (N,) integer labels in [0, num_classes).
         mask: (N,) bool rows to train on; ``None`` = all.
         hidden_dim: ``None`` = linear, else the MLP's hidden width D'.
+        head, logit_scale, centre: see :class:`Classifier`.
     """
     labels = _check_labels(labels, source.num_rows, num_classes)
     if mask is not None and (mask.shape != (source.num_rows,) or mask.dtype != bool):
@@ -205,7 +264,7 @@ def train_classifier(source: FeatureSource, labels: np.ndarray, num_classes: int
         raise ValueError(f"bad training settings: epochs={epochs} lr={lr} batch_size={batch_size}")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = Classifier(source.dim, num_classes, hidden_dim)
+        model = Classifier(source.dim, num_classes, hidden_dim, head=head, logit_scale=logit_scale, centre=centre)
     model.to(device).train()
     opt = torch.optim.Adam(model.parameters(), lr=lr)
     for epoch in range(epochs):
@@ -272,6 +331,56 @@ def embed_features(model: Classifier, feats: np.ndarray | torch.Tensor, batch_si
     return np.concatenate(out)
 
 
+def feature_mean(source: FeatureSource) -> np.ndarray:
+    """Mean of the L2-normalised features (not their flips) of every row: a D float32 vector,
+    accumulated in float64 over one fixed-order pass."""
+    total = np.zeros(source.dim, dtype=np.float64)
+    for block in source.blocks(None):
+        feat = np.asarray(block.feat, dtype=np.float32)
+        total += (feat / np.maximum(np.linalg.norm(feat, axis=1, keepdims=True), 1e-12)).sum(0, dtype=np.float64)
+    if not source.num_rows:
+        raise ValueError("cannot centre on an empty feature source")
+    return (total / source.num_rows).astype(np.float32)
+
+
+@torch.no_grad()
+def class_prototypes(model: Classifier, source: FeatureSource, labels: np.ndarray, mask: np.ndarray,
+                     num_classes: int, device: torch.device | str = "cpu") -> tuple[np.ndarray, np.ndarray]:
+    """Per class, the mean L2-normalised embedding (:func:`embed_features`) of the rows where
+    ``mask`` holds: the centroids a k-means in e(x) starts from when it continues h's partition.
+
+    Returns:
+        prototypes: C×D' float32; the mean of unit vectors, not re-normalised (a k-means centroid);
+            a zero row for a class without masked rows.
+        counts: (C,) int64 masked rows per class.
+    """
+    labels = _check_labels(labels, source.num_rows, num_classes)
+    if mask.shape != (source.num_rows,) or mask.dtype != bool:
+        raise ValueError(f"mask must be {source.num_rows} bools, got {mask.shape} {mask.dtype}")
+    sums = np.zeros((num_classes, model.out.in_features), dtype=np.float64)
+    counts = np.zeros(num_classes, dtype=np.int64)
+    for block in source.blocks(None):
+        picked = np.flatnonzero(mask[block.rows])
+        if not len(picked):
+            continue
+        emb = embed_features(model, block.feat[picked], device=device)
+        lab = labels[block.rows[picked]]
+        np.add.at(sums, lab, emb.astype(np.float64))
+        counts += np.bincount(lab, minlength=num_classes)
+    filled = counts > 0
+    sums[filled] /= counts[filled, None]
+    return sums.astype(np.float32), counts
+
+
+def head_prototypes(model: Classifier) -> np.ndarray:
+    """C×D' float32 unit rows: the class directions w_c / |w_c| of a cosine-head MLP. On the unit
+    sphere the nearest of them (squared L2) to the normalised e(x) is the class with the largest
+    cos(e(x), w_c), i.e. the model's own prediction of x (for the image alone, without its flip)."""
+    if not model.cosine or model.hidden is None:
+        raise ValueError("head prototypes need an MLP with a cosine head")
+    return F.normalize(model.out.weight.detach().float(), dim=-1).cpu().numpy()
+
+
 # ---- selection -------------------------------------------------------------------------------------
 def small_loss_subset(losses: np.ndarray, labels: np.ndarray, num_classes: int, keep_ratio: float) -> np.ndarray:
     """The small-loss criterion: per cluster keep the ``ceil(keep_ratio · n_c)`` lowest-loss images.
@@ -288,6 +397,27 @@ def small_loss_subset(losses: np.ndarray, labels: np.ndarray, num_classes: int, 
     return keep_lowest_per_group(losses, labels, keep)
 
 
+def select_clean(g: Classifier, source: FeatureSource, labels: np.ndarray, num_classes: int, keep_ratio: float,
+                 against: str = "kmeans", device: torch.device | str = "cpu") -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """S2: the small-loss subset of g, per class of the labels it is scored against.
+
+    ``against="kmeans"`` (the paper): g's loss against the k-means #1 ``labels``, so S2 holds
+    images whose k-means label g confirms with confidence; ``"relabel"``: against g's own
+    prediction (its confidence, whatever the k-means label). One scoring pass either way.
+
+    Returns:
+        clean: (N,) bool S2.
+        clean_labels: (N,) int64 the labels S2 was selected under (``labels`` or g's prediction).
+        relabels: (N,) int64 g's prediction for every image.
+    """
+    if against not in S2_LABELS:
+        raise ValueError(f"against must be one of {S2_LABELS}, got {against!r}")
+    labels = _check_labels(labels, source.num_rows, num_classes)
+    losses, relabels = score(g, source, labels if against == "kmeans" else None, device=device)
+    clean_labels = labels if against == "kmeans" else relabels
+    return small_loss_subset(losses, clean_labels, num_classes, keep_ratio), clean_labels, relabels
+
+
 # ---- the whole procedure ---------------------------------------------------------------------------
 class DenoiseSettings(Protocol):
     """What :func:`denoise` reads from its settings (``pdso_ray.config.DenoiseConfig`` has these)."""
@@ -300,24 +430,39 @@ class DenoiseSettings(Protocol):
     lr: float
     batch_size: int
     seed: int
+    head: str
+    logit_scale: float
+    centre: bool
+    s2_labels: str
+    h_rows: str
+    prototypes: str
 
 
 @dataclass
 class DenoiseResult:
-    """Outcome of DFF over N images.
+    """Outcome of DFF over N images (C classes, D' the embedding width).
 
     Attributes:
         subset1: (N,) bool S1, the small-loss subset under f and the k-means labels.
-        clean_mask: (N,) bool S2, the small-loss subset under g and g's labels (h's training set).
+        clean_mask: (N,) bool S2, the small-loss subset under g and ``clean_labels`` (h's training set).
         labels: (N,) int64 g's relabelling of every image.
+        clean_labels: (N,) int64 the labels S2 was selected under (and h trained on, with
+            ``h_rows="s2"``): the k-means labels (``s2_labels="kmeans"``) or g's (``"relabel"``).
         classifier: h, the MLP whose hidden layer is the embedding.
+        prototypes: C×D' float32 one per class: h's class directions (:func:`head_prototypes`)
+            or its mean embedding over h's training rows (:func:`class_prototypes`).
+        prototype_counts: (C,) int64 h's training images per class (0 with ``"means"``: that
+            prototype row is zero).
         stats: sizes and timings, for the stage manifest.
     """
 
     subset1: np.ndarray
     clean_mask: np.ndarray
     labels: np.ndarray
+    clean_labels: np.ndarray
     classifier: Classifier
+    prototypes: np.ndarray
+    prototype_counts: np.ndarray
     stats: dict[str, float] = field(default_factory=dict)
 
     def embed(self, feats: np.ndarray | torch.Tensor, device: torch.device | str = "cpu") -> np.ndarray:
@@ -325,29 +470,56 @@ class DenoiseResult:
         return embed_features(self.classifier, feats, device=device)
 
 
+def _check_settings(settings: DenoiseSettings) -> None:
+    if settings.head not in HEADS:
+        raise ValueError(f"denoise.head must be one of {HEADS}, got {settings.head!r}")
+    if settings.s2_labels not in S2_LABELS:
+        raise ValueError(f"denoise.s2_labels must be one of {S2_LABELS}, got {settings.s2_labels!r}")
+    if settings.h_rows not in H_ROWS:
+        raise ValueError(f"denoise.h_rows must be one of {H_ROWS}, got {settings.h_rows!r}")
+    if settings.prototypes not in PROTOTYPES:
+        raise ValueError(f"denoise.prototypes must be one of {PROTOTYPES}, got {settings.prototypes!r}")
+    if settings.prototypes == "weights" and settings.head != "cosine":
+        raise ValueError("denoise.prototypes=weights needs denoise.head=cosine (a linear head's rows "
+                         "are not directions in the normalised embedding)")
+    if not settings.logit_scale > 0:
+        raise ValueError(f"denoise.logit_scale must be > 0, got {settings.logit_scale}")
+
+
 def denoise(source: FeatureSource, labels: np.ndarray, num_classes: int, settings: DenoiseSettings,
             device: torch.device | str = "cpu") -> DenoiseResult:
     """Run DFF (module docstring) on ``source`` with k-means #1 ``labels`` ((N,) in [0, C))."""
     labels = _check_labels(labels, source.num_rows, num_classes)
-    common = dict(lr=settings.lr, batch_size=settings.batch_size, device=device)
+    _check_settings(settings)
+    common = dict(lr=settings.lr, batch_size=settings.batch_size, head=settings.head,
+                  logit_scale=settings.logit_scale, device=device)
     stats: dict[str, float] = {"images": source.num_rows}
     t0 = time.perf_counter()
+    centre = feature_mean(source) if settings.centre else None
 
-    f = train_classifier(source, labels, num_classes, epochs=settings.epochs_f, seed=settings.seed, **common)
+    f = train_classifier(source, labels, num_classes, epochs=settings.epochs_f, seed=settings.seed,
+                         centre=centre, **common)
     losses_f, _ = score(f, source, labels, device=device)
     subset1 = small_loss_subset(losses_f, labels, num_classes, settings.keep_ratio)
     t1 = time.perf_counter()
 
     g = train_classifier(source, labels, num_classes, mask=subset1, epochs=settings.epochs_g,
-                         seed=settings.seed + 1, **common)
-    losses_g, relabels = score(g, source, None, device=device)
-    clean = small_loss_subset(losses_g, relabels, num_classes, settings.keep_ratio)
+                         seed=settings.seed + 1, centre=centre, **common)
+    clean, clean_labels, relabels = select_clean(g, source, labels, num_classes, settings.keep_ratio,
+                                                 settings.s2_labels, device=device)
     t2 = time.perf_counter()
 
-    h = train_classifier(source, relabels, num_classes, mask=clean, hidden_dim=settings.hidden_dim,
+    h_mask, h_labels = (clean, clean_labels) if settings.h_rows == "s2" else (np.ones_like(clean), relabels)
+    h = train_classifier(source, h_labels, num_classes, mask=h_mask, hidden_dim=settings.hidden_dim,
                          epochs=settings.epochs_h, seed=settings.seed + 2, **common)
+    if settings.prototypes == "weights":
+        prototypes = head_prototypes(h)
+        counts = np.bincount(h_labels[h_mask], minlength=num_classes).astype(np.int64)
+    else:
+        prototypes, counts = class_prototypes(h, source, h_labels, h_mask, num_classes, device=device)
     t3 = time.perf_counter()
     stats.update(subset1=int(subset1.sum()), subset2=int(clean.sum()),
                  relabelled=int((relabels != labels).sum()),
                  seconds_f=t1 - t0, seconds_g=t2 - t1, seconds_h=t3 - t2)
-    return DenoiseResult(subset1=subset1, clean_mask=clean, labels=relabels, classifier=h.cpu(), stats=stats)
+    return DenoiseResult(subset1=subset1, clean_mask=clean, labels=relabels, clean_labels=clean_labels,
+                         classifier=h.cpu(), prototypes=prototypes, prototype_counts=counts, stats=stats)

@@ -5,7 +5,9 @@ Everything runs on tensors, for the whole batch at once, on the batch's device (
 several samples per output pixel when a box is larger than the output, so downscaling is
 anti-aliased), then flips, colour jitter and blur are per-crop parameters applied as broadcast
 tensor ops. Random parameters are drawn on the CPU from a ``torch.Generator``, so a seed gives the
-same views on every device.
+same views on every device. On one shared CPU thread the views of a 64-image batch take 19-22% of
+a training step of the 2-block demo backbone (a PIL pipeline took ~60%); on a GPU, a negligible
+share.
 
 Conventions: input B×H×W×3 uint8 RGB (the layout of decoded images); output crops are
 ImageNet-normalised float32, *crop-major*: rows ``[c·B, (c+1)·B)`` of ``global_crops`` are view

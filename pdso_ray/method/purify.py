@@ -6,22 +6,39 @@ On the embeddings e(x) of all N images (:func:`pdso_ray.method.denoise.embed_fea
 2. :func:`distance_filter` drops, per cluster, the images beyond the ``dist_quantile`` quantile of
    its distances; :func:`cap_large_clusters` keeps at most ``floor(alpha·N/K)`` images of any
    cluster (its closest). Both rules are computed on the k-means #2 clusters of all N images and
-   intersected, so their order does not matter: a cluster keeps its
+   intersected (:func:`purification_mask`), so their order does not matter: a cluster keeps its
    ``min(ceil(q·n_c), floor(alpha·N/K))`` closest members;
 3. k-means #3 on the kept images gives the final C centroids;
 4. every image (kept or not) is assigned to its nearest final centroid and stores its ``topk``
    nearest centroid ids and distances (:func:`pdso_ray.method.kmeans_math.search_blocks`), used by
    pixel labelling and SPO.
 
+Where k-means #2 and #3 start (``init`` of :func:`purify`): from random rows, best of ``nredo``
+by objective, ``niter`` Lloyd iterations each (the paper), or from h's class prototypes (its
+cosine-head class directions, :func:`pdso_ray.method.denoise.head_prototypes`, or its mean
+embedding of each class, :func:`pdso_ray.method.denoise.class_prototypes`, completed by
+:func:`fill_missing_prototypes`) for #2 and from #2's centroids for #3, with their own iteration
+counts. Random starts re-roll the local minimum DFF's labels had settled: in h's
+embedding, where classes are compact, Lloyd cannot move a centroid from one class to another, so
+every class that draws no initial row is merged into a neighbour and every class that draws two
+is split (measured in benchmarks/denoise_purify_quality.py: a random k-means #3 undid the gain
+of the kept set). From prototypes (the defaults, ``purify.prototype_niter2/3``), 0 iterations of
+#2 assign every image to its nearest prototype (with h's class directions as prototypes: h's own
+partition) and 0 iterations of #3 keep #2's centroids as the final ones: measured, Lloyd
+iterations of #2 on all N images lower the kept set's purity, and a Lloyd step of #3 on the kept
+images (each centroid the mean of its kept members) lowers the final assignment's purity
+(docs/method.md §4).
+
 Distances are squared Euclidean (the k-means objective's unit; on L2-normalised embeddings
 ``2 - 2·cos``). The rules use only the order of distances within a cluster, so any increasing
 function of the distance (Euclidean, squared, cosine distance) gives the same masks.
 
-:func:`purify` composes the steps with a k-means passed in, ``kmeans_fn(x, k, seed) -> (centroids
-k×d, assignments (n,), sq_distances (n,))``: the distributed k-means in production, a small
-in-process one in tests. At ImageNet scale the stage calls the rules itself between distributed
-k-means runs: step 2's masks need only O(N) assignments and distances, and step 4's search runs
-per shard where the embeddings live.
+:func:`purify` composes the steps with a k-means passed in, ``kmeans_fn(x, k, *, seed, nredo, niter,
+init) -> (centroids k×d, assignments (n,), sq_distances (n,))`` (``init``: k×d starting
+centroids, or None for random rows; ``niter`` 0 with an ``init`` returns ``init`` itself): the
+distributed k-means in production, a small in-process one in tests. At ImageNet scale the stage
+calls the rules itself between distributed k-means runs: step 2's masks need only O(N)
+assignments and distances, and step 4's search runs per shard where the embeddings live.
 """
 
 from __future__ import annotations
@@ -34,7 +51,9 @@ import numpy as np
 from pdso_ray.method.selection import keep_lowest_per_group
 from pdso_ray.method.kmeans_math import search_blocks
 
-KMeansFn = Callable[[np.ndarray, int, int], tuple[np.ndarray, np.ndarray, np.ndarray]]
+KMeansFn = Callable[..., tuple[np.ndarray, np.ndarray, np.ndarray]]
+# Starts of k-means #2/#3 (``purify.init``): from h's class prototypes (then #2's centroids), or random rows.
+INITS = ("prototypes", "random")
 
 
 def _check(dist: np.ndarray, assignments: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -97,6 +116,44 @@ def cap_large_clusters(assignments: np.ndarray, dist: np.ndarray, k: int, alpha:
     return keep_lowest_per_group(dist, assignments, np.full(k, cap, dtype=np.int64))
 
 
+def purification_mask(dist: np.ndarray, assignments: np.ndarray, k: int, dist_quantile: float, alpha: float,
+                      n_total: int | None = None) -> np.ndarray:
+    """Both rules on one clustering, intersected: :func:`distance_filter` and
+    :func:`cap_large_clusters`. Returns the (N,) bool keep mask."""
+    return (distance_filter(dist, assignments, k, dist_quantile)
+            & cap_large_clusters(assignments, dist, k, alpha, n_total))
+
+
+def fill_missing_prototypes(prototypes: np.ndarray, counts: np.ndarray, take_rows: Callable[[np.ndarray], np.ndarray],
+                            n_rows: int, seed: int) -> np.ndarray:
+    """Starting centroids from class prototypes: classes with no member (``counts`` 0) take
+    distinct random rows instead, as a random start would.
+
+    Args:
+        prototypes: k×d mean embedding of each class.
+        counts: (k,) members behind each prototype.
+        take_rows: maps sorted global row ids to their rows (m×d): ``x.__getitem__`` in memory,
+            ``KMeansShards.rows`` over shards.
+        n_rows: N, the rows to draw from.
+        seed: for the draw.
+
+    Returns:
+        k×d float32 centroids.
+    """
+    prototypes, counts = np.asarray(prototypes, dtype=np.float32), np.asarray(counts)
+    k = prototypes.shape[0]
+    if prototypes.ndim != 2 or counts.shape != (k,):
+        raise ValueError(f"prototypes {prototypes.shape} and counts {counts.shape} must be k×d and (k,)")
+    missing = np.flatnonzero(counts == 0)
+    out = prototypes.copy()
+    if len(missing):
+        if len(missing) > n_rows:
+            raise ValueError(f"{len(missing)} classes have no prototype, more than the {n_rows} rows to draw from")
+        rows = np.sort(np.random.default_rng([seed, 0x9F07]).choice(n_rows, len(missing), replace=False))
+        out[missing] = np.asarray(take_rows(rows), dtype=np.float32)
+    return out
+
+
 @dataclass
 class PurifyResult:
     """Outcome of CSD over N images (K = number of classes).
@@ -104,6 +161,7 @@ class PurifyResult:
     Attributes:
         centroids: K×d float32 final centroids (k-means #3 on the kept images).
         assignments: (N,) int64 nearest final centroid of every image (= ``topk_ids[:, 0]``).
+        assignments2: (N,) int64 k-means #2 cluster of every image (what the rules ran on).
         kept: (N,) bool survived purification (k-means #3's training set).
         topk_ids: N×t int64 nearest final centroids, nearest first (t = min(topk, K)).
         topk_dist: N×t float32 their squared distances.
@@ -111,32 +169,45 @@ class PurifyResult:
 
     centroids: np.ndarray
     assignments: np.ndarray
+    assignments2: np.ndarray
     kept: np.ndarray
     topk_ids: np.ndarray
     topk_dist: np.ndarray
 
 
 def purify(x: np.ndarray, k: int, kmeans_fn: KMeansFn, *, dist_quantile: float, alpha: float,
-           topk: int, seed: int) -> PurifyResult:
+           topk: int, seed: int, nredo: int = 1, niter: tuple[int, int] = (20, 20),
+           init: np.ndarray | None = None) -> PurifyResult:
     """k-means #2, both purification rules, k-means #3 on the kept set, top-k assignment.
 
     Args:
         x: N×d float32 embeddings (L2-normalised, from h).
         k: number of clusters C.
-        kmeans_fn: ``(x, k, seed) -> (centroids, assignments, squared distances)``.
+        kmeans_fn: ``(x, k, *, seed, nredo, niter, init) -> (centroids, assignments, squared
+            distances)``.
         dist_quantile, alpha, topk, seed: see the module docstring; k-means #3 uses ``seed + 1``.
+        nredo: restarts of each k-means when ``init`` is None.
+        niter: Lloyd iterations of k-means #2 and #3 (0 only with an ``init``).
+        init: k×d starting centroids of k-means #2 (e.g. :func:`fill_missing_prototypes`); k-means
+            #3 then starts from #2's centroids. None: both start from random rows.
     """
     x = np.asarray(x, dtype=np.float32)
     if x.ndim != 2 or len(x) < k:
         raise ValueError(f"need an N×d array with N >= k={k}, got shape {x.shape}")
-    if topk < 1:
-        raise ValueError(f"topk must be >= 1, got {topk}")
-    _, assign2, dist2 = kmeans_fn(x, k, seed)
-    kept = distance_filter(dist2, assign2, k, dist_quantile) & cap_large_clusters(assign2, dist2, k, alpha)
+    if topk < 1 or nredo < 1:
+        raise ValueError(f"topk and nredo must be >= 1, got topk={topk} nredo={nredo}")
+    if init is not None and np.shape(init) != (k, x.shape[1]):
+        raise ValueError(f"init must be {k}×{x.shape[1]}, got shape {np.shape(init)}")
+    if len(niter) != 2 or min(niter) < (0 if init is not None else 1):
+        raise ValueError(f"niter must be two iteration counts, >= 1 for random starts, got {niter}")
+    restarts = 1 if init is not None else nredo
+    centroids2, assign2, dist2 = kmeans_fn(x, k, seed=seed, nredo=restarts, niter=niter[0], init=init)
+    kept = purification_mask(dist2, assign2, k, dist_quantile, alpha)
     if kept.sum() < k:
         raise ValueError(f"purification kept {int(kept.sum())} images, fewer than k={k}: raise "
                          f"dist_quantile ({dist_quantile}) or alpha ({alpha})")
-    centroids, _, _ = kmeans_fn(x[kept], k, seed + 1)
+    init3 = None if init is None else np.asarray(centroids2, dtype=np.float32)
+    centroids, _, _ = kmeans_fn(x[kept], k, seed=seed + 1, nredo=restarts, niter=niter[1], init=init3)
     ids, dists = search_blocks(x, np.asarray(centroids, dtype=np.float32), min(topk, k))
     return PurifyResult(centroids=np.asarray(centroids, dtype=np.float32), assignments=ids[:, 0].copy(),
-                        kept=kept, topk_ids=ids, topk_dist=dists)
+                        assignments2=np.asarray(assign2, dtype=np.int64), kept=kept, topk_ids=ids, topk_dist=dists)

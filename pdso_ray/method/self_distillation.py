@@ -16,7 +16,10 @@ collapse; either alone collapses (within ~100 steps in our probes).
 The masked-patch term (iBOT eq. 2) distils the teacher's per-patch distribution of each
 unmasked global view into the student's prediction for the masked patches of the same view,
 with its own centre and temperature: it gives patch tokens, which PDSO pools and clusters, a
-target of their own, where DINO's CLS loss only shapes them indirectly.
+target of their own, where DINO's CLS loss only shapes them indirectly. On the synthetic demo
+data it did not help (600 steps, same seed: saliency-pooled k-means purity 0.505 vs 0.58 without
+it, saliency IoU 0.32 vs 0.39): there the patch tokens already separate the classes at random
+init (pooled over the true object mask, purity 1.0); what training must fix is the saliency.
 
 Written here rather than taken from the ``lightly`` package (1.6.0): lightly requires
 ``pytorch_lightning`` and ``hydra-core`` (plus their own dependencies) for what is ~40 lines, and

@@ -81,6 +81,39 @@ def _stages(r: Report) -> str:
     return out
 
 
+def _pretraining(r: Report) -> str:
+    history = r.json(r.run.pretrain_history)
+    if not history:
+        return not_run("no pretrain/history.json (the run did not pretrain its backbone)")
+    epochs = [h["epoch"] for h in history]
+    fig = Figure(figsize=(12, 2.8))
+    ax_loss, ax_entropy, ax_used, ax_border = fig.subplots(1, 4)
+    ax_loss.plot(epochs, [h["loss"] for h in history], color="#4c78a8")
+    ax_loss.set(xlabel="epoch", ylabel="DINO loss")
+    for key, label, colour in (("teacher_entropy", "mean H(teacher)", "#4c78a8"),
+                               ("mean_output_entropy", "H(mean teacher)", "#f58518"),
+                               ("kl_div", "difference (collapse: -> 0)", "#54a24b")):
+        ax_entropy.plot(epochs, [h[key] for h in history], color=colour, label=label)
+    ax_entropy.set(xlabel="epoch", ylabel="nats")
+    ax_entropy.legend(fontsize=7)
+    ax_used.plot(epochs, [h["prototypes_used"] for h in history], color="#4c78a8")
+    ax_used.set(xlabel="epoch", ylabel="prototypes used (argmax)")
+    ax_border.plot(epochs, [h["border_ring_share"] for h in history], color="#e45756")
+    ax_border.axhspan(0.2, 0.4, color="#54a24b", alpha=0.15)
+    ax_border.set(xlabel="epoch", ylabel="probe images: border > centre", ylim=(0, 1))
+    for ax in (ax_loss, ax_entropy, ax_used, ax_border):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True, nbins=6))
+    fig.tight_layout()
+    out = r.figure(fig, "pretraining.png", "pretraining curves")
+    last = history[-1]
+    out += table(["last epoch", "loss", "kl_div (nats)", "prototypes used", "border share", "images",
+                  "seconds"], [[last["epoch"], last["loss"], last["kl_div"], last["prototypes_used"],
+                                last["border_ring_share"], last["images"], last["seconds"]]])
+    return out + ("<p>Border share: the share of fixed probe images whose CLS attention is higher "
+                  "on the border ring of patches than inside (green band: runs whose saliency finds "
+                  "the objects; above 0.6 it sits on the background).</p>")
+
+
 def _cluster_sizes(r: Report) -> str:
     c = r.cfg.data.classes if r.cfg else None
     series = {}
@@ -184,6 +217,7 @@ SECTIONS: list[tuple[str, Callable[[Report], str]]] = [
     ("Ablation: what each stage adds", quality.ablation),
     ("Image-level diagnostics (train images)", quality.image_diagnostics),
     ("Stages", _stages),
+    ("Pretraining (stage pretrain)", _pretraining),
     ("Pseudo-label threshold and σ (chosen on validation)", quality.pseudo_label_choice),
     ("Pseudo labels on validation: largest gains and losses from refinement", quality.pseudo_label_gains),
     ("Cluster sizes", _cluster_sizes),

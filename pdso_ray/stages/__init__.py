@@ -13,6 +13,7 @@ from __future__ import annotations
 import importlib
 
 STAGES = {
+    "pretrain": "pdso_ray.stages.pretrain:PretrainStage",
     "features": "pdso_ray.stages.features:FeaturesStage",
     "cluster": "pdso_ray.stages.cluster:ClusterStage",
     "denoise": "pdso_ray.stages.denoise:DenoiseStage",

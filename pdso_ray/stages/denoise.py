@@ -2,9 +2,11 @@
 
 Runs as one Ray task (on a GPU when the cluster has one) so that the driver never holds the
 features: the task reads ``features/`` (row group by row group) and ``cluster/`` itself, trains f,
-g and h, saves h (``denoise/classifier.pt``) and writes, file by file and aligned with the feature
-files, ``denoise/<name>.parquet``: id, ``emb`` (e(x), L2-normalised), ``subset1``, ``clean`` (S2)
-and ``relabel`` (g's label). Memory: the features once (N×D×2 float32) when they fit
+g and h, saves h (``denoise/classifier.pt``) and its class prototypes (``denoise/prototypes.npy``,
+C×D' float32, the mean embedding of each class over S2, where k-means #2 starts, and
+``denoise/prototype_counts.npy``, (C,) int64 S2 images behind each) and writes, file by file and
+aligned with the feature files, ``denoise/<name>.parquet``: id, ``emb`` (e(x), L2-normalised),
+``subset1``, ``clean`` (S2) and ``relabel`` (g's label). Memory: the features once (N×D×2 float32) when they fit
 ``denoise.max_in_memory_gb``, else one shuffle block; plus O(N) labels, masks and losses.
 """
 
@@ -27,9 +29,16 @@ from pdso_ray.tables import (
     parquet_files,
     read_table,
     row_group_sizes,
+    save_array,
     vectors_to_arrow,
     write_aligned_files,
 )
+
+
+def prototype_files(run: RunLayout) -> tuple[str, str]:
+    """``denoise/prototypes.npy`` (C×D' float32) and ``denoise/prototype_counts.npy`` ((C,) int64)."""
+    folder = run.stage_dir("denoise")
+    return Storage.join(folder, "prototypes.npy"), Storage.join(folder, "prototype_counts.npy")
 
 
 class ParquetPairs:
@@ -107,6 +116,9 @@ def run_denoise(storage: Storage, feature_files: list[str], run: RunLayout, clas
     buf = io.BytesIO()
     torch.save(result.classifier.state_dict(), buf)
     storage.write_bytes(run.denoise_classifier, buf.getvalue())
+    protos_file, counts_file = prototype_files(run)
+    save_array(storage, protos_file, result.prototypes)
+    save_array(storage, counts_file, result.prototype_counts)
 
     def columns(f: int, start: int, stop: int) -> dict[str, Any]:
         emb = embed_features(result.classifier, file_feats(f, start, stop), device=device)
@@ -140,8 +152,9 @@ class DenoiseStage(Stage):
         return {**counts, **self.diagnostics(ctx)}
 
     def diagnostics(self, ctx: RunContext) -> dict[str, Any]:
-        """Purity of the k-means #1 labels on S1, and of the labels h trains on (g's relabelling)
-        on S2, against the class folders."""
+        """Purity of the k-means #1 labels on S1, and of the labels h trains on (those S2 was
+        selected under, ``denoise.s2_labels``: k-means #1's or g's relabelling) on S2, against the
+        class folders."""
         out = ctx.run.stage_dir(self.name)
         truth = folder_classes(ctx, out)
         if truth is None:
@@ -149,6 +162,7 @@ class DenoiseStage(Stage):
         kmeans = column_values(ctx.storage, ctx.run.stage_dir("cluster"), "cluster")
         subset1 = column_values(ctx.storage, out, "subset1")
         clean = column_values(ctx.storage, out, "clean")
-        relabel = column_values(ctx.storage, out, "relabel")
+        trained = (kmeans if ctx.cfg.denoise.s2_labels == "kmeans"
+                   else column_values(ctx.storage, out, "relabel"))
         return image_diagnostics([("denoise_s1", image_scores(truth, kmeans, subset1)),
-                                  ("denoise_s2", image_scores(truth, relabel, clean))])
+                                  ("denoise_s2", image_scores(truth, trained, clean))])

@@ -117,6 +117,14 @@ class FeaturesStage(StreamingStage):
                        "data.max_pixels", "data.max_file_bytes", "models.dino", "seed")
     feature_step = DinoFeatures  # the model step; tests swap in a fault-injecting subclass
 
+    @classmethod
+    def upstream(cls, cfg: PipelineConfig) -> tuple[str, ...]:
+        """``pretrain`` when the backbone is the teacher it writes
+        (:func:`pdso_ray.pipeline.resolve_checkpoints`), so a new pretraining recomputes features."""
+        from pdso_ray.run_layout import RunLayout
+
+        return ("pretrain",) if cfg.models.dino.checkpoint == RunLayout.from_config(cfg).pretrain_teacher else ()
+
     def extra_outputs(self, run) -> tuple[str, ...]:
         return (run.rejected_dir,)
 

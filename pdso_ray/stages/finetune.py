@@ -251,7 +251,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             ray.train.report(metrics, checkpoint=ckpt, checkpoint_dir_name=f"epoch_{epoch:04d}")
 
 
-def _train_storage(storage: Storage, url: str):
+def train_storage(storage: Storage, url: str):
     """``(storage_path, storage_filesystem)`` for Ray Train's ``RunConfig`` from a run-folder URL:
     a local absolute path and no filesystem, or a scheme-less path and a pyarrow filesystem."""
     from pyarrow.fs import LocalFileSystem
@@ -330,7 +330,7 @@ class FinetuneStage(Stage):
                                          fc.batch_size), ctx.cluster_has_gpu)
 
         out = ctx.run.finetune_dir
-        storage_path, storage_fs = _train_storage(storage, out)
+        storage_path, storage_fs = train_storage(storage, out)
         dino = DinoSource.from_config(cfg) if fc.backbone == "dino" else None
         trainer = TorchTrainer(
             self.train_loop,

@@ -2,8 +2,12 @@
 
 One set of k-means shard actors holds the embeddings e(x) (read from ``denoise/``) for all of:
 k-means #2 → distance filter and cluster cap on its O(N) assignments (driver) → k-means #3 trained
-on the kept rows only. Then Ray tasks, one per group of files, compute every image's ``topk``
-nearest final centroids and write them, aligned with the feature files, as
+on the kept rows only. With ``purify.init=prototypes`` (default) k-means #2 starts from h's class
+prototypes (``denoise/prototypes.npy``) and runs ``purify.prototype_niter2`` Lloyd iterations (0:
+nearest prototype), #3 starts from #2's centroids and runs ``prototype_niter3``; with ``random``
+both are the distributed :func:`~pdso_ray.kmeans.kmeans`, best of ``purify.nredo`` random starts.
+Then Ray tasks, one per group of files, compute every image's ``topk`` nearest final centroids and
+write them, aligned with the feature files, as
 ``purify/<name>.parquet`` (id, path, cluster, kept, topk, topk_dist), beside
 ``purify/centroids.npy`` (C×D', in embedding space). The driver holds O(C·D' + N) numbers (the
 k-means #2 assignments, distances and the kept mask), never the N×topk lists.
@@ -11,17 +15,19 @@ k-means #2 assignments, distances and the kept mask), never the N×topk lists.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
 
 from pdso_ray.stages.base import RunContext, Stage
+from pdso_ray.stages.denoise import prototype_files
 from pdso_ray.stages.diagnostics import folder_classes, image_diagnostics, image_scores
 from pdso_ray.storage import Storage
 from pdso_ray.tables import (
     arrow_to_vectors,
     column_values,
+    load_array,
     parquet_files,
     read_table,
     row_group_sizes,
@@ -29,6 +35,9 @@ from pdso_ray.tables import (
     vectors_to_arrow,
     write_aligned_files,
 )
+
+if TYPE_CHECKING:
+    from pdso_ray.kmeans import KMeansShards
 
 
 # Rows per top-k writer task (whole files, at least one): bounds a task's memory (~100 MB at
@@ -74,6 +83,18 @@ def _writer_groups(file_rows: list[int]) -> list[tuple[int, int, int, int]]:
     return groups
 
 
+def lloyd_from(shards: KMeansShards, init: np.ndarray, niter: int, seed: int,
+               subset: np.ndarray | None = None) -> np.ndarray:
+    """``niter`` Lloyd iterations over the shard actors from the given k×d ``init`` (0: ``init``
+    itself), trained on all rows or on ``subset`` (sorted global row ids). The distributed
+    :func:`~pdso_ray.kmeans.kmeans` starts only from random rows; this runs its same steps."""
+    from pdso_ray.method import kmeans_math as km
+
+    samples = None if subset is None else shards.put_per_shard(km.split_by_offsets(subset, shards.sizes))
+    centroids, _ = km.lloyd(lambda c: shards.step(c, samples), np.asarray(init, dtype=np.float32), niter, seed)
+    return centroids
+
+
 class PurifyStage(Stage):
     name = "purify"
     config_sections = ("purify", "cluster.num_shards", "data.classes", "seed")
@@ -83,36 +104,44 @@ class PurifyStage(Stage):
         import ray
 
         from pdso_ray.kmeans import KMeansShards, kmeans
-        from pdso_ray.method.purify import cap_large_clusters, distance_filter
+        from pdso_ray.method.purify import fill_missing_prototypes, purification_mask
 
         cfg, storage = ctx.cfg, ctx.storage
         pc, k = cfg.purify, cfg.data.classes
         feature_files = parquet_files(storage, ctx.run.features_dir)
         emb_files = [ctx.run.aligned_file("denoise", u) for u in feature_files]
         seed = cfg.seed_for("purify")
-        common = dict(niter=pc.niter, num_shards=None, progress=True)
+        common = dict(niter=pc.niter, nredo=pc.nredo, num_shards=None, progress=True)
         with KMeansShards.create(emb_files, cfg.cluster.num_shards, column="emb", storage=storage,
                                  use_gpu=ctx.cluster_has_gpu) as shards:
-            second = kmeans(shards, k, seed=seed, **common)
-            nearest2 = shards.nearest(second.centroids, 1)
+            if pc.init == "prototypes":
+                protos_file, counts_file = prototype_files(ctx.run)
+                init = fill_missing_prototypes(load_array(storage, protos_file), load_array(storage, counts_file),
+                                               shards.rows, shards.n, seed)
+                centroids2 = lloyd_from(shards, init, pc.prototype_niter2, seed)
+            else:
+                centroids2 = kmeans(shards, k, seed=seed, **common).centroids
+            nearest2 = shards.nearest(centroids2, 1)
             assign2, dist2 = nearest2.ids[:, 0], nearest2.distances[:, 0]
-            kept = (distance_filter(dist2, assign2, k, pc.dist_quantile)
-                    & cap_large_clusters(assign2, dist2, k, pc.alpha))
+            kept = purification_mask(dist2, assign2, k, pc.dist_quantile, pc.alpha)
             if kept.sum() < k:
                 raise RuntimeError(
                     f"purify kept {int(kept.sum())} images, fewer than the {k} classes: raise "
                     f"purify.dist_quantile ({pc.dist_quantile}) or purify.alpha ({pc.alpha})")
-            third = kmeans(shards, k, seed=seed + 1, subset=np.flatnonzero(kept), **common)
+            if pc.init == "prototypes":
+                centroids3 = lloyd_from(shards, centroids2, pc.prototype_niter3, seed + 1, np.flatnonzero(kept))
+            else:
+                centroids3 = kmeans(shards, k, seed=seed + 1, subset=np.flatnonzero(kept), **common).centroids
         # The shards are gone (their CPUs free): the N×topk ids and distances are computed and
         # written file group by file group by tasks, never gathered here.
         out = ctx.run.stage_dir(self.name)
-        save_array(storage, ctx.run.centroids_file(self.name), third.centroids)
+        save_array(storage, ctx.run.centroids_file(self.name), centroids3)
         file_rows = [sum(groups) for groups in row_group_sizes(storage, feature_files)]
         if sum(file_rows) != len(kept):
             raise RuntimeError(f"purify: the feature files hold {sum(file_rows)} rows, the "
                                f"embeddings {len(kept)}")
         task = ray.remote(write_topk).options(num_cpus=1, max_retries=2)
-        centroids = ray.put(third.centroids)
+        centroids = ray.put(centroids3)
         sizes = sum(ray.get([
             task.remote(storage, feature_files[a:b], emb_files[a:b], out,
                         kept[start:stop], centroids, min(pc.topk, k))
@@ -120,7 +149,8 @@ class PurifyStage(Stage):
         truth = folder_classes(ctx, out)
         final = column_values(storage, out, "cluster") if truth is not None else None
         return {"images": int(len(kept)), "kept": int(kept.sum()),
-                "objective_kmeans2": second.objective, "objective_kmeans3": third.objective,
+                "objective_kmeans2": float(dist2.sum(dtype=np.float64)),
+                "objective_kept": float(dist2[kept].sum(dtype=np.float64)),
                 "largest_cluster": int(sizes.max()), "empty_clusters": int((sizes == 0).sum()),
                 **image_diagnostics([("purify_kept", image_scores(truth, final, kept)),
                                      ("purify_final", image_scores(truth, final))])}

@@ -24,11 +24,12 @@ from pdso_ray.tables import vectors_to_arrow, write_table
 
 C = 4
 SECRET = "report-secret-PLANTED-41d7"
-ALL_PARTS = ("config", "summary", "cluster", "purify", "labels", "pseudo", "predictions", "rejected")
-FULL_FIGURES = {"stage_seconds.png", "cluster_sizes.png", "iou_per_class.png", "image_diagnostics.png",
+ALL_PARTS = ("config", "summary", "pretrain", "cluster", "purify", "labels", "pseudo", "predictions",
+             "rejected")
+FULL_FIGURES = {"stage_seconds.png", "pretraining.png", "cluster_sizes.png", "iou_per_class.png", "image_diagnostics.png",
                 "pseudo_label_curves.png", "pseudo_label_gains.png",
                 "threshold_curve.png", "train_labels.png", "validation_predictions.png"}
-SECTIONS = 14
+SECTIONS = 15
 DIAGNOSTICS = {"image": {step: {"purity": p, "nmi": p - 0.1, "accuracy": p - 0.05, "images": 12}
                          for step, p in (("cluster", 0.6), ("denoise_s1", 0.7), ("denoise_s2", 0.8),
                                          ("purify_kept", 0.85), ("purify_final", 0.75))},
@@ -138,6 +139,11 @@ def make_run_folder(data_root: str, run: str, parts=ALL_PARTS, storage: Storage 
             Image.fromarray(fg.astype(np.uint8), mode="L").save(buf, format="PNG")
             storage.write_bytes(ctx.run.path("predictions", "validation_fg", rel), buf.getvalue())
         EvaluateStage().run(ctx)
+    if "pretrain" in parts:
+        storage.write_json(ctx.run.pretrain_history, [
+            {"epoch": e, "loss": 5.0 - e, "teacher_entropy": 4.0 - e, "mean_output_entropy": 5.0,
+             "kl_div": 1.0 + e, "prototypes_used": 10 * e, "border_ring_share": 0.6 - 0.1 * e,
+             "images": 64, "seconds": 2.5} for e in (1, 2, 3)])
     if "rejected" in parts:
         write_table(storage, ctx.run.path("rejected", "part-0.parquet"), pa.table({
             "id": pa.array([p[0] for p in PLANTED], pa.string()),
@@ -242,6 +248,7 @@ def test_report_of_a_full_run(dataset, tmp_path):
     gains = found["Pseudo labels on validation: largest gains and losses from refinement"]
     assert "raw 40.00, refined 55.50" in gains and "n00000001" in gains  # the legend names wnids
     assert "<td>train/n00000002/broken_7</td>" in found["Rejected images"]
+    assert "<td>3</td><td>2</td><td>4</td><td>30</td><td>0.3</td>" in found["Pretraining (stage pretrain)"]
     for url in ctx.storage.list_files(ctx.run.path("report")):
         assert SECRET.encode() not in ctx.storage.read_bytes(url), url
 

@@ -18,7 +18,7 @@ from pdso_ray.stages.read_decode import ImageReader
 from pdso_ray.stages.finetune import (
     FinetuneStage,
     LoadTrainPairs,
-    _train_storage,
+    train_storage,
     cosine_factor,
     training_dataset,
 )
@@ -143,12 +143,12 @@ def test_agmm_step_of_the_train_loop(tmp_path):
 def test_train_storage_paths(tmp_path, s3_bucket):
     from pyarrow.fs import PyFileSystem
 
-    assert _train_storage(Storage(), str(tmp_path / "f")) == (str(tmp_path / "f"), None)
+    assert train_storage(Storage(), str(tmp_path / "f")) == (str(tmp_path / "f"), None)
     options, bucket = s3_bucket
-    path, fs = _train_storage(Storage(options), f"{bucket}/run/finetune")
+    path, fs = train_storage(Storage(options), f"{bucket}/run/finetune")
     assert path == f"{bucket[len('s3://'):]}/run/finetune" and isinstance(fs, PyFileSystem)
     with pytest.raises(ValueError, match="memory://run"):
-        _train_storage(Storage(), "memory://run/finetune")
+        train_storage(Storage(), "memory://run/finetune")
 
 
 # ---- Ray Train ------------------------------------------------------------------------------------

@@ -62,7 +62,13 @@ def test_denoise_task_streams_or_loads_and_writes_file_by_file(tmp_path, budget_
     counts = run_denoise(Storage(), files, RunLayout(str(tmp_path)), 4, settings)
     assert counts["features_in_memory"] is (budget_gb > 0)
     written = sorted(os.listdir(out))
-    assert written == ["classifier.pt", "part-0.parquet", "part-1.parquet", "part-2.parquet"]
+    assert written == ["classifier.pt", "part-0.parquet", "part-1.parquet", "part-2.parquet",
+                       "prototype_counts.npy", "prototypes.npy"]
+    # where k-means #2 starts: one unit prototype per class (h's class directions), and h's
+    # training images behind each (every image, with h_rows=all)
+    protos, protos_counts = (np.load(os.path.join(out, f)) for f in ("prototypes.npy", "prototype_counts.npy"))
+    assert protos.shape == (4, 16) and protos_counts.sum() == 1200
+    np.testing.assert_allclose(np.linalg.norm(protos, axis=1), 1.0, rtol=1e-5)
     table = read_folder(Storage(), out)
     assert table.column("id").to_pylist() == [f"train/x/img_{i:05d}" for i in range(1200)]
     emb = arrow_to_vectors(table.column("emb"))
