@@ -13,12 +13,11 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 from PIL import Image
 
 from pdso_ray.config import load_config
-from pdso_ray.data.imagenet_s import decode_label, encode_label
+from pdso_ray.data.imagenet_s import decode_label
 from pdso_ray.data.synthetic import make_demo_dataset
 from pdso_ray.pipeline import PipelineError, run_pipeline
 from pdso_ray.storage import Storage
