@@ -263,6 +263,18 @@ def train_storage(storage: Storage, url: str):
     return (path, None) if isinstance(fs, LocalFileSystem) else (path, fs)
 
 
+def ordered_ingest():
+    """Ray Train's ``DataConfig`` with Ray Data's default ingest options plus ``preserve_order``:
+    Train replaces a dataset's own execution options with these when it splits it, so an order
+    set on the dataset alone is lost (and under load batches then arrive in another order, run to
+    run: a seeded run no longer reproduces)."""
+    from ray.train import DataConfig
+
+    options = DataConfig.default_ingest_options()
+    options.preserve_order = True
+    return DataConfig(execution_options=options)
+
+
 def training_dataset(storage: Storage, stats_dir: str) -> "ray.data.Dataset":
     """Ray Dataset of ``{id, path, label_refined}`` for every row of ``labels/stats/`` that has a
     refined label, read in parallel (the driver never holds the rows)."""
@@ -322,10 +334,9 @@ class FinetuneStage(Stage):
         # streaming_split(equal=True) gives each worker floor(n / workers) rows.
         steps_per_epoch = math.ceil((images // fc.num_workers) / fc.batch_size)
 
-        # A seeded block order, kept in order through the map: the same seed gives the same
-        # batches (with one worker; several take blocks as they come).
+        # A seeded block order, kept in order through the map and the split (ordered_ingest):
+        # the same seed gives the same batches (with one worker; several take blocks as they come).
         ds = ds.randomize_block_order(seed=cfg.seed_for("finetune"))
-        ds.context.execution_options.preserve_order = True
         ds = map_step(ds, LoadTrainPairs(ImageReader.from_config(storage, cfg.data), 2 * fc.crop_size,
                                          fc.batch_size), ctx.cluster_has_gpu)
 
@@ -344,6 +355,7 @@ class FinetuneStage(Stage):
                                  failure_config=FailureConfig(max_failures=fc.max_failures),
                                  checkpoint_config=CheckpointConfig(num_to_keep=fc.keep_checkpoints or None)),
             datasets={"train": ds},
+            dataset_config=ordered_ingest(),
         )
         result = trainer.fit()
         if result.checkpoint is None:

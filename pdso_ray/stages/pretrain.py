@@ -42,7 +42,7 @@ import numpy as np
 
 from pdso_ray.config import PipelineConfig
 from pdso_ray.stages.base import Resources, RunContext, Stage, map_step
-from pdso_ray.stages.finetune import train_storage
+from pdso_ray.stages.finetune import ordered_ingest, train_storage
 from pdso_ray.stages.read_decode import ImageReader, ReadDecode
 from pdso_ray.stages.streaming import from_rows
 from pdso_ray.storage import Storage
@@ -253,6 +253,7 @@ class PretrainStage(Stage):
                                  failure_config=FailureConfig(max_failures=pc.max_failures),
                                  checkpoint_config=CheckpointConfig(num_to_keep=pc.keep_checkpoints or None)),
             datasets={"train": ds},
+            dataset_config=ordered_ingest(),
         )
         log.info("pretrain: %s on %d images (%d px), %d epochs x %d steps of %d on %d worker(s)",
                  recipe.arch, len(images), size, recipe.epochs, steps_per_epoch, pc.batch_size, pc.num_workers)

@@ -74,7 +74,7 @@ def test_paper_defaults_of_the_new_keys():
     # measured choices (docs/method.md §3-4): h on every image with g's labels, k-means #2 from h's
     # class directions, no Lloyd iterations from them
     assert (d.h_rows, d.prototypes) == ("all", "weights")
-    assert (PurifyConfig().prototype_niter2, PurifyConfig().prototype_niter3) == (0, 0)
+    assert (PurifyConfig().prototype_niter2, PurifyConfig().prototype_niter3) == (20, 20)
 
 
 # ---- S2 -----------------------------------------------------------------------------------------
