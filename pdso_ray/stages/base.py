@@ -143,3 +143,28 @@ class Stage:
     def run(self, ctx: RunContext) -> dict[str, Any]:
         """Do the work; return JSON-able counts for the manifest and summary."""
         raise NotImplementedError
+
+
+# ---- Ray Train stages (finetune, pretrain) ---------------------------------------------------------
+def train_storage(storage: Storage, url: str):
+    """``(storage_path, storage_filesystem)`` for Ray Train's ``RunConfig`` from a run-folder URL:
+    a local absolute path and no filesystem, or a scheme-less path and a pyarrow filesystem."""
+    from pyarrow.fs import LocalFileSystem
+
+    if url.startswith("memory://"):
+        raise ValueError(f"Ray Train cannot checkpoint to {url}: in-memory storage is private to "
+                         "one process; use a local folder or an object store")
+    fs, path = storage.arrow_fs(url)
+    return (path, None) if isinstance(fs, LocalFileSystem) else (path, fs)
+
+
+def ordered_ingest():
+    """Ray Train's ``DataConfig`` with Ray Data's default ingest options plus ``preserve_order``:
+    Train replaces a dataset's own execution options with these when it splits it, so an order
+    set on the dataset alone is lost (and under load batches then arrive in another order, run to
+    run: a seeded run no longer reproduces)."""
+    from ray.train import DataConfig
+
+    options = DataConfig.default_ingest_options()
+    options.preserve_order = True
+    return DataConfig(execution_options=options)

@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from pdso_ray.data.imagenet_s import IGNORE_ID, decode_label
-from pdso_ray.stages.base import Batch, BatchStep, Resources, RunContext, Stage, map_step
+from pdso_ray.stages.base import Batch, BatchStep, Resources, RunContext, Stage, map_step, ordered_ingest, train_storage
 from pdso_ray.stages.read_decode import ImageReader
 from pdso_ray.storage import Storage
 from pdso_ray.tables import parquet_files
@@ -249,30 +249,6 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 ckpt = ray.train.Checkpoint.from_directory(folder)
                 log.info("finetune: epoch %d/%d loss %.4f", epoch, fc.epochs, metrics["loss"])
             ray.train.report(metrics, checkpoint=ckpt, checkpoint_dir_name=f"epoch_{epoch:04d}")
-
-
-def train_storage(storage: Storage, url: str):
-    """``(storage_path, storage_filesystem)`` for Ray Train's ``RunConfig`` from a run-folder URL:
-    a local absolute path and no filesystem, or a scheme-less path and a pyarrow filesystem."""
-    from pyarrow.fs import LocalFileSystem
-
-    if url.startswith("memory://"):
-        raise ValueError(f"Ray Train cannot checkpoint to {url}: in-memory storage is private to "
-                         "one process; use a local folder or an object store")
-    fs, path = storage.arrow_fs(url)
-    return (path, None) if isinstance(fs, LocalFileSystem) else (path, fs)
-
-
-def ordered_ingest():
-    """Ray Train's ``DataConfig`` with Ray Data's default ingest options plus ``preserve_order``:
-    Train replaces a dataset's own execution options with these when it splits it, so an order
-    set on the dataset alone is lost (and under load batches then arrive in another order, run to
-    run: a seeded run no longer reproduces)."""
-    from ray.train import DataConfig
-
-    options = DataConfig.default_ingest_options()
-    options.preserve_order = True
-    return DataConfig(execution_options=options)
 
 
 def training_dataset(storage: Storage, stats_dir: str) -> "ray.data.Dataset":

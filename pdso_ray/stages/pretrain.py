@@ -41,8 +41,7 @@ from typing import Any
 import numpy as np
 
 from pdso_ray.config import PipelineConfig
-from pdso_ray.stages.base import Resources, RunContext, Stage, map_step
-from pdso_ray.stages.finetune import ordered_ingest, train_storage
+from pdso_ray.stages.base import Resources, RunContext, Stage, map_step, ordered_ingest, train_storage
 from pdso_ray.stages.read_decode import ImageReader, ReadDecode
 from pdso_ray.stages.streaming import from_rows
 from pdso_ray.storage import Storage

@@ -13,12 +13,11 @@ from pdso_ray.config import load_config
 from pdso_ray.data.imagenet_s import IGNORE_ID, decode_label, encode_label, gt_path_for, list_split
 from pdso_ray.data.synthetic import make_demo_dataset
 from pdso_ray.models.heads import load_segmenter
-from pdso_ray.stages.base import RunContext
+from pdso_ray.stages.base import RunContext, train_storage
 from pdso_ray.stages.read_decode import ImageReader
 from pdso_ray.stages.finetune import (
     FinetuneStage,
     LoadTrainPairs,
-    train_storage,
     cosine_factor,
     training_dataset,
 )
