@@ -192,7 +192,12 @@ class KMeansShards:
             num_shards = max(1, min(slots, MAX_SHARDS, by_data))
         sources, keepalive = split_sources(kind, payload, num_shards, column, storage or Storage())
         bundle = {"CPU": cpus_per_shard, **({"GPU": 1} if use_gpu else {})}
-        group = placement_group([bundle] * num_shards, strategy="SPREAD")
+        # One shard per node where the cluster has enough nodes that can hold one: SPREAD alone is
+        # a preference, and on a busy two-node cluster it put both shards on one node.
+        fit = sum(1 for n in ray.nodes() if n["Alive"] and all(
+            n["Resources"].get(k, 0) >= v for k, v in bundle.items()))
+        strategy = "STRICT_SPREAD" if fit >= num_shards else "SPREAD"
+        group = placement_group([bundle] * num_shards, strategy=strategy)
         actor_cls = ray.remote(KMeansShard)
         threads = max(1, int(cpus_per_shard))
         device = "cuda" if use_gpu else "cpu"
