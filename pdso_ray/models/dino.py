@@ -273,15 +273,21 @@ def build_dino(arch: str, checkpoint: str | None = None, storage: Storage | None
     return DINO_REGISTRY[arch](checkpoint=checkpoint, storage=storage, img_size=img_size)
 
 
-def _build(arch: str, checkpoint: str | None = None, storage: Storage | None = None,
-           img_size: int = 224) -> DinoBackbone:
+def create_vit(arch: str, img_size: int) -> nn.Module:
+    """The timm ViT of ``arch`` (a ``DINO_SPECS`` name) at ``img_size``, randomly initialised (no
+    hub access); ``img_size`` must be a multiple of its patch size."""
     spec = DINO_SPECS[arch]
     vit = timm.create_model(spec.timm_name, pretrained=False, num_classes=0, img_size=img_size,
                             dynamic_img_size=True, **spec.overrides)
     if img_size % vit.patch_embed.patch_size[0]:
         raise ValueError(f"img_size {img_size} is not a multiple of {arch}'s patch size "
                          f"{vit.patch_embed.patch_size[0]}")
-    model = DinoBackbone(vit, arch, pretrained=checkpoint is not None)
+    return vit
+
+
+def _build(arch: str, checkpoint: str | None = None, storage: Storage | None = None,
+           img_size: int = 224) -> DinoBackbone:
+    model = DinoBackbone(create_vit(arch, img_size), arch, pretrained=checkpoint is not None)
     if checkpoint is None:
         logger.warning("DINO %s has RANDOM WEIGHTS (no checkpoint given): its features are "
                        "meaningless; use this only for tests and demos", arch)

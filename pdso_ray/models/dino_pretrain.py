@@ -24,7 +24,6 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
-import timm
 import torch
 from torch import nn
 
@@ -44,7 +43,7 @@ from pdso_ray.method.self_distillation import (
     teacher_temperature,
     weight_decay_groups,
 )
-from pdso_ray.models.dino import DINO_SPECS, DinoBackbone, to_model_input
+from pdso_ray.models.dino import DINO_SPECS, DinoBackbone, create_vit, to_model_input
 from pdso_ray.models.dino_head import DinoHead
 
 
@@ -196,13 +195,7 @@ def untrained_backbone(arch: str, img_size: int) -> DinoBackbone:
     random weights are the starting point of training, not a mistake."""
     if arch not in DINO_SPECS:
         raise ValueError(f"unknown DINO architecture {arch!r}; known: {', '.join(DINO_SPECS)}")
-    spec = DINO_SPECS[arch]
-    vit = timm.create_model(spec.timm_name, pretrained=False, num_classes=0, img_size=img_size,
-                            dynamic_img_size=True, **spec.overrides)
-    if img_size % vit.patch_embed.patch_size[0]:
-        raise ValueError(f"img_size {img_size} is not a multiple of {arch}'s patch size "
-                         f"{vit.patch_embed.patch_size[0]}")
-    return DinoBackbone(vit, arch, pretrained=False)
+    return DinoBackbone(create_vit(arch, img_size), arch, pretrained=False)
 
 
 def _unwrap(module: nn.Module) -> nn.Module:
