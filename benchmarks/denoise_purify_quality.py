@@ -10,8 +10,10 @@ rules of :mod:`pdso_ray.method.purify`, with the pipeline's config defaults (``-
 ``cluster.*``, ``denoise.*``, ``purify.*``). Prints purity, NMI and Hungarian-matched accuracy
 (:mod:`pdso_ray.method.cluster_metrics`) after every step, next to plain k-means on the same
 features: plain k-means purified by the same rules in feature space (the kept set a
-denoising-free pipeline would get at about the same size) and its ``denoise.keep_ratio`` closest
-images per cluster (a subset of S1's and S2's size). Like for like: the full-N rows (k-means #1,
+denoising-free pipeline would get at about the same size), the same rules with the distance
+quantile that keeps the kept set's share (like for like: the cap, not only the quantile, decides
+which images a plain pipeline keeps), and its ``denoise.keep_ratio`` closest images per cluster (a
+subset of S1's and S2's size). Like for like: the full-N rows (k-means #1,
 g relabelling, k-means #2, final assignment) each label every image; S1 and S2 compare with each
 other and with plain k-means's closest half; the kept set with plain k-means's kept set.
 
@@ -186,6 +188,20 @@ def _purify_kmeans(x: np.ndarray, k: int, *, seed: int, nredo: int, niter: int, 
     return (centroids, *_nearest(x, centroids))
 
 
+def _rules_at_share(dist: np.ndarray, labels: np.ndarray, k: int, alpha: float, share: float) -> np.ndarray:
+    """Like for like with the kept set: the purification rules (distance quantile and cap) on
+    ``labels`` with the quantile that keeps the share of images closest to ``share`` (bisection;
+    the kept share grows with the quantile). Returns the (N,) bool mask."""
+    from pdso_ray.method.purify import purification_mask
+
+    lo, hi = 1e-6, 1.0
+    for _ in range(40):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if purification_mask(dist, labels, k, mid, alpha).mean() < share else (lo, mid)
+    return min((purification_mask(dist, labels, k, q, alpha) for q in (lo, hi)),
+               key=lambda m: abs(m.mean() - share))
+
+
 def run_chain(data: dict[str, np.ndarray], classes: int, cfg: Any) -> tuple[list[Step], dict[str, float]]:
     """k-means #1, DFF and CSD on ``data`` with the config's cluster/denoise/purify sections, as
     the stages run them; returns the steps to score and the seconds of each phase."""
@@ -220,7 +236,7 @@ def run_chain(data: dict[str, np.ndarray], classes: int, cfg: Any) -> tuple[list
         init = fill_missing_prototypes(result.prototypes, result.prototype_counts, emb.__getitem__, len(emb), seed)
         niter = (pc.prototype_niter2, pc.prototype_niter3)
     purified = purify(emb, k, _purify_kmeans, dist_quantile=pc.dist_quantile, alpha=pc.alpha,
-                      topk=1, seed=seed, nredo=pc.nredo, niter=niter, init=init)
+                      topk=1, seed=seed, nredo=pc.nredo, niter=niter, init=init, kept_distance=pc.kept_distance)
     seconds["purify"] = time.perf_counter() - t
 
     steps = [
@@ -232,6 +248,8 @@ def run_chain(data: dict[str, np.ndarray], classes: int, cfg: Any) -> tuple[list
         Step("kept set (final labels)", purified.assignments, purified.kept),
         Step("final assignment", purified.assignments),
         Step("plain k-means, kept by the rules", first, plain_kept),
+        Step("plain k-means, rules at kept share", first,
+             _rules_at_share(dist1, first, k, pc.alpha, float(purified.kept.mean()))),
         Step("plain k-means, closest keep_ratio", first, plain_half),
     ]
     return steps, seconds

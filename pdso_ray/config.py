@@ -186,9 +186,25 @@ class DenoiseConfig:
     # Where k-means #2 starts: weights (h's cosine-head class directions: the nearest is h's own
     # prediction) | means (the mean embedding of each class over h's training rows).
     prototypes: str = "weights"
+    # Optimiser steps each of f, g and h takes at least: on small data epochs × ceil(rows /
+    # batch_size) is a few dozen steps (the demo's g: 60) and the minibatch shrinks to reach this
+    # many; on ImageNet-S sizes (>= 600 steps at 15 epochs) it never binds. 0: batch_size always.
+    min_steps: int = 500
     # Features (feat + feat_flip, float32) up to this size are loaded once into the denoise task's
     # memory; larger ones stream from Parquet on every pass. S919 at D=384 is 3.9 GB and fits.
     max_in_memory_gb: float = 4.0
+    # Backbone fine-tuning with h (docs/method.md §3): after h trains on the frozen features, it
+    # trains on, jointly with the backbone's last finetune_blocks blocks (>= depth: all of it, the
+    # paper; 0: the frozen-feature variant), for finetune_epochs over h's training images; the
+    # tuned backbone then embeds every image for k-means #2/#3 and gives the pixel features.
+    finetune_blocks: int = 0
+    finetune_epochs: int = 5
+    finetune_lr: float = 1e-5  # the backbone's peak learning rate (cosine decay, AdamW)
+    finetune_head_lr: float = 1e-4  # h's, continuing from its frozen-feature training
+    finetune_batch_size: int = 64  # images per worker and step (each with its flip)
+    finetune_workers: int = 1  # Ray Train (DDP) workers, one GPU each when the cluster has GPUs
+    finetune_cpus_per_worker: float = 1.0
+    finetune_max_failures: int = 2  # worker restarts from the last epoch's checkpoint
 
 
 @dataclass
@@ -205,10 +221,14 @@ class PurifyConfig:
     # Lloyd iterations with init=prototypes (niter is for random starts): k-means #2 from the
     # prototypes (0: every image to its nearest prototype, h's partition) and #3 from #2's
     # centroids on the kept images (0: #2's centroids are final; 1: the kept images' means).
-    # 20: Lloyd corrects prototypes of a weak h (the demo: final purity 0.995 with 20, 0.635
-    # with 0); 0 scored ~1 point higher on the 40k known-truth benchmark (docs/method.md §4).
-    prototype_niter2: int = 20
-    prototype_niter3: int = 20
+    # 0: Lloyd on all images drifts towards ambiguous ones and a step on the kept set moved the
+    # final assignment below #2 (known-truth benchmark); an h too weak to be final came from
+    # too few optimiser steps on small data, which denoise.min_steps now prevents.
+    prototype_niter2: int = 0
+    prototype_niter3: int = 0
+    # The rules rank each k-means #2 cluster's images by squared distance to: mean (the mean e(x)
+    # of its members) | centroid (the #2 centroid: h's class direction with 0 iterations).
+    kept_distance: str = "mean"
 
 
 @dataclass
@@ -405,6 +425,7 @@ def validate(cfg: PipelineConfig) -> PipelineConfig:
         need(_get_attr(cfg, key) >= 1, key, _get_attr(cfg, key), "must be >= 1")
     need(cfg.denoise.max_in_memory_gb >= 0, "denoise.max_in_memory_gb", cfg.denoise.max_in_memory_gb,
          "must be >= 0 (0 streams always)")
+    need(cfg.denoise.min_steps >= 0, "denoise.min_steps", cfg.denoise.min_steps, "must be >= 0 (0: no floor)")
     need(0 < cfg.denoise.keep_ratio <= 1, "denoise.keep_ratio", cfg.denoise.keep_ratio, "must be in (0, 1]")
     need(0 < cfg.purify.dist_quantile <= 1, "purify.dist_quantile", cfg.purify.dist_quantile,
          "must be in (0, 1]")
@@ -413,6 +434,8 @@ def validate(cfg: PipelineConfig) -> PipelineConfig:
     need(cfg.purify.init in ("prototypes", "random"), "purify.init", cfg.purify.init,
          "must be prototypes or random")
     need(cfg.purify.nredo >= 1, "purify.nredo", cfg.purify.nredo, "must be >= 1")
+    need(cfg.purify.kept_distance in ("mean", "centroid"), "purify.kept_distance", cfg.purify.kept_distance,
+         "must be mean or centroid")
     for key in ("purify.prototype_niter2", "purify.prototype_niter3"):
         need(_get_attr(cfg, key) >= 0, key, _get_attr(cfg, key), "must be >= 0")
     need(cfg.denoise.head in ("cosine", "linear"), "denoise.head", cfg.denoise.head, "must be cosine or linear")
@@ -456,14 +479,17 @@ def validate(cfg: PipelineConfig) -> PipelineConfig:
                 "pseudo_labels.image_size", "predict.min_actors", "predict.max_actors",
                 "predict.short_side", "finetune.num_workers", "finetune.epochs",
                 "finetune.crop_size", "models.dino.image_size", "purify.niter",
-                "denoise.batch_size", "denoise.hidden_dim"):
+                "denoise.batch_size", "denoise.hidden_dim", "denoise.finetune_epochs",
+                "denoise.finetune_batch_size", "denoise.finetune_workers"):
         value = _get_attr(cfg, key)
         need(value >= 1, key, value, "must be >= 1")
     for key in ("denoise.epochs_f", "denoise.epochs_g", "denoise.epochs_h",
-                "pseudo_labels.refine.min_area", "finetune.max_failures"):
+                "pseudo_labels.refine.min_area", "finetune.max_failures", "denoise.finetune_blocks",
+                "denoise.finetune_max_failures"):
         value = _get_attr(cfg, key)
         need(value >= 0, key, value, "must be >= 0")
-    for key in ("denoise.lr", "finetune.lr", "features.cpus_per_actor", "finetune.cpus_per_worker"):
+    for key in ("denoise.lr", "finetune.lr", "features.cpus_per_actor", "finetune.cpus_per_worker",
+                "denoise.finetune_lr", "denoise.finetune_head_lr", "denoise.finetune_cpus_per_worker"):
         value = _get_attr(cfg, key)
         need(value > 0, key, value, "must be > 0")
     for key in ("features.gpus_per_actor", "pseudo_labels.gpus_per_actor", "predict.gpus_per_actor",
@@ -619,6 +645,12 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
     if hint is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
+        if isinstance(value, str):
+            # YAML 1.1 reads exponent notation without a dot (1e-4) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
         raise ConfigError(f"{key}={value!r}: expected a number")
     if hint is str:
         if isinstance(value, str):

@@ -108,3 +108,11 @@ def test_dump_redacts_secrets():
                                    "storage.s3.endpoint_url=http://127.0.0.1:9"])
     assert cfg.section_hash("storage") == other.section_hash("storage")
     assert cfg.section_hash("cluster") != load_config(overrides=["data.classes=5", "cluster.seed=3"]).section_hash("cluster")
+
+
+def test_exponent_notation_reads_as_a_number():
+    # YAML 1.1 parses 1e-4 (no dot) as a string; a float setting still accepts it
+    cfg = load_config(overrides=["data.classes=5", "denoise.finetune_lr=1e-4", "denoise.lr=2E-3"])
+    assert cfg.denoise.finetune_lr == pytest.approx(1e-4) and cfg.denoise.lr == pytest.approx(2e-3)
+    with pytest.raises(ConfigError, match="denoise.lr='fast': expected a number"):
+        load_config(overrides=["data.classes=5", "denoise.lr=fast"])

@@ -4,8 +4,10 @@ import numpy as np
 import pytest
 
 from pdso_ray.method.purify import (
+    assigned_distances,
     cap_large_clusters,
     cluster_cap,
+    cluster_means,
     distance_filter,
     purify,
 )
@@ -170,3 +172,54 @@ def test_stage_lloyd_from_runs_the_kmeans_steps_from_the_given_start():
     np.testing.assert_allclose(on_all, expected_all, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(on_subset, expected_subset, rtol=1e-5, atol=1e-6)
     assert not np.allclose(on_all, on_subset)  # the subset is what #3 trains on
+
+
+def test_cluster_means_and_assigned_distances_by_hand():
+    sums = np.array([[2.0, 4.0], [0.0, 0.0], [3.0, -3.0]])
+    fallback = np.array([[9.0, 9.0], [7.0, 7.0], [5.0, 5.0]], np.float32)
+    means = cluster_means(sums, np.array([2, 0, 3]), fallback)
+    assert means.tolist() == [[1.0, 2.0], [7.0, 7.0], [1.0, -1.0]]  # the empty cluster keeps its row
+    x = np.array([[1.0, 2.0], [0.0, 0.0], [1.0, 1.0]], np.float32)
+    # to the given centroid, not the nearest: row 1 lies 2 from mean 2 but is measured to mean 0 (5)
+    d = assigned_distances(x, means, np.array([0, 0, 2]), block_rows=2)
+    assert d.tolist() == [0.0, 5.0, 4.0]
+    with pytest.raises(ValueError):
+        assigned_distances(x, means, np.array([0, 1]))
+
+
+def test_kept_distance_mean_ranks_by_the_members_mean_not_the_centroid():
+    # one cluster, its centroid (a prototype) off-centre at 0; members -1, 1, 2, 3, 4 (mean 1.8);
+    # quantile 0.6 keeps ceil(3) = 3: by the centroid -1, 1, 2; by the mean 1, 2, 3
+    x = np.array([[-1.0], [1.0], [2.0], [3.0], [4.0]], np.float32)
+    proto = np.zeros((1, 1), np.float32)
+
+    def fixed_kmeans(data, k, *, init, **_):
+        return init, np.zeros(len(data), int), ((data - init[0]) ** 2).sum(1)
+
+    common = dict(dist_quantile=0.6, alpha=5.0, topk=1, seed=0, niter=(0, 0), init=proto)
+    by_centroid = purify(x, 1, fixed_kmeans, kept_distance="centroid", **common)
+    by_mean = purify(x, 1, fixed_kmeans, kept_distance="mean", **common)
+    assert by_centroid.kept.tolist() == [True, True, True, False, False]
+    assert by_mean.kept.tolist() == [False, True, True, True, False]
+    with pytest.raises(ValueError, match="kept_distance"):
+        purify(x, 1, fixed_kmeans, kept_distance="median", **common)
+
+
+@pytest.mark.parametrize("kernel", ["numpy", "torch"])
+def test_shards_assigned_distances_match_the_in_memory_rule(kernel):
+    """The stage's kept_distance=mean over shards (one Lloyd update's means, then each row's
+    distance to its own cluster's mean) equals purify's in-memory computation."""
+    from pdso_ray.kmeans import KMeansShards
+    from pdso_ray.method import kmeans_math as km
+
+    rng = np.random.default_rng(6)
+    x = rng.normal(size=(200, 5)).astype(np.float32)
+    centroids = x[[0, 1, 2, 3]] + 0.5
+    assign = km.search_blocks(x, centroids, 1)[0][:, 0]
+    with KMeansShards.create(x, 0, kernel=kernel) as shards:
+        part = shards.step(centroids)
+        got = shards.assigned_distances(cluster_means(part.sums, part.counts, centroids), assign)
+        with pytest.raises(ValueError):
+            shards.assigned_distances(centroids, assign[:10])
+    means = np.stack([x[assign == c].mean(0) for c in range(4)])
+    np.testing.assert_allclose(got, ((x - means[assign]) ** 2).sum(1), rtol=1e-5, atol=1e-5)

@@ -17,6 +17,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from pdso_ray.kmeans.search import kernels, resolve_kernel
 from pdso_ray.kmeans.sources import classify_input, describe, split_sources, whole_source
 from pdso_ray.method import kmeans_math as km
+from pdso_ray.method.purify import assigned_distances
 from pdso_ray.storage import Storage
 
 log = logging.getLogger("pdso_ray")
@@ -110,6 +111,16 @@ class KMeansShard:
         if self.x.shape[0] == 0:
             return np.zeros((0, topk), dtype=np.int64), np.zeros((0, topk), dtype=np.float32)
         return km.search_blocks(self.x, centroids, topk, self.search)
+
+    def assigned_distances(self, centroids: np.ndarray, assignments: np.ndarray) -> np.ndarray:
+        """(n,) float32 squared distance of each of this shard's rows to ``centroids[assignments]``
+        (its given centroid, not the nearest), for ``assignments`` (n,) in this shard's row order."""
+        if isinstance(self.x, np.ndarray):
+            return assigned_distances(self.x, centroids, assignments)
+        step = km.BLOCK_ROWS  # torch rows (maybe on the GPU): copied to the host block by block
+        out = [assigned_distances(self.x[a:a + step].cpu().numpy(), centroids, assignments[a:a + step])
+               for a in range(0, self.x.shape[0], step)]
+        return np.concatenate(out) if out else np.zeros(0, dtype=np.float32)
 
 
 # ---- a sharded data set -------------------------------------------------------------------------
@@ -254,6 +265,16 @@ class KMeansShards:
         """The ``topk`` nearest centroids of every row, in global row order."""
         parts = self.call("nearest", np.ascontiguousarray(centroids, dtype=np.float32), topk)
         return Assignment(np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts]))
+
+    def assigned_distances(self, centroids: np.ndarray, assignments: np.ndarray) -> np.ndarray:
+        """(n,) float32 squared distance of every row to ``centroids[assignments]`` (assignments
+        (n,) int in global row order: each row's own centroid, e.g. the mean of its cluster)."""
+        assignments = np.asarray(assignments, dtype=np.int64)
+        if assignments.shape != (self.n,):
+            raise ValueError(f"assignments must be ({self.n},), got {assignments.shape}")
+        per_shard = [assignments[self.offsets[s]:self.offsets[s + 1]] for s in range(len(self.workers))]
+        return np.concatenate(self.call("assigned_distances", np.ascontiguousarray(centroids, dtype=np.float32),
+                                        per_shard=per_shard))
 
     def close(self) -> None:
         if self.remote:

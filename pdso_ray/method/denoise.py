@@ -237,10 +237,28 @@ def _to_device(a: np.ndarray, device: torch.device | str) -> torch.Tensor:
     return torch.tensor(np.asarray(a, dtype=np.float32), device=device)
 
 
+def step_batch_size(rows: int, epochs: int, batch_size: int, min_steps: int) -> int:
+    """The minibatch size that gives at least ``min_steps`` optimiser steps over ``epochs`` epochs
+    of ``rows`` rows: ``batch_size``, or less when ``epochs · ceil(rows / batch_size)`` falls short,
+    ``max(1, floor(rows · epochs / min_steps))`` (then ``epochs · ceil(rows / b) >= min_steps``
+    whenever ``rows · epochs >= min_steps``; with fewer row visits than that, 1 row per step).
+
+    Why: training is counted in epochs, so on small data a large batch leaves a head a few dozen
+    steps (the demo's g: 102 rows, batch 64, 30 epochs = 60 Adam steps), far from fitted; its
+    relabelling was then worse than k-means #1. ``min_steps`` 0 disables the floor.
+    """
+    if rows < 0 or epochs < 0 or batch_size < 1 or min_steps < 0:
+        raise ValueError(f"bad step settings: rows={rows} epochs={epochs} batch_size={batch_size} "
+                         f"min_steps={min_steps}")
+    if epochs == 0 or rows == 0 or epochs * math.ceil(rows / batch_size) >= min_steps:
+        return batch_size
+    return max(1, rows * epochs // min_steps)
+
+
 def train_classifier(source: FeatureSource, labels: np.ndarray, num_classes: int, *,
                      mask: np.ndarray | None = None, hidden_dim: int | None = None, epochs: int,
                      lr: float, batch_size: int, seed: int, head: str = "linear",
-                     logit_scale: float = 16.0, centre: np.ndarray | None = None,
+                     logit_scale: float = 16.0, centre: np.ndarray | None = None, min_steps: int = 0,
                      device: torch.device | str = "cpu") -> Classifier:
     """Train a :class:`Classifier` with minibatch Adam on the rows of ``source`` where ``mask`` holds.
 
@@ -254,6 +272,8 @@ def train_classifier(source: FeatureSource, labels: np.ndarray, num_classes: int
         mask: (N,) bool rows to train on; ``None`` = all.
         hidden_dim: ``None`` = linear, else the MLP's hidden width D'.
         head, logit_scale, centre: see :class:`Classifier`.
+        min_steps: the minibatch shrinks below ``batch_size`` so that training takes at least
+            this many steps (:func:`step_batch_size`; per block, so a few more with many blocks).
     """
     labels = _check_labels(labels, source.num_rows, num_classes)
     if mask is not None and (mask.shape != (source.num_rows,) or mask.dtype != bool):
@@ -262,6 +282,8 @@ def train_classifier(source: FeatureSource, labels: np.ndarray, num_classes: int
         raise ValueError("no rows to train on (empty source or all-False mask)")
     if epochs < 0 or lr <= 0 or batch_size < 1:
         raise ValueError(f"bad training settings: epochs={epochs} lr={lr} batch_size={batch_size}")
+    rows = int(mask.sum()) if mask is not None else source.num_rows
+    batch_size = step_batch_size(rows, epochs, batch_size, min_steps)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = Classifier(source.dim, num_classes, hidden_dim, head=head, logit_scale=logit_scale, centre=centre)
@@ -418,6 +440,18 @@ def select_clean(g: Classifier, source: FeatureSource, labels: np.ndarray, num_c
     return small_loss_subset(losses, clean_labels, num_classes, keep_ratio), clean_labels, relabels
 
 
+def h_training_set(h_rows: str, clean: np.ndarray, clean_labels: np.ndarray,
+                   relabels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """h's training rows and labels: ``(mask (N,) bool, labels (N,) int64)``. ``h_rows="s2"``:
+    S2 (``clean``) with the labels it was selected under; ``"all"``: every image with g's
+    relabelling."""
+    if h_rows not in H_ROWS:
+        raise ValueError(f"h_rows must be one of {H_ROWS}, got {h_rows!r}")
+    if h_rows == "s2":
+        return clean, clean_labels
+    return np.ones_like(clean, dtype=bool), relabels
+
+
 # ---- the whole procedure ---------------------------------------------------------------------------
 class DenoiseSettings(Protocol):
     """What :func:`denoise` reads from its settings (``pdso_ray.config.DenoiseConfig`` has these)."""
@@ -436,6 +470,7 @@ class DenoiseSettings(Protocol):
     s2_labels: str
     h_rows: str
     prototypes: str
+    min_steps: int
 
 
 @dataclass
@@ -492,7 +527,7 @@ def denoise(source: FeatureSource, labels: np.ndarray, num_classes: int, setting
     labels = _check_labels(labels, source.num_rows, num_classes)
     _check_settings(settings)
     common = dict(lr=settings.lr, batch_size=settings.batch_size, head=settings.head,
-                  logit_scale=settings.logit_scale, device=device)
+                  logit_scale=settings.logit_scale, min_steps=settings.min_steps, device=device)
     stats: dict[str, float] = {"images": source.num_rows}
     t0 = time.perf_counter()
     centre = feature_mean(source) if settings.centre else None
@@ -509,7 +544,7 @@ def denoise(source: FeatureSource, labels: np.ndarray, num_classes: int, setting
                                                  settings.s2_labels, device=device)
     t2 = time.perf_counter()
 
-    h_mask, h_labels = (clean, clean_labels) if settings.h_rows == "s2" else (np.ones_like(clean), relabels)
+    h_mask, h_labels = h_training_set(settings.h_rows, clean, clean_labels, relabels)
     h = train_classifier(source, h_labels, num_classes, mask=h_mask, hidden_dim=settings.hidden_dim,
                          epochs=settings.epochs_h, seed=settings.seed + 2, **common)
     if settings.prototypes == "weights":

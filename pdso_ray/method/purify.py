@@ -2,7 +2,10 @@
 
 On the embeddings e(x) of all N images (:func:`pdso_ray.method.denoise.embed_features`):
 
-1. k-means #2 with K = C clusters -> assignment and distance to the centroid of every image;
+1. k-means #2 with K = C clusters -> assignment of every image and its distance to the centroid,
+   or (``kept_distance="mean"``, :func:`cluster_means`, :func:`assigned_distances`) to the mean
+   of its cluster's members: from prototypes with 0 iterations the centroid is h's class
+   direction, and the members' mean ranked a purer kept set (docs/method.md §4);
 2. :func:`distance_filter` drops, per cluster, the images beyond the ``dist_quantile`` quantile of
    its distances; :func:`cap_large_clusters` keeps at most ``floor(alpha·N/K)`` images of any
    cluster (its closest). Both rules are computed on the k-means #2 clusters of all N images and
@@ -22,12 +25,13 @@ counts. Random starts re-roll the local minimum DFF's labels had settled: in h's
 embedding, where classes are compact, Lloyd cannot move a centroid from one class to another, so
 every class that draws no initial row is merged into a neighbour and every class that draws two
 is split (measured in benchmarks/denoise_purify_quality.py: a random k-means #3 undid the gain
-of the kept set). From prototypes (the defaults, ``purify.prototype_niter2/3``), 0 iterations of
+of the kept set). From prototypes (the defaults, ``purify.prototype_niter2/3`` = 0), 0 iterations of
 #2 assign every image to its nearest prototype (with h's class directions as prototypes: h's own
 partition) and 0 iterations of #3 keep #2's centroids as the final ones: measured, Lloyd
 iterations of #2 on all N images lower the kept set's purity, and a Lloyd step of #3 on the kept
 images (each centroid the mean of its kept members) lowers the final assignment's purity
-(docs/method.md §4).
+(docs/method.md §4). That needs an h fitted well enough to be final: on small data DFF's heads
+get a floor of optimiser steps (``denoise.min_steps``).
 
 Distances are squared Euclidean (the k-means objective's unit; on L2-normalised embeddings
 ``2 - 2·cos``). The rules use only the order of distances within a cluster, so any increasing
@@ -52,6 +56,10 @@ from pdso_ray.method.selection import keep_lowest_per_group
 from pdso_ray.method.kmeans_math import search_blocks
 
 KMeansFn = Callable[..., tuple[np.ndarray, np.ndarray, np.ndarray]]
+# What the rules measure each image's distance to (``purify.kept_distance``): the mean e(x) of its
+# k-means #2 cluster's members, or the #2 centroid itself (from prototypes with 0 iterations: h's
+# class direction).
+KEPT_DISTANCES = ("mean", "centroid")
 # Starts of k-means #2/#3 (``purify.init``): from h's class prototypes (then #2's centroids), or random rows.
 INITS = ("prototypes", "random")
 
@@ -124,6 +132,34 @@ def purification_mask(dist: np.ndarray, assignments: np.ndarray, k: int, dist_qu
             & cap_large_clusters(assignments, dist, k, alpha, n_total))
 
 
+def cluster_means(sums: np.ndarray, counts: np.ndarray, fallback: np.ndarray) -> np.ndarray:
+    """k×d float32 mean of each cluster's members from their sums (k×d) and counts (k,); an
+    empty cluster keeps its ``fallback`` row (it has no member whose distance it would rank)."""
+    sums, counts, fallback = np.asarray(sums, np.float64), np.asarray(counts), np.asarray(fallback, np.float32)
+    if sums.ndim != 2 or counts.shape != (len(sums),) or fallback.shape != sums.shape:
+        raise ValueError(f"sums {sums.shape}, counts {counts.shape} and fallback {fallback.shape} "
+                         "must be k×d, (k,) and k×d")
+    filled = counts > 0
+    out = fallback.copy()
+    out[filled] = (sums[filled] / counts[filled, None]).astype(np.float32)
+    return out
+
+
+def assigned_distances(x: np.ndarray, centroids: np.ndarray, assignments: np.ndarray,
+                       block_rows: int = 16384) -> np.ndarray:
+    """(n,) float32 squared distance of every row of ``x`` (n×d) to ``centroids[assignments]``
+    (k×d; its own centroid, not the nearest one), block by block (memory: block_rows×d)."""
+    x, centroids = np.asarray(x, np.float32), np.asarray(centroids, np.float32)
+    assignments = np.asarray(assignments, np.int64)
+    if x.ndim != 2 or centroids.ndim != 2 or x.shape[1] != centroids.shape[1] or assignments.shape != (len(x),):
+        raise ValueError(f"x {x.shape}, centroids {centroids.shape}, assignments {assignments.shape} do not fit")
+    out = np.empty(len(x), dtype=np.float32)
+    for start in range(0, len(x), block_rows):
+        diff = x[start:start + block_rows] - centroids[assignments[start:start + block_rows]]
+        out[start:start + block_rows] = np.einsum("nd,nd->n", diff, diff)
+    return out
+
+
 def fill_missing_prototypes(prototypes: np.ndarray, counts: np.ndarray, take_rows: Callable[[np.ndarray], np.ndarray],
                             n_rows: int, seed: int) -> np.ndarray:
     """Starting centroids from class prototypes: classes with no member (``counts`` 0) take
@@ -177,7 +213,7 @@ class PurifyResult:
 
 def purify(x: np.ndarray, k: int, kmeans_fn: KMeansFn, *, dist_quantile: float, alpha: float,
            topk: int, seed: int, nredo: int = 1, niter: tuple[int, int] = (20, 20),
-           init: np.ndarray | None = None) -> PurifyResult:
+           init: np.ndarray | None = None, kept_distance: str = "centroid") -> PurifyResult:
     """k-means #2, both purification rules, k-means #3 on the kept set, top-k assignment.
 
     Args:
@@ -190,6 +226,8 @@ def purify(x: np.ndarray, k: int, kmeans_fn: KMeansFn, *, dist_quantile: float, 
         niter: Lloyd iterations of k-means #2 and #3 (0 only with an ``init``).
         init: k×d starting centroids of k-means #2 (e.g. :func:`fill_missing_prototypes`); k-means
             #3 then starts from #2's centroids. None: both start from random rows.
+        kept_distance: the rules rank each #2 cluster's images by squared distance to its
+            centroid or to the mean of its members (:data:`KEPT_DISTANCES`).
     """
     x = np.asarray(x, dtype=np.float32)
     if x.ndim != 2 or len(x) < k:
@@ -200,8 +238,16 @@ def purify(x: np.ndarray, k: int, kmeans_fn: KMeansFn, *, dist_quantile: float, 
         raise ValueError(f"init must be {k}×{x.shape[1]}, got shape {np.shape(init)}")
     if len(niter) != 2 or min(niter) < (0 if init is not None else 1):
         raise ValueError(f"niter must be two iteration counts, >= 1 for random starts, got {niter}")
+    if kept_distance not in KEPT_DISTANCES:
+        raise ValueError(f"kept_distance must be one of {KEPT_DISTANCES}, got {kept_distance!r}")
     restarts = 1 if init is not None else nredo
     centroids2, assign2, dist2 = kmeans_fn(x, k, seed=seed, nredo=restarts, niter=niter[0], init=init)
+    if kept_distance == "mean":
+        assign2 = np.asarray(assign2, dtype=np.int64)
+        sums = np.zeros((k, x.shape[1]), dtype=np.float64)
+        np.add.at(sums, assign2, x)
+        means = cluster_means(sums, np.bincount(assign2, minlength=k), centroids2)
+        dist2 = assigned_distances(x, means, assign2)
     kept = purification_mask(dist2, assign2, k, dist_quantile, alpha)
     if kept.sum() < k:
         raise ValueError(f"purification kept {int(kept.sum())} images, fewer than k={k}: raise "

@@ -1,9 +1,10 @@
 """Stage 4, ``purify``: cluster-aware sample purification, CSD (docs/method.md §4).
 
 One set of k-means shard actors holds the embeddings e(x) (read from ``denoise/``) for all of:
-k-means #2 → distance filter and cluster cap on its O(N) assignments (driver) → k-means #3 trained
-on the kept rows only. With ``purify.init=prototypes`` (default) k-means #2 starts from h's class
-prototypes (``denoise/prototypes.npy``) and runs ``purify.prototype_niter2`` Lloyd iterations (0:
+k-means #2 → distance filter and cluster cap on its O(N) assignments and distances (driver; with
+``purify.kept_distance=mean`` the distance of each row to the mean of its #2 cluster's members) →
+k-means #3 trained on the kept rows only. With ``purify.init=prototypes`` (default) k-means #2
+starts from h's class prototypes (``denoise/prototypes.npy``) and runs ``purify.prototype_niter2`` Lloyd iterations (0:
 nearest prototype), #3 starts from #2's centroids and runs ``prototype_niter3``; with ``random``
 both are the distributed :func:`~pdso_ray.kmeans.kmeans`, best of ``purify.nredo`` random starts.
 Then Ray tasks, one per group of files, compute every image's ``topk`` nearest final centroids and
@@ -104,7 +105,7 @@ class PurifyStage(Stage):
         import ray
 
         from pdso_ray.kmeans import KMeansShards, kmeans
-        from pdso_ray.method.purify import fill_missing_prototypes, purification_mask
+        from pdso_ray.method.purify import cluster_means, fill_missing_prototypes, purification_mask
 
         cfg, storage = ctx.cfg, ctx.storage
         pc, k = cfg.purify, cfg.data.classes
@@ -123,7 +124,12 @@ class PurifyStage(Stage):
                 centroids2 = kmeans(shards, k, seed=seed, **common).centroids
             nearest2 = shards.nearest(centroids2, 1)
             assign2, dist2 = nearest2.ids[:, 0], nearest2.distances[:, 0]
-            kept = purification_mask(dist2, assign2, k, pc.dist_quantile, pc.alpha)
+            ranked = dist2  # what the rules rank by; dist2 stays the #2 objective's
+            if pc.kept_distance == "mean":
+                # the members' means: one Lloyd update of #2 (its step assigns as nearest did)
+                part = shards.step(centroids2)
+                ranked = shards.assigned_distances(cluster_means(part.sums, part.counts, centroids2), assign2)
+            kept = purification_mask(ranked, assign2, k, pc.dist_quantile, pc.alpha)
             if kept.sum() < k:
                 raise RuntimeError(
                     f"purify kept {int(kept.sum())} images, fewer than the {k} classes: raise "

@@ -72,9 +72,11 @@ def test_paper_defaults_of_the_new_keys():
     assert (d.s2_labels, d.head, d.logit_scale, d.centre) == ("kmeans", "cosine", 16.0, True)
     assert PurifyConfig().init == "prototypes"
     # measured choices (docs/method.md §3-4): h on every image with g's labels, k-means #2 from h's
-    # class directions, no Lloyd iterations from them
-    assert (d.h_rows, d.prototypes) == ("all", "weights")
-    assert (PurifyConfig().prototype_niter2, PurifyConfig().prototype_niter3) == (20, 20)
+    # class directions, no Lloyd iterations from them, the rules on each #2 cluster's mean; a
+    # floor of 500 optimiser steps per head (small data)
+    assert (d.h_rows, d.prototypes, d.min_steps) == ("all", "weights", 500)
+    assert (PurifyConfig().prototype_niter2, PurifyConfig().prototype_niter3) == (0, 0)
+    assert PurifyConfig().kept_distance == "mean"
 
 
 # ---- S2 -----------------------------------------------------------------------------------------
