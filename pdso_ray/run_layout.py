@@ -245,6 +245,17 @@ class RunLayout:
         """The classifier h whose hidden layer is the embedding e(x)."""
         return Storage.join(self.stage_dir("denoise"), "classifier.pt")
 
+    @property
+    def denoise_backbone(self) -> str:
+        """With ``denoise.finetune_blocks``: the DINO backbone fine-tuned with h (official DINO
+        release layout), what k-means #2/#3's embeddings and the pixel pseudo labels come from."""
+        return Storage.join(self.stage_dir("denoise"), "backbone.pth")
+
+    @property
+    def denoise_tuning_dir(self) -> str:
+        """Ray Train's run of the backbone fine-tuning (``epoch_NNNN/`` checkpoints)."""
+        return Storage.join(self.stage_dir("denoise"), "tuning")
+
     # -- stage 5: pixel pseudo labels --
     def label_dir(self, kind: str, split: str | None = None) -> str:
         """``labels/<kind>`` (or its ``split`` folder): ``raw`` and ``refined`` labels,

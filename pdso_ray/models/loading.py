@@ -60,13 +60,23 @@ class DinoSource:
     seed: int
 
     @classmethod
-    def from_config(cls, cfg: PipelineConfig, image_size: int | None = None) -> DinoSource:
+    def from_config(cls, cfg: PipelineConfig, image_size: int | None = None,
+                    checkpoint: str | None = None) -> DinoSource:
         """The backbone of ``models.dino``: its checkpoint, or random weights when
         ``models.allow_random_init`` (ConfigError otherwise). ``image_size`` overrides the
-        native input size (``models.dino.image_size``)."""
+        native input size (``models.dino.image_size``); ``checkpoint`` the weights (a backbone
+        this run trained: ``pretrain``'s teacher, ``denoise``'s fine-tuned backbone)."""
         dc: DinoConfig = cfg.models.dino
+        if checkpoint:
+            return cls(dc.arch, image_size or dc.image_size, checkpoint, cfg.seed)
         require_checkpoint("dino", dc.arch, dc.checkpoint, cfg.models.allow_random_init)
         return cls(dc.arch, image_size or dc.image_size, dc.checkpoint or None, cfg.seed)
+
+    @classmethod
+    def for_embedding(cls, cfg: PipelineConfig, run) -> DinoSource:
+        """The backbone the denoised embedding e(x) sits on: ``denoise``'s fine-tuned one with
+        ``denoise.finetune_blocks``, else ``models.dino``'s (``run``: the :class:`~pdso_ray.run_layout.RunLayout`)."""
+        return cls.from_config(cfg, checkpoint=run.denoise_backbone if cfg.denoise.finetune_blocks else None)
 
     def build(self, storage: Storage | None = None):
         """The :class:`pdso_ray.models.dino.DinoBackbone`, on CPU, eval mode."""

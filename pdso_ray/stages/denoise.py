@@ -14,13 +14,18 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import logging
+import os
+import tempfile
+import time
 from typing import Any
 
 import numpy as np
 
 from pdso_ray.config import DenoiseConfig
 from pdso_ray.run_layout import RunLayout
-from pdso_ray.stages.base import RunContext, Stage
+from pdso_ray.stages.base import Batch, BatchStep, Resources, RunContext, Stage, map_step, ordered_ingest, train_storage
+from pdso_ray.stages.read_decode import ImageReader, ReadDecode
 from pdso_ray.stages.diagnostics import folder_classes, image_diagnostics, image_scores
 from pdso_ray.storage import Storage
 from pdso_ray.tables import (
@@ -32,7 +37,10 @@ from pdso_ray.tables import (
     save_array,
     vectors_to_arrow,
     write_aligned_files,
+    write_table,
 )
+
+log = logging.getLogger("pdso_ray")
 
 
 def prototype_files(run: RunLayout) -> tuple[str, str]:
@@ -133,23 +141,289 @@ def run_denoise(storage: Storage, feature_files: list[str], run: RunLayout, clas
             "features_in_memory": in_memory}
 
 
+FROZEN_DONE = "frozen.json"  # the frozen-feature task's counts, once its outputs are written
+TUNING_STATE = "state.pt"  # inside each Ray Train checkpoint of the backbone fine-tuning
+EMBEDDING_KEY = b"pdso_ray.embedding"  # Parquet metadata of a denoise file: b"tuned" once re-embedded
+
+
+def h_training_rows(storage: Storage, run: RunLayout, feature_files: list[str],
+                    settings: DenoiseConfig) -> tuple[np.ndarray, np.ndarray]:
+    """h's training set as the denoise files record it: ``(mask (N,) bool, labels (N,) int64)``
+    in the row order of ``feature_files`` (:func:`pdso_ray.method.denoise.h_training_set`)."""
+    from pdso_ray.method.denoise import h_training_set
+
+    def column(stage: str, name: str) -> np.ndarray:
+        return np.concatenate([read_table(storage, run.aligned_file(stage, u), [name]).column(name).to_numpy()
+                               for u in feature_files])
+
+    relabel = column("denoise", "relabel").astype(np.int64)
+    clean_labels = column("cluster", "cluster").astype(np.int64) if settings.s2_labels == "kmeans" else relabel
+    return h_training_set(settings.h_rows, column("denoise", "clean").astype(bool), clean_labels, relabel)
+
+
+def tune_loop_per_worker(config: dict[str, Any]) -> None:
+    """The Ray Train worker of the backbone fine-tuning (:class:`~pdso_ray.models.backbone_tuning.BackboneTuner`).
+
+    ``config``: ``dino`` (the :class:`~pdso_ray.models.loading.DinoSource` of ``models.dino``),
+    ``storage``, ``classifier`` (URL of h trained on the frozen features), ``settings`` (the
+    DenoiseConfig), ``image_size``, ``total_steps``. Resumes from ``ray.train.get_checkpoint()``;
+    reports once per epoch (``epoch``, ``loss``, ``images``, ``seconds``); rank 0 attaches the
+    checkpoint (``state.pt``: tuner state, epoch, history).
+    """
+    import ray.train
+    import ray.train.torch
+    import torch
+    import torch.distributed as dist
+
+    from pdso_ray.method.denoise import Classifier
+    from pdso_ray.models.backbone_tuning import BackboneTuner
+
+    settings: DenoiseConfig = config["settings"]
+    storage: Storage = config["storage"]
+    context = ray.train.get_context()
+    rank, world = context.get_world_rank(), context.get_world_size()
+    device = ray.train.torch.get_device()
+    distributed = world > 1 and dist.is_available() and dist.is_initialized()
+    head = Classifier.from_state_dict(torch.load(io.BytesIO(storage.read_bytes(config["classifier"])),
+                                                 map_location="cpu", weights_only=True))
+    tuner = BackboneTuner(config["dino"].build(storage), head, blocks=settings.finetune_blocks,
+                          image_size=config["image_size"], backbone_lr=settings.finetune_lr,
+                          head_lr=settings.finetune_head_lr, total_steps=config["total_steps"], device=device)
+    if distributed:
+        from torch.nn.parallel import DistributedDataParallel
+
+        ids = [device.index] if device.type == "cuda" else None
+        tuner.wrap(lambda m: DistributedDataParallel(m, device_ids=ids))
+    history: list[dict[str, Any]] = []
+    start_epoch = 1
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as folder:
+            state = torch.load(os.path.join(folder, TUNING_STATE), map_location="cpu", weights_only=True)
+        tuner.load_state_dict(state["tuner"])
+        history, start_epoch = list(state["history"]), int(state["epoch"]) + 1
+
+    shard = ray.train.get_dataset_shard("train")
+    for epoch in range(start_epoch, settings.finetune_epochs + 1):
+        started = time.perf_counter()
+        losses, images = [], 0
+        # DDP ranks must take the same number of steps: equal shards, the partial batch dropped
+        for batch in shard.iter_torch_batches(batch_size=settings.finetune_batch_size, drop_last=distributed,
+                                              dtypes={"image": torch.uint8, "label": torch.int64},
+                                              local_shuffle_buffer_size=4 * settings.finetune_batch_size,
+                                              local_shuffle_seed=settings.seed + epoch):
+            losses.append(tuner.step(batch["image"], batch["label"]))
+            images += int(batch["image"].shape[0])
+        record = {"epoch": epoch, "loss": round(float(np.mean(losses)) if losses else float("nan"), 5),
+                  "images": images * world, "seconds": round(time.perf_counter() - started, 2)}
+        history.append(record)
+        if rank == 0:
+            log.info("denoise: backbone fine-tuning epoch %d/%d loss %.4f (%d images, %.1f s)", epoch,
+                     settings.finetune_epochs, record["loss"], record["images"], record["seconds"])
+        with tempfile.TemporaryDirectory() as folder:
+            ckpt = None
+            if rank == 0:
+                torch.save({"tuner": tuner.state_dict(), "epoch": epoch, "history": history},
+                           os.path.join(folder, TUNING_STATE))
+                ckpt = ray.train.Checkpoint.from_directory(folder)
+            ray.train.report(record, checkpoint=ckpt, checkpoint_dir_name=f"epoch_{epoch:04d}")
+
+
+class ReembedFiles(BatchStep):
+    """In: ``file`` (URLs of feature files). For each, the tuned backbone and h embed the file's
+    images again (square resize, pooled feature, e(x)), and the file's ``denoise/`` twin is
+    rewritten with that ``emb`` and marked tuned (:data:`EMBEDDING_KEY`). An image that no longer
+    decodes keeps its frozen-feature embedding (counted). Out: ``file``, ``rows``, ``kept_frozen``."""
+
+    def __init__(self, cfg, storage: Storage, run: RunLayout):
+        from pdso_ray.models.loading import DinoSource
+
+        self.cfg, self.storage, self.run = cfg, storage, run
+        self.dino = DinoSource.for_embedding(cfg, run)
+        self.reader = ImageReader.from_config(storage, cfg.data)
+        fc = cfg.features
+        self.resources = Resources(batch_size=1, num_cpus=fc.cpus_per_actor, num_gpus=fc.gpus_per_actor,
+                                   min_actors=fc.min_actors, max_actors=fc.max_actors)
+
+    def setup(self) -> None:
+        import torch
+
+        from pdso_ray.method.denoise import Classifier
+
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.backbone = self.dino.build(self.storage)
+        state = torch.load(io.BytesIO(self.storage.read_bytes(self.run.denoise_classifier)),
+                           map_location="cpu", weights_only=True)
+        self.head = Classifier.from_state_dict(state)
+
+    def __call__(self, batch: Batch) -> Batch:
+        rows, frozen = [], []
+        for url in batch["file"]:
+            n, k = self._reembed(str(url))
+            rows.append(n)
+            frozen.append(k)
+        return {"file": batch["file"], "rows": np.asarray(rows), "kept_frozen": np.asarray(frozen)}
+
+    def _reembed(self, feature_file: str) -> tuple[int, int]:
+        from pdso_ray.data.decode import resize_square
+        from pdso_ray.models.backbone_tuning import pooled_embedding
+
+        size = self.cfg.models.dino.image_size
+        paths = read_table(self.storage, feature_file, ["path"]).column("path").to_pylist()
+        out_url = self.run.aligned_file("denoise", feature_file)
+        table = read_table(self.storage, out_url)
+        emb = arrow_to_vectors(table.column("emb")).copy()
+        kept_frozen = 0
+        step = self.cfg.features.batch_size
+        for start in range(0, len(paths), step):
+            images, rows = [], []
+            for i, path in enumerate(paths[start:start + step], start):
+                decoded = self.reader.read(path, target_short_side=size)
+                if decoded.ok:
+                    images.append(resize_square(decoded.image, size))
+                    rows.append(i)
+                else:
+                    kept_frozen += 1
+            if images:
+                emb[rows] = pooled_embedding(self.backbone, self.head, np.stack(images), size, self.device)
+        table = table.set_column(table.schema.get_field_index("emb"), "emb", vectors_to_arrow(emb))
+        table = table.replace_schema_metadata({**(table.schema.metadata or {}), EMBEDDING_KEY: b"tuned"})
+        write_table(self.storage, out_url, table)
+        if kept_frozen:
+            log.warning("denoise: %d images of %s no longer decode; they keep their frozen-feature "
+                        "embedding", kept_frozen, feature_file)
+        return len(paths), kept_frozen
+
+
+def _is_reembedded(storage: Storage, url: str) -> bool:
+    import pyarrow.parquet as pq
+
+    with storage.open(url, "rb") as fh:
+        metadata = pq.ParquetFile(fh).schema_arrow.metadata or {}
+    return metadata.get(EMBEDDING_KEY) == b"tuned"
+
+
 class DenoiseStage(Stage):
     name = "denoise"
-    config_sections = ("denoise", "data.classes", "seed")
+    # models.dino: the backbone the fine-tuning starts from (its changes reach here through
+    # features anyway)
+    config_sections = ("denoise", "data.classes", "models.dino", "seed")
     depends_on = ("features", "cluster")
     # denoise.max_in_memory_gb: holding S919's features in memory (3.9 GB) beats streaming them:
     # streaming costs one zstd decode of the features per pass (~25 s per pass on one busy core,
     # half the time of a linear epoch), and a whole-data shuffle beats shuffling blocks of row groups.
 
     def run(self, ctx: RunContext) -> dict[str, Any]:
+        """f, g, h on the frozen features (one task; skipped when an interrupted run finished
+        it), then with ``denoise.finetune_blocks`` the backbone fine-tuning (Ray Train, resumes
+        from its last epoch) and the re-embedding (Ray Data, file by file; files already
+        re-embedded are skipped)."""
         import ray
 
         files = parquet_files(ctx.storage, ctx.run.features_dir)
         settings = dataclasses.replace(ctx.cfg.denoise, seed=ctx.cfg.seed_for("denoise"))
-        task = ray.remote(run_denoise).options(num_gpus=1 if ctx.cluster_has_gpu else 0,
-                                               num_cpus=1, max_retries=2)
-        counts = ray.get(task.remote(ctx.storage, files, ctx.run, ctx.cfg.data.classes, settings))
+        done = Storage.join(ctx.run.stage_dir(self.name), FROZEN_DONE)
+        if ctx.storage.exists(done):
+            counts = ctx.storage.read_json(done)
+        else:
+            task = ray.remote(run_denoise).options(num_gpus=1 if ctx.cluster_has_gpu else 0,
+                                                   num_cpus=1, max_retries=2)
+            counts = ray.get(task.remote(ctx.storage, files, ctx.run, ctx.cfg.data.classes, settings))
+            ctx.storage.write_json(done, counts)
+        if settings.finetune_blocks:
+            counts["tuning"] = self._tune_backbone(ctx, files, settings)
+            counts["tuning"].update(self._reembed(ctx, files, settings))
         return {**counts, **self.diagnostics(ctx)}
+
+    def _tune_backbone(self, ctx: RunContext, files: list[str], settings: DenoiseConfig) -> dict[str, Any]:
+        """Fine-tune the backbone with h on h's training images; write the tuned backbone
+        (``denoise/backbone.pth``) and h (``denoise/classifier.pt``, replacing the frozen-feature h)."""
+        import torch
+        from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+        from ray.train.torch import TorchTrainer
+
+        from pdso_ray.models.loading import DinoSource
+        from pdso_ray.stages.streaming import from_rows
+
+        cfg, storage, run = ctx.cfg, ctx.storage, ctx.run
+        mask, labels = h_training_rows(storage, run, files, settings)
+        rows = []
+        start = 0
+        for url in files:
+            table = read_table(storage, url, ["id", "path", "split"]).to_pydict()
+            for i, (image_id, path, split) in enumerate(zip(table["id"], table["path"], table["split"]), start):
+                if mask[i]:
+                    rows.append({"id": image_id, "path": path, "split": split, "label": int(labels[i])})
+            start += len(table["id"])
+        per_step = settings.finetune_batch_size * settings.finetune_workers
+        total_steps = settings.finetune_epochs * max(1, -(-len(rows) // per_step))
+        size = cfg.models.dino.image_size
+        reader = ImageReader.from_config(storage, cfg.data)
+        ds = map_step(from_rows(rows, settings.finetune_batch_size),
+                      ReadDecode(reader, size, Resources(batch_size=settings.finetune_batch_size,
+                                                         num_cpus=cfg.features.decode_cpus, stateful=False),
+                                 square=True), ctx.cluster_has_gpu)
+        ds = ds.filter(lambda row: row["reason"] == "").select_columns(["image", "label"])
+        storage_path, storage_fs = train_storage(storage, run.denoise_tuning_dir)
+        trainer = TorchTrainer(
+            tune_loop_per_worker,
+            train_loop_config={"dino": DinoSource.from_config(cfg), "storage": storage,
+                               "classifier": run.denoise_classifier, "settings": settings,
+                               "image_size": size, "total_steps": total_steps},
+            scaling_config=ScalingConfig(num_workers=settings.finetune_workers, use_gpu=ctx.cluster_has_gpu,
+                                         resources_per_worker={"CPU": settings.finetune_cpus_per_worker}),
+            run_config=RunConfig(storage_path=storage_path, storage_filesystem=storage_fs, name="train",
+                                 failure_config=FailureConfig(max_failures=settings.finetune_max_failures),
+                                 checkpoint_config=CheckpointConfig(num_to_keep=1)),
+            datasets={"train": ds},
+            dataset_config=ordered_ingest(),
+        )
+        log.info("denoise: fine-tuning the last %d blocks of %s with h on %d images, %d epochs",
+                 settings.finetune_blocks, cfg.models.dino.arch, len(rows), settings.finetune_epochs)
+        result = trainer.fit()
+        if result.checkpoint is None:
+            raise RuntimeError(f"denoise: the backbone fine-tuning under {run.denoise_tuning_dir} left no checkpoint")
+        with result.checkpoint.as_directory() as folder:
+            state = torch.load(os.path.join(folder, TUNING_STATE), map_location="cpu", weights_only=True)
+        for url, weights in ((run.denoise_classifier, state["tuner"]["head"]),
+                             (run.denoise_backbone, state["tuner"]["backbone"])):
+            buffer = io.BytesIO()
+            torch.save(weights, buffer)
+            storage.write_bytes(url, buffer.getvalue())
+        history = state["history"]
+        return {"images": len(rows), "epochs": int(state["epoch"]), "history": history,
+                "first_loss": history[0]["loss"], "final_loss": history[-1]["loss"]}
+
+    def _reembed(self, ctx: RunContext, files: list[str], settings: DenoiseConfig) -> dict[str, Any]:
+        """Embed every image again with the tuned backbone and h, then recompute the prototypes
+        k-means #2 starts from."""
+        from pdso_ray.method.denoise import Classifier, head_prototypes
+        from pdso_ray.stages.streaming import from_rows
+
+        storage, run = ctx.storage, ctx.run
+        todo = [u for u in files if not _is_reembedded(storage, run.aligned_file("denoise", u))]
+        rows = kept_frozen = 0
+        if todo:
+            ds = map_step(from_rows([{"file": u} for u in todo], 1), ReembedFiles(ctx.cfg, storage, run),
+                          ctx.cluster_has_gpu)
+            for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+                rows += int(batch["rows"].sum())
+                kept_frozen += int(batch["kept_frozen"].sum())
+        import torch
+
+        head = Classifier.from_state_dict(torch.load(io.BytesIO(storage.read_bytes(run.denoise_classifier)),
+                                                     map_location="cpu", weights_only=True))
+        mask, labels = h_training_rows(storage, run, files, settings)
+        classes = ctx.cfg.data.classes
+        if settings.prototypes == "weights":
+            prototypes = head_prototypes(head)
+            counts = np.bincount(labels[mask], minlength=classes).astype(np.int64)
+        else:
+            prototypes, counts = _class_means(storage, run, files, mask, labels, classes)
+        protos_file, counts_file = prototype_files(run)
+        save_array(storage, protos_file, prototypes)
+        save_array(storage, counts_file, counts)
+        return {"reembedded_files": len(todo), "reembedded_images": rows, "kept_frozen_embedding": kept_frozen}
 
     def diagnostics(self, ctx: RunContext) -> dict[str, Any]:
         """Purity of the k-means #1 labels on S1, and of the labels h trains on (those S2 was
@@ -166,3 +440,21 @@ class DenoiseStage(Stage):
                    else column_values(ctx.storage, out, "relabel"))
         return image_diagnostics([("denoise_s1", image_scores(truth, kmeans, subset1)),
                                   ("denoise_s2", image_scores(truth, trained, clean))])
+
+
+def _class_means(storage: Storage, run: RunLayout, files: list[str], mask: np.ndarray, labels: np.ndarray,
+                 classes: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per class, the mean re-embedded ``emb`` over the rows of ``mask``: (C×D' float32, (C,) int64)."""
+    sums, counts, start = None, np.zeros(classes, dtype=np.int64), 0
+    for url in files:
+        emb = arrow_to_vectors(read_table(storage, run.aligned_file("denoise", url), ["emb"]).column("emb"))
+        rows = slice(start, start + len(emb))
+        picked = mask[rows]
+        if sums is None:
+            sums = np.zeros((classes, emb.shape[1]), dtype=np.float64)
+        np.add.at(sums, labels[rows][picked], emb[picked].astype(np.float64))
+        counts += np.bincount(labels[rows][picked], minlength=classes)
+        start += len(emb)
+    filled = counts > 0
+    sums[filled] /= counts[filled, None]
+    return sums.astype(np.float32), counts

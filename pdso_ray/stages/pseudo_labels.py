@@ -84,7 +84,7 @@ class PseudoLabeler(BatchStep):
         self.cfg, self.storage, self.run = cfg, storage, run
         self.mode, self.threshold, self.sigmas = mode, threshold, tuple(sigmas)
         self.reader = ImageReader.from_config(storage, cfg.data)
-        self.dino = DinoSource.from_config(cfg)
+        self.dino = DinoSource.for_embedding(cfg, run)
         self.sam = SamSource.from_config(cfg) if mode != "scores" and _needs_sam(cfg) else None
         pc = cfg.pseudo_labels
         self.resources = Resources(batch_size=pc.batch_size, num_gpus=pc.gpus_per_actor,

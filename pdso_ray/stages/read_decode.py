@@ -49,7 +49,7 @@ class ImageReader:
 
 
 class ReadDecode(BatchStep):
-    """In: ``id``, ``path``, ``split``. Out: the same plus ``image``, ``height``/``width`` (original
+    """In: ``id``, ``path``, ``split`` (other columns pass through). Out: the same plus ``image``, ``height``/``width`` (original
     size, 0 where rejected) and ``reason`` ("" when ok).
 
     ``square`` set: ``image`` is one B×S×S×3 uint8 array (each image resized to S×S; zeros where
@@ -87,5 +87,5 @@ class ReadDecode(BatchStep):
             images[i] = resize_square(result.image, s) if self.square else result.image
             heights[i], widths[i] = result.orig_size
             reasons.append("")
-        return {"id": batch["id"], "path": batch["path"], "split": batch["split"], "image": images,
-                "height": heights, "width": widths, "reason": np.asarray(reasons, dtype=object)}
+        return {**batch, "image": images, "height": heights, "width": widths,
+                "reason": np.asarray(reasons, dtype=object)}

@@ -112,3 +112,56 @@ def test_stages_1_to_4_on_s3(ray_local, s3_bucket, tmp_path):
     for url in storage.list_files(output):
         assert S3_SECRET.encode() not in storage.read_bytes(url), url
     assert "***" in storage.read_text(f"{output}/config.yaml")
+
+
+def test_denoise_fine_tunes_the_backbone_and_resumes(ray_local, tmp_path):
+    """denoise.finetune_blocks: the last block is tuned with h, every image is embedded again
+    with it (and later stages load it); a run interrupted after the training resumes without
+    training again and re-embeds only the files it had not finished."""
+    import pyarrow.parquet as pq
+    import torch
+
+    from pdso_ray.models.loading import DinoSource
+    from pdso_ray.stages.base import RunContext
+    from pdso_ray.stages.denoise import EMBEDDING_KEY
+
+    root = str(tmp_path / "data")
+    make_demo_dataset(root, classes=CLASSES, train_per_class=PER_CLASS, val_per_class=1, test_per_class=1)
+    output = str(tmp_path / "run")
+    tuning = ["denoise.finetune_blocks=1", "denoise.finetune_epochs=2", "denoise.finetune_batch_size=8",
+              "features.rows_per_file=8"]
+    cfg = load_config("jobs/configs/demo.yaml", _overrides(root, output, STAGES, *tuning))
+    summary = run_pipeline(cfg)
+    _check_run(Storage(), output, summary)
+    counts = summary["stages"]["denoise"]["counts"]["tuning"]
+    files = sorted(f for f in os.listdir(os.path.join(output, "features")) if f.endswith(".parquet"))
+    assert len(files) >= 2  # 18 images, at most 8 per feature file
+    assert sorted(f for f in os.listdir(os.path.join(output, "denoise")) if f.endswith(".parquet")) == files
+    assert counts["epochs"] == 2 and [r["epoch"] for r in counts["history"]] == [1, 2]
+    assert counts["reembedded_files"] == len(files) and counts["reembedded_images"] == CLASSES * PER_CLASS
+    assert counts["kept_frozen_embedding"] == 0
+    tuned = torch.load(os.path.join(output, "denoise", "backbone.pth"), weights_only=True)
+    original = torch.load(cfg.models.dino.checkpoint, weights_only=True)
+    assert torch.equal(tuned["blocks.0.attn.qkv.weight"], original["blocks.0.attn.qkv.weight"])
+    assert not torch.equal(tuned["blocks.1.attn.qkv.weight"], original["blocks.1.attn.qkv.weight"])
+    for name in files:
+        meta = pq.read_schema(os.path.join(output, "denoise", name)).metadata
+        assert meta[EMBEDDING_KEY] == b"tuned"
+    ctx = RunContext(cfg, Storage())
+    assert DinoSource.for_embedding(cfg, ctx.run).checkpoint == ctx.run.denoise_backbone
+
+    # interrupted after the training, during the re-embedding: one file not yet re-embedded
+    os.remove(os.path.join(output, "denoise", "_SUCCESS.json"))
+    os.remove(os.path.join(output, "denoise", "backbone.pth"))
+    first = os.path.join(output, "denoise", files[0])
+    table = pq.read_table(first)
+    pq.write_table(table.replace_schema_metadata({}), first)
+    untouched = os.path.getmtime(os.path.join(output, "denoise", files[1]))
+    again = run_pipeline(cfg)
+    counts = again["stages"]["denoise"]["counts"]["tuning"]
+    assert again["stages"]["denoise"]["status"] == "done"
+    assert [r["epoch"] for r in counts["history"]] == [1, 2]  # resumed after epoch 2: no new epoch
+    assert counts["reembedded_files"] == 1 and counts["reembedded_images"] == table.num_rows
+    assert os.path.getmtime(os.path.join(output, "denoise", files[1])) == untouched
+    assert torch.equal(torch.load(os.path.join(output, "denoise", "backbone.pth"), weights_only=True)
+                       ["blocks.1.attn.qkv.weight"], tuned["blocks.1.attn.qkv.weight"])
