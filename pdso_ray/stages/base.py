@@ -15,6 +15,9 @@ Two kinds of thing live here:
 from __future__ import annotations
 
 import logging
+import os
+import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -168,3 +171,47 @@ def ordered_ingest():
     options = DataConfig.default_ingest_options()
     options.preserve_order = True
     return DataConfig(execution_options=options)
+
+
+TRAIN_STATE = "state.pt"  # the file inside each Ray Train checkpoint directory of these stages
+
+
+def ddp_wrap(device) -> Callable[[Any], Any]:
+    """Inside a Ray Train worker: a function that wraps a module in ``DistributedDataParallel``
+    on ``device`` (a torch device; CUDA devices by index)."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    ids = [device.index] if device.type == "cuda" else None
+    return lambda module: DistributedDataParallel(module, device_ids=ids)
+
+
+def checkpoint_state(checkpoint) -> dict[str, Any]:
+    """The state :func:`report_epoch` saved in a Ray Train ``Checkpoint`` (tensors on the CPU)."""
+    import torch
+
+    with checkpoint.as_directory() as folder:
+        return torch.load(os.path.join(folder, TRAIN_STATE), map_location="cpu", weights_only=True)
+
+
+def resume_state() -> dict[str, Any] | None:
+    """Inside a Ray Train worker: the state rank 0 saved in the checkpoint the run resumes from
+    (:func:`report_epoch`), or None on a fresh start."""
+    import ray.train
+
+    checkpoint = ray.train.get_checkpoint()
+    return None if checkpoint is None else checkpoint_state(checkpoint)
+
+
+def report_epoch(metrics: dict[str, Any], epoch: int, state: Callable[[], dict[str, Any]] | None) -> None:
+    """Inside a Ray Train worker, on every rank: report one epoch's ``metrics``; the rank that
+    passes ``state`` (rank 0) attaches a checkpoint ``epoch_NNNN/`` holding ``state()``, what
+    :func:`resume_state` returns on a re-run."""
+    import ray.train
+    import torch
+
+    with tempfile.TemporaryDirectory() as folder:
+        checkpoint = None
+        if state is not None:
+            torch.save(state(), os.path.join(folder, TRAIN_STATE))
+            checkpoint = ray.train.Checkpoint.from_directory(folder)
+        ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=f"epoch_{epoch:04d}")

@@ -15,8 +15,6 @@ from __future__ import annotations
 import dataclasses
 import io
 import logging
-import os
-import tempfile
 import time
 from typing import Any
 
@@ -24,7 +22,8 @@ import numpy as np
 
 from pdso_ray.config import DenoiseConfig
 from pdso_ray.run_layout import RunLayout
-from pdso_ray.stages.base import Batch, BatchStep, Resources, RunContext, Stage, map_step, ordered_ingest, train_storage
+from pdso_ray.stages.base import (Batch, BatchStep, Resources, RunContext, Stage, checkpoint_state, ddp_wrap,
+                                  map_step, ordered_ingest, report_epoch, resume_state, train_storage)
 from pdso_ray.stages.read_decode import ImageReader, ReadDecode
 from pdso_ray.stages.diagnostics import folder_classes, image_diagnostics, image_scores
 from pdso_ray.storage import Storage
@@ -142,7 +141,6 @@ def run_denoise(storage: Storage, feature_files: list[str], run: RunLayout, clas
 
 
 FROZEN_DONE = "frozen.json"  # the frozen-feature task's counts, once its outputs are written
-TUNING_STATE = "state.pt"  # inside each Ray Train checkpoint of the backbone fine-tuning
 EMBEDDING_KEY = b"pdso_ray.embedding"  # Parquet metadata of a denoise file: b"tuned" once re-embedded
 
 
@@ -190,16 +188,11 @@ def tune_loop_per_worker(config: dict[str, Any]) -> None:
                           image_size=config["image_size"], backbone_lr=settings.finetune_lr,
                           head_lr=settings.finetune_head_lr, total_steps=config["total_steps"], device=device)
     if distributed:
-        from torch.nn.parallel import DistributedDataParallel
-
-        ids = [device.index] if device.type == "cuda" else None
-        tuner.wrap(lambda m: DistributedDataParallel(m, device_ids=ids))
+        tuner.wrap(ddp_wrap(device))
     history: list[dict[str, Any]] = []
     start_epoch = 1
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is not None:
-        with checkpoint.as_directory() as folder:
-            state = torch.load(os.path.join(folder, TUNING_STATE), map_location="cpu", weights_only=True)
+    state = resume_state()
+    if state is not None:
         tuner.load_state_dict(state["tuner"])
         history, start_epoch = list(state["history"]), int(state["epoch"]) + 1
 
@@ -220,13 +213,8 @@ def tune_loop_per_worker(config: dict[str, Any]) -> None:
         if rank == 0:
             log.info("denoise: backbone fine-tuning epoch %d/%d loss %.4f (%d images, %.1f s)", epoch,
                      settings.finetune_epochs, record["loss"], record["images"], record["seconds"])
-        with tempfile.TemporaryDirectory() as folder:
-            ckpt = None
-            if rank == 0:
-                torch.save({"tuner": tuner.state_dict(), "epoch": epoch, "history": history},
-                           os.path.join(folder, TUNING_STATE))
-                ckpt = ray.train.Checkpoint.from_directory(folder)
-            ray.train.report(record, checkpoint=ckpt, checkpoint_dir_name=f"epoch_{epoch:04d}")
+        report_epoch(record, epoch, (lambda epoch=epoch: {"tuner": tuner.state_dict(), "epoch": epoch,
+                                                          "history": history}) if rank == 0 else None)
 
 
 class ReembedFiles(BatchStep):
@@ -383,8 +371,7 @@ class DenoiseStage(Stage):
         result = trainer.fit()
         if result.checkpoint is None:
             raise RuntimeError(f"denoise: the backbone fine-tuning under {run.denoise_tuning_dir} left no checkpoint")
-        with result.checkpoint.as_directory() as folder:
-            state = torch.load(os.path.join(folder, TUNING_STATE), map_location="cpu", weights_only=True)
+        state = checkpoint_state(result.checkpoint)
         for url, weights in ((run.denoise_classifier, state["tuner"]["head"]),
                              (run.denoise_backbone, state["tuner"]["backbone"])):
             buffer = io.BytesIO()

@@ -25,14 +25,13 @@ from __future__ import annotations
 
 import logging
 import math
-import os
-import tempfile
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from pdso_ray.data.imagenet_s import IGNORE_ID, decode_label
-from pdso_ray.stages.base import Batch, BatchStep, Resources, RunContext, Stage, map_step, ordered_ingest, train_storage
+from pdso_ray.stages.base import (Batch, BatchStep, Resources, RunContext, Stage, checkpoint_state,
+                                  map_step, ordered_ingest, report_epoch, resume_state, train_storage)
 from pdso_ray.stages.read_decode import ImageReader
 from pdso_ray.storage import Storage
 from pdso_ray.tables import parquet_files
@@ -43,7 +42,6 @@ if TYPE_CHECKING:
 log = logging.getLogger("pdso_ray")
 
 TRAIN_RUN_NAME = "train"  # Ray Train's run folder inside finetune/
-STATE_NAME = "state.pt"  # inside each checkpoint directory
 FINETUNE_LOSSES = ("ce", "agmm")  # the choices of finetune.loss
 
 
@@ -180,10 +178,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         optimizer, functools.partial(cosine_factor, total_steps=total_steps))
 
     start_epoch = 1
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is not None:
-        with checkpoint.as_directory() as folder:
-            state = torch.load(os.path.join(folder, STATE_NAME), map_location="cpu", weights_only=True)
+    state = resume_state()
+    if state is not None:
         core.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
@@ -237,18 +233,17 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             dist.all_reduce(totals)
         metrics = {"epoch": epoch, "loss": float(totals[0] / totals[1].clamp(min=1)),
                    "start_epoch": start_epoch, "images": int(totals[2])}
-        with tempfile.TemporaryDirectory() as folder:
-            ckpt = None
-            if rank == 0:
-                state = {"model": core.state_dict(), "optimizer": optimizer.state_dict(),
-                         "scheduler": scheduler.state_dict(), "epoch": epoch,
-                         "meta": config["meta"], "metrics": metrics}
-                if use_agmm:
-                    state["agmm"] = mixture.state_dict()
-                torch.save(state, os.path.join(folder, STATE_NAME))
-                ckpt = ray.train.Checkpoint.from_directory(folder)
-                log.info("finetune: epoch %d/%d loss %.4f", epoch, fc.epochs, metrics["loss"])
-            ray.train.report(metrics, checkpoint=ckpt, checkpoint_dir_name=f"epoch_{epoch:04d}")
+        if rank == 0:
+            log.info("finetune: epoch %d/%d loss %.4f", epoch, fc.epochs, metrics["loss"])
+
+        def state(epoch=epoch, metrics=metrics):
+            out = {"model": core.state_dict(), "optimizer": optimizer.state_dict(),
+                   "scheduler": scheduler.state_dict(), "epoch": epoch, "meta": config["meta"], "metrics": metrics}
+            if use_agmm:
+                out["agmm"] = mixture.state_dict()
+            return out
+
+        report_epoch(metrics, epoch, state if rank == 0 else None)
 
 
 def training_dataset(storage: Storage, stats_dir: str) -> "ray.data.Dataset":
@@ -286,7 +281,6 @@ class FinetuneStage(Stage):
         images), ``epochs`` (of the final checkpoint), ``start_epoch`` (the first epoch trained by
         the attempt that wrote it: > 1 after a resume), ``final_loss`` (its epoch's mean loss),
         ``workers``."""
-        import torch
         from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
         from ray.train.torch import TorchTrainer
 
@@ -336,8 +330,7 @@ class FinetuneStage(Stage):
         result = trainer.fit()
         if result.checkpoint is None:
             raise RuntimeError(f"finetune: training under {out} left no checkpoint")
-        with result.checkpoint.as_directory() as folder:
-            state = torch.load(os.path.join(folder, STATE_NAME), map_location="cpu", weights_only=True)
+        state = checkpoint_state(result.checkpoint)
         if int(state["epoch"]) != fc.epochs:
             log.warning("finetune: the latest checkpoint is from epoch %d, finetune.epochs is %d",
                         state["epoch"], fc.epochs)

@@ -33,15 +33,14 @@ from __future__ import annotations
 import dataclasses
 import io
 import logging
-import os
-import tempfile
 import time
 from typing import Any
 
 import numpy as np
 
 from pdso_ray.config import PipelineConfig
-from pdso_ray.stages.base import Resources, RunContext, Stage, map_step, ordered_ingest, train_storage
+from pdso_ray.stages.base import (Resources, RunContext, Stage, checkpoint_state, ddp_wrap, map_step,
+                                  ordered_ingest, report_epoch, resume_state, train_storage)
 from pdso_ray.stages.read_decode import ImageReader, ReadDecode
 from pdso_ray.stages.streaming import from_rows
 from pdso_ray.storage import Storage
@@ -49,7 +48,6 @@ from pdso_ray.storage import Storage
 log = logging.getLogger("pdso_ray")
 
 TRAIN_RUN_NAME = "train"  # Ray Train's run folder inside pretrain/
-STATE_NAME = "state.pt"  # inside each checkpoint directory
 COLLAPSE_NAME = "collapsed.json"  # the collapsed epoch's record, written by rank 0
 # PretrainConfig fields that are DinoPretrainConfig fields of the same name (None = its default).
 _RECIPE_FIELDS = ("lr", "min_lr", "warmup_epochs", "weight_decay", "weight_decay_end", "momentum",
@@ -140,17 +138,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     trainer = DinoPretrainer(recipe, device, reduce_mean if distributed else None, rank)
     if distributed:
-        from torch.nn.parallel import DistributedDataParallel
-
-        ids = [device.index] if device.type == "cuda" else None
-        trainer.wrap_student(lambda m: DistributedDataParallel(m, device_ids=ids))
+        trainer.wrap_student(ddp_wrap(device))
 
     history: list[dict[str, Any]] = []
     start_epoch = 1
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is not None:
-        with checkpoint.as_directory() as folder:
-            state = torch.load(os.path.join(folder, STATE_NAME), map_location="cpu", weights_only=True)
+    state = resume_state()
+    if state is not None:
         trainer.load_state_dict(state["trainer"])
         history = list(state["history"])
         start_epoch = int(state["epoch"]) + 1
@@ -190,14 +183,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 config["storage"].write_json(config["collapse_file"], metrics)
             ray.train.report(metrics)
             return
-        with tempfile.TemporaryDirectory() as folder:
-            ckpt = None
-            if rank == 0:
-                state = {"trainer": trainer.state_dict(), "epoch": epoch, "history": history,
-                         "start_epoch": start_epoch}
-                torch.save(state, os.path.join(folder, STATE_NAME))
-                ckpt = ray.train.Checkpoint.from_directory(folder)
-            ray.train.report(metrics, checkpoint=ckpt, checkpoint_dir_name=f"epoch_{epoch:04d}")
+        report_epoch(metrics, epoch, (lambda epoch=epoch: {"trainer": trainer.state_dict(), "epoch": epoch,
+                                                            "history": history, "start_epoch": start_epoch})
+                     if rank == 0 else None)
 
 
 class PretrainStage(Stage):
@@ -267,8 +255,7 @@ class PretrainStage(Stage):
                 "starts afresh; the same one resumes into the same collapse)")
         if result.checkpoint is None:
             raise RuntimeError(f"pretrain: training under {ctx.run.pretrain_dir} left no checkpoint")
-        with result.checkpoint.as_directory() as folder:
-            state = torch.load(os.path.join(folder, STATE_NAME), map_location="cpu", weights_only=True)
+        state = checkpoint_state(result.checkpoint)
         history = state["history"]
         teacher = {k.removeprefix("backbone.vit."): v for k, v in state["trainer"]["teacher"].items()
                    if k.startswith("backbone.vit.")}
