@@ -33,6 +33,10 @@ subtract the mean image feature (DINO features share a large common component th
 otherwise compress every cosine); h's hidden layer has a bias of its own and is not centred, so
 per-patch tokens embed exactly as before.
 
+Training length: epochs, as in the paper, but at least ``min_steps`` optimiser steps per head
+(:func:`step_batch_size` shrinks the minibatch on small data: there epochs of a large batch left
+g unfitted and its relabelling worse than k-means #1).
+
 Scale: 1.28 M × 384 features and 919 classes on a CPU. Nothing is N×N; the data are read through a
 :class:`FeatureSource`, block by block, so a caller holding Parquet row groups streams them and never
 needs the whole matrix in memory; the only O(N) state is labels, masks and losses. Training is

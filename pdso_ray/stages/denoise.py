@@ -1,13 +1,24 @@
 """Stage 3, ``denoise``: DFF small-loss denoising of the k-means #1 labels (docs/method.md §3).
 
-Runs as one Ray task (on a GPU when the cluster has one) so that the driver never holds the
-features: the task reads ``features/`` (row group by row group) and ``cluster/`` itself, trains f,
-g and h, saves h (``denoise/classifier.pt``) and its class prototypes (``denoise/prototypes.npy``,
-C×D' float32, the mean embedding of each class over S2, where k-means #2 starts, and
-``denoise/prototype_counts.npy``, (C,) int64 S2 images behind each) and writes, file by file and
-aligned with the feature files, ``denoise/<name>.parquet``: id, ``emb`` (e(x), L2-normalised),
-``subset1``, ``clean`` (S2) and ``relabel`` (g's label). Memory: the features once (N×D×2 float32) when they fit
-``denoise.max_in_memory_gb``, else one shuffle block; plus O(N) labels, masks and losses.
+1. **f, g, h on the frozen features**: one Ray task (on a GPU when the cluster has one), so that
+   the driver never holds the features. It reads ``features/`` (row group by row group) and
+   ``cluster/`` itself, trains f, g and h, saves h (``denoise/classifier.pt``) and its class
+   prototypes (``denoise/prototypes.npy``, C×D' float32, where k-means #2 starts, and
+   ``denoise/prototype_counts.npy``, (C,) int64 h's training images behind each) and writes, file
+   by file and aligned with the feature files, ``denoise/<name>.parquet``: id, ``emb`` (e(x),
+   L2-normalised), ``subset1``, ``clean`` (S2) and ``relabel`` (g's label). Memory: the features
+   once (N×D×2 float32) when they fit ``denoise.max_in_memory_gb``, else one shuffle block; plus
+   O(N) labels, masks and losses. ``denoise/frozen.json`` marks it done (a re-run after a kill
+   goes on with step 2).
+2. **With ``denoise.finetune_blocks``: the backbone fine-tuning** (:func:`tune_loop_per_worker`,
+   Ray Train, a checkpoint per epoch under ``denoise/tuning/``; a re-run resumes after the last
+   epoch): h and the backbone's last blocks train on h's training images, decoded by Ray Data
+   every epoch. Writes ``denoise/backbone.pth`` (official DINO layout; stage 5 loads it) and
+   replaces ``classifier.pt``.
+3. **Then the re-embedding** (:class:`ReembedFiles`, a Ray Data actor pool, one feature file per
+   call): every image embedded again by the tuned backbone and h; each rewritten file is marked
+   in its Parquet metadata (:data:`EMBEDDING_KEY`) and skipped by a re-run; the prototypes are
+   recomputed.
 """
 
 from __future__ import annotations
