@@ -1,8 +1,9 @@
 """Stage 6, ``finetune``: train the segmentation model on the refined pseudo labels with Ray Train
 (docs/method.md §7).
 
-Data: the rows of ``labels/stats/`` with a refined label, in a seeded block order → Ray Data (CPU
-tasks): read image and label through :class:`Storage`, decode, resize onto a fixed-size canvas
+Data: the rows of ``labels/stats/`` with a refined label, in a seeded row order
+(:func:`seeded_row_order`) → Ray Data (CPU tasks): read image and label through
+:class:`Storage`, decode, resize onto a fixed-size canvas
 (twice the crop size, aspect kept, padded with ignore) → ``uint8`` images and ``int16`` labels,
 streamed to the workers as ``get_dataset_shard("train")``; the expensive decode scales with the
 cluster's CPUs instead of running inside the GPU workers. Each worker then crops and flips the
@@ -260,6 +261,21 @@ def training_dataset(storage: Storage, stats_dir: str) -> "ray.data.Dataset":
     return ds.filter(expr="label_refined != ''")
 
 
+def _order_keys(batch: dict[str, np.ndarray], seed: int) -> dict[str, np.ndarray]:
+    import hashlib
+
+    keys = [int.from_bytes(hashlib.blake2b(f"{seed}:{i}".encode(), digest_size=8).digest(), "big") >> 1
+            for i in batch["id"]]
+    return {**batch, "_order": np.asarray(keys, dtype=np.int64)}
+
+
+def seeded_row_order(ds: "ray.data.Dataset", seed: int) -> "ray.data.Dataset":
+    """``ds`` (rows with a unique ``id``) sorted by a hash of (seed, id): a seeded random order
+    that depends only on the rows, not on how they were split into blocks or files."""
+    return (ds.map_batches(_order_keys, fn_kwargs={"seed": seed}, batch_format="numpy")
+            .sort("_order").drop_columns(["_order"]))
+
+
 class FinetuneStage(Stage):
     name = "finetune"
     config_sections = ("finetune", "models.dino", "data.classes", "data.max_pixels",
@@ -304,9 +320,11 @@ class FinetuneStage(Stage):
         # streaming_split(equal=True) gives each worker floor(n / workers) rows.
         steps_per_epoch = math.ceil((images // fc.num_workers) / fc.batch_size)
 
-        # A seeded block order, kept in order through the map and the split (ordered_ingest):
-        # the same seed gives the same batches (with one worker; several take blocks as they come).
-        ds = ds.randomize_block_order(seed=cfg.seed_for("finetune"))
+        # A seeded order of the rows themselves, kept through the map (which re-blocks them into
+        # batches) and the split (ordered_ingest): the same seed gives the same batches (with one
+        # worker; several take blocks as they come). Ordering the *blocks* is not enough: how
+        # pseudo_labels grouped rows into stats files varies from run to run under load.
+        ds = seeded_row_order(ds, cfg.seed_for("finetune"))
         ds = map_step(ds, LoadTrainPairs(ImageReader.from_config(storage, cfg.data), 2 * fc.crop_size,
                                          fc.batch_size), ctx.cluster_has_gpu)
 

@@ -233,3 +233,19 @@ def test_finetune_survives_a_crash_and_resumes_with_more_epochs(ray_local, run_s
     kept = sorted(d for d in os.listdir(os.path.join(run, "finetune", "train")) if d.startswith("epoch_"))
     assert kept == ["epoch_0002", "epoch_0003"]
 
+
+
+def test_seeded_row_order_depends_on_the_rows_not_their_blocks(ray_local):
+    import ray.data
+
+    from pdso_ray.stages.finetune import seeded_row_order
+
+    rows = [{"id": f"train/c/img_{i:03d}", "v": i} for i in range(50)]
+
+    def order(items, blocks, seed):
+        return [r["id"] for r in seeded_row_order(ray.data.from_items(items, override_num_blocks=blocks), seed).take_all()]
+
+    first = order(rows, 7, seed=3)
+    assert order(rows[::-1], 3, seed=3) == first  # other blocks, other input order: the same order
+    assert sorted(first) == [r["id"] for r in rows] and first != sorted(first)
+    assert order(rows, 7, seed=4) != first
