@@ -437,7 +437,7 @@ def main() -> None:
     truth, ambiguous = load_truth(args.out)
     q = quality(storage, Storage.join(args.out, "run"), truth, ambiguous)
     f = faiss_sample_objective(storage, Storage.join(args.out, "features"), args.classes, cfg.cluster.niter,
-                               cfg.cluster.seed, 0.1, args.cpus)
+                               cfg.seed_for("cluster"), 0.1, args.cpus)
     objective = summary["stages"]["cluster"]["counts"]["objective"]
 
     gib = 1024**3
