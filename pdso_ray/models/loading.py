@@ -112,15 +112,28 @@ class SamSource:
                                 points_per_side=points_per_side)
 
 
+def save_weights(storage: Storage, url: str, state: dict) -> None:
+    """``torch.save`` of ``state`` (a state dict) to ``url``, atomically through ``storage``."""
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    storage.write_bytes(url, buffer.getvalue())
+
+
+def load_classifier(storage: Storage, url: str):
+    """The DFF classifier (a :class:`pdso_ray.method.denoise.Classifier`, eval mode) saved at
+    ``url``; its shape, head and centre are read from the weights."""
+    from pdso_ray.method.denoise import Classifier
+
+    state = torch.load(io.BytesIO(storage.read_bytes(url)), map_location="cpu", weights_only=True)
+    return Classifier.from_state_dict(state).eval()
+
+
 def load_embedding(storage: Storage, url: str) -> torch.nn.Module:
     """The denoising classifier h saved at ``url``, as a module mapping ...×D features to e(x)
     ...×D' (L2-normalised, like the embeddings k-means #2/#3 saw)."""
     import torch.nn.functional as F
 
-    from pdso_ray.method.denoise import Classifier
-
-    state = torch.load(io.BytesIO(storage.read_bytes(url)), map_location="cpu", weights_only=True)
-    classifier = Classifier.from_state_dict(state).eval()
+    classifier = load_classifier(storage, url)
 
     class Embedding(torch.nn.Module):
         def __init__(self):

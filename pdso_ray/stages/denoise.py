@@ -24,7 +24,6 @@
 from __future__ import annotations
 
 import dataclasses
-import io
 import logging
 import time
 from typing import Any
@@ -113,6 +112,7 @@ def run_denoise(storage: Storage, feature_files: list[str], run: RunLayout, clas
     import torch
 
     from pdso_ray.method.denoise import ChunkedFeatures, denoise, embed_features
+    from pdso_ray.models.loading import save_weights
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     pairs = ParquetPairs(storage, feature_files)
@@ -131,9 +131,7 @@ def run_denoise(storage: Storage, feature_files: list[str], run: RunLayout, clas
     labels = np.concatenate([read_table(storage, run.aligned_file("cluster", u), ["cluster"]).column("cluster")
                              .to_numpy().astype(np.int64) for u in feature_files])
     result = denoise(source, labels, classes, settings, device=device)
-    buf = io.BytesIO()
-    torch.save(result.classifier.state_dict(), buf)
-    storage.write_bytes(run.denoise_classifier, buf.getvalue())
+    save_weights(storage, run.denoise_classifier, result.classifier.state_dict())
     protos_file, counts_file = prototype_files(run)
     save_array(storage, protos_file, result.prototypes)
     save_array(storage, counts_file, result.prototype_counts)
@@ -184,8 +182,8 @@ def tune_loop_per_worker(config: dict[str, Any]) -> None:
     import torch
     import torch.distributed as dist
 
-    from pdso_ray.method.denoise import Classifier
     from pdso_ray.models.backbone_tuning import BackboneTuner
+    from pdso_ray.models.loading import load_classifier
 
     settings: DenoiseConfig = config["settings"]
     storage: Storage = config["storage"]
@@ -193,9 +191,7 @@ def tune_loop_per_worker(config: dict[str, Any]) -> None:
     rank, world = context.get_world_rank(), context.get_world_size()
     device = ray.train.torch.get_device()
     distributed = world > 1 and dist.is_available() and dist.is_initialized()
-    head = Classifier.from_state_dict(torch.load(io.BytesIO(storage.read_bytes(config["classifier"])),
-                                                 map_location="cpu", weights_only=True))
-    tuner = BackboneTuner(config["dino"].build(storage), head, blocks=settings.finetune_blocks,
+    tuner = BackboneTuner(config["dino"].build(storage), load_classifier(storage, config["classifier"]), blocks=settings.finetune_blocks,
                           image_size=config["image_size"], backbone_lr=settings.finetune_lr,
                           head_lr=settings.finetune_head_lr, total_steps=config["total_steps"], device=device)
     if distributed:
@@ -247,13 +243,11 @@ class ReembedFiles(BatchStep):
     def setup(self) -> None:
         import torch
 
-        from pdso_ray.method.denoise import Classifier
+        from pdso_ray.models.loading import load_classifier
 
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.backbone = self.dino.build(self.storage)
-        state = torch.load(io.BytesIO(self.storage.read_bytes(self.run.denoise_classifier)),
-                           map_location="cpu", weights_only=True)
-        self.head = Classifier.from_state_dict(state)
+        self.head = load_classifier(self.storage, self.run.denoise_classifier)
 
     def __call__(self, batch: Batch) -> Batch:
         rows, frozen = [], []
@@ -330,22 +324,24 @@ class DenoiseStage(Stage):
             counts = ray.get(task.remote(ctx.storage, files, ctx.run, ctx.cfg.data.classes, settings))
             ctx.storage.write_json(done, counts)
         if settings.finetune_blocks:
-            counts["tuning"] = self._tune_backbone(ctx, files, settings)
-            counts["tuning"].update(self._reembed(ctx, files, settings))
+            h_rows = h_training_rows(ctx.storage, ctx.run, files, settings)
+            counts["tuning"] = self._tune_backbone(ctx, files, settings, h_rows)
+            counts["tuning"].update(self._reembed(ctx, files, settings, h_rows))
         return {**counts, **self.diagnostics(ctx)}
 
-    def _tune_backbone(self, ctx: RunContext, files: list[str], settings: DenoiseConfig) -> dict[str, Any]:
-        """Fine-tune the backbone with h on h's training images; write the tuned backbone
-        (``denoise/backbone.pth``) and h (``denoise/classifier.pt``, replacing the frozen-feature h)."""
-        import torch
+    def _tune_backbone(self, ctx: RunContext, files: list[str], settings: DenoiseConfig,
+                       h_rows: tuple[np.ndarray, np.ndarray]) -> dict[str, Any]:
+        """Fine-tune the backbone with h on h's training images (``h_rows``: their mask and labels,
+        :func:`h_training_rows`); write the tuned backbone (``denoise/backbone.pth``) and h
+        (``denoise/classifier.pt``, replacing the frozen-feature h)."""
         from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
         from ray.train.torch import TorchTrainer
 
-        from pdso_ray.models.loading import DinoSource
+        from pdso_ray.models.loading import DinoSource, save_weights
         from pdso_ray.stages.streaming import from_rows
 
         cfg, storage, run = ctx.cfg, ctx.storage, ctx.run
-        mask, labels = h_training_rows(storage, run, files, settings)
+        mask, labels = h_rows
         rows = []
         start = 0
         for url in files:
@@ -383,19 +379,18 @@ class DenoiseStage(Stage):
         if result.checkpoint is None:
             raise RuntimeError(f"denoise: the backbone fine-tuning under {run.denoise_tuning_dir} left no checkpoint")
         state = checkpoint_state(result.checkpoint)
-        for url, weights in ((run.denoise_classifier, state["tuner"]["head"]),
-                             (run.denoise_backbone, state["tuner"]["backbone"])):
-            buffer = io.BytesIO()
-            torch.save(weights, buffer)
-            storage.write_bytes(url, buffer.getvalue())
+        save_weights(storage, run.denoise_classifier, state["tuner"]["head"])
+        save_weights(storage, run.denoise_backbone, state["tuner"]["backbone"])
         history = state["history"]
         return {"images": len(rows), "epochs": int(state["epoch"]), "history": history,
                 "first_loss": history[0]["loss"], "final_loss": history[-1]["loss"]}
 
-    def _reembed(self, ctx: RunContext, files: list[str], settings: DenoiseConfig) -> dict[str, Any]:
+    def _reembed(self, ctx: RunContext, files: list[str], settings: DenoiseConfig,
+                 h_rows: tuple[np.ndarray, np.ndarray]) -> dict[str, Any]:
         """Embed every image again with the tuned backbone and h, then recompute the prototypes
-        k-means #2 starts from."""
-        from pdso_ray.method.denoise import Classifier, head_prototypes
+        k-means #2 starts from (over h's training rows ``h_rows`` with ``denoise.prototypes=means``)."""
+        from pdso_ray.method.denoise import head_prototypes
+        from pdso_ray.models.loading import load_classifier
         from pdso_ray.stages.streaming import from_rows
 
         storage, run = ctx.storage, ctx.run
@@ -407,17 +402,13 @@ class DenoiseStage(Stage):
             for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
                 rows += int(batch["rows"].sum())
                 kept_frozen += int(batch["kept_frozen"].sum())
-        import torch
-
-        head = Classifier.from_state_dict(torch.load(io.BytesIO(storage.read_bytes(run.denoise_classifier)),
-                                                     map_location="cpu", weights_only=True))
-        mask, labels = h_training_rows(storage, run, files, settings)
         classes = ctx.cfg.data.classes
         if settings.prototypes == "weights":
-            prototypes = head_prototypes(head)
+            mask, labels = h_rows
+            prototypes = head_prototypes(load_classifier(storage, run.denoise_classifier))
             counts = np.bincount(labels[mask], minlength=classes).astype(np.int64)
         else:
-            prototypes, counts = _class_means(storage, run, files, mask, labels, classes)
+            prototypes, counts = _class_means(storage, run, files, *h_rows, classes)
         protos_file, counts_file = prototype_files(run)
         save_array(storage, protos_file, prototypes)
         save_array(storage, counts_file, counts)
@@ -442,17 +433,18 @@ class DenoiseStage(Stage):
 
 def _class_means(storage: Storage, run: RunLayout, files: list[str], mask: np.ndarray, labels: np.ndarray,
                  classes: int) -> tuple[np.ndarray, np.ndarray]:
-    """Per class, the mean re-embedded ``emb`` over the rows of ``mask``: (C×D' float32, (C,) int64)."""
+    """Per class, the mean re-embedded ``emb`` over the rows of ``mask``: (C×D' float32, a zero
+    row for a class without rows; (C,) int64 rows per class), one denoise file at a time."""
+    from pdso_ray.method.purify import cluster_means
+
     sums, counts, start = None, np.zeros(classes, dtype=np.int64), 0
     for url in files:
         emb = arrow_to_vectors(read_table(storage, run.aligned_file("denoise", url), ["emb"]).column("emb"))
         rows = slice(start, start + len(emb))
-        picked = mask[rows]
+        picked, lab = mask[rows], labels[rows][mask[rows]]
         if sums is None:
             sums = np.zeros((classes, emb.shape[1]), dtype=np.float64)
-        np.add.at(sums, labels[rows][picked], emb[picked].astype(np.float64))
-        counts += np.bincount(labels[rows][picked], minlength=classes)
+        np.add.at(sums, lab, emb[picked].astype(np.float64))
+        counts += np.bincount(lab, minlength=classes)
         start += len(emb)
-    filled = counts > 0
-    sums[filled] /= counts[filled, None]
-    return sums.astype(np.float32), counts
+    return cluster_means(sums, counts, np.zeros(sums.shape, dtype=np.float32)), counts

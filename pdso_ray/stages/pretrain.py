@@ -31,7 +31,6 @@ files) and ``pretrain/history.json`` (one record per epoch; the report draws it)
 from __future__ import annotations
 
 import dataclasses
-import io
 import logging
 import time
 from typing import Any
@@ -203,9 +202,10 @@ class PretrainStage(Stage):
         worker's last partial batch), ``epochs``, ``start_epoch``
         (> 1 after a resume), ``steps_per_epoch``, ``workers``, the last epoch's ``final_loss``,
         ``kl_div`` and ``border_ring_share``; ``diagnostics.pretrain`` holds the history."""
-        import torch
         from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
         from ray.train.torch import TorchTrainer
+
+        from pdso_ray.models.loading import save_weights
 
         cfg, storage, pc = ctx.cfg, ctx.storage, ctx.cfg.pretrain
         listing = ctx.data.list_split(storage, ctx.data.train_split())
@@ -259,9 +259,7 @@ class PretrainStage(Stage):
         history = state["history"]
         teacher = {k.removeprefix("backbone.vit."): v for k, v in state["trainer"]["teacher"].items()
                    if k.startswith("backbone.vit.")}
-        buffer = io.BytesIO()
-        torch.save(teacher, buffer)
-        storage.write_bytes(ctx.run.pretrain_teacher, buffer.getvalue())
+        save_weights(storage, ctx.run.pretrain_teacher, teacher)
         storage.write_json(ctx.run.pretrain_history, history)
         final = history[-1]
         if final["border_ring_share"] > 0.6:
