@@ -14,7 +14,7 @@ denoising-free pipeline would get at about the same size), the same rules with t
 quantile that keeps the kept set's share (like for like: the cap, not only the quantile, decides
 which images a plain pipeline keeps), and its ``denoise.keep_ratio`` closest images per cluster (a
 subset of S1's and S2's size). Like for like: the full-N rows (k-means #1,
-g relabelling, k-means #2, final assignment) each label every image; S1 and S2 compare with each
+relabelling, k-means #2, final assignment) each label every image; S1 and S2 compare with each
 other and with plain k-means's closest half; the kept set with plain k-means's kept set.
 
 Data (``--generator known``, :func:`known_truth_features`): L2-normalised DINO-like features, a
@@ -242,7 +242,7 @@ def run_chain(data: dict[str, np.ndarray], classes: int, cfg: Any) -> tuple[list
     steps = [
         Step("k-means #1", first),
         Step("S1 (k-means labels)", first, result.subset1),
-        Step("g relabelling", result.labels),
+        Step("relabelling (g where f agrees)", result.labels),
         Step(f"S2 ({dc.s2_labels} labels)", result.clean_labels, result.clean_mask),
         Step("k-means #2 in e(x)", purified.assignments2),
         Step("kept set (final labels)", purified.assignments, purified.kept),

@@ -20,9 +20,10 @@
    process alive at a sample) of the driver and of every process below it: Ray's workers
    (``ray::...``: shard actors, the denoise task, writer tasks) and Ray's own daemons.
 4. **Quality.** Purity of a labelling = the fraction of images whose cluster's majority true class
-   is their own (computed within the set of images considered). Printed for k-means #1, for g's
-   relabelling and its clean subset S2, and for the final assignment over all images and over the
-   kept (purified) set. The k-means #1 objective (sum of squared distances over all rows) is
+   is their own (computed within the set of images considered). Printed for k-means #1, for DFF's
+   relabelling, for S1 and S2 (under the k-means labels), and for the final assignment over all
+   images and over the kept (purified) set, next to plain k-means #1 purified by the same rules to
+   the kept set's share (:func:`plain_kept_at_share`). The k-means #1 objective (sum of squared distances over all rows) is
    compared with faiss.Kmeans trained on a 10% sample (same k, niter, seed) and evaluated on all
    rows: a ratio below 1 means training on every row paid off.
 
@@ -310,8 +311,10 @@ def row_numbers(ids: np.ndarray) -> np.ndarray:
     return np.fromiter((int(i.rsplit("_", 1)[1]) for i in ids), dtype=np.int64, count=len(ids))
 
 
-def quality(storage: Storage, run: str, truth: np.ndarray, ambiguous: np.ndarray) -> dict[str, float]:
-    """Purity of every labelling the stages wrote (module docstring, step 4)."""
+def quality(storage: Storage, run: str, features: str, truth: np.ndarray, ambiguous: np.ndarray, classes: int,
+            alpha: float) -> dict[str, float]:
+    """Purity of every labelling the stages wrote (module docstring, step 4), and of plain k-means #1
+    purified at the kept set's share (:func:`plain_kept_at_share`)."""
     c = read_columns(storage, Storage.join(run, "cluster"), ["id", "cluster"])
     d = read_columns(storage, Storage.join(run, "denoise"), ["id", "relabel", "subset1", "clean"])
     p = read_columns(storage, Storage.join(run, "purify"), ["id", "cluster", "kept"])
@@ -321,18 +324,50 @@ def quality(storage: Storage, run: str, truth: np.ndarray, ambiguous: np.ndarray
         raise RuntimeError("the stage outputs do not cover the feature rows in the same order")
     t, amb = truth[rows], ambiguous[rows]
     kept = p["kept"].astype(bool)
+    by_row = np.empty(len(truth), dtype=np.int64)
+    by_row[rows] = c["cluster"]
+    plain = plain_kept_at_share(storage, features, by_row, classes, alpha, float(kept.mean()))
     return {
         "purity_kmeans1": purity(c["cluster"], t),
         "purity_relabel": purity(d["relabel"], t),
         "purity_S1": purity(c["cluster"], t, d["subset1"].astype(bool)),
-        "purity_S2": purity(d["relabel"], t, d["clean"].astype(bool)),
+        "purity_S2": purity(c["cluster"], t, d["clean"].astype(bool)),
         "purity_final_all": purity(p["cluster"], t),
         "purity_final_kept": purity(p["cluster"], t, kept),
         "kept_fraction": float(kept.mean()),
+        "purity_plain_kept_at_share": purity(by_row, truth, plain),
         "ambiguous_all": float(amb.mean()),
         "ambiguous_S2": float(amb[d["clean"].astype(bool)].mean()),
         "ambiguous_kept": float(amb[kept].mean()),
     }
+
+
+def plain_kept_at_share(storage: Storage, features: str, labels: np.ndarray, classes: int, alpha: float,
+                        share: float) -> np.ndarray:
+    """Like for like with the pipeline's kept set: plain k-means #1 purified by the same rules in
+    feature space, each image's distance to its cluster's mean, at the quantile that keeps ``share``
+    of the images (:func:`benchmarks.denoise_purify_quality._rules_at_share`). ``labels``: (N,)
+    k-means #1 cluster by row. Two streaming passes over the features. Returns an (N,) bool mask
+    by row."""
+    import torch
+
+    from benchmarks.denoise_purify_quality import _rules_at_share
+
+    sums, counts, dist = None, np.zeros(classes, dtype=np.int64), np.zeros(len(labels), dtype=np.float32)
+    for pass_ in ("means", "distances"):
+        for table in iter_row_groups(storage, features, ["id", "feat"]):
+            rows = row_numbers(table.column("id").to_numpy(zero_copy_only=False))
+            x = torch.from_numpy(arrow_to_vectors(table.column("feat")))
+            lab = torch.from_numpy(labels[rows].astype(np.int64))
+            if pass_ == "means":
+                sums = torch.zeros(classes, x.shape[1], dtype=torch.float64) if sums is None else sums
+                sums.index_add_(0, lab, x.double())
+                counts += np.bincount(labels[rows], minlength=classes)
+            else:
+                dist[rows] = ((x - means[lab]) ** 2).sum(1).numpy()
+        if pass_ == "means":
+            means = (sums / torch.from_numpy(np.maximum(counts, 1)).double()[:, None]).float()
+    return _rules_at_share(dist, labels, classes, alpha, share)
 
 
 def faiss_sample_objective(storage: Storage, features: str, k: int, niter: int, seed: int,
@@ -435,7 +470,8 @@ def main() -> None:
 
     ray.shutdown()
     truth, ambiguous = load_truth(args.out)
-    q = quality(storage, Storage.join(args.out, "run"), truth, ambiguous)
+    q = quality(storage, Storage.join(args.out, "run"), Storage.join(args.out, "features"), truth, ambiguous,
+                args.classes, cfg.purify.alpha)
     f = faiss_sample_objective(storage, Storage.join(args.out, "features"), args.classes, cfg.cluster.niter,
                                cfg.seed_for("cluster"), 0.1, args.cpus)
     objective = summary["stages"]["cluster"]["counts"]["objective"]
@@ -455,9 +491,10 @@ def main() -> None:
     print(f"k-means #1 objective {objective:.6g}; faiss.Kmeans on a {f['faiss_sample_rows']}-row sample "
           f"({f['faiss_sample_seconds']:.0f} s): {f['faiss_sample_objective']:.6g}; ratio "
           f"{objective / f['faiss_sample_objective']:.4f}")
-    print(f"purity k-means #1 {q['purity_kmeans1']:.4f} | g relabel {q['purity_relabel']:.4f}, "
+    print(f"purity k-means #1 {q['purity_kmeans1']:.4f} | relabelling {q['purity_relabel']:.4f}, "
           f"S1 {q['purity_S1']:.4f}, S2 {q['purity_S2']:.4f} | final all {q['purity_final_all']:.4f}, "
-          f"kept {q['purity_final_kept']:.4f} ({q['kept_fraction']:.1%} kept)")
+          f"kept {q['purity_final_kept']:.4f} ({q['kept_fraction']:.1%} kept; plain k-means purified to "
+          f"the same share {q['purity_plain_kept_at_share']:.4f})")
     print(f"ambiguous images: {q['ambiguous_all']:.1%} of all, {q['ambiguous_S2']:.1%} of S2, "
           f"{q['ambiguous_kept']:.1%} of the kept set")
     result = {"args": vars(args), "epochs": epochs, "seconds_total": total_s, "load_after": load_after,

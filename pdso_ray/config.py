@@ -177,6 +177,12 @@ class DenoiseConfig:
     head: str = "cosine"
     logit_scale: float = 16.0
     centre: bool = True  # f and g subtract the mean feature first (a cosine head has no bias)
+    # f and g start at: kmeans (their class directions at the k-means #1 clusters' mean directions,
+    # needs head=cosine) | random.
+    head_init: str = "kmeans"
+    # The relabelling h trains on (h_rows=all): agreed (g's prediction where f predicts the same,
+    # else the k-means label) | g (g's prediction everywhere). docs/method.md §3.
+    relabel: str = "agreed"
     # S2 = g's small-loss subset against: kmeans (the k-means #1 labels, as the paper) | relabel
     # (g's own prediction); h trains on S2 with those labels.
     s2_labels: str = "kmeans"

@@ -6,11 +6,12 @@ labels y (C clusters):
 1. train a linear classifier ``f`` on all (x, x', y) for ``epochs_f`` epochs;
 2. per-image loss = cross-entropy of the mean of the logits of x and x'; per cluster keep the
    ``keep_ratio`` lowest-loss images -> S1 (:func:`small_loss_subset`);
-3. train a linear ``g`` on S1 for ``epochs_g`` epochs; relabel every image with g's prediction;
-   select S2 the same way from g's losses against the k-means labels (``s2_labels="kmeans"``, the
-   paper's rule) or against g's own labels (``"relabel"``);
+3. train a linear ``g`` on S1 for ``epochs_g`` epochs; relabel an image with g's prediction where
+   f predicts the same class (``relabel="agreed"``, :func:`agreed_relabelling`) or everywhere
+   (``"g"``); select S2 the same way from g's losses against the k-means labels
+   (``s2_labels="kmeans"``, the paper's rule) or against g's own labels (``"relabel"``);
 4. train ``h`` (MLP D -> D' -> C) for ``epochs_h`` epochs on S2 with the labels S2 was selected
-   under (``h_rows="s2"``, the paper), or on every image with g's relabelling (``"all"``); its
+   under (``h_rows="s2"``, the paper), or on every image with the relabelling (``"all"``); its
    hidden layer is the embedding e(x) used from stage 4 on (:func:`embed_features`,
    :meth:`Classifier.embed`). k-means #2 starts from one prototype per class
    (:mod:`pdso_ray.method.purify`): ``prototypes="weights"``, h's cosine-head class directions
@@ -32,6 +33,12 @@ purity DFF had gained). A cosine head has no bias, so with ``centre`` the linear
 subtract the mean image feature (DINO features share a large common component that would
 otherwise compress every cosine); h's hidden layer has a bias of its own and is not centred, so
 per-patch tokens embed exactly as before.
+
+Start (``head_init``): ``"kmeans"`` (default) starts f's and g's class directions at the k-means
+#1 clusters' mean directions (:func:`cluster_directions`), so that training moves a boundary only
+where the data ask for it; from a random start the heads on small data (a few hundred images,
+D = 384) did not even reproduce their own training labels and g's relabelling lost up to 18
+points of purity against k-means #1 (docs/method.md §4). h, an MLP, starts at random.
 
 Training length: epochs, as in the paper, but at least ``min_steps`` optimiser steps per head
 (:func:`step_batch_size` shrinks the minibatch on small data: there epochs of a large batch left
@@ -62,6 +69,8 @@ _SCORE_BATCH = 16384
 HEADS = ("cosine", "linear")
 S2_LABELS = ("kmeans", "relabel")
 H_ROWS = ("s2", "all")
+HEAD_INITS = ("kmeans", "random")
+RELABELS = ("agreed", "g")
 PROTOTYPES = ("weights", "means")
 
 
@@ -263,6 +272,7 @@ def train_classifier(source: FeatureSource, labels: np.ndarray, num_classes: int
                      mask: np.ndarray | None = None, hidden_dim: int | None = None, epochs: int,
                      lr: float, batch_size: int, seed: int, head: str = "linear",
                      logit_scale: float = 16.0, centre: np.ndarray | None = None, min_steps: int = 0,
+                     init_directions: np.ndarray | None = None,
                      device: torch.device | str = "cpu") -> Classifier:
     """Train a :class:`Classifier` with minibatch Adam on the rows of ``source`` where ``mask`` holds.
 
@@ -278,6 +288,8 @@ def train_classifier(source: FeatureSource, labels: np.ndarray, num_classes: int
         head, logit_scale, centre: see :class:`Classifier`.
         min_steps: the minibatch shrinks below ``batch_size`` so that training takes at least
             this many steps (:func:`step_batch_size`; per block, so a few more with many blocks).
+        init_directions: C×D start for a linear cosine head's class directions (e.g.
+            :func:`cluster_directions`); ``None`` = random.
     """
     labels = _check_labels(labels, source.num_rows, num_classes)
     if mask is not None and (mask.shape != (source.num_rows,) or mask.dtype != bool):
@@ -291,6 +303,12 @@ def train_classifier(source: FeatureSource, labels: np.ndarray, num_classes: int
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = Classifier(source.dim, num_classes, hidden_dim, head=head, logit_scale=logit_scale, centre=centre)
+    if init_directions is not None:
+        if hidden_dim is not None or head != "cosine" or init_directions.shape != model.out.weight.shape:
+            raise ValueError(f"init_directions must be {tuple(model.out.weight.shape)} for a linear cosine "
+                             f"head, got {init_directions.shape} (hidden_dim={hidden_dim}, head={head!r})")
+        with torch.no_grad():
+            model.out.weight.copy_(torch.as_tensor(init_directions, dtype=torch.float32))
     model.to(device).train()
     opt = torch.optim.Adam(model.parameters(), lr=lr)
     for epoch in range(epochs):
@@ -369,6 +387,39 @@ def feature_mean(source: FeatureSource) -> np.ndarray:
     return (total / source.num_rows).astype(np.float32)
 
 
+def cluster_directions(source: FeatureSource, labels: np.ndarray, num_classes: int,
+                       centre: np.ndarray | None) -> np.ndarray:
+    """C×D float32 unit rows: per cluster, the direction of the mean input a linear :class:`Classifier`
+    with this ``centre`` sees (the mean of an image's and its flip's normalised, centred feature, as
+    :meth:`Classifier.pair_logits` uses). A cosine head started at these rows predicts, to within
+    the few images near a boundary, the k-means partition itself (exactly so when the clusters'
+    centroids have equal norms); an empty cluster's row is zero (it never wins, as in k-means).
+    One fixed-order pass, float64 sums."""
+    labels = _check_labels(labels, source.num_rows, num_classes)
+    probe = Classifier(source.dim, num_classes, head="cosine", centre=centre)
+    sums = np.zeros((num_classes, source.dim), dtype=np.float64)
+    with torch.no_grad():
+        for block in source.blocks(None):
+            z = (probe._inputs(_to_device(block.feat, "cpu")) + probe._inputs(_to_device(block.feat_flip, "cpu"))) / 2
+            np.add.at(sums, labels[block.rows], z.numpy().astype(np.float64))
+    norms = np.linalg.norm(sums, axis=1, keepdims=True)
+    return np.divide(sums, norms, out=np.zeros_like(sums), where=norms > 0).astype(np.float32)
+
+
+def agreed_relabelling(labels: np.ndarray, f_predictions: np.ndarray, g_predictions: np.ndarray) -> np.ndarray:
+    """The relabelling DFF passes on (``relabel="agreed"``): an image takes g's prediction only where
+    f's prediction is the same, else it keeps its k-means label. All three are (N,) int64.
+
+    Why: f (trained on every image) and g (trained on the small-loss S1 only) err differently. g,
+    trained on cluster cores, moves boundaries into the space S1 left empty; alone its relabelling
+    was below k-means #1 on the S919 generator and on small stand-in sets (docs/method.md §3, §4);
+    where f, which saw the boundary images under their k-means labels, still prefers the same
+    other class, the change held up on every held-out set measured."""
+    if not labels.shape == f_predictions.shape == g_predictions.shape:
+        raise ValueError(f"label arrays differ in shape: {labels.shape} {f_predictions.shape} {g_predictions.shape}")
+    return np.where(f_predictions == g_predictions, g_predictions, labels)
+
+
 @torch.no_grad()
 def class_prototypes(model: Classifier, source: FeatureSource, labels: np.ndarray, mask: np.ndarray,
                      num_classes: int, device: torch.device | str = "cpu") -> tuple[np.ndarray, np.ndarray]:
@@ -424,23 +475,32 @@ def small_loss_subset(losses: np.ndarray, labels: np.ndarray, num_classes: int, 
 
 
 def select_clean(g: Classifier, source: FeatureSource, labels: np.ndarray, num_classes: int, keep_ratio: float,
-                 against: str = "kmeans", device: torch.device | str = "cpu") -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """S2: the small-loss subset of g, per class of the labels it is scored against.
+                 against: str = "kmeans", f_predictions: np.ndarray | None = None,
+                 device: torch.device | str = "cpu") -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The relabelling and S2, the small-loss subset of g per class of the labels it is scored against.
 
-    ``against="kmeans"`` (the paper): g's loss against the k-means #1 ``labels``, so S2 holds
-    images whose k-means label g confirms with confidence; ``"relabel"``: against g's own
-    prediction (its confidence, whatever the k-means label). One scoring pass either way.
+    The relabelling: g's prediction, or with ``f_predictions`` ((N,) int64) g's prediction where f
+    agrees and the k-means label elsewhere (:func:`agreed_relabelling`). ``against="kmeans"`` (the
+    paper): g's loss against the k-means #1 ``labels``, so S2 holds images whose k-means label g
+    confirms with confidence; ``"relabel"``: against the relabelling (g's confidence in its own
+    prediction when there is no ``f_predictions``). One scoring pass, two for ``"relabel"`` with f.
 
     Returns:
         clean: (N,) bool S2.
-        clean_labels: (N,) int64 the labels S2 was selected under (``labels`` or g's prediction).
-        relabels: (N,) int64 g's prediction for every image.
+        clean_labels: (N,) int64 the labels S2 was selected under (``labels`` or the relabelling).
+        relabels: (N,) int64 the relabelling of every image.
     """
     if against not in S2_LABELS:
         raise ValueError(f"against must be one of {S2_LABELS}, got {against!r}")
     labels = _check_labels(labels, source.num_rows, num_classes)
-    losses, relabels = score(g, source, labels if against == "kmeans" else None, device=device)
-    clean_labels = labels if against == "kmeans" else relabels
+    losses, g_predictions = score(g, source, labels if against == "kmeans" else None, device=device)
+    relabels = g_predictions if f_predictions is None else agreed_relabelling(labels, f_predictions, g_predictions)
+    if against == "kmeans":
+        clean_labels = labels
+    else:
+        clean_labels = relabels
+        if f_predictions is not None:
+            losses, _ = score(g, source, relabels, device=device)
     return small_loss_subset(losses, clean_labels, num_classes, keep_ratio), clean_labels, relabels
 
 
@@ -475,6 +535,8 @@ class DenoiseSettings(Protocol):
     h_rows: str
     prototypes: str
     min_steps: int
+    head_init: str
+    relabel: str
 
 
 @dataclass
@@ -484,7 +546,9 @@ class DenoiseResult:
     Attributes:
         subset1: (N,) bool S1, the small-loss subset under f and the k-means labels.
         clean_mask: (N,) bool S2, the small-loss subset under g and ``clean_labels`` (h's training set).
-        labels: (N,) int64 g's relabelling of every image.
+        labels: (N,) int64 the relabelling DFF passes on (h's labels with ``h_rows="all"``): g's
+            prediction where f agrees (``relabel="agreed"``, :func:`agreed_relabelling`) or g's
+            prediction everywhere (``"g"``).
         clean_labels: (N,) int64 the labels S2 was selected under (and h trained on, with
             ``h_rows="s2"``): the k-means labels (``s2_labels="kmeans"``) or g's (``"relabel"``).
         classifier: h, the MLP whose hidden layer is the embedding.
@@ -523,6 +587,12 @@ def _check_settings(settings: DenoiseSettings) -> None:
                          "are not directions in the normalised embedding)")
     if not settings.logit_scale > 0:
         raise ValueError(f"denoise.logit_scale must be > 0, got {settings.logit_scale}")
+    if settings.head_init not in HEAD_INITS:
+        raise ValueError(f"denoise.head_init must be one of {HEAD_INITS}, got {settings.head_init!r}")
+    if settings.head_init == "kmeans" and settings.head != "cosine":
+        raise ValueError("denoise.head_init=kmeans needs denoise.head=cosine (it sets class directions)")
+    if settings.relabel not in RELABELS:
+        raise ValueError(f"denoise.relabel must be one of {RELABELS}, got {settings.relabel!r}")
 
 
 def denoise(source: FeatureSource, labels: np.ndarray, num_classes: int, settings: DenoiseSettings,
@@ -536,16 +606,19 @@ def denoise(source: FeatureSource, labels: np.ndarray, num_classes: int, setting
     t0 = time.perf_counter()
     centre = feature_mean(source) if settings.centre else None
 
+    start = cluster_directions(source, labels, num_classes, centre) if settings.head_init == "kmeans" else None
+
     f = train_classifier(source, labels, num_classes, epochs=settings.epochs_f, seed=settings.seed,
-                         centre=centre, **common)
-    losses_f, _ = score(f, source, labels, device=device)
+                         centre=centre, init_directions=start, **common)
+    losses_f, f_predictions = score(f, source, labels, device=device)
     subset1 = small_loss_subset(losses_f, labels, num_classes, settings.keep_ratio)
     t1 = time.perf_counter()
 
     g = train_classifier(source, labels, num_classes, mask=subset1, epochs=settings.epochs_g,
-                         seed=settings.seed + 1, centre=centre, **common)
-    clean, clean_labels, relabels = select_clean(g, source, labels, num_classes, settings.keep_ratio,
-                                                 settings.s2_labels, device=device)
+                         seed=settings.seed + 1, centre=centre, init_directions=start, **common)
+    clean, clean_labels, relabels = select_clean(
+        g, source, labels, num_classes, settings.keep_ratio, settings.s2_labels,
+        f_predictions=f_predictions if settings.relabel == "agreed" else None, device=device)
     t2 = time.perf_counter()
 
     h_mask, h_labels = h_training_set(settings.h_rows, clean, clean_labels, relabels)

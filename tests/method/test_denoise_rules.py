@@ -75,6 +75,8 @@ def test_paper_defaults_of_the_new_keys():
     # class directions, no Lloyd iterations from them, the rules on each #2 cluster's mean; a
     # floor of 500 optimiser steps per head (small data)
     assert (d.h_rows, d.prototypes, d.min_steps) == ("all", "weights", 500)
+    # f and g start at the k-means clusters; g's changes pass on where f agrees (small data)
+    assert (d.head_init, d.relabel) == ("kmeans", "agreed")
     assert (PurifyConfig().prototype_niter2, PurifyConfig().prototype_niter3) == (0, 0)
     assert PurifyConfig().kept_distance == "mean"
 

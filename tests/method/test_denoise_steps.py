@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from pdso_ray.method.denoise import ChunkedFeatures, score, step_batch_size, train_classifier
+from pdso_ray.config import DenoiseConfig
+from pdso_ray.method.denoise import ChunkedFeatures, denoise, score, step_batch_size, train_classifier
 
 
 @pytest.mark.parametrize("rows,epochs,batch,min_steps,expected", [
@@ -58,3 +59,78 @@ def test_config_rejects_bad_new_keys(override):
 
     with pytest.raises(ConfigError, match=override.split("=")[0]):
         load_config(None, ["data.classes=5", override])
+
+
+# ---- where f and g start, and which of g's changes pass on -----------------------------------------
+def test_agreed_relabelling_changes_only_where_f_and_g_agree():
+    from pdso_ray.method.denoise import agreed_relabelling
+
+    kmeans_labels = np.array([0, 0, 1, 1, 2, 2])
+    f_pred = np.array([0, 1, 2, 1, 0, 2])
+    g_pred = np.array([1, 1, 2, 0, 0, 1])
+    # rows 1, 2, 4: f and g agree on another class (relabelled); rows 0, 3, 5: only g moves (kept)
+    assert agreed_relabelling(kmeans_labels, f_pred, g_pred).tolist() == [0, 1, 2, 1, 0, 2]
+    with pytest.raises(ValueError, match="shape"):
+        agreed_relabelling(kmeans_labels, f_pred[:5], g_pred)
+
+
+def _dino_like(seed: int, classes: int = 10, per_class: int = 30, dim: int = 128, noise: float = 2.7):
+    """Unit features = a shared mean direction (norm 2) + a unit class direction + Gaussian noise:
+    few images per dimension, as on a user's small folder; the flip adds a little noise."""
+    rng = np.random.default_rng(seed)
+    mean = rng.normal(size=dim)
+    mean *= 2.0 / np.linalg.norm(mean)
+    centres = rng.normal(size=(classes, dim))
+    centres /= np.linalg.norm(centres, axis=1, keepdims=True)
+    truth = np.repeat(np.arange(classes), per_class)
+    x = mean + centres[truth] + noise * rng.normal(size=(len(truth), dim)) / np.sqrt(dim)
+    x_flip = x + 0.05 * rng.normal(size=x.shape)
+    unit = lambda a: (a / np.linalg.norm(a, axis=1, keepdims=True)).astype(np.float32)  # noqa: E731
+    return unit(x), unit(x_flip), truth
+
+
+def _kmeans_labels(x: np.ndarray, k: int, seed: int) -> np.ndarray:
+    from pdso_ray.kmeans import kmeans
+
+    result = kmeans(x, k, niter=20, nredo=3, seed=seed, num_shards=0, progress=False, kernel="numpy")
+    return ((x[:, None] - result.centroids[None]) ** 2).sum(-1).argmin(1).astype(np.int64)
+
+
+def test_heads_started_at_the_clusters_reproduce_the_kmeans_partition():
+    from pdso_ray.method.denoise import cluster_directions, feature_mean
+
+    torch.set_num_threads(1)
+    x, x_flip, _ = _dino_like(0, noise=1.5)
+    labels = _kmeans_labels(x, 10, 0)
+    src = ChunkedFeatures.from_arrays(x, x_flip)
+    centre = feature_mean(src)
+    directions = cluster_directions(src, labels, 11, centre)  # class 10 is empty
+    np.testing.assert_allclose(np.linalg.norm(directions[:10], axis=1), 1.0, rtol=1e-5)
+    assert not directions[10].any()
+    common = dict(epochs=0, lr=1e-3, batch_size=64, seed=0, head="cosine", centre=centre)
+    started = train_classifier(src, labels, 11, init_directions=directions, **common)
+    _, pred = score(started, src)
+    assert (pred == labels).mean() >= 0.98
+    _, random_pred = score(train_classifier(src, labels, 11, **common), src)
+    assert (random_pred == labels).mean() < 0.5
+    with pytest.raises(ValueError, match="init_directions"):
+        train_classifier(src, labels, 11, init_directions=directions[:5], **common)
+
+
+@pytest.mark.parametrize("seed", [0, 2])
+def test_relabelling_does_not_lose_purity_on_small_data(seed):
+    # 300 images in 128-D: g from a random start, alone, relabels towards worse clusters than
+    # k-means #1 (measured: -4 and -7 points); started at the clusters and passed on only where
+    # f agrees, the relabelling is at least as pure as k-means (to within one image)
+    from pdso_ray.method.cluster_metrics import cluster_scores
+
+    torch.set_num_threads(1)
+    x, x_flip, truth = _dino_like(seed)
+    labels = _kmeans_labels(x, 10, seed)
+    src = ChunkedFeatures.from_arrays(x, x_flip)
+    base = dict(epochs_f=15, epochs_g=30, epochs_h=2, hidden_dim=16, batch_size=64, seed=0)
+    purity = lambda y: cluster_scores(y, truth)["purity"]  # noqa: E731
+    default = denoise(src, labels, 10, DenoiseConfig(**base))
+    old = denoise(src, labels, 10, DenoiseConfig(**base, relabel="g", head_init="random"))
+    assert purity(default.labels) >= purity(labels) - 1 / len(labels)
+    assert purity(old.labels) <= purity(labels) - 0.02

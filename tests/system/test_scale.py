@@ -127,10 +127,13 @@ def test_driver_memory_flat_in_n_and_purification_raises_purity(ray_local, tmp_p
     assert peaks[50_000] - peaks[10_000] < 40 * MB, {n: p / MB for n, p in peaks.items()}
 
     truth, ambiguous = load_truth(out)
-    q = quality(Storage(), os.path.join(out, "run"), truth, ambiguous)
+    q = quality(Storage(), os.path.join(out, "run"), os.path.join(out, "features"), truth, ambiguous, classes, 2.0)
     # small-loss selection: S2 is much purer than the k-means #1 clusters it came from
     assert q["purity_S2"] > q["purity_kmeans1"] + 0.05, q
     # purification keeps the purer images of the final clusters, dropping ambiguous ones
     assert q["purity_final_kept"] > q["purity_final_all"] + 0.02, q
     assert q["ambiguous_kept"] < q["ambiguous_all"] - 0.05, q
     assert 0.7 < q["kept_fraction"] < 0.85, q
+    # the chain never loses purity against k-means #1 (issue #12)
+    assert q["purity_relabel"] >= q["purity_kmeans1"] and q["purity_final_all"] >= q["purity_kmeans1"] - 0.002, q
+    assert q["purity_final_kept"] >= q["purity_plain_kept_at_share"] - 0.002, q
