@@ -353,20 +353,20 @@ def plain_kept_at_share(storage: Storage, features: str, labels: np.ndarray, cla
 
     from benchmarks.denoise_purify_quality import _rules_at_share
 
-    sums, counts, dist = None, np.zeros(classes, dtype=np.int64), np.zeros(len(labels), dtype=np.float32)
-    for pass_ in ("means", "distances"):
+    def blocks():
         for table in iter_row_groups(storage, features, ["id", "feat"]):
             rows = row_numbers(table.column("id").to_numpy(zero_copy_only=False))
-            x = torch.from_numpy(arrow_to_vectors(table.column("feat")))
-            lab = torch.from_numpy(labels[rows].astype(np.int64))
-            if pass_ == "means":
-                sums = torch.zeros(classes, x.shape[1], dtype=torch.float64) if sums is None else sums
-                sums.index_add_(0, lab, x.double())
-                counts += np.bincount(labels[rows], minlength=classes)
-            else:
-                dist[rows] = ((x - means[lab]) ** 2).sum(1).numpy()
-        if pass_ == "means":
-            means = (sums / torch.from_numpy(np.maximum(counts, 1)).double()[:, None]).float()
+            yield rows, torch.from_numpy(arrow_to_vectors(table.column("feat")).copy()), torch.from_numpy(labels[rows])
+
+    sums = counts = None
+    for rows, x, lab in blocks():
+        sums = torch.zeros(classes, x.shape[1], dtype=torch.float64) if sums is None else sums
+        sums.index_add_(0, lab, x.double())
+        counts = np.bincount(lab.numpy(), minlength=classes) + (0 if counts is None else counts)
+    means = (sums / torch.from_numpy(np.maximum(counts, 1)).double()[:, None]).float()
+    dist = np.zeros(len(labels), dtype=np.float32)
+    for rows, x, lab in blocks():
+        dist[rows] = ((x - means[lab]) ** 2).sum(1).numpy()
     return _rules_at_share(dist, labels, classes, alpha, share)
 
 
