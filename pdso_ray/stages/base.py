@@ -17,7 +17,7 @@ from __future__ import annotations
 import logging
 import os
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -174,6 +174,35 @@ def ordered_ingest():
 
 
 TRAIN_STATE = "state.pt"  # the file inside each Ray Train checkpoint directory of these stages
+
+SHUFFLE_WINDOW_BATCHES = 4  # rows shuffled together in training: this many minibatches
+
+
+def shuffled_batches(shard, batch_size: int, seed: Sequence[int], *, drop_last: bool = False,
+                     **iter_options: Any) -> Iterator[dict[str, Any]]:
+    """Inside a Ray Train worker: minibatches of ``batch_size`` rows from a dataset shard, locally
+    shuffled. The shard is read in windows of :data:`SHUFFLE_WINDOW_BATCHES` · ``batch_size`` rows
+    (``iter_torch_batches`` with ``iter_options``: dtypes, device), each window's rows permuted
+    by a generator seeded with ``seed`` (e.g. (run seed, epoch, rank)).
+
+    Why not Ray Data's ``local_shuffle_buffer_size``: its buffer reshuffles whenever a block
+    arrives, so its batches depend on block sizes, which vary run to run (a sort's boundaries are
+    sampled, map tasks finish in any order); fixed windows over a fixed row order
+    (:func:`ordered_ingest`) do not. ``drop_last``: no partial final batch (DDP ranks must take the
+    same steps). Columns that are not tensors (ids) are indexed as numpy arrays."""
+    import torch
+
+    generator = torch.Generator().manual_seed(int(np.random.SeedSequence(list(seed)).generate_state(1)[0]))
+    window = SHUFFLE_WINDOW_BATCHES * batch_size
+    for rows in shard.iter_torch_batches(batch_size=window, **iter_options):
+        n = len(next(iter(rows.values())))
+        order = torch.randperm(n, generator=generator)
+        for start in range(0, n, batch_size):
+            picked = order[start:start + batch_size]
+            if drop_last and len(picked) < batch_size:
+                break
+            yield {k: v[picked.to(v.device)] if isinstance(v, torch.Tensor) else np.asarray(v)[picked.numpy()]
+                   for k, v in rows.items()}
 
 
 def ddp_wrap(device) -> Callable[[Any], Any]:

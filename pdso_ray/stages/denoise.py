@@ -33,7 +33,8 @@ import numpy as np
 from pdso_ray.config import DenoiseConfig
 from pdso_ray.run_layout import RunLayout
 from pdso_ray.stages.base import (Batch, BatchStep, Resources, RunContext, Stage, checkpoint_state, ddp_wrap,
-                                  map_step, ordered_ingest, report_epoch, resume_state, train_storage)
+                                  map_step, ordered_ingest, report_epoch, resume_state, shuffled_batches,
+                                  train_storage)
 from pdso_ray.stages.read_decode import ImageReader, ReadDecode
 from pdso_ray.stages.diagnostics import folder_classes, image_diagnostics, image_scores
 from pdso_ray.storage import Storage
@@ -208,10 +209,8 @@ def tune_loop_per_worker(config: dict[str, Any]) -> None:
         started = time.perf_counter()
         losses, images = [], 0
         # DDP ranks must take the same number of steps: equal shards, the partial batch dropped
-        for batch in shard.iter_torch_batches(batch_size=settings.finetune_batch_size, drop_last=distributed,
-                                              dtypes={"image": torch.uint8, "label": torch.int64},
-                                              local_shuffle_buffer_size=4 * settings.finetune_batch_size,
-                                              local_shuffle_seed=settings.seed + epoch):
+        for batch in shuffled_batches(shard, settings.finetune_batch_size, (settings.seed, epoch, rank),
+                                      drop_last=distributed, dtypes={"image": torch.uint8, "label": torch.int64}):
             losses.append(tuner.step(batch["image"], batch["label"]))
             images += int(batch["image"].shape[0])
         record = {"epoch": epoch, "loss": round(float(np.mean(losses)) if losses else float("nan"), 5),

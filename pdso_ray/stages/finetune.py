@@ -32,7 +32,8 @@ import numpy as np
 
 from pdso_ray.data.imagenet_s import IGNORE_ID, decode_label
 from pdso_ray.stages.base import (Batch, BatchStep, Resources, RunContext, Stage, checkpoint_state,
-                                  map_step, ordered_ingest, report_epoch, resume_state, train_storage)
+                                  map_step, ordered_ingest, report_epoch, resume_state, shuffled_batches,
+                                  train_storage)
 from pdso_ray.stages.read_decode import ImageReader
 from pdso_ray.storage import Storage
 from pdso_ray.tables import parquet_files
@@ -202,11 +203,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         # Crops from the seed, the epoch and the rank: reproducible, and new every epoch.
         crops = torch.Generator().manual_seed(
             int(np.random.SeedSequence([cfg.seed_for("finetune"), epoch, rank]).generate_state(1)[0]))
-        for batch in shard.iter_torch_batches(batch_size=fc.batch_size, device=device,
-                                              dtypes={"image": torch.uint8, "label": torch.int64,
-                                                      "valid": torch.int64},
-                                              local_shuffle_buffer_size=4 * fc.batch_size,
-                                              local_shuffle_seed=cfg.seed_for("finetune") + epoch):
+        for batch in shuffled_batches(shard, fc.batch_size, (cfg.seed_for("finetune"), epoch, rank), device=device,
+                                      dtypes={"image": torch.uint8, "label": torch.int64, "valid": torch.int64}):
             image, target = random_resized_crop_batch(batch["image"], batch["label"], batch["valid"],
                                                       fc.crop_size, crops)
             x = to_model_input(image, fc.crop_size, device=device)

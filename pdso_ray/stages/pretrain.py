@@ -39,7 +39,7 @@ import numpy as np
 
 from pdso_ray.config import PipelineConfig
 from pdso_ray.stages.base import (Resources, RunContext, Stage, checkpoint_state, ddp_wrap, map_step,
-                                  ordered_ingest, report_epoch, resume_state, train_storage)
+                                  ordered_ingest, report_epoch, resume_state, shuffled_batches, train_storage)
 from pdso_ray.stages.read_decode import ImageReader, ReadDecode
 from pdso_ray.stages.streaming import from_rows
 from pdso_ray.storage import Storage
@@ -154,10 +154,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     for epoch in range(start_epoch, recipe.epochs + 1):
         started = time.perf_counter()
         losses, images = [], 0
-        for batch in shard.iter_torch_batches(batch_size=pc.batch_size, drop_last=True,
-                                              dtypes={"image": torch.uint8},
-                                              local_shuffle_buffer_size=4 * pc.batch_size,
-                                              local_shuffle_seed=recipe.seed + epoch):
+        for batch in shuffled_batches(shard, pc.batch_size, (recipe.seed, epoch, rank), drop_last=True,
+                                      dtypes={"image": torch.uint8}):
             losses.append(trainer.step(batch["image"])["loss"])
             images += int(batch["image"].shape[0])
         diagnostics = trainer.end_epoch()

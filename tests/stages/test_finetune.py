@@ -249,3 +249,36 @@ def test_seeded_row_order_depends_on_the_rows_not_their_blocks(ray_local):
     assert order(rows[::-1], 3, seed=3) == first  # other blocks, other input order: the same order
     assert sorted(first) == [r["id"] for r in rows] and first != sorted(first)
     assert order(rows, 7, seed=4) != first
+
+
+class _WindowedShard:
+    """A stand-in for a Ray Train dataset shard: ``iter_torch_batches`` over fixed rows."""
+
+    def __init__(self, rows: int):
+        self.ids = np.array([f"img_{i:03d}" for i in range(rows)])
+        self.value = torch.arange(rows)
+        self.windows = []
+
+    def iter_torch_batches(self, batch_size, dtypes=None):
+        for start in range(0, len(self.ids), batch_size):
+            self.windows.append(batch_size)
+            yield {"value": self.value[start:start + batch_size], "id": self.ids[start:start + batch_size]}
+
+
+def test_shuffled_batches_cover_every_row_once_within_fixed_windows():
+    from pdso_ray.stages.base import SHUFFLE_WINDOW_BATCHES, shuffled_batches
+
+    shard = _WindowedShard(50)
+    batches = list(shuffled_batches(shard, 8, (3, 1, 0), dtypes={"value": torch.int64}))
+    assert set(shard.windows) == {SHUFFLE_WINDOW_BATCHES * 8}  # 32-row windows, whatever the blocks
+    values = torch.cat([b["value"] for b in batches])
+    assert sorted(values.tolist()) == list(range(50))  # every row once
+    assert [len(b["value"]) for b in batches] == [8, 8, 8, 8, 8, 8, 2]
+    assert all(b["id"].tolist() == [f"img_{v:03d}" for v in b["value"].tolist()] for b in batches)
+    assert set(values[:32].tolist()) == set(range(32))  # shuffled within its window only
+    assert values.tolist() != list(range(50))
+    again = torch.cat([b["value"] for b in shuffled_batches(_WindowedShard(50), 8, (3, 1, 0))])
+    other = torch.cat([b["value"] for b in shuffled_batches(_WindowedShard(50), 8, (3, 2, 0))])
+    assert again.tolist() == values.tolist() and other.tolist() != values.tolist()
+    dropped = list(shuffled_batches(_WindowedShard(50), 8, (3, 1, 0), drop_last=True))
+    assert [len(b["value"]) for b in dropped] == [8] * 6
