@@ -380,8 +380,9 @@ def feature_mean(source: FeatureSource) -> np.ndarray:
     accumulated in float64 over one fixed-order pass."""
     total = np.zeros(source.dim, dtype=np.float64)
     for block in source.blocks(None):
-        feat = np.asarray(block.feat, dtype=np.float32)
-        total += (feat / np.maximum(np.linalg.norm(feat, axis=1, keepdims=True), 1e-12)).sum(0, dtype=np.float64)
+        for start in range(0, len(block.rows), _SCORE_BATCH):  # slices: a block can be all rows
+            feat = np.asarray(block.feat[start:start + _SCORE_BATCH], dtype=np.float32)
+            total += (feat / np.maximum(np.linalg.norm(feat, axis=1, keepdims=True), 1e-12)).sum(0, dtype=np.float64)
     if not source.num_rows:
         raise ValueError("cannot centre on an empty feature source")
     return (total / source.num_rows).astype(np.float32)
@@ -397,11 +398,16 @@ def cluster_directions(source: FeatureSource, labels: np.ndarray, num_classes: i
     One fixed-order pass, float64 sums."""
     labels = _check_labels(labels, source.num_rows, num_classes)
     probe = Classifier(source.dim, num_classes, head="cosine", centre=centre)
-    sums = np.zeros((num_classes, source.dim), dtype=np.float64)
+    sums = torch.zeros(num_classes, source.dim, dtype=torch.float64)
     with torch.no_grad():
         for block in source.blocks(None):
-            z = (probe._inputs(_to_device(block.feat, "cpu")) + probe._inputs(_to_device(block.feat_flip, "cpu"))) / 2
-            np.add.at(sums, labels[block.rows], z.numpy().astype(np.float64))
+            # in scoring-sized slices: a block can be the whole in-memory matrix (S919: 2 GB)
+            for start in range(0, len(block.rows), _SCORE_BATCH):
+                sl = slice(start, start + _SCORE_BATCH)
+                z = (probe._inputs(_to_device(block.feat[sl], "cpu"))
+                     + probe._inputs(_to_device(block.feat_flip[sl], "cpu"))) / 2
+                sums.index_add_(0, torch.from_numpy(labels[block.rows[sl]]), z.double())
+    sums = sums.numpy()
     norms = np.linalg.norm(sums, axis=1, keepdims=True)
     return np.divide(sums, norms, out=np.zeros_like(sums), where=norms > 0).astype(np.float32)
 
