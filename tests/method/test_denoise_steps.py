@@ -134,3 +134,20 @@ def test_relabelling_does_not_lose_purity_on_small_data(seed):
     old = denoise(src, labels, 10, DenoiseConfig(**base, relabel="g", head_init="random"))
     assert purity(default.labels) >= purity(labels) - 1 / len(labels)
     assert purity(old.labels) <= purity(labels) - 0.02
+
+
+def test_cluster_directions_and_feature_mean_over_many_slices():
+    # more rows than one scoring slice (16,384): the sliced sums equal the direct computation
+    from pdso_ray.method.denoise import cluster_directions, feature_mean
+
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(40_000, 8)).astype(np.float32) + 2
+    x_flip = x + 0.1 * rng.normal(size=x.shape).astype(np.float32)
+    labels = rng.integers(0, 5, len(x))
+    src = ChunkedFeatures.from_arrays(x, x_flip)
+    unit = lambda a: a / np.linalg.norm(a, axis=-1, keepdims=True)  # noqa: E731
+    centre = feature_mean(src)
+    np.testing.assert_allclose(centre, unit(x.astype(np.float64)).mean(0), rtol=1e-5)
+    z = (unit(unit(x) - centre) + unit(unit(x_flip) - centre)) / 2
+    expected = unit(np.stack([z[labels == c].sum(0) for c in range(5)]))
+    np.testing.assert_allclose(cluster_directions(src, labels, 5, centre), expected, rtol=1e-4, atol=1e-5)
