@@ -231,6 +231,17 @@ def resume_state() -> dict[str, Any] | None:
     return None if checkpoint is None else checkpoint_state(checkpoint)
 
 
+def resume_training(trainer: Any, key: str) -> tuple[list[dict[str, Any]], int]:
+    """Inside a Ray Train worker: load the checkpointed ``state[key]`` into ``trainer`` (anything
+    with ``load_state_dict``) when the run resumes. Returns ``(history, start_epoch)``: the epoch
+    records saved with it and the first epoch still to train, or ``([], 1)`` on a fresh start."""
+    state = resume_state()
+    if state is None:
+        return [], 1
+    trainer.load_state_dict(state[key])
+    return list(state["history"]), int(state["epoch"]) + 1
+
+
 def report_epoch(metrics: dict[str, Any], epoch: int, state: Callable[[], dict[str, Any]] | None) -> None:
     """Inside a Ray Train worker, on every rank: report one epoch's ``metrics``; the rank that
     passes ``state`` (rank 0) attaches a checkpoint ``epoch_NNNN/`` holding ``state()``, what

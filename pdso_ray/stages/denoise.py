@@ -33,7 +33,7 @@ import numpy as np
 from pdso_ray.config import DenoiseConfig
 from pdso_ray.run_layout import RunLayout
 from pdso_ray.stages.base import (Batch, BatchStep, Resources, RunContext, Stage, checkpoint_state, ddp_wrap,
-                                  map_step, ordered_ingest, report_epoch, resume_state, shuffled_batches,
+                                  map_step, ordered_ingest, report_epoch, resume_training, shuffled_batches,
                                   train_storage)
 from pdso_ray.stages.read_decode import ImageReader, ReadDecode
 from pdso_ray.stages.diagnostics import folder_classes, image_diagnostics, image_scores
@@ -197,12 +197,7 @@ def tune_loop_per_worker(config: dict[str, Any]) -> None:
                           head_lr=settings.finetune_head_lr, total_steps=config["total_steps"], device=device)
     if distributed:
         tuner.wrap(ddp_wrap(device))
-    history: list[dict[str, Any]] = []
-    start_epoch = 1
-    state = resume_state()
-    if state is not None:
-        tuner.load_state_dict(state["tuner"])
-        history, start_epoch = list(state["history"]), int(state["epoch"]) + 1
+    history, start_epoch = resume_training(tuner, "tuner")
 
     shard = ray.train.get_dataset_shard("train")
     for epoch in range(start_epoch, settings.finetune_epochs + 1):

@@ -39,7 +39,7 @@ import numpy as np
 
 from pdso_ray.config import PipelineConfig
 from pdso_ray.stages.base import (Resources, RunContext, Stage, checkpoint_state, ddp_wrap, map_step,
-                                  ordered_ingest, report_epoch, resume_state, shuffled_batches, train_storage)
+                                  ordered_ingest, report_epoch, resume_training, shuffled_batches, train_storage)
 from pdso_ray.stages.read_decode import ImageReader, ReadDecode
 from pdso_ray.stages.streaming import from_rows
 from pdso_ray.storage import Storage
@@ -139,15 +139,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     if distributed:
         trainer.wrap_student(ddp_wrap(device))
 
-    history: list[dict[str, Any]] = []
-    start_epoch = 1
-    state = resume_state()
-    if state is not None:
-        trainer.load_state_dict(state["trainer"])
-        history = list(state["history"])
-        start_epoch = int(state["epoch"]) + 1
-        if rank == 0:
-            log.info("pretrain: resuming after epoch %d of %d", start_epoch - 1, recipe.epochs)
+    history, start_epoch = resume_training(trainer, "trainer")
+    if start_epoch > 1 and rank == 0:
+        log.info("pretrain: resuming after epoch %d of %d", start_epoch - 1, recipe.epochs)
 
     probe = torch.from_numpy(np.array(config["probe"]))  # a writable copy of the shipped array
     shard = ray.train.get_dataset_shard("train")
