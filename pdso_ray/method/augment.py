@@ -28,6 +28,12 @@ DEFAULT_RATIO = (3 / 4, 4 / 3)
 _MAX_TRIES = 10
 
 
+def seeded_generator(*seed: int) -> torch.Generator:
+    """A CPU ``torch.Generator`` seeded from a tuple of ints (e.g. run seed, epoch, rank) through
+    numpy's ``SeedSequence``, so that nearby tuples give unrelated streams."""
+    return torch.Generator().manual_seed(int(np.random.SeedSequence(list(seed)).generate_state(1)[0]))
+
+
 def resize_label_nearest(label: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     """Resize an ``H×W`` integer label map to ``size = (h, w)`` by nearest neighbour.
 

@@ -27,6 +27,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from pdso_ray.method.augment import seeded_generator
 from pdso_ray.method.features import saliency_from_attention
 from pdso_ray.method.multicrop import CropSpec, MultiCropConfig, multicrop
 from pdso_ray.method.self_distillation import (
@@ -293,8 +294,7 @@ class DinoPretrainer:
             if i == 0:
                 group["weight_decay"] = sched["weight_decay"]
         x = torch.as_tensor(images).to(self.device, non_blocking=True)
-        gen = torch.Generator().manual_seed(
-            int(np.random.SeedSequence([c.seed, self.rank, self.global_step]).generate_state(1)[0]))
+        gen = seeded_generator(c.seed, self.rank, self.global_step)
         crops = multicrop(x, c.crops, gen)
         b = x.shape[0]
         masks = None

@@ -192,7 +192,9 @@ def shuffled_batches(shard, batch_size: int, seed: Sequence[int], *, drop_last: 
     same steps). Columns that are not tensors (ids) are indexed as numpy arrays."""
     import torch
 
-    generator = torch.Generator().manual_seed(int(np.random.SeedSequence(list(seed)).generate_state(1)[0]))
+    from pdso_ray.method.augment import seeded_generator
+
+    generator = seeded_generator(*seed)
     window = SHUFFLE_WINDOW_BATCHES * batch_size
     for rows in shard.iter_torch_batches(batch_size=window, **iter_options):
         n = len(next(iter(rows.values())))

@@ -192,9 +192,10 @@ def tune_loop_per_worker(config: dict[str, Any]) -> None:
     rank, world = context.get_world_rank(), context.get_world_size()
     device = ray.train.torch.get_device()
     distributed = world > 1 and dist.is_available() and dist.is_initialized()
-    tuner = BackboneTuner(config["dino"].build(storage), load_classifier(storage, config["classifier"]), blocks=settings.finetune_blocks,
-                          image_size=config["image_size"], backbone_lr=settings.finetune_lr,
-                          head_lr=settings.finetune_head_lr, total_steps=config["total_steps"], device=device)
+    tuner = BackboneTuner(config["dino"].build(storage), load_classifier(storage, config["classifier"]),
+                          blocks=settings.finetune_blocks, image_size=config["image_size"],
+                          backbone_lr=settings.finetune_lr, head_lr=settings.finetune_head_lr,
+                          total_steps=config["total_steps"], device=device)
     if distributed:
         tuner.wrap(ddp_wrap(device))
     history, start_epoch = resume_training(tuner, "tuner")

@@ -147,7 +147,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     import torch.nn.functional as F
 
     from pdso_ray.method.agmm import AgmmWeights, GaussianMixture
-    from pdso_ray.method.augment import random_resized_crop_batch
+    from pdso_ray.method.augment import random_resized_crop_batch, seeded_generator
     from pdso_ray.models.dino import to_model_input
     from pdso_ray.models.heads import build_segmenter
 
@@ -201,8 +201,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         batches = torch.zeros((), device=device)
         images = torch.zeros((), device=device)
         # Crops from the seed, the epoch and the rank: reproducible, and new every epoch.
-        crops = torch.Generator().manual_seed(
-            int(np.random.SeedSequence([cfg.seed_for("finetune"), epoch, rank]).generate_state(1)[0]))
+        crops = seeded_generator(cfg.seed_for("finetune"), epoch, rank)
         for batch in shuffled_batches(shard, fc.batch_size, (cfg.seed_for("finetune"), epoch, rank), device=device,
                                       dtypes={"image": torch.uint8, "label": torch.int64, "valid": torch.int64}):
             image, target = random_resized_crop_batch(batch["image"], batch["label"], batch["valid"],
