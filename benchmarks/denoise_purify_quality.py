@@ -188,26 +188,13 @@ def _purify_kmeans(x: np.ndarray, k: int, *, seed: int, nredo: int, niter: int, 
     return (centroids, *_nearest(x, centroids))
 
 
-def _rules_at_share(dist: np.ndarray, labels: np.ndarray, k: int, alpha: float, share: float) -> np.ndarray:
-    """Like for like with the kept set: the purification rules (distance quantile and cap) on
-    ``labels`` with the quantile that keeps the share of images closest to ``share`` (bisection;
-    the kept share grows with the quantile). Returns the (N,) bool mask."""
-    from pdso_ray.method.purify import purification_mask
-
-    lo, hi = 1e-6, 1.0
-    for _ in range(40):
-        mid = (lo + hi) / 2
-        lo, hi = (mid, hi) if purification_mask(dist, labels, k, mid, alpha).mean() < share else (lo, mid)
-    return min((purification_mask(dist, labels, k, q, alpha) for q in (lo, hi)),
-               key=lambda m: abs(m.mean() - share))
-
-
 def run_chain(data: dict[str, np.ndarray], classes: int, cfg: Any) -> tuple[list[Step], dict[str, float]]:
     """k-means #1, DFF and CSD on ``data`` with the config's cluster/denoise/purify sections, as
     the stages run them; returns the steps to score and the seconds of each phase."""
     import dataclasses
 
     from pdso_ray.method.denoise import ChunkedFeatures, denoise
+    from benchmarks.s919_scale import rules_at_share
     from pdso_ray.method.purify import INITS, distance_filter, fill_missing_prototypes, purification_mask, purify
 
     x, xf, k = data["feat"], data["feat_flip"], classes
@@ -249,7 +236,7 @@ def run_chain(data: dict[str, np.ndarray], classes: int, cfg: Any) -> tuple[list
         Step("final assignment", purified.assignments),
         Step("plain k-means, kept by the rules", first, plain_kept),
         Step("plain k-means, rules at kept share", first,
-             _rules_at_share(dist1, first, k, pc.alpha, float(purified.kept.mean()))),
+             rules_at_share(dist1, first, k, pc.alpha, float(purified.kept.mean()))),
         Step("plain k-means, closest keep_ratio", first, plain_half),
     ]
     return steps, seconds

@@ -342,16 +342,28 @@ def quality(storage: Storage, run: str, features: str, truth: np.ndarray, ambigu
     }
 
 
+def rules_at_share(dist: np.ndarray, labels: np.ndarray, k: int, alpha: float, share: float) -> np.ndarray:
+    """Like for like with the kept set: the purification rules (distance quantile and cap) on
+    ``labels`` with the quantile that keeps the share of images closest to ``share`` (bisection;
+    the kept share grows with the quantile). Returns the (N,) bool mask."""
+    from pdso_ray.method.purify import purification_mask
+
+    lo, hi = 1e-6, 1.0
+    for _ in range(40):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if purification_mask(dist, labels, k, mid, alpha).mean() < share else (lo, mid)
+    return min((purification_mask(dist, labels, k, q, alpha) for q in (lo, hi)),
+               key=lambda m: abs(m.mean() - share))
+
+
 def plain_kept_at_share(storage: Storage, features: str, labels: np.ndarray, classes: int, alpha: float,
                         share: float) -> np.ndarray:
     """Like for like with the pipeline's kept set: plain k-means #1 purified by the same rules in
     feature space, each image's distance to its cluster's mean, at the quantile that keeps ``share``
-    of the images (:func:`benchmarks.denoise_purify_quality._rules_at_share`). ``labels``: (N,)
+    of the images (:func:`rules_at_share`). ``labels``: (N,)
     k-means #1 cluster by row. Two streaming passes over the features. Returns an (N,) bool mask
     by row."""
     import torch
-
-    from benchmarks.denoise_purify_quality import _rules_at_share
 
     def blocks():
         for table in iter_row_groups(storage, features, ["id", "feat"]):
@@ -367,7 +379,7 @@ def plain_kept_at_share(storage: Storage, features: str, labels: np.ndarray, cla
     dist = np.zeros(len(labels), dtype=np.float32)
     for rows, x, lab in blocks():
         dist[rows] = ((x - means[lab]) ** 2).sum(1).numpy()
-    return _rules_at_share(dist, labels, classes, alpha, share)
+    return rules_at_share(dist, labels, classes, alpha, share)
 
 
 def faiss_sample_objective(storage: Storage, features: str, k: int, niter: int, seed: int,

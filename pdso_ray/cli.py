@@ -25,14 +25,10 @@ EXIT_INTERRUPTED = 130
 
 
 def _run(cfg) -> int:
-    from pdso_ray.pipeline import resolve_checkpoints, run_pipeline
-    from pdso_ray.preflight import preflight
+    from pdso_ray.pipeline import run_pipeline
     from pdso_ray.run_layout import RunLayout
 
-    cfg = resolve_checkpoints(cfg)  # a pretraining run's later stages load its teacher
-    for note in preflight(cfg):
-        logging.getLogger("pdso_ray").info("preflight: %s", note)
-    summary = run_pipeline(cfg)
+    summary = run_pipeline(cfg)  # preflight first, then the lease, Ray and the stages
     print(format_summary(cfg.output, summary, RunLayout.from_config(cfg).report_file("index.html")))
     return 0
 
@@ -105,7 +101,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
 def _cmd_inspect(args: argparse.Namespace) -> int:
     from pdso_ray.run_layout import RunLayout
-    from pdso_ray.stages import METHODS
+    from pdso_ray.plan import METHODS
     from pdso_ray.storage import Storage
 
     storage = Storage()
@@ -130,7 +126,7 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
 def format_summary(output: str, summary: dict, report_url: str | None = None) -> str:
     """The run's summary as text: one line per stage of its method in pipeline order, then the
     accounting, the notes and the headline numbers."""
-    from pdso_ray.stages import method_stages
+    from pdso_ray.plan import method_stages
 
     stages = summary.get("stages", {})
     method = summary.get("method", "pdso")

@@ -34,7 +34,7 @@ from pdso_ray.method.metrics import (
     SegmentationResult,
     check_match,
 )
-from pdso_ray.run_layout import LABEL_SUFFIX
+from pdso_ray.data.ids import LABEL_SUFFIX
 from pdso_ray.storage import Storage
 
 _MAX_LISTED = 10  # missing files named in an error before the rest becomes a count

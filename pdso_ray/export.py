@@ -25,7 +25,8 @@ from dataclasses import dataclass
 from pdso_ray.config import PipelineConfig
 from pdso_ray.data.imagenet_s import TEST, VALIDATION
 from pdso_ray.data.layouts import build_layout
-from pdso_ray.run_layout import LABEL_SUFFIX, RunLayout, load_run_config, png_rel, unsafe_reason
+from pdso_ray.data.ids import LABEL_SUFFIX, png_rel, unsafe_reason
+from pdso_ray.run_layout import RunLayout, load_run_config
 from pdso_ray.storage import Storage
 
 log = logging.getLogger("pdso_ray")

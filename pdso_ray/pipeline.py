@@ -18,10 +18,11 @@ import time
 from typing import Any
 
 from pdso_ray.config import PipelineConfig, dump_yaml
-from pdso_ray.preflight import check_choices, check_gpu_request, in_ray_job, requested_stages
+from pdso_ray.plan import STAGES, method_stages, requested_stages, runs_stage
+from pdso_ray.preflight import check_gpu_request, in_ray_job, preflight
 from pdso_ray.run_lease import RunLease
 from pdso_ray.run_layout import RunLayout
-from pdso_ray.stages import METHOD_OF_STAGE, STAGES, method_stages, stage_class
+from pdso_ray.stages import stage_class
 from pdso_ray.stages.base import RunContext, Stage
 from pdso_ray.storage import Storage
 
@@ -111,11 +112,14 @@ def resolve_checkpoints(cfg: PipelineConfig, storage: Storage | None = None) -> 
 
 def run_pipeline(cfg: PipelineConfig, storage: Storage | None = None) -> dict[str, Any]:
     """Run the stages named in ``cfg.stages`` (all by default, in pipeline order) under the run
-    folder's lease; return the summary. Raises :class:`~pdso_ray.run_lease.LeaseHeld` when another
-    run holds the folder."""
+    folder's lease; return the summary. First the checkpoints are resolved
+    (:func:`resolve_checkpoints`) and the preflight runs (:func:`pdso_ray.preflight.preflight`:
+    a :class:`~pdso_ray.preflight.PreflightError` before anything is written or Ray starts).
+    Raises :class:`~pdso_ray.run_lease.LeaseHeld` when another run holds the folder."""
     storage = storage or Storage(cfg.storage_options())
-    check_choices(cfg)
     cfg = resolve_checkpoints(cfg, storage)
+    for note in preflight(cfg):
+        log.info("preflight: %s", note)
     run = RunLayout.from_config(cfg)
     storage.makedirs(cfg.output)
     with RunLease(storage, run.lease_file).held():
@@ -135,7 +139,7 @@ def _run_stages(ctx: RunContext) -> dict[str, Any]:
     wanted = set(requested_stages(cfg))
     keys: dict[str, str] = {}
     for name in STAGES:
-        if METHOD_OF_STAGE.get(name, cfg.method) != cfg.method:
+        if not runs_stage(cfg.method, name):
             continue  # the other method's stage: its folder is not this run's
         stage_cls = stage_class(name)
         if name == "features" and cfg.data.features:

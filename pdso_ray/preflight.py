@@ -26,6 +26,7 @@ import os
 from typing import Any
 
 from pdso_ray.config import ConfigError, PipelineConfig
+from pdso_ray.plan import STAGES, method_problem, requested_stages
 from pdso_ray.run_layout import RunLayout
 from pdso_ray.storage import Storage, StorageError, protocol
 
@@ -49,15 +50,6 @@ def _choice(key: str, value: Any, choices) -> None:
     raise PreflightError(f"{key}={value!r}: unknown{suggestion}; choose one of {', '.join(map(str, choices))}")
 
 
-def requested_stages(cfg: PipelineConfig) -> list[str]:
-    """The stages this run executes, in pipeline order: ``stages``, or every stage of the method."""
-    from pdso_ray.stages import STAGES, method_stages
-
-    if cfg.stages is None:
-        return method_stages(cfg.method, cfg.lightcluster.finetune)
-    return [s for s in STAGES if s in cfg.stages]
-
-
 def check_choices(cfg: PipelineConfig) -> None:
     """Every config value that names a registry entry names one that exists."""
     from pdso_ray.data.layouts import LAYOUTS
@@ -65,15 +57,13 @@ def check_choices(cfg: PipelineConfig) -> None:
     from pdso_ray.models.dino import DINO_SPECS
     from pdso_ray.models.heads import BACKBONES
     from pdso_ray.models.sam import SAM_REGISTRY
-    from pdso_ray.stages import METHOD_OF_STAGE, STAGES
     from pdso_ray.stages.finetune import FINETUNE_LOSSES
 
     for name in cfg.stages or []:
         _choice("stages", name, STAGES)
-        owner = METHOD_OF_STAGE.get(name, cfg.method)
-        if owner != cfg.method:
-            raise PreflightError(f"stages: {name!r} is a stage of method {owner}; this run has "
-                                 f"method={cfg.method} (set method={owner} to run it)")
+        problem = method_problem(cfg.method, name)
+        if problem:
+            raise PreflightError(f"stages: {problem}")
     _choice("data.layout", cfg.data.layout, LAYOUTS)
     _choice("pseudo_labels.refine.method", cfg.pseudo_labels.refine.method, REFINERS)
     _choice("models.dino.arch", cfg.models.dino.arch, DINO_SPECS)

@@ -12,30 +12,21 @@ A run folder (``output:``, any fsspec URL) holds every artifact of a run (docs/a
 **Methods.** PDSO's folders sit at the top of the run folder; another method's (``method:
 lightcluster``) sit below a folder of its name (:attr:`RunLayout.method_root`), with the same
 names inside, so both methods can run on one folder and share its ``features`` and k-means
-(:data:`pdso_ray.stages.SHARED_STAGES`), and the report can set them side by side.
+(:data:`pdso_ray.plan.SHARED_STAGES`), and the report can set them side by side.
 
-**Image ids.** An id is ``"{split}/{rel}"``: the split (``train``, ``validation``, ``test``, or
-``all`` for a plain folder of images) and the image's path below its split folder without the
-file suffix (ImageNet-S: ``<wnid>/<stem>``). Every per-image output is ``<folder>/<id>.png``, so
-``predictions/validation/<wnid>/<stem>.png`` sits at the same relative name as its ground truth
-``validation-segmentation/<wnid>/<stem>.png``. :func:`image_id`, :func:`split_of`,
-:func:`rel_of`, :func:`png_rel` and :func:`id_from_png_rel` are the one mapping between ids and
-relative paths; :func:`unsafe_reason` decides which listed names may become ids, and
-:func:`check_id` guards ids read back from artifacts before they become paths.
+**Image ids** (:mod:`pdso_ray.data.ids`): every per-image output is ``<folder>/<id>.png``, the id
+checked by :func:`~pdso_ray.data.ids.check_id` before it becomes a path.
 """
 
 from __future__ import annotations
 
 import logging
-import re
-import unicodedata
 from dataclasses import dataclass
 
 from pdso_ray.config import ConfigError, PipelineConfig, load_config
-from pdso_ray.stages import METHODS, SHARED_STAGES
+from pdso_ray.data.ids import LABEL_SUFFIX, check_id, png_rel, split_of
+from pdso_ray.plan import MAIN_METHOD, METHODS, SHARED_STAGES
 from pdso_ray.storage import Storage
-
-LABEL_SUFFIX = ".png"
 
 # The steps that assign images to clusters, in chain order: the keys of summary.json's
 # diagnostics.image (each {purity, nmi, accuracy, images}).
@@ -47,92 +38,8 @@ CONFIG_FILE = "config.yaml"
 SUMMARY_FILE = "summary.json"
 LEASE_FILE = "_LEASE.json"
 STARTED_FILE = "_STARTED.json"  # inside a stage folder: the key of a run in progress
-MAIN_METHOD = "pdso"  # its folders are the run folder's top level
 # A stage whose folder is not named after it (inside lightcluster/, "lightcluster" would repeat).
 STAGE_FOLDERS = {"lightcluster": "levels"}
-
-
-# ---- image ids ------------------------------------------------------------------------------------
-
-
-def image_id(split: str, rel: str) -> str:
-    """The id of the image at ``rel`` (relative path without suffix) below ``split``'s folder."""
-    return f"{split}/{rel}"
-
-
-def split_of(image_id_: str) -> str:
-    """``"validation"`` for ``"validation/n01443537/x"``."""
-    return image_id_.split("/", 1)[0]
-
-
-def rel_of(image_id_: str) -> str:
-    """The id without its split: ``"n01443537/x"`` for ``"validation/n01443537/x"``."""
-    return image_id_.split("/", 1)[1]
-
-
-def png_rel(image_id_: str) -> str:
-    """The relative name of the id's PNGs inside a split folder: ``"<rel>.png"``."""
-    return rel_of(image_id_) + LABEL_SUFFIX
-
-
-def id_from_png_rel(split: str, rel_png: str) -> str:
-    """Inverse of :func:`png_rel`: the id of ``split``'s image whose PNG is ``rel_png``."""
-    if not rel_png.endswith(LABEL_SUFFIX):
-        raise ValueError(f"{rel_png!r} is not a {LABEL_SUFFIX} name")
-    return image_id(split, rel_png[: -len(LABEL_SUFFIX)])
-
-
-# Longest file-name component of an id, in UTF-8 bytes: leaves room for ".png" and for the
-# ".tmp-<32 hex>-" prefix of an atomic write under the common 255-byte file-name limit.
-MAX_NAME_BYTES = 200
-# Bidirectional-text controls: legal in file names, but they make a name display as another one.
-_BIDI_CONTROLS = frozenset("\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")
-
-
-def unsafe_reason(relpath: str) -> str | None:
-    """Why ``relpath`` (a ``/``-separated relative path or id) cannot become a path inside the run
-    folder, or None if it can.
-
-    Spaces, punctuation and non-ASCII letters are normal in people's folders and are accepted.
-    Refused: an empty name, absolute or non-POSIX paths (leading ``/``, a drive letter, ``\\``),
-    empty, ``.`` or ``..`` components, control characters and bidirectional-text controls, text
-    that is not valid Unicode (undecodable bytes in a listing), and components longer than
-    ``MAX_NAME_BYTES`` UTF-8 bytes.
-    """
-    if not relpath:
-        return "empty name"
-    if relpath.startswith("/") or "\\" in relpath or re.match(r"^[A-Za-z]:(/|$)", relpath):
-        return f"absolute or non-POSIX path {relpath!r}"
-    for part in relpath.split("/"):
-        if part in ("", ".", ".."):
-            return f"path component {part!r} in {relpath!r}"
-        for ch in part:
-            category = unicodedata.category(ch)
-            if category == "Cc" or ch in _BIDI_CONTROLS:
-                return f"control character {ch!r} in {relpath!r}"
-            if category == "Cs":
-                return f"name is not valid Unicode (undecodable bytes) in {relpath!r}"
-        if len(part.encode("utf-8")) > MAX_NAME_BYTES:
-            return f"name longer than {MAX_NAME_BYTES} bytes in {relpath[:60]!r}..."
-    return None
-
-
-def check_id(image_id_: str) -> str:
-    """Return ``image_id_`` if it is safe to build an output path from, else raise ValueError.
-
-    For ids read back from artifacts (Parquet, JSON) before they become paths.
-    """
-    problem = unsafe_reason(image_id_)
-    if problem is not None:
-        raise ValueError(f"unsafe image id {image_id_!r}: {problem}")
-    if "/" not in image_id_:
-        raise ValueError(f"image id {image_id_!r} has no split prefix")
-    return image_id_
-
-
-def class_folder(image_id_: str) -> str:
-    """The first folder below the split (an ImageNet-S class folder, ``wnid``)."""
-    return rel_of(image_id_).split("/", 1)[0]
 
 
 # ---- the run folder -------------------------------------------------------------------------------

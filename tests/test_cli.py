@@ -7,7 +7,7 @@ import pytest
 
 from pdso_ray import __version__
 from pdso_ray.cli import build_parser, format_summary, main
-from pdso_ray.stages import method_stages
+from pdso_ray.plan import method_stages
 
 STAGES = method_stages("pdso")
 

@@ -2,17 +2,8 @@
 
 import pytest
 
-from pdso_ray.run_layout import (
-    RunLayout,
-    check_id,
-    class_folder,
-    id_from_png_rel,
-    image_id,
-    png_rel,
-    rel_of,
-    split_of,
-    unsafe_reason,
-)
+from pdso_ray.data.ids import check_id, class_folder, id_from_png_rel, image_id, png_rel, rel_of, split_of, unsafe_reason
+from pdso_ray.run_layout import RunLayout
 
 
 @pytest.mark.parametrize("relpath", [

@@ -34,7 +34,7 @@ import numpy as np
 from PIL import Image
 
 from pdso_ray.data.listing import DEFAULT_MAX_FILE_BYTES, ImageRecord, SplitListing, list_tree
-from pdso_ray.run_layout import LABEL_SUFFIX, rel_of, unsafe_reason
+from pdso_ray.data.ids import LABEL_SUFFIX, rel_of, unsafe_reason
 from pdso_ray.storage import Storage
 
 BACKGROUND_ID = 0

@@ -17,7 +17,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 
-from pdso_ray.run_layout import image_id, unsafe_reason
+from pdso_ray.data.ids import image_id, unsafe_reason
 from pdso_ray.storage import Storage, is_hidden
 
 # Matched case-insensitively against the end of the file name. GIFs are decoded (first frame).

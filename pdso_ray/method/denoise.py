@@ -1,4 +1,4 @@
-"""Denoising-based feature fine-tuning, DFF (DESIGN §3.3): small-loss selection of clean labels.
+"""Denoising-based feature fine-tuning, DFF (docs/method.md §3): small-loss selection of clean labels.
 
 Procedure (:func:`denoise`), over N images with pooled features x, flip features x', and k-means #1
 labels y (C clusters):

@@ -1,4 +1,4 @@
-"""Cluster-aware sample purification, CSD (DESIGN §3.4), as pure rules over k-means outputs.
+"""Cluster-aware sample purification, CSD (docs/method.md §4), as pure rules over k-means outputs.
 
 On the embeddings e(x) of all N images (:func:`pdso_ray.method.denoise.embed_features`):
 
@@ -112,7 +112,7 @@ def cap_large_clusters(assignments: np.ndarray, dist: np.ndarray, k: int, alpha:
     Args:
         assignments: (N,) cluster ids in [0, k).
         dist: (N,) distance of each image to its centroid.
-        alpha: allowed multiple of the mean cluster size N/k (default 2 in DESIGN).
+        alpha: allowed multiple of the mean cluster size N/k (default 2, ``purify.alpha``; docs/method.md §4).
         n_total: the N of the cap; ``None`` = ``len(assignments)``. Passing the same ``n_total``
             makes the rule idempotent (a capped set is left unchanged).
 

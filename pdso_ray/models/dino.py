@@ -3,7 +3,7 @@
 ``build_dino(arch, checkpoint, storage, img_size)`` returns a :class:`DinoBackbone`, a timm
 ``VisionTransformer`` (built with ``pretrained=False``: nothing is ever fetched from a model hub)
 whose forward gives what PDSO needs: the last layer's patch tokens and the CLS->patch attention of
-the last block, averaged over heads (DESIGN §3.1). ``attention_features`` also returns the last
+the last block, averaged over heads (docs/method.md §1). ``attention_features`` also returns the last
 block's per-patch keys (or queries, values) and the CLS token, optionally with attention restricted
 to a region: what LightCluster clusters and labels by.
 

@@ -26,13 +26,13 @@ from typing import Any
 import numpy as np
 from matplotlib.figure import Figure
 
+from pdso_ray.data.ids import LABEL_SUFFIX, png_rel
 from pdso_ray.data.imagenet_s import IGNORE_ID, VALIDATION
 from pdso_ray.method.metrics import SIZE_BIN_NAMES
+from pdso_ray.plan import METHODS, SHARED_STAGES
+from pdso_ray.report.base import Report, esc, fmt, not_run, sample, table
 from pdso_ray.report.figures import class_colors, label_grid
-from pdso_ray.report.page import Report, esc, fmt, not_run, sample, table
 from pdso_ray.run_layout import IMAGE_DIAGNOSTIC_STEPS as IMAGE_STEPS
-from pdso_ray.run_layout import LABEL_SUFFIX, png_rel
-from pdso_ray.stages import METHODS, SHARED_STAGES
 
 log = logging.getLogger("pdso_ray")
 

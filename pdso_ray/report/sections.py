@@ -1,6 +1,6 @@
 """The sections of the run report (:mod:`pdso_ray.report.page`), in page order: :data:`SECTIONS`.
 
-Each section is a function of the :class:`~pdso_ray.report.page.Report` returning HTML; it reads
+Each section is a function of the :class:`~pdso_ray.report.base.Report` returning HTML; it reads
 the artifacts it shows through the run folder's layout and says "not run" when they are missing.
 Label colours and image grids come from :mod:`pdso_ray.report.figures`.
 """
@@ -15,9 +15,10 @@ import numpy as np
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-from pdso_ray.report import quality
+from pdso_ray.report.base import Report, esc, fmt, not_run, sample, table
 from pdso_ray.report.figures import label_grid
-from pdso_ray.report.page import Report, esc, fmt, not_run, sample, table
+from pdso_ray.report.quality import (ablation, image_diagnostics, methods, per_class_iou, pseudo_label_choice,
+                                     pseudo_label_gains, threshold_rule, validation_grid)
 from pdso_ray.tables import column_values, iter_row_groups, parquet_files
 
 log = logging.getLogger("pdso_ray")
@@ -213,17 +214,17 @@ def _configuration(r: Report) -> str:
 
 SECTIONS: list[tuple[str, Callable[[Report], str]]] = [
     ("Overview", _overview),
-    ("Methods on this data", quality.methods),
-    ("Ablation: what each stage adds", quality.ablation),
-    ("Image-level diagnostics (train images)", quality.image_diagnostics),
+    ("Methods on this data", methods),
+    ("Ablation: what each stage adds", ablation),
+    ("Image-level diagnostics (train images)", image_diagnostics),
     ("Stages", _stages),
     ("Pretraining (stage pretrain)", _pretraining),
-    ("Pseudo-label threshold and σ (chosen on validation)", quality.pseudo_label_choice),
-    ("Pseudo labels on validation: largest gains and losses from refinement", quality.pseudo_label_gains),
+    ("Pseudo-label threshold and σ (chosen on validation)", pseudo_label_choice),
+    ("Pseudo labels on validation: largest gains and losses from refinement", pseudo_label_gains),
     ("Cluster sizes", _cluster_sizes),
-    ("Per-class IoU (validation)", quality.per_class_iou),
-    ("Threshold rule (tuned on validation ground truth)", quality.threshold_rule),
+    ("Per-class IoU (validation)", per_class_iou),
+    ("Threshold rule (tuned on validation ground truth)", threshold_rule),
     ("Pseudo labels (train images)", _train_grid),
-    ("Predictions (validation images)", quality.validation_grid),
+    ("Predictions (validation images)", validation_grid),
     ("Rejected images", _rejected), ("Configuration", _configuration),
 ]

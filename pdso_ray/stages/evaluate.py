@@ -31,7 +31,8 @@ from typing import Any
 
 from pdso_ray.data.imagenet_s import TEST, VALIDATION
 from pdso_ray.evaluation import BACKGROUND_THRESHOLDS, best_index, evaluate_thresholds, pair_files
-from pdso_ray.run_layout import LABEL_SUFFIX, RunLayout, png_rel
+from pdso_ray.data.ids import LABEL_SUFFIX, png_rel
+from pdso_ray.run_layout import RunLayout
 from pdso_ray.stages.base import RunContext, Stage
 from pdso_ray.stages.streaming import read_rejected
 

@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from pdso_ray.data.imagenet_s import IGNORE_ID, decode_label
+from pdso_ray.plan import LABEL_STAGE
 from pdso_ray.stages.base import (Batch, BatchStep, Resources, RunContext, Stage, checkpoint_state,
                                   map_step, ordered_ingest, report_epoch, resume_state, shuffled_batches,
                                   train_storage)
@@ -282,8 +283,6 @@ class FinetuneStage(Stage):
     @classmethod
     def upstream(cls, cfg) -> tuple[str, ...]:
         """The stage that wrote the method's train labels (``labels/stats/``)."""
-        from pdso_ray.stages import LABEL_STAGE
-
         return (LABEL_STAGE[cfg.method],)
 
     # The worker function; a class attribute so a subclass can wrap it (fault-injection tests).

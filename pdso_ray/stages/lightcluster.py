@@ -44,7 +44,8 @@ import pyarrow as pa
 from pdso_ray.config import PipelineConfig
 from pdso_ray.data.imagenet_s import IGNORE_ID, VALIDATION, decode_gray_png, decode_label, encode_gray_png, encode_label
 from pdso_ray.data.listing import Rejected
-from pdso_ray.run_layout import LABEL_SUFFIX, RunLayout, png_rel, split_of
+from pdso_ray.data.ids import LABEL_SUFFIX, png_rel, split_of
+from pdso_ray.run_layout import RunLayout
 from pdso_ray.stages.base import Batch, BatchStep, Resources, RunContext, Stage
 from pdso_ray.stages.read_decode import ImageReader
 from pdso_ray.stages.streaming import (StreamingPass, Work, ids_in, object_column, read_rejected, reconcile,

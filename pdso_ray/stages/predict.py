@@ -28,7 +28,8 @@ from typing import Any
 
 from pdso_ray.data.imagenet_s import encode_gray_png, encode_label
 from pdso_ray.data.listing import Rejected
-from pdso_ray.run_layout import LABEL_SUFFIX, RunLayout, id_from_png_rel, split_of
+from pdso_ray.data.ids import LABEL_SUFFIX, id_from_png_rel, split_of
+from pdso_ray.run_layout import RunLayout
 from pdso_ray.stages.base import Batch, BatchStep, Resources, RunContext
 from pdso_ray.stages.read_decode import ImageReader, ReadDecode
 from pdso_ray.stages.streaming import StreamingStage, Work, reconcile, write_rejected

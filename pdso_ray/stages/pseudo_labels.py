@@ -36,7 +36,8 @@ import pyarrow.compute as pac
 
 from pdso_ray.config import PipelineConfig
 from pdso_ray.data.imagenet_s import VALIDATION, encode_gray_png, encode_label
-from pdso_ray.run_layout import LABEL_SUFFIX, RunLayout, id_from_png_rel, png_rel
+from pdso_ray.data.ids import LABEL_SUFFIX, id_from_png_rel, png_rel
+from pdso_ray.run_layout import RunLayout
 from pdso_ray.stages.base import Batch, BatchStep, Resources, RunContext, Stage
 from pdso_ray.stages.read_decode import ImageReader
 from pdso_ray.stages.streaming import StreamingPass, Work, ids_in, object_column, reconcile, run_pass

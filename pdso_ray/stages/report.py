@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from pdso_ray.plan import method_stages
 from pdso_ray.report import build_report
 from pdso_ray.stages.base import RunContext, Stage
 
@@ -19,8 +20,6 @@ class ReportStage(Stage):
     always_run = True  # a cheap view of whatever the run folder holds now
 
     def run(self, ctx: RunContext) -> dict[str, Any]:
-        from pdso_ray.stages import method_stages
-
         url = build_report(ctx.storage, ctx.cfg.output, cfg=ctx.cfg,
                            stage_order=method_stages(ctx.cfg.method, ctx.cfg.lightcluster.finetune))
         figures = ctx.storage.list_files(ctx.run.report_dir, suffixes=(".png",))

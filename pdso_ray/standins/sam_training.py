@@ -14,7 +14,7 @@ one prompt kind for all its objects: box, box + point, or point alone.
 Losses (SAM's): 20 × focal + 1 × dice per mask, at the original image resolution after SAM's own
 postprocessing; the single-mask output (token 0) and the best of the three multimask outputs
 (the one of lowest loss) are both trained; MSE between each predicted IoU and the IoU of its
-thresholded mask. A second pass trains what SPO runs (DESIGN §3 step 6): the same prompt plus
+thresholded mask. A second pass trains what SPO runs (docs/method.md §6): the same prompt plus
 the low-res logits of pass 1's mask of highest *predicted* IoU as ``mask_input``, single mask,
 same losses.
 

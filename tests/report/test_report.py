@@ -15,7 +15,7 @@ from pdso_ray.data.imagenet_s import IGNORE_ID, decode_label, encode_label, list
 from pdso_ray.data.synthetic import make_demo_dataset
 from pdso_ray.report import build_report
 from pdso_ray.report.figures import class_colors, colorize
-from pdso_ray.stages import STAGES
+from pdso_ray.plan import STAGES
 from pdso_ray.stages.base import RunContext
 from pdso_ray.stages.evaluate import EvaluateStage
 from pdso_ray.stages.report import ReportStage

@@ -12,8 +12,9 @@ from pdso_ray.data.synthetic import make_demo_dataset
 from pdso_ray.pipeline import run_pipeline
 from pdso_ray.preflight import PreflightError, check_choices
 from pdso_ray.report import build_report
-from pdso_ray.run_layout import RunLayout, png_rel
-from pdso_ray.stages import method_stages
+from pdso_ray.data.ids import png_rel
+from pdso_ray.run_layout import RunLayout
+from pdso_ray.plan import method_stages
 from pdso_ray.stages.lightcluster import MASK_BITS, image_rng, mask_bits, mask_from_bits, segment_rows
 from pdso_ray.storage import Storage
 from pdso_ray.tables import read_folder
