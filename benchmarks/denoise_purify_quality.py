@@ -195,7 +195,7 @@ def run_chain(data: dict[str, np.ndarray], classes: int, cfg: Any) -> tuple[list
 
     from pdso_ray.method.denoise import ChunkedFeatures, denoise
     from benchmarks.s919_scale import rules_at_share
-    from pdso_ray.method.purify import INITS, distance_filter, fill_missing_prototypes, purification_mask, purify
+    from pdso_ray.method.purify import distance_filter, fill_missing_prototypes, purification_mask, purify
 
     x, xf, k = data["feat"], data["feat_flip"], classes
     cc, pc = cfg.cluster, cfg.purify
@@ -217,8 +217,6 @@ def run_chain(data: dict[str, np.ndarray], classes: int, cfg: Any) -> tuple[list
     t = time.perf_counter()
     seed = cfg.seed_for("purify")
     init, niter = None, (pc.niter, pc.niter)
-    if pc.init not in INITS:
-        raise ValueError(f"purify.init must be one of {INITS}, got {pc.init!r}")
     if pc.init == "prototypes":
         init = fill_missing_prototypes(result.prototypes, result.prototype_counts, emb.__getitem__, len(emb), seed)
         niter = (pc.prototype_niter2, pc.prototype_niter3)

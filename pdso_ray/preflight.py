@@ -3,8 +3,6 @@
 :func:`preflight` is called by ``pdso-ray run`` (and so by ``jobs/pdso.py``) after the config is
 loaded and before the run folder's lease is taken or Ray is started. It checks:
 
-- choices against the registries themselves (:func:`check_choices`): stage names, the data
-  layout, refiners, DINO/SAM architectures, fine-tuning backbones;
 - the data root is reachable and has the layout the config says (for the stages that read
   images), with one listing call under a short connect timeout and few retries — which also
   proves the storage credentials;
@@ -15,18 +13,18 @@ loaded and before the run folder's lease is taken or Ray is started. It checks:
 
 Each failure raises :class:`PreflightError` (a :class:`~pdso_ray.config.ConfigError`), whose one-line
 message names the key or URL and the fix; the CLI prints it as ``error: ...`` and exits 2.
-Value ranges are checked when the config is loaded (:func:`pdso_ray.config.validate`).
+Each value alone (types, choices, registries, ranges) is checked when the config is loaded
+(:func:`pdso_ray.config.load_config`).
 """
 
 from __future__ import annotations
 
-import difflib
 import logging
 import os
 from typing import Any
 
 from pdso_ray.config import ConfigError, PipelineConfig
-from pdso_ray.plan import STAGES, method_problem, requested_stages
+from pdso_ray.plan import requested_stages
 from pdso_ray.run_layout import RunLayout
 from pdso_ray.storage import Storage, StorageError, protocol
 
@@ -39,39 +37,6 @@ _PROBE_S3 = {"config_kwargs": {"connect_timeout": 5, "read_timeout": 15,
 
 class PreflightError(ConfigError):
     """The run cannot start; the message names the key or URL and the fix."""
-
-
-def _choice(key: str, value: Any, choices) -> None:
-    choices = list(choices)
-    if value in choices:
-        return
-    hint = difflib.get_close_matches(str(value), [str(c) for c in choices], n=1)
-    suggestion = f" (did you mean {hint[0]!r}?)" if hint else ""
-    raise PreflightError(f"{key}={value!r}: unknown{suggestion}; choose one of {', '.join(map(str, choices))}")
-
-
-def check_choices(cfg: PipelineConfig) -> None:
-    """Every config value that names a registry entry names one that exists."""
-    from pdso_ray.data.layouts import LAYOUTS
-    from pdso_ray.method.refiners import REFINERS, SELECT_FAIL_RULES, SPO_COMPONENTS
-    from pdso_ray.models.dino import DINO_SPECS
-    from pdso_ray.models.heads import BACKBONES
-    from pdso_ray.models.sam import SAM_REGISTRY
-    from pdso_ray.stages.finetune import FINETUNE_LOSSES
-
-    for name in cfg.stages or []:
-        _choice("stages", name, STAGES)
-        problem = method_problem(cfg.method, name)
-        if problem:
-            raise PreflightError(f"stages: {problem}")
-    _choice("data.layout", cfg.data.layout, LAYOUTS)
-    _choice("pseudo_labels.refine.method", cfg.pseudo_labels.refine.method, REFINERS)
-    _choice("models.dino.arch", cfg.models.dino.arch, DINO_SPECS)
-    _choice("models.sam.arch", cfg.models.sam.arch, SAM_REGISTRY)
-    _choice("finetune.backbone", cfg.finetune.backbone, BACKBONES)
-    _choice("finetune.loss", cfg.finetune.loss, FINETUNE_LOSSES)
-    _choice("pseudo_labels.refine.spo_components", cfg.pseudo_labels.refine.spo_components, SPO_COMPONENTS)
-    _choice("pseudo_labels.refine.select_fail", cfg.pseudo_labels.refine.select_fail, SELECT_FAIL_RULES)
 
 
 def probe_storage(cfg: PipelineConfig) -> Storage:
@@ -126,14 +91,13 @@ def _check_train_workers(section: str, train_cfg: Any, cpus: int) -> None:
 
 
 def preflight(cfg: PipelineConfig, storage: Storage | None = None) -> list[str]:
-    """Check ``cfg`` against the registries, the data, the checkpoints and the machine (module
+    """Check ``cfg`` against the data, the checkpoints and the machine (module
     docstring); raise :class:`PreflightError` on the first problem. Returns notes (things that
     are fine but worth saying, e.g. "no test split")."""
     from pdso_ray.data.layouts import build_layout
     from pdso_ray.method.refiners import NEEDS_SAM
     from pdso_ray.models.loading import require_checkpoint
 
-    check_choices(cfg)
     probe = probe_storage(cfg)
     stages = set(requested_stages(cfg))
     notes: list[str] = []

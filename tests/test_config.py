@@ -2,7 +2,6 @@ import pytest
 import yaml
 
 from pdso_ray.config import ConfigError, dump_yaml, load_config
-from pdso_ray.preflight import PreflightError, check_choices
 
 
 def test_defaults_follow_design():
@@ -78,8 +77,8 @@ def test_override_errors_name_the_key(override, needle):
     ("data.layout=flat", "data.layout='flat'"),
 ])
 def test_choices_are_checked_against_the_registries(override, needle):
-    with pytest.raises(PreflightError) as e:
-        check_choices(load_config(overrides=["data.classes=5", override]))
+    with pytest.raises(ConfigError) as e:
+        load_config(overrides=["data.classes=5", override])
     assert needle in str(e.value)
 
 

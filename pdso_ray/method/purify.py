@@ -60,8 +60,6 @@ KMeansFn = Callable[..., tuple[np.ndarray, np.ndarray, np.ndarray]]
 # k-means #2 cluster's members, or the #2 centroid itself (from prototypes with 0 iterations: h's
 # class direction).
 KEPT_DISTANCES = ("mean", "centroid")
-# Starts of k-means #2/#3 (``purify.init``): from h's class prototypes (then #2's centroids), or random rows.
-INITS = ("prototypes", "random")
 
 
 def _check(dist: np.ndarray, assignments: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:

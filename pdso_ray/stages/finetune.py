@@ -45,7 +45,6 @@ if TYPE_CHECKING:
 log = logging.getLogger("pdso_ray")
 
 TRAIN_RUN_NAME = "train"  # Ray Train's run folder inside finetune/
-FINETUNE_LOSSES = ("ce", "agmm")  # the choices of finetune.loss
 
 
 class LoadTrainPairs(BatchStep):
@@ -154,12 +153,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     cfg, storage = config["cfg"], config["storage"]
     fc = cfg.finetune
-    if fc.loss not in FINETUNE_LOSSES:
-        raise ValueError(f"finetune.loss={fc.loss!r}: choose one of {', '.join(FINETUNE_LOSSES)}")
-    use_agmm = fc.loss == "agmm"
+    use_agmm = fc.loss == "agmm"  # finetune.* values were checked when the config was loaded
     if use_agmm:
-        if not 0.0 <= fc.agmm_momentum < 1.0:
-            raise ValueError(f"finetune.agmm_momentum={fc.agmm_momentum}: must lie in [0, 1)")
         weights = AgmmWeights(fc.agmm_soft_target, fc.agmm_response, fc.agmm_repulsion,
                               fc.agmm_absent, fc.agmm_likelihood)
     rank = ray.train.get_context().get_world_rank()
