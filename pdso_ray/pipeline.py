@@ -19,7 +19,7 @@ from typing import Any
 
 from pdso_ray.config import PipelineConfig, dump_yaml
 from pdso_ray.plan import STAGES, method_stages, requested_stages, runs_stage
-from pdso_ray.preflight import check_gpu_request, in_ray_job, preflight
+from pdso_ray.preflight import check_cluster, in_ray_job, preflight
 from pdso_ray.run_lease import RunLease
 from pdso_ray.run_layout import RunLayout
 from pdso_ray.stages import stage_class
@@ -125,8 +125,10 @@ def run_pipeline(cfg: PipelineConfig, storage: Storage | None = None) -> dict[st
     with RunLease(storage, run.lease_file).held():
         storage.write_text(run.config_file, dump_yaml(cfg))
         init_ray(cfg)
-        check_gpu_request(cfg)
-        ctx = RunContext(cfg=cfg, storage=storage, cluster_has_gpu=cluster_has_gpu(cfg))
+        uses_gpu = cluster_has_gpu(cfg)
+        if cfg.ray.address or in_ray_job():  # a local Ray was sized by the preflight already
+            check_cluster(cfg, uses_gpu)
+        ctx = RunContext(cfg=cfg, storage=storage, cluster_has_gpu=uses_gpu)
         return _run_stages(ctx)
 
 

@@ -1,31 +1,39 @@
 """Preflight: every misconfiguration a run can know about, found in seconds, before Ray starts.
 
-:func:`preflight` is called by ``pdso-ray run`` (and so by ``jobs/pdso.py``) after the config is
-loaded and before the run folder's lease is taken or Ray is started. It checks:
+:func:`preflight` runs at the start of :func:`pdso_ray.pipeline.run_pipeline` (``pdso-ray run``,
+``jobs/pdso.py``), after the config is loaded (each value was checked then) and before the run
+folder's lease is taken or Ray is started. It asks every stage the run executes what it needs
+(:meth:`pdso_ray.stages.base.Stage.needs`: images, models, worker groups, settings that conflict)
+and checks:
 
-- the data root is reachable and has the layout the config says (for the stages that read
-  images), with one listing call under a short connect timeout and few retries — which also
-  proves the storage credentials;
-- every checkpoint a requested stage needs is set and readable, unless random init is allowed;
-- a GPU request can be met: ``ray.use_gpu: true`` on a local start needs a GPU here
-  (:func:`check_gpu_request` repeats the check against a cluster once connected: a GPU now, or an
-  autoscaler that can add one).
+- settings that cannot work together in this plan (e.g. backbone fine-tuning on precomputed
+  features, which come without images);
+- the data root is reachable and has the layout the config says, and the train split holds
+  images, at least ``data.classes`` of them (a short walk, not a full listing; the listing
+  under a short connect timeout also proves the storage credentials); ``data.features`` holds at
+  least ``data.classes`` rows;
+- every checkpoint a stage loads is set (unless random init is allowed), readable, and loads as
+  a weights-only file of its architecture (a refused or mismatched checkpoint fails here, not in
+  a worker);
+- every worker group fits the machine: a trainer's workers, an actor pool's ``min_actors``,
+  k-means's shards, with their CPUs and GPUs (:func:`check_cluster` repeats this against a
+  cluster once connected: what it has now, or what its autoscaler can add).
 
 Each failure raises :class:`PreflightError` (a :class:`~pdso_ray.config.ConfigError`), whose one-line
 message names the key or URL and the fix; the CLI prints it as ``error: ...`` and exits 2.
-Each value alone (types, choices, registries, ranges) is checked when the config is loaded
-(:func:`pdso_ray.config.load_config`).
 """
 
 from __future__ import annotations
 
 import logging
 import os
-from typing import Any
 
 from pdso_ray.config import ConfigError, PipelineConfig
+from pdso_ray.data.listing import IMAGE_SUFFIXES
 from pdso_ray.plan import requested_stages
 from pdso_ray.run_layout import RunLayout
+from pdso_ray.stages import stage_class
+from pdso_ray.stages.base import ModelNeed, Needs, WorkerGroup
 from pdso_ray.storage import Storage, StorageError, protocol
 
 log = logging.getLogger("pdso_ray")
@@ -73,97 +81,176 @@ def in_ray_job() -> bool:
     return bool(os.environ.get("RAY_ADDRESS") or os.environ.get("RAY_JOB_ID"))
 
 
-def _local_gpu() -> bool:
+def _local_gpus() -> int:
     import torch
 
-    return torch.cuda.is_available()
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
 
 
-def _check_train_workers(section: str, train_cfg: Any, cpus: int) -> None:
-    """A Ray Train stage's workers must fit the local Ray, or they wait forever."""
-    need = train_cfg.num_workers * train_cfg.cpus_per_worker
-    if need > cpus:
-        raise PreflightError(
-            f"{section}.num_workers={train_cfg.num_workers} x {section}.cpus_per_worker="
-            f"{train_cfg.cpus_per_worker:g} needs {need:g} CPUs, but the local Ray has {cpus}: "
-            f"on one machine set {section}.num_workers=1 and {section}.cpus_per_worker to at most "
-            f"{max(1, cpus - 1)} (training workers would wait forever)")
+def plan_needs(cfg: PipelineConfig) -> dict[str, Needs]:
+    """What every stage this run executes needs (:meth:`pdso_ray.stages.base.Stage.needs`)."""
+    return {name: stage_class(name).needs(cfg) for name in requested_stages(cfg)}
 
 
 def preflight(cfg: PipelineConfig, storage: Storage | None = None) -> list[str]:
-    """Check ``cfg`` against the data, the checkpoints and the machine (module
-    docstring); raise :class:`PreflightError` on the first problem. Returns notes (things that
-    are fine but worth saying, e.g. "no test split")."""
-    from pdso_ray.data.layouts import build_layout
-    from pdso_ray.method.refiners import NEEDS_SAM
-    from pdso_ray.models.loading import require_checkpoint
-
+    """Check what the run's stages need (:func:`plan_needs`) against the data, the checkpoints
+    and the machine (module docstring); raise :class:`PreflightError` on the first problem.
+    Returns notes (things that are fine but worth saying, e.g. "no test split")."""
     probe = probe_storage(cfg)
-    stages = set(requested_stages(cfg))
-    notes: list[str] = []
-    layout = build_layout(cfg.data)
-    if cfg.data.features and "features" in stages:
-        _reachable(probe, "data.features", cfg.data.features, "precomputed features folder")
-    extract = "features" in stages and not cfg.data.features  # data.features replaces stage 1
-    if extract or stages & {"pretrain", "pseudo_labels", "finetune", "predict"}:
-        _reachable(probe, "data.root", cfg.data.root, "data root")
-        if extract:
-            split_url = layout.split_url(layout.train_split())
-            what = (f"the {cfg.data.layout} layout's {layout.train_split()} split "
-                    f"(data.layout={cfg.data.layout}, data.classes={cfg.data.classes})")
-            _reachable(probe, "data.root", split_url, what)
-        if stages & {"predict", "evaluate"}:
-            notes += [info.note for info in layout.eval_splits(probe) if info.note]
+    stages = requested_stages(cfg)
+    needs = plan_needs(cfg)
+    for need in needs.values():
+        if need.conflicts:
+            raise PreflightError(need.conflicts[0])
     if protocol(cfg.output) not in ("file", "memory"):
         try:
             probe.exists(cfg.output)
         except OSError as e:
             raise PreflightError(f"output: cannot reach {cfg.output} ({e}); check the URL and "
                                  "the storage credentials") from None
-    needs = []
-    # The teacher a pretrain stage of this run will write is not there yet: nothing to check.
-    pretrained_here = "pretrain" in stages and cfg.models.dino.checkpoint == RunLayout.from_config(cfg).pretrain_teacher
-    loads_dino = extract or "pseudo_labels" in stages or ("finetune" in stages and cfg.finetune.backbone == "dino")
-    if loads_dino and not pretrained_here:
-        needs.append(("dino", cfg.models.dino.arch, cfg.models.dino.checkpoint))
-    if "pseudo_labels" in stages and cfg.pseudo_labels.refine.method in NEEDS_SAM:
-        needs.append(("sam", cfg.models.sam.arch, cfg.models.sam.checkpoint))
-    for kind, arch, checkpoint in needs:
-        try:
-            require_checkpoint(kind, arch, checkpoint, cfg.models.allow_random_init)
-        except ConfigError as e:
-            raise PreflightError(str(e)) from None
-        if checkpoint:
-            _checkpoint(probe, f"models.{kind}.checkpoint", checkpoint)
-    local = not cfg.ray.address and not in_ray_job()
-    if local:
-        cpus = cfg.ray.num_cpus or os.cpu_count() or 1
-        for section in ("pretrain", "finetune"):  # the Ray Train stages
-            if section in stages:
-                _check_train_workers(section, getattr(cfg, section), cpus)
-    if cfg.ray.use_gpu is True and local and not _local_gpu():
-        raise PreflightError(
-            "ray.use_gpu=true, but this machine has no GPU and the run starts a local Ray: set "
-            "ray.use_gpu=null (use GPUs when there are some) or ray.address=the cluster's address")
+    if cfg.data.features and "features" in stages:
+        _check_precomputed(probe, cfg)
+    notes = _check_data(probe, cfg, {s for need in needs.values() for s in need.images}, "evaluate" in stages)
+    _check_models(probe, cfg, [m for need in needs.values() for m in need.models], "pretrain" in stages)
+    if not cfg.ray.address and not in_ray_job():
+        gpus = _local_gpus()
+        if cfg.ray.use_gpu is True and not gpus:
+            raise PreflightError(
+                "ray.use_gpu=true, but this machine has no GPU and the run starts a local Ray: set "
+                "ray.use_gpu=null (use GPUs when there are some) or ray.address=the cluster's address")
+        uses_gpu = cfg.ray.use_gpu if cfg.ray.use_gpu is not None else gpus > 0
+        have = {"CPU": float(cfg.ray.num_cpus or os.cpu_count() or 1), "GPU": float(gpus)}
+        for group in _groups(needs):
+            problem = unmet(group, have, uses_gpu)
+            if problem:
+                raise PreflightError(f"{problem}, but the local Ray has {_amounts(have)}: {_fix(group)}")
     return notes
 
 
-def check_gpu_request(cfg: PipelineConfig) -> None:
-    """Once connected: ``ray.use_gpu: true`` needs GPUs in the cluster now, or an autoscaler
-    that can add them; otherwise GPU actors would wait forever."""
+def _groups(needs: dict[str, Needs]) -> list[WorkerGroup]:
+    return [g for need in needs.values() for g in need.groups]
+
+
+def _check_precomputed(probe: Storage, cfg: PipelineConfig) -> None:
+    """``data.features`` replaces stage 1: it must hold at least one row per class."""
+    from pdso_ray.tables import count_rows
+
+    _reachable(probe, "data.features", cfg.data.features, "precomputed features folder")
+    rows = count_rows(probe, cfg.data.features)
+    if rows == 0:
+        raise PreflightError(f"data.features: no Parquet rows in {cfg.data.features}")
+    if rows < cfg.data.classes:
+        raise PreflightError(f"data.classes={cfg.data.classes}: more categories than the {rows} images of "
+                             f"data.features ({cfg.data.features}): set data.classes to at most {rows}")
+
+
+def _check_data(probe: Storage, cfg: PipelineConfig, splits: set[str], evaluates: bool) -> list[str]:
+    """The data root, the train split (when a stage reads it) with at least ``data.classes``
+    images, and notes on the evaluation splits."""
+    from pdso_ray.data.layouts import build_layout
+
+    if not splits and not evaluates:
+        return []
+    layout = build_layout(cfg.data)
+    notes: list[str] = []
+    if splits:
+        _reachable(probe, "data.root", cfg.data.root, "data root")
+    if "train" in splits:
+        split, classes = layout.train_split(), cfg.data.classes
+        split_url = layout.split_url(split)
+        _reachable(probe, "data.root", split_url, f"the {cfg.data.layout} layout's {split} split "
+                   f"(data.layout={cfg.data.layout}, data.classes={classes})")
+        found = layout.count_images(probe, split, enough=classes)
+        if found == 0:
+            raise PreflightError(f"data.root: no images under {split_url} (looked for "
+                                 f"{' '.join(IMAGE_SUFFIXES)} files, recursively)")
+        usable = min(found, cfg.data.limit or found)
+        if usable < classes:
+            what = (f"data.limit={cfg.data.limit} images" if usable < found
+                    else f"the {found} image{'s' if found != 1 else ''} under {split_url}")
+            raise PreflightError(f"data.classes={classes}: more categories than {what}: set data.classes "
+                                 f"to at most {usable} (or add images)")
+    if "eval" in splits or evaluates:
+        notes += [info.note for info in layout.eval_splits(probe) if info.note]
+    return notes
+
+
+def _check_models(probe: Storage, cfg: PipelineConfig, models: list[ModelNeed], pretrains: bool) -> None:
+    """Every checkpoint the run loads is set (or random weights are allowed), readable, and a
+    weights-only file that fits its architecture: loaded once here, before any Ray work."""
+    from pdso_ray.models.loading import require_checkpoint, verify_checkpoint
+
+    teacher = RunLayout.from_config(cfg).pretrain_teacher
+    checked = set()
+    for model in models:
+        if (model.kind, model.checkpoint, model.image_size) in checked:
+            continue
+        checked.add((model.kind, model.checkpoint, model.image_size))
+        if pretrains and model.checkpoint == teacher:
+            continue  # the teacher this run's pretrain stage writes is not there yet
+        try:
+            require_checkpoint(model.kind, model.arch, model.checkpoint, cfg.models.allow_random_init)
+        except ConfigError as e:
+            raise PreflightError(str(e)) from None
+        if not model.checkpoint:
+            continue
+        _checkpoint(probe, model.key, model.checkpoint)
+        try:
+            verify_checkpoint(model.kind, model.arch, model.checkpoint, probe, model.image_size)
+        except (ValueError, OSError) as e:
+            raise PreflightError(f"{model.key}: {' '.join(str(e).split())}") from None
+
+
+def unmet(group: WorkerGroup, have: dict[str, float], uses_gpu: bool) -> str | None:
+    """What ``group`` needs beyond ``have`` (``{"CPU": n, "GPU": m}``), as the start of an error
+    message, or None when it fits."""
+    cpus = group.workers * group.cpus + group.feed_cpus
+    if cpus > have.get("CPU", 0):
+        sized = f"{group.workers_key}={group.workers}" if group.workers_key else f"{group.workers} worker(s)"
+        per = f"{group.cpus_key}={group.cpus:g}" if group.cpus_key else f"{group.cpus:g} CPU each"
+        feed = f" + {group.feed_cpus:g} for the tasks that feed it" if group.feed_cpus else ""
+        return f"{group.what} needs {cpus:g} CPUs ({sized} x {per}{feed})"
+    gpus = group.workers * group.gpus if uses_gpu else 0.0
+    if gpus > have.get("GPU", 0):
+        sized = f"{group.workers_key}={group.workers}" if group.workers_key else f"{group.workers} worker(s)"
+        return f"{group.what} needs {gpus:g} GPUs ({sized} x {group.gpus:g})"
+    return None
+
+
+def _amounts(have: dict[str, float]) -> str:
+    return f"{have.get('CPU', 0):g} CPUs and {have.get('GPU', 0):g} GPUs"
+
+
+def _fix(group: WorkerGroup) -> str:
+    keys = [k for k in (group.workers_key, group.cpus_key) if k]
+    change = f"lower {' or '.join(keys)}" if keys else "give the cluster more CPUs (ray.num_cpus)"
+    return f"{change} (its workers would wait for ever)"
+
+
+def check_cluster(cfg: PipelineConfig, uses_gpu: bool) -> None:
+    """Once connected to a cluster (``ray.address``, or inside ``ray job submit``), before any
+    stage: every worker group the run starts fits the cluster now, or the most its autoscaler can
+    grow it to; otherwise the run would wait for ever. ``uses_gpu``: whether GPU steps ask for
+    GPUs (:func:`pdso_ray.pipeline.cluster_has_gpu`)."""
     import ray
 
-    if cfg.ray.use_gpu is not True or ray.cluster_resources().get("GPU", 0) > 0:
-        return
+    now = ray.cluster_resources()
     try:
         from ray._private.state import state
 
         most = state.get_max_resources_from_cluster_config() or {}
     except Exception:  # noqa: BLE001 - an older or unusual cluster: no autoscaler information
         most = {}
-    if most.get("GPU", 0) > 0:
-        log.info("no GPU in the cluster yet: the autoscaler can add up to %s", most["GPU"])
-        return
-    raise PreflightError(
-        "ray.use_gpu=true, but the cluster has no GPU and its autoscaler cannot add one: set "
-        "ray.use_gpu=null (use GPUs when present) or add a GPU node group to the cluster")
+    ceiling = {k: max(now.get(k, 0), most.get(k, 0)) for k in ("CPU", "GPU")}
+    if cfg.ray.use_gpu is True and not ceiling["GPU"]:
+        raise PreflightError(
+            "ray.use_gpu=true, but the cluster has no GPU and its autoscaler cannot add one: set "
+            "ray.use_gpu=null (use GPUs when present) or add a GPU node group to the cluster")
+    for group in _groups(plan_needs(cfg)):
+        if unmet(group, now, uses_gpu) is None:
+            continue
+        problem = unmet(group, ceiling, uses_gpu)
+        if problem:
+            raise PreflightError(f"{problem}, but the cluster has {_amounts(now)} and its autoscaler "
+                                 f"can grow it to {_amounts(ceiling)}: {_fix(group)}")
+        log.info("%s waits for the autoscaler (the cluster has %s now)", group.what, _amounts(now))

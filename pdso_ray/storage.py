@@ -84,14 +84,17 @@ class FileEntry:
 
     ``url``: its URL (same scheme as the listed folder); ``size``: bytes; ``regular``: a regular
     file (objects in an object store always are; on a local disk a symlink counts as regular when
-    its target is one); ``link_target``: for a local symlink, the real path it resolves to, else
-    None.
+    its target is one); ``link_target``: for a local symlink (or a file reached through a
+    symlinked folder), the real path it resolves to, else None; ``folder_link``: the entry is a
+    symlinked folder that was not listed into (its target is outside the folders it may be
+    followed into, or listed already), ``link_target`` its target.
     """
 
     url: str
     size: int
     regular: bool
     link_target: str | None = None
+    folder_link: bool = False
 
 
 class Storage:
@@ -234,26 +237,75 @@ class Storage:
         wanted = tuple(s.lower() for s in suffixes) if suffixes else None
         return [e.url for e in self.list_entries(url) if wanted is None or e.url.lower().endswith(wanted)]
 
-    def list_entries(self, url: str) -> list[FileEntry]:
+    def list_entries(self, url: str, follow_links_within: str | None = None) -> list[FileEntry]:
         """Every file under ``url`` (recursive, sorted by URL), with size and kind; a missing folder
-        lists as empty. Local symlinks are listed, not followed into (``link_target`` says where
-        they point); sockets, FIFOs and devices are listed as not regular."""
+        lists as empty. Local symlinks to files are listed, not followed (``link_target`` says
+        where they point); sockets, FIFOs and devices are listed as not regular.
+
+        A local symlink to a folder is listed into when ``follow_links_within`` (a local folder)
+        holds its target and that target is not listed already (not below ``url``, not visited:
+        no loops); its files keep the link's path in their URL and carry their real path in
+        ``link_target``. Any other folder link is one entry with ``folder_link`` set."""
         fs, path = self.fs(url)
         with naming("listing", url):
             if not fs.exists(path):
                 return []
             found = fs.find(path, withdirs=False, detail=True)
+        local = protocol(url) == "file"
+        within = os.path.realpath(self.fs(follow_links_within)[1]) if local and follow_links_within else None
+        listed = os.path.realpath(path) if local else None
         out = []
-        for name, info in found.items():
+        visited: set[str] = set()
+        pending = [(name, info, False) for name, info in found.items()]
+        while pending:
+            name, info, through_link = pending.pop()
             target = None
             regular = info.get("type") == "file"
-            if protocol(url) == "file" and info.get("islink"):
+            if local and (info.get("islink") or through_link):
                 target = os.path.realpath(name)
+                if os.path.isdir(target):
+                    if within is not None and _inside(target, within) and not _inside(target, listed) \
+                            and target not in visited:
+                        visited.add(target)
+                        with naming("listing", name):
+                            below = fs.find(name, withdirs=False, detail=True)
+                        pending += [(n, i, True) for n, i in below.items()]
+                    else:
+                        out.append(FileEntry(self._to_url(url, name), 0, False, target, folder_link=True))
+                    continue
                 regular = os.path.isfile(target) and stat.S_ISREG(os.stat(target).st_mode)
-            elif protocol(url) not in ("file", "memory"):
+            elif not local and protocol(url) != "memory":
                 regular = True  # object stores hold objects, nothing else
             out.append(FileEntry(self._to_url(url, name), int(info.get("size") or 0), regular, target))
         return sorted(out, key=lambda e: e.url)
+
+    def walk_files(self, url: str, follow_links_within: str | None = None) -> Iterator[str]:
+        """The URLs of the files under ``url``, one folder at a time, so that a caller who has seen
+        enough can stop early (a missing folder yields nothing). Local symlinked folders are
+        walked into as :meth:`list_entries` does (targets inside ``follow_links_within``, once)."""
+        fs, path = self.fs(url)
+        with naming("listing", url):
+            if not fs.exists(path):
+                return
+            if protocol(url) != "file":
+                for folder, _, files in fs.walk(path):
+                    for name in sorted(files):
+                        yield self._to_url(url, posixpath.join(folder, name))
+                return
+            within = os.path.realpath(self.fs(follow_links_within)[1]) if follow_links_within else None
+            seen = {os.path.realpath(path)}
+            for folder, dirs, files in os.walk(path, followlinks=True):
+                keep = []
+                for d in sorted(dirs):
+                    real = os.path.realpath(os.path.join(folder, d))
+                    if os.path.islink(os.path.join(folder, d)) and (
+                            within is None or not _inside(real, within) or real in seen):
+                        continue
+                    seen.add(real)
+                    keep.append(d)
+                dirs[:] = keep
+                for name in sorted(files):
+                    yield self._to_url(url, os.path.join(folder, name))
 
     def list_relative(self, url: str, suffix: str | None = None) -> dict[str, str]:
         """``{path relative to url: URL}`` of the files under ``url`` whose name ends in ``suffix``
@@ -360,6 +412,11 @@ class Storage:
         if not self.exists(url):
             return None
         return self.read_json(url)
+
+
+def _inside(path: str, folder: str) -> bool:
+    """Whether the real path ``path`` is ``folder`` or below it."""
+    return os.path.commonpath([path, folder]) == folder
 
 
 def _read_local_bounded(path: str, max_bytes: int, root: str | None) -> bytes:

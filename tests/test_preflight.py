@@ -1,6 +1,7 @@
 """Preflight: misconfiguration fails in seconds, before Ray starts, with one ``error:`` line that
 names the key or URL and the fix (exit code 2)."""
 
+import os
 import sys
 import time
 
@@ -26,8 +27,24 @@ def dino_file(tmp_path_factory):
     from pdso_ray.models.dino import build_dino, save_dino_checkpoint
 
     url = str(tmp_path_factory.mktemp("w") / "dino.pth")
-    save_dino_checkpoint(build_dino("vit_tiny_test", img_size=64), url)
+    save_dino_checkpoint(build_dino("vit_tiny_reg4", img_size=64), url)
     return url
+
+
+@pytest.fixture(scope="module")
+def sam_file(tmp_path_factory):
+    from pdso_ray.models.sam import build_sam, save_sam_checkpoint
+
+    url = str(tmp_path_factory.mktemp("w") / "sam.pth")
+    save_sam_checkpoint(build_sam("vit_tiny_test", None, img_size=256), url)
+    return url
+
+
+class Planted:
+    """Unpickling this runs code: a checkpoint holding it must be refused, never loaded."""
+
+    def __reduce__(self):
+        return (exec, ("open('/tmp/pdso-planted', 'w')",))
 
 
 def _run(capsys, *overrides):
@@ -51,19 +68,58 @@ def test_a_missing_sam_checkpoint_fails_in_seconds_without_starting_ray(capsys, 
 @pytest.mark.parametrize("override,needle", [
     ("models.sam.checkpoint={tmp}/nope.pth", "models.sam.checkpoint: checkpoint file not found at {tmp}/nope.pth"),
     ("models.sam.checkpoint={tmp}/empty.pth", "models.sam.checkpoint: {tmp}/empty.pth is empty"),
+    ("models.sam.checkpoint={dino}", "models.sam.checkpoint: checkpoint {dino} does not match the model"),
+    ("models.sam.checkpoint={tmp}/planted.pth", "models.sam.checkpoint: cannot read checkpoint {tmp}/planted.pth"),
     ("data.root={tmp}/nowhere", "data.root: data root not found at {tmp}/nowhere"),
     ("data.classes=7", "the imagenet_s layout's train split (data.layout=imagenet_s, data.classes=7) not found"),
     ("ray.use_gpu=true", "ray.use_gpu=true, but this machine has no GPU"),
     ("pseudo_labels.refine.method=sam_selectt", "did you mean 'sam_select'"),
+    ("denoise.finetune_workers=8", "the backbone fine-tuning (Ray Train) needs 9 CPUs (denoise.finetune_workers=8 "
+                                   "x denoise.finetune_cpus_per_worker=1 + 1 for the tasks that feed it), but the "
+                                   "local Ray has 2 CPUs"),
+    ("cluster.num_shards=3", "k-means shards needs 3 CPUs (cluster.num_shards=3 x 1 CPU each)"),
+    ("features.min_actors=3", "lower features.min_actors or features.cpus_per_actor"),
+    ("finetune.num_workers=4", "fine-tuning (Ray Train) needs 3 CPUs"),
 ])
-def test_each_misconfiguration_is_named(capsys, data_root, dino_file, tmp_path, override, needle):
+def test_each_misconfiguration_is_named(capsys, data_root, dino_file, sam_file, tmp_path, override, needle):
+    import torch
+
     (tmp_path / "empty.pth").write_bytes(b"")
+    torch.save({"w": Planted()}, tmp_path / "planted.pth")
     base = [f"data.root={data_root}", "data.classes=2", f"output={tmp_path}/run",
             "models.allow_random_init=false", f"models.dino.checkpoint={dino_file}",
-            f"models.sam.checkpoint={dino_file}"]
-    code, err, _ = _run(capsys, *base, override.format(tmp=tmp_path))
+            f"models.sam.checkpoint={sam_file}", "ray.num_cpus=2", "denoise.finetune_blocks=1",
+            "features.max_actors=4"]
+    code, err, _ = _run(capsys, *base, override.format(tmp=tmp_path, dino=dino_file))
     assert code == 2 and len(err) == 1 and err[0].startswith("error: "), err
-    assert needle.format(tmp=tmp_path) in err[0]
+    assert needle.format(tmp=tmp_path, dino=dino_file) in err[0]
+    assert not os.path.exists("/tmp/pdso-planted")
+
+
+@pytest.mark.parametrize("layout, classes, needle", [
+    ("folder", 2, "data.root: no images under {empty}"),
+    ("imagenet_s", 3, "data.classes=3: more categories than the 2 images under {root}/ImageNetS3/train"),
+])
+def test_too_few_images_for_the_classes(capsys, tmp_path, layout, classes, needle):
+    empty, root = tmp_path / "empty", tmp_path / "data"
+    (empty / "sub").mkdir(parents=True)
+    (empty / "sub" / "notes.txt").write_text("not an image")
+    make_demo_dataset(str(root), classes=classes, train_per_class=1, val_per_class=0, test_per_class=0)
+    train = root / f"ImageNetS{classes}" / "train"
+    for extra in sorted(train.glob("*/*"))[2:]:  # keep two images
+        extra.unlink()
+    data = empty if layout == "folder" else root
+    code, err, _ = _run(capsys, f"data.root={data}", f"data.layout={layout}", f"data.classes={classes}",
+                        f"output={tmp_path}/run", "models.allow_random_init=true")
+    assert code == 2 and len(err) == 1 and err[0].startswith(f"error: {needle.format(empty=empty, root=root)}"), err
+
+
+def test_backbone_tuning_on_precomputed_features_is_refused(capsys, tmp_path):
+    code, err, _ = _run(capsys, f"data.features={tmp_path}", "data.classes=2", f"output={tmp_path}/run",
+                        "denoise.finetune_blocks=12", "stages=features,cluster,denoise")
+    assert code == 2 and len(err) == 1
+    assert err[0].startswith("error: denoise.finetune_blocks=12 fine-tunes the backbone on the images, but "
+                             f"data.features='{tmp_path}' gives precomputed features without them")
 
 
 def test_unreachable_storage_fails_fast_naming_the_url(data_root):

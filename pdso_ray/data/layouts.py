@@ -8,8 +8,8 @@
   paths; one split, ``all``; no ground truth.
 
 A layout is a small picklable object with the same few methods, so stages never ask which one it
-is: :meth:`train_split`, :meth:`eval_splits`, :meth:`list_split`, :meth:`gt_dir`,
-:attr:`folder_is_class`.
+is: :meth:`train_split`, :meth:`eval_splits`, :meth:`list_split`, :meth:`count_images` (a quick
+count for the preflight), :meth:`gt_dir`, :attr:`folder_is_class`.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 from pdso_ray.config import DataConfig
 from pdso_ray.data.imagenet_s import GT_SPLITS, TEST, TRAIN, VALIDATION, dataset_dir, list_split
-from pdso_ray.data.listing import SplitListing, list_tree
+from pdso_ray.data.listing import SplitListing, count_images, list_tree
 from pdso_ray.storage import Storage
 
 ALL = "all"  # the one split of a plain folder of images
@@ -65,6 +65,10 @@ class ImageNetSLayout:
     def list_split(self, storage: Storage, split: str) -> SplitListing:
         return list_split(storage, self.root, self.classes, split, self.max_file_bytes)
 
+    def count_images(self, storage: Storage, split: str, enough: int) -> int:
+        """Images of ``split`` as far as ``enough`` (:func:`~pdso_ray.data.listing.count_images`)."""
+        return count_images(storage, self.split_url(split), class_folders=True, data_root=self.root, enough=enough)
+
     def split_info(self, storage: Storage, split: str) -> SplitInfo:
         if not storage.exists(self.split_url(split)):
             return SplitInfo(split, False, None, f"no {split} split ({self.split_url(split)} not found): skipped")
@@ -105,6 +109,11 @@ class FolderLayout:
     def list_split(self, storage: Storage, split: str) -> SplitListing:
         return list_tree(storage, self.split_url(split), ALL, class_folders=self.folder_is_class,
                          data_root=self.root, max_file_bytes=self.max_file_bytes)
+
+    def count_images(self, storage: Storage, split: str, enough: int) -> int:
+        """Images of ``split`` as far as ``enough`` (:func:`~pdso_ray.data.listing.count_images`)."""
+        return count_images(storage, self.split_url(split), class_folders=self.folder_is_class,
+                            data_root=self.root, enough=enough)
 
     def split_info(self, storage: Storage, split: str) -> SplitInfo:
         return SplitInfo(split, storage.exists(self.split_url(split)), None,

@@ -7,7 +7,8 @@
   (:func:`pdso_ray.run_layout.unsafe_reason`), a regular file within the size cap;
 - ``rejected``: image files that cannot be used, each with a reason (unsafe name, not inside a
   class folder where one is required, a duplicate id, a FIFO or device, a symlink out of the data
-  root, too large);
+  root, too large), and symlinked folders that are not read (pointing out of the data root, or
+  at a folder listed already), one record each;
 - ``ignored``: files that are not images (no image suffix, hidden names such as ``.DS_Store`` or
   our own ``.tmp-*`` writes); reported, never counted as images.
 """
@@ -92,13 +93,19 @@ def list_tree(storage: Storage, base_url: str, split: str, *, class_folders: boo
 
     listing = SplitListing(split=split)
     taken: dict[str, str] = {}
-    for entry in storage.list_entries(base_url):
+    for entry in storage.list_entries(base_url, follow_links_within=data_root or base_url):
         url = entry.url
         _, fs_path = storage.fs(url)
         if not fs_path.startswith(base):
             raise ValueError(f"listing of {base_url} returned {url}, which is outside it")
         rel = fs_path[len(base):]
         parts = rel.split("/")
+        if entry.folder_link and not any(is_hidden(p) for p in parts):
+            where = ("outside the data root " + root_real if not _inside(entry.link_target, root_real)
+                     else "a folder listed already")
+            listing.rejected.append(Rejected(path=url, reason=f"symlinked folder to {entry.link_target}, "
+                                             f"{where}: its images are not read", rel=rel))
+            continue
         if any(is_hidden(p) for p in parts) or not is_image_name(parts[-1]):
             listing.ignored.append(url)
             continue
@@ -122,10 +129,32 @@ def list_tree(storage: Storage, base_url: str, split: str, *, class_folders: boo
     return listing
 
 
+def count_images(storage: Storage, base_url: str, *, class_folders: bool, data_root: str | None = None,
+                 enough: int | None = None) -> int:
+    """How many files under ``base_url`` look like images to :func:`list_tree` (an image suffix, no
+    hidden name, inside a class folder when ``class_folders``), counting no further than
+    ``enough``: a quick check that a tree is not empty and holds at least so many images, without
+    listing all of it. (Names and sizes are not checked: the listing may still reject some.)"""
+    _, base = storage.fs(base_url)
+    base = base.rstrip("/") + "/"
+    found = 0
+    for url in storage.walk_files(base_url, follow_links_within=data_root or base_url):
+        parts = storage.fs(url)[1][len(base):].split("/")
+        if is_image_name(parts[-1]) and not any(is_hidden(p) for p in parts) and (len(parts) > 1 or not class_folders):
+            found += 1
+            if enough is not None and found >= enough:
+                break
+    return found
+
+
+def _inside(path: str, folder: str) -> bool:
+    return os.path.commonpath([path, folder]) == folder
+
+
 def _file_problem(entry, root_real: str, max_file_bytes: int) -> str | None:
     """Why a listed file must not be read (checked again when it is read), or None."""
     if entry.link_target is not None:
-        if os.path.commonpath([entry.link_target, root_real]) != root_real:
+        if not _inside(entry.link_target, root_real):
             return f"symlink to {entry.link_target}, outside the data root {root_real}"
     if not entry.regular:
         return "not a regular file (a device, FIFO, socket or dangling symlink)"

@@ -86,4 +86,4 @@ def check_keys(model: nn.Module, state_dict: Mapping[str, torch.Tensor], url: st
         if items:
             more = f" (+{len(items) - _MAX_LISTED} more)" if len(items) > _MAX_LISTED else ""
             parts.append(f"{len(items)} {name}: {', '.join(items[:_MAX_LISTED])}{more}")
-    raise ValueError("\n  ".join(parts))
+    raise ValueError(parts[0] + " " + "; ".join(parts[1:]))

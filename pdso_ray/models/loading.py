@@ -112,6 +112,19 @@ class SamSource:
                                 points_per_side=points_per_side)
 
 
+def verify_checkpoint(kind: str, arch: str, url: str, storage: Storage, image_size: int | None = None) -> None:
+    """Build ``kind``'s ``arch`` from the checkpoint at ``url`` (on the CPU, then dropped): raises
+    ValueError when the file is not a weights-only checkpoint of that architecture (the message
+    names the file and the keys), FileNotFoundError when it is gone. The preflight calls this, so
+    that a bad file fails before any Ray work."""
+    if kind == "dino":
+        DinoSource(arch, image_size or 224, url, 0).build(storage)
+    else:
+        from pdso_ray.models.sam import build_sam
+
+        build_sam(arch, url, storage, img_size=image_size)
+
+
 def save_weights(storage: Storage, url: str, state: dict) -> None:
     """``torch.save`` of ``state`` (a state dict) to ``url``, atomically through ``storage``."""
     buffer = io.BytesIO()

@@ -123,6 +123,68 @@ class RunContext:
         self.data = build_layout(self.cfg.data)
 
 
+@dataclass(frozen=True)
+class WorkerGroup:
+    """Workers a stage needs at the same time, or it waits for ever: a Ray Train trainer's workers
+    (all start together), an actor pool's ``min_actors``, k-means's shards (one placement group).
+
+    ``workers`` × ``cpus`` (and × ``gpus`` when the run uses GPUs) must fit the cluster, plus
+    ``feed_cpus`` for the Ray Data tasks that feed a trainer meanwhile. ``workers_key`` and
+    ``cpus_key`` name the settings that size it (None when fixed), ``what`` says what it is."""
+
+    what: str
+    workers_key: str | None
+    workers: int
+    cpus_key: str | None
+    cpus: float
+    gpus: float = 0.0
+    feed_cpus: float = 0.0
+
+
+@dataclass(frozen=True)
+class ModelNeed:
+    """A model a stage loads: ``kind`` ``"dino"`` or ``"sam"``, its ``arch``, the ``checkpoint``
+    URL (None: random weights, allowed only with ``models.allow_random_init``) and ``image_size``
+    (None: the architecture's own)."""
+
+    kind: str
+    arch: str
+    checkpoint: str | None
+    image_size: int | None = None
+
+    @property
+    def key(self) -> str:
+        return f"models.{self.kind}.checkpoint"
+
+
+@dataclass(frozen=True)
+class Needs:
+    """What a stage needs from the data, the models and the cluster in a run of a config, asked by
+    the preflight before Ray starts (:meth:`Stage.needs`).
+
+    ``images``: the splits whose images it reads from ``data.root`` (``"train"`` for the train
+    split, ``"eval"`` for the evaluation splits); ``models``; ``groups``; ``conflicts``: settings
+    that cannot work in this config, each a complete error message naming the keys."""
+
+    images: tuple[str, ...] = ()
+    models: tuple[ModelNeed, ...] = ()
+    groups: tuple[WorkerGroup, ...] = ()
+    conflicts: tuple[str, ...] = ()
+
+
+def dino_need(cfg: PipelineConfig, image_size: int | None = None) -> ModelNeed:
+    """The ``models.dino`` backbone, as a stage that loads it needs it."""
+    dc = cfg.models.dino
+    return ModelNeed("dino", dc.arch, dc.checkpoint, image_size or dc.image_size)
+
+
+def pool_group(what: str, section: str, settings: Any, cpus: float = 1.0, cpus_key: str | None = None) -> WorkerGroup:
+    """The ``min_actors`` of an actor pool sized by ``section.min_actors`` and
+    ``section.gpus_per_actor`` (``cpus`` per actor, fixed or from ``cpus_key``)."""
+    return WorkerGroup(what, f"{section}.min_actors", settings.min_actors, cpus_key, cpus,
+                       gpus=settings.gpus_per_actor)
+
+
 class Stage:
     """One pipeline stage. ``name`` is its folder in the run; ``config_sections`` are the config
     keys whose values define its output (their hash goes into the manifest); ``depends_on`` the
@@ -139,6 +201,12 @@ class Stage:
         """The stages whose outputs this one reads in a run of ``cfg`` (by default
         ``depends_on``; a stage both methods run may read different ones per method)."""
         return cls.depends_on
+
+    @classmethod
+    def needs(cls, cfg: PipelineConfig) -> Needs:
+        """What a run of ``cfg`` needs for this stage (:class:`Needs`): checked by the preflight
+        before Ray starts, so a stage that cannot run fails in seconds, not after the ones before it."""
+        return Needs()
 
     def extra_outputs(self, run: RunLayout) -> tuple[str, ...]:
         return ()

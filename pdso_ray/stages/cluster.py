@@ -12,7 +12,8 @@ from typing import Any
 
 import numpy as np
 
-from pdso_ray.stages.base import RunContext, Stage
+from pdso_ray.config import PipelineConfig
+from pdso_ray.stages.base import Needs, RunContext, Stage, WorkerGroup
 from pdso_ray.stages.diagnostics import folder_classes, image_diagnostics, image_scores
 from pdso_ray.tables import parquet_files, save_array, write_aligned
 
@@ -21,6 +22,11 @@ class ClusterStage(Stage):
     name = "cluster"
     config_sections = ("cluster", "data.classes", "seed")
     depends_on = ("features",)
+
+    @classmethod
+    def needs(cls, cfg: PipelineConfig) -> Needs:
+        shards = cfg.cluster.num_shards  # None: as many as the cluster has CPUs (or GPUs) free
+        return Needs(groups=(WorkerGroup("k-means shards", "cluster.num_shards", shards or 1, None, 1.0, gpus=1.0),))
 
     def run(self, ctx: RunContext) -> dict[str, Any]:
         from pdso_ray.kmeans import kmeans

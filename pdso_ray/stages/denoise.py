@@ -32,9 +32,9 @@ import numpy as np
 
 from pdso_ray.config import DenoiseConfig
 from pdso_ray.run_layout import RunLayout
-from pdso_ray.stages.base import (Batch, BatchStep, Resources, RunContext, Stage, checkpoint_state, ddp_wrap,
-                                  map_step, ordered_ingest, report_epoch, resume_training, shuffled_batches,
-                                  train_storage)
+from pdso_ray.stages.base import (Batch, BatchStep, Needs, Resources, RunContext, Stage, WorkerGroup,
+                                  checkpoint_state, ddp_wrap, dino_need, map_step, ordered_ingest, report_epoch,
+                                  resume_training, shuffled_batches, train_storage)
 from pdso_ray.stages.read_decode import ImageReader, ReadDecode
 from pdso_ray.stages.diagnostics import folder_classes, image_diagnostics, image_scores
 from pdso_ray.storage import Storage
@@ -300,6 +300,26 @@ class DenoiseStage(Stage):
     # denoise.max_in_memory_gb: holding S919's features in memory (3.9 GB) beats streaming them:
     # streaming costs one zstd decode of the features per pass (~25 s per pass on one busy core,
     # half the time of a linear epoch), and a whole-data shuffle beats shuffling blocks of row groups.
+
+    @classmethod
+    def needs(cls, cfg) -> Needs:
+        """One task (1 CPU, a GPU when the run uses GPUs); with ``denoise.finetune_blocks`` also the
+        images, the backbone, the tuner's workers and the re-embedding actor pool."""
+        task = WorkerGroup("the denoise task", None, 1, None, 1.0, gpus=1.0)
+        d, fc = cfg.denoise, cfg.features
+        if not d.finetune_blocks:
+            return Needs(groups=(task,))
+        if cfg.data.features:
+            return Needs(conflicts=(
+                f"denoise.finetune_blocks={d.finetune_blocks} fine-tunes the backbone on the images, but "
+                f"data.features={cfg.data.features!r} gives precomputed features without them: set "
+                "denoise.finetune_blocks=0 (denoising on the given features)",))
+        tuner = WorkerGroup("the backbone fine-tuning (Ray Train)", "denoise.finetune_workers", d.finetune_workers,
+                            "denoise.finetune_cpus_per_worker", d.finetune_cpus_per_worker, gpus=1.0,
+                            feed_cpus=fc.decode_cpus)
+        reembed = WorkerGroup("the re-embedding actor pool", "features.min_actors", fc.min_actors,
+                              "features.cpus_per_actor", fc.cpus_per_actor, gpus=fc.gpus_per_actor)
+        return Needs(images=("train",), models=(dino_need(cfg),), groups=(task, tuner, reembed))
 
     def run(self, ctx: RunContext) -> dict[str, Any]:
         """f, g, h on the frozen features (one task; skipped when an interrupted run finished

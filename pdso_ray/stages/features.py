@@ -17,7 +17,7 @@ import pyarrow as pa
 
 from pdso_ray.config import PipelineConfig
 from pdso_ray.data.listing import Rejected
-from pdso_ray.stages.base import Batch, BatchStep, Resources, RunContext
+from pdso_ray.stages.base import Batch, BatchStep, Needs, Resources, RunContext, WorkerGroup, dino_need
 from pdso_ray.stages.read_decode import ImageReader, ReadDecode
 from pdso_ray.stages.streaming import StreamingStage, Work, ids_in, reconcile, write_rejected
 from pdso_ray.storage import Storage
@@ -124,6 +124,15 @@ class FeaturesStage(StreamingStage):
         from pdso_ray.run_layout import RunLayout
 
         return ("pretrain",) if cfg.models.dino.checkpoint == RunLayout.from_config(cfg).pretrain_teacher else ()
+
+    @classmethod
+    def needs(cls, cfg: PipelineConfig) -> Needs:
+        if cfg.data.features:  # precomputed: nothing to extract
+            return Needs()
+        fc = cfg.features
+        return Needs(images=("train",), models=(dino_need(cfg),),
+                     groups=(WorkerGroup("the DINO actor pool", "features.min_actors", fc.min_actors,
+                                         "features.cpus_per_actor", fc.cpus_per_actor, gpus=fc.gpus_per_actor),))
 
     def extra_outputs(self, run) -> tuple[str, ...]:
         return (run.rejected_dir,)

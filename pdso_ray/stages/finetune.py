@@ -32,9 +32,9 @@ import numpy as np
 
 from pdso_ray.data.imagenet_s import IGNORE_ID, decode_label
 from pdso_ray.plan import LABEL_STAGE
-from pdso_ray.stages.base import (Batch, BatchStep, Resources, RunContext, Stage, checkpoint_state,
-                                  map_step, ordered_ingest, report_epoch, resume_state, shuffled_batches,
-                                  train_storage)
+from pdso_ray.stages.base import (Batch, BatchStep, Needs, Resources, RunContext, Stage, WorkerGroup,
+                                  checkpoint_state, dino_need, map_step, ordered_ingest, report_epoch,
+                                  resume_state, shuffled_batches, train_storage)
 from pdso_ray.stages.read_decode import ImageReader
 from pdso_ray.storage import Storage
 from pdso_ray.tables import parquet_files
@@ -45,6 +45,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("pdso_ray")
 
 TRAIN_RUN_NAME = "train"  # Ray Train's run folder inside finetune/
+LOADER_CPUS = 1.0  # per task of LoadTrainPairs, which feeds the trainer
 
 
 class LoadTrainPairs(BatchStep):
@@ -65,7 +66,7 @@ class LoadTrainPairs(BatchStep):
         self.reader = reader
         self.storage = reader.storage
         self.canvas = canvas
-        self.resources = Resources(batch_size=batch_size, num_cpus=1.0, stateful=False)
+        self.resources = Resources(batch_size=batch_size, num_cpus=LOADER_CPUS, stateful=False)
 
     def __call__(self, batch: Batch) -> Batch:
         from pdso_ray.method.augment import pad_to_canvas, resize_label_nearest
@@ -274,6 +275,14 @@ class FinetuneStage(Stage):
     config_sections = ("finetune", "models.dino", "data.classes", "data.max_pixels",
                        "data.max_file_bytes", "seed")
     depends_on = ("pseudo_labels",)
+
+    @classmethod
+    def needs(cls, cfg) -> Needs:
+        fc = cfg.finetune
+        trainer = WorkerGroup("fine-tuning (Ray Train)", "finetune.num_workers", fc.num_workers,
+                              "finetune.cpus_per_worker", fc.cpus_per_worker, gpus=1.0 if fc.use_gpu else 0.0,
+                              feed_cpus=LOADER_CPUS)
+        return Needs(images=("train",), models=(dino_need(cfg),) if fc.backbone == "dino" else (), groups=(trainer,))
 
     @classmethod
     def upstream(cls, cfg) -> tuple[str, ...]:

@@ -46,7 +46,7 @@ from pdso_ray.data.imagenet_s import IGNORE_ID, VALIDATION, decode_gray_png, dec
 from pdso_ray.data.listing import Rejected
 from pdso_ray.data.ids import LABEL_SUFFIX, png_rel, split_of
 from pdso_ray.run_layout import RunLayout
-from pdso_ray.stages.base import Batch, BatchStep, Resources, RunContext, Stage
+from pdso_ray.stages.base import Batch, BatchStep, Needs, Resources, RunContext, Stage, dino_need, pool_group
 from pdso_ray.stages.read_decode import ImageReader
 from pdso_ray.stages.streaming import (StreamingPass, Work, ids_in, object_column, read_rejected, reconcile,
                                        run_pass, write_rejected)
@@ -477,6 +477,11 @@ class LightClusterStage(Stage):
     config_sections = ("lightcluster", "models.dino", "data.root", "data.layout", "data.classes",
                        "data.eval_splits", "data.max_pixels", "data.max_file_bytes", "seed")
     depends_on = ("features", "cluster")
+
+    @classmethod
+    def needs(cls, cfg) -> Needs:
+        return Needs(images=("train", "eval"), models=(dino_need(cfg),),
+                     groups=(pool_group("the DINO actor pool", "lightcluster", cfg.lightcluster),))
 
     def extra_outputs(self, run: RunLayout) -> tuple[str, ...]:
         return (run.method_path("labels"), run.predictions_root, run.eval_file("lightcluster.json"))

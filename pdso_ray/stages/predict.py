@@ -30,7 +30,7 @@ from pdso_ray.data.imagenet_s import encode_gray_png, encode_label
 from pdso_ray.data.listing import Rejected
 from pdso_ray.data.ids import LABEL_SUFFIX, id_from_png_rel, split_of
 from pdso_ray.run_layout import RunLayout
-from pdso_ray.stages.base import Batch, BatchStep, Resources, RunContext
+from pdso_ray.stages.base import Batch, BatchStep, Needs, Resources, RunContext, pool_group
 from pdso_ray.stages.read_decode import ImageReader, ReadDecode
 from pdso_ray.stages.streaming import StreamingStage, Work, reconcile, write_rejected
 from pdso_ray.storage import Storage
@@ -102,6 +102,10 @@ class PredictStage(StreamingStage):
     config_sections = ("predict", "data.root", "data.layout", "data.classes", "data.eval_splits",
                        "data.max_pixels", "data.max_file_bytes")
     depends_on = ("finetune",)
+
+    @classmethod
+    def needs(cls, cfg) -> Needs:
+        return Needs(images=("eval",), groups=(pool_group("the prediction actor pool", "predict", cfg.predict),))
 
     def extra_outputs(self, run: RunLayout) -> tuple[str, ...]:
         return (run.predictions_root,)

@@ -38,8 +38,9 @@ from typing import Any
 import numpy as np
 
 from pdso_ray.config import PipelineConfig
-from pdso_ray.stages.base import (Resources, RunContext, Stage, checkpoint_state, ddp_wrap, map_step,
-                                  ordered_ingest, report_epoch, resume_training, shuffled_batches, train_storage)
+from pdso_ray.stages.base import (Needs, Resources, RunContext, Stage, WorkerGroup, checkpoint_state, ddp_wrap,
+                                  map_step, ordered_ingest, report_epoch, resume_training, shuffled_batches,
+                                  train_storage)
 from pdso_ray.stages.read_decode import ImageReader, ReadDecode
 from pdso_ray.stages.streaming import from_rows
 from pdso_ray.storage import Storage
@@ -187,6 +188,13 @@ class PretrainStage(Stage):
 
     # The worker function; a class attribute so a test can wrap it (kill a run mid-way).
     train_loop = staticmethod(train_loop_per_worker)
+
+    @classmethod
+    def needs(cls, cfg: PipelineConfig) -> Needs:
+        pc = cfg.pretrain
+        return Needs(images=("train",), groups=(WorkerGroup(
+            "pretraining (Ray Train)", "pretrain.num_workers", pc.num_workers, "pretrain.cpus_per_worker",
+            pc.cpus_per_worker, gpus=1.0 if pc.use_gpu else 0.0, feed_cpus=pc.decode_cpus),))
 
     def run(self, ctx: RunContext) -> dict[str, Any]:
         """Train (or resume) and write the teacher and the history. Counts: ``images`` (listed),

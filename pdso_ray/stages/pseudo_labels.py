@@ -38,7 +38,8 @@ from pdso_ray.config import PipelineConfig
 from pdso_ray.data.imagenet_s import VALIDATION, encode_gray_png, encode_label
 from pdso_ray.data.ids import LABEL_SUFFIX, id_from_png_rel, png_rel
 from pdso_ray.run_layout import RunLayout
-from pdso_ray.stages.base import Batch, BatchStep, Resources, RunContext, Stage
+from pdso_ray.stages.base import (Batch, BatchStep, ModelNeed, Needs, Resources, RunContext, Stage, dino_need,
+                                  pool_group)
 from pdso_ray.stages.read_decode import ImageReader
 from pdso_ray.stages.streaming import StreamingPass, Work, ids_in, object_column, reconcile, run_pass
 from pdso_ray.storage import Storage
@@ -308,6 +309,15 @@ class PseudoLabelsStage(Stage):
     config_sections = ("pseudo_labels", "models", "purify.topk", "data.root", "data.layout",
                        "data.max_pixels", "data.max_file_bytes", "seed")
     depends_on = ("features", "purify")
+
+    @classmethod
+    def needs(cls, cfg) -> Needs:
+        from pdso_ray.method.refiners import NEEDS_SAM
+
+        pc, sc = cfg.pseudo_labels, cfg.models.sam
+        sam = (ModelNeed("sam", sc.arch, sc.checkpoint, sc.image_size),) if pc.refine.method in NEEDS_SAM else ()
+        return Needs(images=("train", "eval"), models=(dino_need(cfg, pc.image_size), *sam),
+                     groups=(pool_group("the DINO + SAM actor pool", "pseudo_labels", pc),))
 
     def extra_outputs(self, run: RunLayout) -> tuple[str, ...]:
         return (run.method_path("labels"), run.eval_file("pseudo_label_threshold.json"),

@@ -21,7 +21,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pyarrow as pa
 
-from pdso_ray.stages.base import RunContext, Stage
+from pdso_ray.config import PipelineConfig
+from pdso_ray.stages.base import Needs, RunContext, Stage, WorkerGroup
 from pdso_ray.stages.denoise import prototype_files
 from pdso_ray.stages.diagnostics import folder_classes, image_diagnostics, image_scores
 from pdso_ray.storage import Storage
@@ -100,6 +101,11 @@ class PurifyStage(Stage):
     name = "purify"
     config_sections = ("purify", "cluster.num_shards", "data.classes", "seed")
     depends_on = ("features", "denoise")
+
+    @classmethod
+    def needs(cls, cfg: PipelineConfig) -> Needs:
+        shards = cfg.cluster.num_shards  # None: as many as the cluster has CPUs (or GPUs) free
+        return Needs(groups=(WorkerGroup("k-means shards", "cluster.num_shards", shards or 1, None, 1.0, gpus=1.0),))
 
     def run(self, ctx: RunContext) -> dict[str, Any]:
         import ray
