@@ -87,3 +87,32 @@ def test_a_gif_decodes_to_its_first_frame():
     result = decode_image(buf.getvalue())
     assert result.ok and result.image.shape == (4, 6, 3)
     assert tuple(result.image[0, 0]) == (255, 0, 0)
+
+
+def test_symlinked_folders_are_read_inside_the_data_root_and_accounted_for_otherwise(tmp_path):
+    """A class folder that is a symlink: into the data root, its images are listed under the link's
+    name; out of it, or at a folder listed already (a loop), it is one rejected record with the
+    reason — never "a non-image file ignored"."""
+    from pdso_ray.data.listing import count_images
+
+    root, outside = tmp_path / "data", tmp_path / "outside"
+    train = root / "ImageNetS2" / "train"
+    for folder, names in ((train / "n01", ["a.jpg"]), (root / "extra" / "n02", ["b.jpg", "c.jpg"]),
+                          (outside / "n03", ["d.jpg"])):
+        folder.mkdir(parents=True)
+        for name in names:
+            (folder / name).write_bytes(_png())
+    os.symlink(root / "extra" / "n02", train / "n02")  # inside the data root, outside the split
+    os.symlink(outside / "n03", train / "n03")         # out of the data root
+    os.symlink(train, train / "n01" / "loop")          # back up: listed already
+    listing = list_tree(Storage(), str(train), "train", class_folders=True, data_root=str(root))
+    assert [r.id for r in listing.images] == ["train/n01/a", "train/n02/b", "train/n02/c"]
+    assert listing.images[1].path == str(train / "n02" / "b.jpg")
+    reasons = {r.path: r.reason for r in listing.rejected}
+    assert set(reasons) == {str(train / "n03"), str(train / "n01" / "loop")}
+    assert "outside the data root" in reasons[str(train / "n03")]
+    assert "listed already" in reasons[str(train / "n01" / "loop")]
+    assert listing.ignored == []
+    # the preflight's quick count walks the same folders, and stops when it has seen enough
+    assert count_images(Storage(), str(train), class_folders=True, data_root=str(root)) == 3
+    assert count_images(Storage(), str(train), class_folders=True, data_root=str(root), enough=2) == 2
