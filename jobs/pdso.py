@@ -18,8 +18,9 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", required=True)
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    parser.add_argument("--debug", action="store_true", help="print the traceback of an error")
     args = parser.parse_args()
-    argv = ["run", args.config]
+    argv = ["--debug"] * args.debug + ["run", args.config]
     for item in args.set:
         argv += ["--set", item]
     sys.exit(main(argv))

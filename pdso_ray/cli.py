@@ -2,17 +2,22 @@
 
 All argument parsing lives here; subcommands call the same library functions as ``jobs/pdso.py``
 and tests. Heavy imports happen inside the commands, so that ``pdso-ray --help`` and
-``pdso-ray evaluate`` stay light. Every expected failure is one line on stderr beginning
-``error:`` with exit code 2; Ctrl-C stops the run (exit 130) and says how to resume.
+``pdso-ray evaluate`` stay light. Every failure is one line on stderr beginning ``error:``
+(:func:`describe_error`; ``--debug`` adds the traceback): exit code 2 for a bad input (a config
+value, a file, a storage URL, a full disk; also when raised inside a Ray task or a training
+worker), 1 for an internal error. Ctrl-C stops the run in every stage (exit 130) and says how to
+resume.
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import logging
 import os
 import sys
+import traceback
 from pathlib import Path
 
 from pdso_ray import __version__
@@ -20,6 +25,7 @@ from pdso_ray.config import ConfigError
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEMO_CONFIG = REPO_ROOT / "jobs" / "configs" / "demo.yaml"
+EXIT_INTERNAL = 1
 EXIT_BAD_INPUT = 2
 EXIT_INTERRUPTED = 130
 
@@ -161,6 +167,8 @@ def build_parser() -> argparse.ArgumentParser:
         "(PDSO: pseudo-label denoising and SAM optimisation).")
     parser.add_argument("--version", action="version", version=f"pdso-ray {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("--debug", action="store_true",
+                        help="print the traceback of an error (by default an error is one line)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("run", help="run the pipeline from a YAML config",
@@ -238,21 +246,66 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from pdso_ray.run_lease import LeaseHeld
-    from pdso_ray.storage import StorageError
-
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        return args.func(args)
-    except (ConfigError, FileNotFoundError, LeaseHeld, StorageError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return EXIT_BAD_INPUT
+        code = args.func(args)
+        sys.stdout.flush()  # here, so that a closed pipe (`| head`) is caught below
+        return code
     except KeyboardInterrupt:
         _shutdown_ray()
         print("interrupted: re-run the same command to resume", file=sys.stderr)
         return EXIT_INTERRUPTED
+    except BrokenPipeError:
+        # The reader of our output went away (`pdso-ray inspect RUN --json | head`): nothing to say.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+    except Exception as e:  # noqa: BLE001 - every error ends in one line (a traceback with --debug)
+        if args.debug:
+            traceback.print_exc()
+        message, code = describe_error(e)
+        hint = "" if code == EXIT_BAD_INPUT or args.debug else " (pdso-ray --debug ... prints the traceback)"
+        print(f"error: {message}{hint}", file=sys.stderr)
+        return code
+
+
+# Attributes through which Ray wraps the error it carries (a task's cause, a training worker's).
+_WRAPPED = ("cause", "controller_failure")
+
+
+def describe_error(error: BaseException) -> tuple[str, int]:
+    """The one line the CLI prints for ``error``, and the exit code.
+
+    Errors raised inside Ray tasks, actors and training workers reach the driver wrapped (in
+    ``RayTaskError``, Ray Data's ``UserCodeException``, Ray Train's ``TrainingFailedError``):
+    the error is unwrapped to the first one that is not Ray's own. A bad input — the project's
+    own error types, ``ValueError``, ``OSError`` (a storage failure naming its URL, a full disk, a
+    missing file) — is exit code 2; anything else is an internal error, exit code 1."""
+    cause = _unwrap(error)
+    text = " ".join(str(cause).split()) or type(cause).__name__
+    if isinstance(cause, OSError) and cause.errno == errno.ENOSPC:
+        return f"disk full: {text}", EXIT_BAD_INPUT
+    if isinstance(cause, (ValueError, OSError)) or type(cause).__module__.split(".")[0] == "pdso_ray":
+        return text, EXIT_BAD_INPUT
+    return f"internal error: {type(cause).__name__}: {text}", EXIT_INTERNAL
+
+
+def _unwrap(error: BaseException) -> BaseException:
+    """The first error in ``error``'s chain of causes that is not one of Ray's wrappers (module
+    docstring of :func:`describe_error`); ``error`` itself when there is none."""
+    queue, seen = [error], set()
+    while queue:
+        e = queue.pop(0)
+        if id(e) in seen:
+            continue
+        seen.add(id(e))
+        if type(e).__module__.split(".")[0] != "ray":
+            return e
+        inner = [getattr(e, name, None) for name in _WRAPPED]
+        inner += list((getattr(e, "worker_failures", None) or {}).values())
+        queue += [x for x in (*inner, e.__cause__, e.__context__) if isinstance(x, BaseException)]
+    return error
 
 
 def _shutdown_ray() -> None:

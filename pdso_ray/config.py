@@ -136,6 +136,11 @@ class S3Config:
 @dataclass
 class StorageConfig:
     s3: S3Config = field(default_factory=S3Config)
+    # The retry budget of each object-store request: transient errors (throttling, 5xx, dropped
+    # connections) are retried with backoff up to `retries` attempts of at most `timeout_s` seconds
+    # each (to connect, and to read); a permanent error then fails the run, naming the URL.
+    retries: Count = 5
+    timeout_s: Positive = 30.0
 
 
 @dataclass
@@ -487,6 +492,10 @@ class PipelineConfig:
             opts["token"] = s3.token
         if s3.anon:
             opts["anon"] = True
+        budget = self.storage
+        opts["retries"] = budget.retries  # s3fs's own loop, around botocore's
+        opts["config_kwargs"] = {"connect_timeout": budget.timeout_s, "read_timeout": budget.timeout_s,
+                                 "retries": {"max_attempts": budget.retries, "mode": "adaptive"}}
         return {"s3": opts, "s3a": opts}
 
     def section_hash(self, *sections: str) -> str:

@@ -1,36 +1,32 @@
-"""Stage order, skip and resume, the run folder's lease, and ``summary.json``.
+"""A run: the preflight, the run folder's lease, Ray, and the stages in order, skipped or resumed.
 
-A stage is skipped when its ``_SUCCESS.json`` carries the same key: the hash of its config sections
-chained with the keys of the stages it reads. Change a setting and that stage and everything
-downstream re-runs; kill the driver and the re-run starts at the first stage without a manifest
-(stages that stream per image, like ``features``, also skip the images they already wrote). A
-stage's counts are reconciled before its manifest is written, so a stage whose accounting fails
-is never marked done.
+A stage is skipped when its ``_SUCCESS.json`` carries the same key: the hash of its config
+sections, of the keys of the stages it reads and of its own inputs (:mod:`pdso_ray.run_state`).
+Change a setting, or the images under ``data.root``, and that stage and everything downstream
+re-runs; kill the driver and the re-run starts at the first stage without a manifest (stages that
+stream per image, like ``features``, also skip the images they already wrote). A stage's counts
+are reconciled before its manifest is written, so a stage whose accounting fails is never marked
+done. ``summary.json`` is rebuilt from the valid manifests after every stage.
 """
 
 from __future__ import annotations
 
 import copy
-import hashlib
 import logging
 import os
 import time
 from typing import Any
 
 from pdso_ray.config import PipelineConfig, dump_yaml
-from pdso_ray.plan import STAGES, method_stages, requested_stages, runs_stage
+from pdso_ray.plan import method_stages, requested_stages
 from pdso_ray.preflight import check_cluster, in_ray_job, preflight
 from pdso_ray.run_lease import RunLease
 from pdso_ray.run_layout import RunLayout
-from pdso_ray.stages import stage_class
-from pdso_ray.stages.base import RunContext, Stage
+from pdso_ray.run_state import Step, build_summary, plan_run, remove_stale, update_totals
+from pdso_ray.stages.base import RunContext
 from pdso_ray.storage import Storage
 
 log = logging.getLogger("pdso_ray")
-
-
-class PipelineError(RuntimeError):
-    """The run cannot go on (a missing upstream stage, counts that do not reconcile)."""
 
 
 def init_ray(cfg: PipelineConfig) -> None:
@@ -74,14 +70,6 @@ def cluster_has_gpu(cfg: PipelineConfig) -> bool:
     if cfg.ray.use_gpu is not None:
         return cfg.ray.use_gpu
     return ray.cluster_resources().get("GPU", 0) > 0
-
-
-def stage_key(name: str, config_sections: tuple[str, ...], upstream: tuple[str, ...], cfg: PipelineConfig,
-              upstream_keys: dict[str, str]) -> str:
-    """A stage's identity: the hash of its config sections chained with its upstream stages' keys."""
-    parts = [name, cfg.section_hash(*config_sections)]
-    parts += [f"{dep}={upstream_keys.get(dep, '')}" for dep in upstream]
-    return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
 
 
 def resolve_checkpoints(cfg: PipelineConfig, storage: Storage | None = None) -> PipelineConfig:
@@ -133,110 +121,58 @@ def run_pipeline(cfg: PipelineConfig, storage: Storage | None = None) -> dict[st
 
 
 def _run_stages(ctx: RunContext) -> dict[str, Any]:
+    """Plan the run (keys, what is up to date, what is stale), say in one line what it replaces,
+    remove stale outputs, run the stages, and keep ``summary.json`` to what the folder holds."""
     cfg, storage, run = ctx.cfg, ctx.storage, ctx.run
-    summary: dict[str, Any] = storage.read_json(run.summary_file) if storage.exists(run.summary_file) else {}
-    summary.setdefault("stages", {})
-    summary["method"] = cfg.method
-    summary["stage_order"] = method_stages(cfg.method, cfg.lightcluster.finetune)
-    wanted = set(requested_stages(cfg))
-    keys: dict[str, str] = {}
-    for name in STAGES:
-        if not runs_stage(cfg.method, name):
-            continue  # the other method's stage: its folder is not this run's
-        stage_cls = stage_class(name)
-        if name == "features" and cfg.data.features:
-            keys[name] = _precomputed_features(ctx, summary)
+    plan = plan_run(ctx, requested_stages(cfg))
+    if plan.replaced or plan.stale:
+        removed = ", ".join(name if method == cfg.method else f"{method}'s {name}" for method, name in plan.stale)
+        log.warning("%s holds an earlier run's outputs: this run replaces %s (their settings or inputs "
+                    "changed)%s", cfg.output, ", ".join(plan.replaced) or "nothing",
+                    f" and removes {removed}, made from what it replaces" if removed else "")
+    remove_stale(storage, run, plan.stale)
+    order = method_stages(cfg.method, cfg.lightcluster.finetune)
+    precomputed = (cfg.data.features, plan.precomputed) if plan.precomputed else None
+    statuses: dict[str, str] = {}
+
+    def summary() -> dict[str, Any]:
+        result = build_summary(storage, run, cfg.method, order, statuses, precomputed)
+        storage.write_json(run.summary_file, result)
+        return result
+
+    for step in plan.steps:
+        if not step.run:
+            log.info("stage %s: up to date, skipped", step.name)
+            statuses[step.name] = "skipped"
             continue
-        manifest = storage.read_manifest(run.stage_dir(name))
-        upstream = stage_cls.upstream(cfg)
-        key = stage_key(name, stage_cls.config_sections, upstream, cfg, keys)
-        if name not in wanted:
-            # Not asked for: downstream stages may still read its outputs if they exist.
-            if manifest is not None:
-                keys[name] = manifest["key"]
-            continue
-        for dep in upstream:
-            if dep not in keys:
-                raise PipelineError(
-                    f"stage {name!r} reads the outputs of {dep!r}, which has not completed in "
-                    f"{cfg.output}; add it to `stages` or run it first")
-        if manifest is not None and manifest.get("key") == key and not stage_cls.always_run:
-            log.info("stage %s: up to date, skipped", name)
-            keys[name] = key
-            summary["stages"].setdefault(name, {}).update(status="skipped")
-            # the summary reflects every completed stage, also one another run (or method) did
-            _update_totals(summary, name, manifest.get("counts", {}))
-            continue
-        stage = stage_cls()
-        _prepare_stage_folders(ctx, stage, key)
-        log.info("stage %s: running", name)
+        _prepare_stage_folders(ctx, step)
+        log.info("stage %s: running", step.name)
         started = time.time()
-        counts = stage.run(ctx)
+        counts = step.stage.run(ctx)
         seconds = round(time.time() - started, 3)
-        _update_totals(summary, name, counts)  # raises when the accounting does not reconcile
-        storage.write_manifest(run.stage_dir(name), {"key": key, "stage": name, "seconds": seconds,
-                                                     "counts": counts})
-        keys[name] = key
-        summary["stages"][name] = {"status": "done", "seconds": seconds, "counts": counts}
-        storage.write_json(run.summary_file, summary)
-        log.info("stage %s: done in %.1f s %s", name, seconds, counts)
-    storage.write_json(run.summary_file, summary)
-    return summary
+        update_totals({}, step.name, counts)  # raises when the accounting does not reconcile
+        storage.write_manifest(run.stage_dir(step.name), {"key": step.key, "stage": step.name, "inputs": step.inputs,
+                                                          "seconds": seconds, "counts": counts})
+        statuses[step.name] = "done"
+        summary()
+        log.info("stage %s: done in %.1f s %s", step.name, seconds, counts)
+    for name in plan.keys:
+        statuses.setdefault(name, "skipped")  # valid outputs of an earlier run that this run kept
+    return summary()
 
 
-def _precomputed_features(ctx: RunContext, summary: dict[str, Any]) -> str:
-    """``data.features`` replaces stage 1: account for its rows and key downstream stages to it."""
-    from pdso_ray.tables import count_rows
-
-    url = ctx.cfg.data.features
-    n = count_rows(ctx.storage, url)
-    if n == 0:
-        raise PipelineError(f"data.features={url!r} holds no Parquet rows")
-    summary["stages"]["features"] = {"status": "precomputed", "source": url, "counts": {"images": n}}
-    summary.update(images_total=n, images_ok=n, images_rejected=0, files_ignored=0)
-    return hashlib.sha256(f"precomputed|{url}".encode()).hexdigest()[:16]
-
-
-def _prepare_stage_folders(ctx: RunContext, stage: Stage, key: str) -> None:
-    """Keep partial outputs only when they were started with the same key (a resumed run);
-    otherwise clear them, so nothing from another configuration mixes in."""
-    storage, run = ctx.storage, ctx.run
-    started_url = run.started_file(stage.name)
+def _prepare_stage_folders(ctx: RunContext, step: Step) -> None:
+    """Keep partial outputs only when they were made under the same setup key (an interrupted
+    run resumes; a stage whose own inputs changed updates its outputs); otherwise clear them,
+    so nothing from another configuration mixes in."""
+    storage, run, stage = ctx.storage, ctx.run, step.stage
+    started_url = run.started_file(step.name)
     started = storage.read_json(started_url) if storage.exists(started_url) else None
-    if started is None or started.get("key") != key:
-        for url in (run.stage_dir(stage.name), *stage.extra_outputs(run)):
+    if started is None or started.get("key") != step.setup_key:
+        for url in (run.stage_dir(step.name), *stage.extra_outputs(run)):
             storage.remove(url, recursive=True)
-        storage.write_json(started_url, {"key": key})
+        storage.write_json(started_url, {"key": step.setup_key})
+    elif step.manifest is not None and not stage.always_run:
+        log.info("stage %s: its inputs changed: updating its outputs", step.name)
     elif not stage.always_run:
-        log.info("stage %s: resuming an interrupted run", stage.name)
-
-
-def _update_totals(summary: dict[str, Any], stage: str, counts: dict[str, Any]) -> None:
-    """Lift image accounting, per-split counts, notes, diagnostics and metrics from stage counts
-    to the top of the summary; raise when the image accounting does not reconcile."""
-    if stage == "features":
-        for k in ("images_total", "images_ok", "images_rejected", "files_ignored"):
-            summary[k] = counts[k]
-        if summary["images_total"] != summary["images_ok"] + summary["images_rejected"]:
-            raise PipelineError(
-                f"image accounting does not reconcile: total {summary['images_total']} != "
-                f"ok {summary['images_ok']} + rejected {summary['images_rejected']}")
-    if counts.get("splits"):  # features (train), predict or lightcluster (evaluation splits)
-        splits = summary.setdefault("splits", {})
-        for split, info in counts.get("splits", {}).items():
-            splits[split] = info
-    if counts.get("notes"):
-        notes = summary.setdefault("notes", {})
-        notes[stage] = list(counts["notes"])
-    for group, values in counts.get("diagnostics", {}).items():
-        target = summary.setdefault("diagnostics", {}).setdefault(group, {})
-        if isinstance(values, dict):
-            target.update(values)
-        else:
-            summary["diagnostics"][group] = values
-    if stage == "evaluate":
-        for k in ("mIoU", "mIoU_test", "mIoU_threshold", "mIoU_test_threshold"):
-            if k in counts:
-                summary[k] = counts[k]
-            else:
-                summary.pop(k, None)
+        log.info("stage %s: resuming an interrupted run", step.name)

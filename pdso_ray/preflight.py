@@ -39,8 +39,8 @@ from pdso_ray.storage import Storage, StorageError, protocol
 log = logging.getLogger("pdso_ray")
 
 # Storage options of the preflight probes: fail in seconds, not after minutes of retries.
-_PROBE_S3 = {"config_kwargs": {"connect_timeout": 5, "read_timeout": 15,
-                               "retries": {"max_attempts": 2, "mode": "standard"}}}
+_PROBE_S3 = {"retries": 1, "config_kwargs": {"connect_timeout": 5, "read_timeout": 15,
+                                             "retries": {"max_attempts": 2, "mode": "standard"}}}
 
 
 class PreflightError(ConfigError):

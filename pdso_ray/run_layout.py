@@ -3,7 +3,7 @@
 A run folder (``output:``, any fsspec URL) holds every artifact of a run (docs/architecture.md,
 "The run folder")::
 
-    _LEASE.json  pretrain/     features/    rejected/    cluster/      (shared by both methods)
+    _LEASE.json  pretrain/     features/    rejected/    inputs/    cluster/   (shared by both methods)
     config.yaml  summary.json  denoise/     purify/                   (PDSO, at the top)
     labels/{raw,refined}/<id>.png            labels/stats/*.parquet
     finetune/    predictions/<id>.png        eval/        report/
@@ -130,6 +130,12 @@ class RunLayout:
     def features_dir(self) -> str:
         """Where the pooled features are read from: ``data.features`` or this run's ``features/``."""
         return self.features_source or self.path("features")
+
+    def input_index(self, stage: str) -> str:
+        """``inputs/<stage>.parquet``: the files a stage read from outside the run folder when it
+        last completed (``id``, ``path``, ``version``: size and modification stamp), so that a
+        re-run recomputes exactly the images added or replaced since."""
+        return self.path("inputs", f"{stage}.parquet")
 
     @property
     def rejected_dir(self) -> str:

@@ -33,8 +33,9 @@ from fsspec.core import url_to_fs
 
 MANIFEST_NAME = "_SUCCESS.json"
 
-# botocore retries transient S3 errors (throttling, 5xx, connection resets) with backoff.
-_S3_RETRY_CONFIG = {"retries": {"max_attempts": 8, "mode": "adaptive"}}
+# botocore retries transient S3 errors (throttling, 5xx, connection resets) with backoff; a run's
+# budget comes from the config (storage.retries, storage.timeout_s: PipelineConfig.storage_options).
+_S3_RETRY_CONFIG = {"retries": {"max_attempts": 5, "mode": "adaptive"}}
 
 
 def protocol(url: str) -> str:
@@ -87,7 +88,8 @@ class FileEntry:
     its target is one); ``link_target``: for a local symlink (or a file reached through a
     symlinked folder), the real path it resolves to, else None; ``folder_link``: the entry is a
     symlinked folder that was not listed into (its target is outside the folders it may be
-    followed into, or listed already), ``link_target`` its target.
+    followed into, or listed already), ``link_target`` its target; ``version``: what changes when
+    the file is replaced (its modification time, or an object store's ETag), "" when unknown.
     """
 
     url: str
@@ -95,6 +97,7 @@ class FileEntry:
     regular: bool
     link_target: str | None = None
     folder_link: bool = False
+    version: str = ""
 
 
 class Storage:
@@ -276,7 +279,8 @@ class Storage:
                 regular = os.path.isfile(target) and stat.S_ISREG(os.stat(target).st_mode)
             elif not local and protocol(url) != "memory":
                 regular = True  # object stores hold objects, nothing else
-            out.append(FileEntry(self._to_url(url, name), int(info.get("size") or 0), regular, target))
+            out.append(FileEntry(self._to_url(url, name), int(info.get("size") or 0), regular, target,
+                                 version=_version(info)))
         return sorted(out, key=lambda e: e.url)
 
     def walk_files(self, url: str, follow_links_within: str | None = None) -> Iterator[str]:
@@ -412,6 +416,14 @@ class Storage:
         if not self.exists(url):
             return None
         return self.read_json(url)
+
+
+def _version(info: Mapping[str, Any]) -> str:
+    """What changes when a listed file is replaced: an object's ETag, else its modification time."""
+    for key in ("ETag", "etag", "mtime", "LastModified", "last_modified", "created"):
+        if info.get(key) not in (None, ""):
+            return str(info[key])
+    return ""
 
 
 def _inside(path: str, folder: str) -> bool:

@@ -17,6 +17,7 @@ from collections.abc import Callable, Iterator, Sequence
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pdso_ray.storage import Storage, is_hidden
@@ -85,6 +86,26 @@ def iter_row_groups(storage: Storage, folder_or_files: str | Sequence[str],
             reader = pq.ParquetFile(f)
             for i in range(reader.num_row_groups):
                 yield reader.read_row_group(i, columns=list(columns) if columns else None)
+
+
+def drop_ids(storage: Storage, folder: str, ids: set[str]) -> int:
+    """Rewrite the Parquet files of ``folder`` without the rows whose ``id`` is in ``ids`` (a
+    file left empty is removed; files without such rows are not touched). Returns the rows
+    dropped."""
+    dropped = 0
+    for url in parquet_files(storage, folder):
+        table = read_table(storage, url)
+        keep = pc.invert(pc.is_in(table.column("id"), value_set=pa.array(sorted(ids), pa.string())))
+        keep = pc.fill_null(keep, True)  # rows without an id (a refused file's) stay
+        kept = int(pc.sum(keep).as_py() or 0)
+        if kept == table.num_rows:
+            continue
+        dropped += table.num_rows - kept
+        if kept:
+            write_table(storage, url, table.filter(keep))
+        else:
+            storage.remove(url)
+    return dropped
 
 
 def read_folder(storage: Storage, folder: str, columns: Sequence[str] | None = None) -> pa.Table | None:

@@ -32,14 +32,16 @@ class ImageRecord:
     """One listed image.
 
     ``id`` is ``"{split}/{rel}"`` (unique, safe to build output paths from; see
-    :mod:`pdso_ray.run_layout`), ``path`` the image's full URL, ``wnid`` its class folder (the
-    first folder below the split; "" when the layout has no class folders).
+    :mod:`pdso_ray.data.ids`), ``path`` the image's full URL, ``wnid`` its class folder (the
+    first folder below the split; "" when the layout has no class folders), ``version`` what
+    changes when the file is replaced (size and modification stamp; "" when unknown).
     """
 
     id: str
     path: str
     split: str
     wnid: str
+    version: str = ""
 
 
 @dataclass(frozen=True)
@@ -125,7 +127,8 @@ def list_tree(storage: Storage, base_url: str, split: str, *, class_folders: boo
             continue
         taken[candidate] = url
         listing.images.append(ImageRecord(id=candidate, path=url, split=split,
-                                          wnid=parts[0] if class_folders else ""))
+                                          wnid=parts[0] if class_folders else "",
+                                          version=f"{entry.size}:{entry.version}"))
     return listing
 
 

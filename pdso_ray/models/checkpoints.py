@@ -24,6 +24,11 @@ _SAFE_GLOBALS = [argparse.Namespace]
 _MAX_LISTED = 10
 
 
+class CheckpointError(ValueError):
+    """A file that is not a weights-only checkpoint of the expected model; the message names the
+    file and, for a mismatch, the keys."""
+
+
 def load_state_dict_from_url(url: str, storage: Storage | None = None, hint: str = "") -> dict:
     """Read and deserialise the checkpoint at ``url`` (weights only; never executes pickled code).
 
@@ -38,7 +43,7 @@ def load_state_dict_from_url(url: str, storage: Storage | None = None, hint: str
 
     Raises:
         FileNotFoundError: the file does not exist (message names the URL and what to do).
-        ValueError: the file is not a readable weights-only checkpoint, or is not a dict.
+        CheckpointError: the file is not a readable weights-only checkpoint, or is not a dict.
     """
     storage = storage or Storage()
     try:
@@ -55,17 +60,17 @@ def load_state_dict_from_url(url: str, storage: Storage | None = None, hint: str
             with torch.serialization.safe_globals(_SAFE_GLOBALS):
                 obj = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - any deserialisation failure means "not a checkpoint"
-        raise ValueError(
+        raise CheckpointError(
             f"cannot read checkpoint {url} ({len(data)} bytes) as weights only: "
             f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
         ) from None
     if not isinstance(obj, Mapping):
-        raise ValueError(f"checkpoint {url} holds a {type(obj).__name__}, expected a dict of tensors")
+        raise CheckpointError(f"checkpoint {url} holds a {type(obj).__name__}, expected a dict of tensors")
     return dict(obj)
 
 
 def check_keys(model: nn.Module, state_dict: Mapping[str, torch.Tensor], url: str) -> None:
-    """Raise a ``ValueError`` unless ``state_dict`` has exactly the model's keys and shapes.
+    """Raise a :class:`CheckpointError` unless ``state_dict`` has exactly the model's keys and shapes.
 
     The message names the checkpoint and lists (at most 10 of each) missing keys, unexpected keys
     and shape mismatches, with their counts, so a wrong file or architecture is obvious.
@@ -86,4 +91,4 @@ def check_keys(model: nn.Module, state_dict: Mapping[str, torch.Tensor], url: st
         if items:
             more = f" (+{len(items) - _MAX_LISTED} more)" if len(items) > _MAX_LISTED else ""
             parts.append(f"{len(items)} {name}: {', '.join(items[:_MAX_LISTED])}{more}")
-    raise ValueError(parts[0] + " " + "; ".join(parts[1:]))
+    raise CheckpointError(parts[0] + " " + "; ".join(parts[1:]))

@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 import os
 import tempfile
+import threading
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -34,6 +35,11 @@ if TYPE_CHECKING:
 log = logging.getLogger("pdso_ray")
 
 Batch = dict[str, np.ndarray]
+
+
+class PipelineError(RuntimeError):
+    """The run cannot go on: a missing upstream stage, counts that do not reconcile, a stage
+    that left no result. The message says what and, where there is one, what to do."""
 
 
 @dataclass(frozen=True)
@@ -211,12 +217,45 @@ class Stage:
     def extra_outputs(self, run: RunLayout) -> tuple[str, ...]:
         return ()
 
+    def input_fingerprint(self, ctx: RunContext) -> str | None:
+        """A digest of what the stage reads from outside the run folder, or None when it reads
+        only earlier stages' outputs (their keys chain into its own). ``features``: the listing
+        of ``data.root``. A changed fingerprint makes the stage run again on the same setup:
+        its outputs are updated, not cleared (:mod:`pdso_ray.run_state`)."""
+        return None
+
     def run(self, ctx: RunContext) -> dict[str, Any]:
         """Do the work; return JSON-able counts for the manifest and summary."""
         raise NotImplementedError
 
 
 # ---- Ray Train stages (finetune, pretrain) ---------------------------------------------------------
+def fit(trainer: Any) -> Any:
+    """``trainer.fit()`` (a Ray Train trainer) such that Ctrl-C stops the run as in every other
+    stage: a ``KeyboardInterrupt`` here, the CLI's ``interrupted:`` line and exit code 130.
+
+    On the main thread, ``fit`` installs Ray Train's own SIGINT handler, which turns Ctrl-C into a
+    graceful abort that returns (and later ones into ``sys.exit``): the run would go on, or end
+    with exit code 1 and no message. So ``fit`` runs on a helper thread, where Ray Train leaves
+    the handler alone, while the main thread waits, interruptibly."""
+    outcome: dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            outcome["result"] = trainer.fit()
+        except BaseException as e:  # noqa: BLE001 - handed to the main thread as it is
+            outcome["error"] = e
+
+    thread = threading.Thread(target=run, name="ray-train-fit", daemon=True)
+    thread.start()
+    while thread.is_alive():
+        thread.join(0.5)  # a join with a timeout lets the main thread take Ctrl-C
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["result"]
+
+
+
 def train_storage(storage: Storage, url: str):
     """``(storage_path, storage_filesystem)`` for Ray Train's ``RunConfig`` from a run-folder URL:
     a local absolute path and no filesystem, or a scheme-less path and a pyarrow filesystem."""

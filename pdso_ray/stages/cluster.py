@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 
 from pdso_ray.config import PipelineConfig
-from pdso_ray.stages.base import Needs, RunContext, Stage, WorkerGroup
+from pdso_ray.stages.base import Needs, PipelineError, RunContext, Stage, WorkerGroup
 from pdso_ray.stages.diagnostics import folder_classes, image_diagnostics, image_scores
 from pdso_ray.tables import parquet_files, save_array, write_aligned
 
@@ -34,7 +34,7 @@ class ClusterStage(Stage):
         cfg, storage = ctx.cfg, ctx.storage
         files = parquet_files(storage, ctx.run.features_dir)
         if not files:
-            raise RuntimeError(f"cluster: no feature files in {ctx.run.features_dir}")
+            raise PipelineError(f"cluster: no feature files in {ctx.run.features_dir}")
         result = kmeans(files, cfg.data.classes, niter=cfg.cluster.niter, nredo=cfg.cluster.nredo,
                         seed=cfg.seed_for("cluster"), num_shards=cfg.cluster.num_shards, column="feat",
                         storage=storage, use_gpu=ctx.cluster_has_gpu)

@@ -32,9 +32,10 @@ import numpy as np
 
 from pdso_ray.config import DenoiseConfig
 from pdso_ray.run_layout import RunLayout
-from pdso_ray.stages.base import (Batch, BatchStep, Needs, Resources, RunContext, Stage, WorkerGroup,
-                                  checkpoint_state, ddp_wrap, dino_need, map_step, ordered_ingest, report_epoch,
-                                  resume_training, shuffled_batches, train_storage)
+from pdso_ray.stages.base import (Batch, BatchStep, Needs, PipelineError, Resources, RunContext, Stage,
+                                  WorkerGroup, checkpoint_state, ddp_wrap, dino_need, fit, map_step,
+                                  ordered_ingest, report_epoch, resume_training, shuffled_batches,
+                                  train_storage)
 from pdso_ray.stages.read_decode import ImageReader, ReadDecode
 from pdso_ray.stages.diagnostics import folder_classes, image_diagnostics, image_scores
 from pdso_ray.storage import Storage
@@ -390,9 +391,9 @@ class DenoiseStage(Stage):
         )
         log.info("denoise: fine-tuning the last %d blocks of %s with h on %d images, %d epochs",
                  settings.finetune_blocks, cfg.models.dino.arch, len(rows), settings.finetune_epochs)
-        result = trainer.fit()
+        result = fit(trainer)
         if result.checkpoint is None:
-            raise RuntimeError(f"denoise: the backbone fine-tuning under {run.denoise_tuning_dir} left no checkpoint")
+            raise PipelineError(f"denoise: the backbone fine-tuning under {run.denoise_tuning_dir} left no checkpoint")
         state = checkpoint_state(result.checkpoint)
         save_weights(storage, run.denoise_classifier, state["tuner"]["head"])
         save_weights(storage, run.denoise_backbone, state["tuner"]["backbone"])

@@ -9,6 +9,7 @@ skips the ids already written (:mod:`pdso_ray.stages.streaming`).
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from typing import Any
 
@@ -21,9 +22,11 @@ from pdso_ray.stages.base import Batch, BatchStep, Needs, Resources, RunContext,
 from pdso_ray.stages.read_decode import ImageReader, ReadDecode
 from pdso_ray.stages.streaming import StreamingStage, Work, ids_in, reconcile, write_rejected
 from pdso_ray.storage import Storage
-from pdso_ray.tables import iter_row_groups, shard_name, vectors_to_arrow, write_table
+from pdso_ray.tables import drop_ids, iter_row_groups, read_table, shard_name, vectors_to_arrow, write_table
 
 log = logging.getLogger("pdso_ray")
+
+LISTING_REJECTED = "listing.parquet"  # rejected/: the files refused when the split was listed
 
 
 class DinoFeatures(BatchStep):
@@ -135,25 +138,65 @@ class FeaturesStage(StreamingStage):
                                          "features.cpus_per_actor", fc.cpus_per_actor, gpus=fc.gpus_per_actor),))
 
     def extra_outputs(self, run) -> tuple[str, ...]:
-        return (run.rejected_dir,)
+        return (run.rejected_dir, run.input_index("features"))
 
     def batch_size(self, ctx: RunContext) -> int:
         return ctx.cfg.features.batch_size
 
+    def _listing(self, ctx: RunContext):
+        """The train split's listing (up to ``data.limit`` images), once per stage object."""
+        if getattr(self, "_listed", None) is None:
+            listing = ctx.data.list_split(ctx.storage, ctx.data.train_split())
+            if ctx.cfg.data.limit:
+                listing.images = listing.images[: ctx.cfg.data.limit]
+            self._listed = listing
+        return self._listed
+
+    def input_fingerprint(self, ctx: RunContext) -> str:
+        """Every listed image's id, size and stamp, and every refused file's reason: an image
+        added, removed or replaced under ``data.root`` changes it."""
+        listing = self._listing(ctx)
+        digest = hashlib.sha256()
+        for r in listing.images:
+            digest.update(f"{r.id}\0{r.path}\0{r.version}\n".encode())
+        for r in listing.rejected:
+            digest.update(f"{r.path}\0{r.reason}\n".encode())
+        digest.update(f"ignored {len(listing.ignored)}".encode())
+        return digest.hexdigest()[:16]
+
     def work(self, ctx: RunContext) -> Work:
-        cfg = ctx.cfg
-        listing = ctx.data.list_split(ctx.storage, ctx.data.train_split())
-        images = listing.images[: cfg.data.limit] if cfg.data.limit else listing.images
+        listing = self._listing(ctx)
+        images = listing.images
         if listing.ignored:
             log.info("features: %d non-image files ignored (e.g. %s)", len(listing.ignored),
                      listing.ignored[0])
+        self._drop_changed(ctx, {r.id: r.version for r in images})
         if listing.rejected:
             # Files that cannot be used are rejected at listing time, with their reasons.
-            write_rejected(ctx.storage, Storage.join(ctx.run.rejected_dir, "listing.parquet"),
+            write_rejected(ctx.storage, Storage.join(ctx.run.rejected_dir, LISTING_REJECTED),
                            listing.rejected)
+        else:
+            ctx.storage.remove(Storage.join(ctx.run.rejected_dir, LISTING_REJECTED))
         return Work(ids=[r.id for r in images],
                     rows=[{"id": r.id, "path": r.path, "split": r.split} for r in images],
-                    rejected=listing.rejected, info={"ignored": len(listing.ignored)})
+                    rejected=listing.rejected, info={"ignored": len(listing.ignored), "images": images})
+
+    def _drop_changed(self, ctx: RunContext, current: dict[str, str]) -> None:
+        """Remove the rows of images that are gone from ``data.root`` or were replaced since they
+        were computed (their stamp in the input index differs), so that they are computed again
+        and nothing stale is kept. Only the files holding such rows are rewritten."""
+        storage, run = ctx.storage, ctx.run
+        index_url = run.input_index("features")
+        computed: dict[str, str] = {}
+        if storage.exists(index_url):
+            table = read_table(storage, index_url, ["id", "version"])
+            computed = dict(zip(table.column("id").to_pylist(), table.column("version").to_pylist()))
+        done = ids_in(storage, run.features_dir, run.rejected_dir)
+        stale = {i for i in done if i not in current or computed.get(i, current[i]) != current[i]}
+        if stale:
+            dropped = drop_ids(storage, run.features_dir, stale) + drop_ids(storage, run.rejected_dir, stale)
+            log.info("features: %d images gone or replaced under data.root since the last run: %d rows "
+                     "dropped, the replaced ones are computed again", len(stale), dropped)
 
     def done_ids(self, ctx: RunContext) -> set[str]:
         return ids_in(ctx.storage, ctx.run.features_dir, ctx.run.rejected_dir)
@@ -172,8 +215,13 @@ class FeaturesStage(StreamingStage):
         n_rejected = _count_ids(ctx.storage, ctx.run.rejected_dir, include_null=True)
         total = len(work.ids) + len(work.rejected)
         reconcile("features", total, n_ok, n_rejected)
+        images = work.info["images"]
+        write_table(ctx.storage, ctx.run.input_index("features"), pa.table({
+            "id": pa.array([r.id for r in images], pa.string()),
+            "path": pa.array([r.path for r in images], pa.string()),
+            "version": pa.array([r.version for r in images], pa.string())}))
         return {"images_total": total, "images_ok": n_ok, "images_rejected": n_rejected,
-                "files_ignored": work.info["ignored"],
+                "images_computed": len(results), "files_ignored": work.info["ignored"],
                 "splits": {ctx.data.train_split(): {"images": total, "ok": n_ok, "rejected": n_rejected}}}
 
 

@@ -32,9 +32,9 @@ import numpy as np
 
 from pdso_ray.data.imagenet_s import IGNORE_ID, decode_label
 from pdso_ray.plan import LABEL_STAGE
-from pdso_ray.stages.base import (Batch, BatchStep, Needs, Resources, RunContext, Stage, WorkerGroup,
-                                  checkpoint_state, dino_need, map_step, ordered_ingest, report_epoch,
-                                  resume_state, shuffled_batches, train_storage)
+from pdso_ray.stages.base import (Batch, BatchStep, Needs, PipelineError, Resources, RunContext, Stage,
+                                  WorkerGroup, checkpoint_state, dino_need, fit, map_step, ordered_ingest,
+                                  report_epoch, resume_state, shuffled_batches, train_storage)
 from pdso_ray.stages.read_decode import ImageReader
 from pdso_ray.storage import Storage
 from pdso_ray.tables import parquet_files
@@ -345,9 +345,9 @@ class FinetuneStage(Stage):
             datasets={"train": ds},
             dataset_config=ordered_ingest(),
         )
-        result = trainer.fit()
+        result = fit(trainer)
         if result.checkpoint is None:
-            raise RuntimeError(f"finetune: training under {out} left no checkpoint")
+            raise PipelineError(f"finetune: training under {out} left no checkpoint")
         state = checkpoint_state(result.checkpoint)
         if int(state["epoch"]) != fc.epochs:
             log.warning("finetune: the latest checkpoint is from epoch %d, finetune.epochs is %d",

@@ -38,9 +38,9 @@ from typing import Any
 import numpy as np
 
 from pdso_ray.config import PipelineConfig
-from pdso_ray.stages.base import (Needs, Resources, RunContext, Stage, WorkerGroup, checkpoint_state, ddp_wrap,
-                                  map_step, ordered_ingest, report_epoch, resume_training, shuffled_batches,
-                                  train_storage)
+from pdso_ray.stages.base import (Needs, PipelineError, Resources, RunContext, Stage, WorkerGroup,
+                                  checkpoint_state, ddp_wrap, fit, map_step, ordered_ingest, report_epoch,
+                                  resume_training, shuffled_batches, train_storage)
 from pdso_ray.stages.read_decode import ImageReader, ReadDecode
 from pdso_ray.stages.streaming import from_rows
 from pdso_ray.storage import Storage
@@ -244,7 +244,7 @@ class PretrainStage(Stage):
         )
         log.info("pretrain: %s on %d images (%d px), %d epochs x %d steps of %d on %d worker(s)",
                  recipe.arch, len(images), size, recipe.epochs, steps_per_epoch, pc.batch_size, pc.num_workers)
-        result = trainer.fit()
+        result = fit(trainer)
         if storage.exists(collapse_file):
             last = storage.read_json(collapse_file)
             raise PretrainCollapsed(
@@ -254,7 +254,7 @@ class PretrainStage(Stage):
                 "pretrain.teacher_temp or pretrain.momentum, or change pretrain.seed (a new recipe "
                 "starts afresh; the same one resumes into the same collapse)")
         if result.checkpoint is None:
-            raise RuntimeError(f"pretrain: training under {ctx.run.pretrain_dir} left no checkpoint")
+            raise PipelineError(f"pretrain: training under {ctx.run.pretrain_dir} left no checkpoint")
         state = checkpoint_state(result.checkpoint)
         history = state["history"]
         teacher = {k.removeprefix("backbone.vit."): v for k, v in state["trainer"]["teacher"].items()

@@ -24,7 +24,7 @@ import numpy as np
 import pyarrow as pa
 
 from pdso_ray.data.listing import Rejected
-from pdso_ray.stages.base import BatchStep, RunContext, Stage, map_step
+from pdso_ray.stages.base import BatchStep, PipelineError, RunContext, Stage, map_step
 from pdso_ray.storage import Storage
 from pdso_ray.tables import iter_row_groups, parquet_files, write_table
 
@@ -83,7 +83,7 @@ def ids_in(storage: Storage, *folders: str) -> set[str]:
 def reconcile(what: str, listed: int, written: int, rejected: int) -> None:
     """The accounting rule: every image is written or rejected, none twice."""
     if written + rejected != listed:
-        raise RuntimeError(f"{what}: {written} written + {rejected} rejected != {listed} images; "
+        raise PipelineError(f"{what}: {written} written + {rejected} rejected != {listed} images; "
                            "re-run the same command to complete the stage")
 
 
@@ -101,7 +101,7 @@ def stream(ctx: RunContext, ds: "ray.data.Dataset", steps: Sequence[BatchStep], 
             results[str(image_id)] = str(reason)
     missing = set(expected) - set(results)
     if missing or repeated or len(results) != len(expected):
-        raise RuntimeError(f"{what}: {len(results)} images came back ({repeated} twice, "
+        raise PipelineError(f"{what}: {len(results)} images came back ({repeated} twice, "
                            f"{len(missing)} missing, e.g. {sorted(missing)[:3]}) for {len(expected)} sent")
     return results
 

@@ -136,3 +136,54 @@ def test_resume_skips_written_ids(ray_local, tmp_path):
     assert second["images_ok"] == 4 * CLASSES
     ids = read_folder(Storage(), os.path.join(cfg.output, "features")).column("id").to_pylist()
     assert len(ids) == len(set(ids)) == 4 * CLASSES
+
+
+def test_a_rerun_computes_exactly_the_images_that_changed(ray_local, tmp_path, caplog):
+    """Images added to (and removed from, and replaced in) a finished run's folder: the re-run's
+    features computes exactly the new and replaced ones, keeps every other row and file as it
+    was, drops the removed ones, and the stages after it run again."""
+    data = tmp_path / "data"
+    make_demo_dataset(str(data), classes=CLASSES, train_per_class=4, val_per_class=0, test_per_class=0)
+    train = data / f"ImageNetS{CLASSES}" / "train"
+    spare = tmp_path / "spare"
+    make_demo_dataset(str(spare), classes=CLASSES, train_per_class=6, val_per_class=0, test_per_class=0, seed=1)
+    folder = ["data.layout=folder", "features.rows_per_file=4", "stages=features,cluster"]
+    out = str(tmp_path / "run")
+    first = run_pipeline(_cfg(str(train), out, *folder))
+    assert first["stages"]["features"]["counts"]["images_computed"] == 4 * CLASSES
+    features = tmp_path / "run" / "features"
+    before = {p.name: p.read_bytes() for p in features.glob("*.parquet")}
+
+    images = sorted(train.glob("*/*.png")) or sorted(train.glob("*/*.*"))
+    removed, replaced = images[0], images[-1]
+    removed.unlink()
+    extra = sorted((spare / f"ImageNetS{CLASSES}" / "train").glob("*/*.*"))[-2:]
+    added = [train / "new" / f"added_{i}{p.suffix}" for i, p in enumerate(extra)]
+    for src, dst in zip(extra, added):
+        dst.parent.mkdir(exist_ok=True)
+        dst.write_bytes(src.read_bytes())
+    replaced.write_bytes(extra[0].read_bytes())
+    stamp = replaced.stat().st_mtime + 10
+    os.utime(replaced, (stamp, stamp))
+
+    caplog.set_level("INFO", logger="pdso_ray")
+    second = run_pipeline(_cfg(str(train), out, *folder))
+    counts = second["stages"]["features"]["counts"]
+    assert second["stages"]["features"]["status"] == "done"
+    assert counts["images_computed"] == len(added) + 1  # the new ones and the replaced one
+    assert counts["images_total"] == second["images_ok"] == 4 * CLASSES - 1 + len(added)
+    assert second["stages"]["cluster"]["status"] == "done"
+    assert second["stages"]["cluster"]["counts"]["images"] == 4 * CLASSES - 1 + len(added)
+
+    def rel_id(path):
+        return "all/" + str(path.relative_to(train).with_suffix(""))
+
+    ids = read_folder(Storage(), str(features)).column("id").to_pylist()
+    assert sorted(ids) == sorted(rel_id(p) for p in train.glob("*/*.*"))
+    assert rel_id(removed) not in ids and all(rel_id(p) in ids for p in added)
+    touched = {rel_id(removed), rel_id(replaced)}
+    for name, data_bytes in before.items():
+        table = read_folder(Storage(), str(features / name)) if (features / name).exists() else None
+        if table is not None and not touched & set(table.column("id").to_pylist()):
+            assert (features / name).read_bytes() == data_bytes  # untouched files stay as they were
+    assert sum("this run replaces features, cluster" in r.getMessage() for r in caplog.records) == 1

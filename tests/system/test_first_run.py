@@ -19,7 +19,8 @@ from PIL import Image
 from pdso_ray.config import load_config
 from pdso_ray.data.imagenet_s import decode_label
 from pdso_ray.data.synthetic import make_demo_dataset
-from pdso_ray.pipeline import PipelineError, run_pipeline
+from pdso_ray.pipeline import run_pipeline
+from pdso_ray.stages.base import PipelineError
 from pdso_ray.storage import Storage
 from pdso_ray.tables import read_folder
 

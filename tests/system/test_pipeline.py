@@ -8,7 +8,8 @@ import pytest
 
 from pdso_ray.config import load_config
 from pdso_ray.data.synthetic import make_demo_dataset
-from pdso_ray.pipeline import PipelineError, run_pipeline
+from pdso_ray.pipeline import run_pipeline
+from pdso_ray.stages.base import PipelineError
 from pdso_ray.storage import Storage
 from pdso_ray.tables import read_folder
 from tests.conftest import S3_SECRET
