@@ -144,7 +144,12 @@ class Storage:
         """The filesystem holding ``url`` and the path inside it."""
         scheme = protocol(url)
         if scheme not in self._cache:
-            fs, _ = url_to_fs(url, **self._fs_options(scheme))
+            options = self._fs_options(scheme)
+            # s3fs's own retry loop (around botocore's) is an attribute, not an argument
+            retries = options.pop("retries", None) if scheme in ("s3", "s3a") else None
+            fs, _ = url_to_fs(url, **options)
+            if retries is not None:
+                fs.retries = retries
             self._cache[scheme] = fs
         fs = self._cache[scheme]
         return fs, fs._strip_protocol(url)

@@ -156,3 +156,28 @@ def test_list_relative_skips_hidden_names(tmp_path):
     for rel in ("a/x.png", "a/.tmp-1-y.png", ".hidden/z.png", "b c/\u00e9.png", "a/n.txt"):
         storage.write_bytes(str(tmp_path / rel), b"1")
     assert sorted(storage.list_relative(str(tmp_path), ".png")) == ["a/x.png", "b c/\u00e9.png"]
+
+
+def test_the_retry_budget_is_the_configs(tmp_path):
+    """An object store that never answers: a read fails within the budget storage.retries x
+    storage.timeout_s that the config names (plus backoff), naming the URL."""
+    import socket
+    import time
+
+    from pdso_ray.config import load_config
+    from pdso_ray.storage import StorageError
+
+    silent = socket.socket()  # accepts connections, never answers: every attempt times out
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(16)
+    endpoint = f"http://127.0.0.1:{silent.getsockname()[1]}"
+    cfg = load_config(overrides=["data.classes=2", f"storage.s3.endpoint_url={endpoint}", "storage.s3.key=k",
+                                 "storage.s3.secret=s", "storage.retries=2", "storage.timeout_s=1"])
+    s3 = cfg.storage_options()["s3"]
+    assert s3["config_kwargs"] == {"connect_timeout": 1.0, "read_timeout": 1.0,
+                                   "retries": {"max_attempts": 2, "mode": "adaptive"}}
+    started = time.monotonic()
+    with pytest.raises(StorageError, match="s3://bucket/key"):
+        Storage(cfg.storage_options()).read_bytes("s3://bucket/key")
+    assert time.monotonic() - started < 30  # 2 attempts x 1 s, and s3fs's 2 tries around them
+    silent.close()

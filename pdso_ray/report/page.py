@@ -3,25 +3,22 @@
 :func:`build_report` reads what the run folder holds (every path from
 :class:`~pdso_ray.run_layout.RunLayout`) and writes a static page that opens from any file browser
 or bucket. Each section of :data:`pdso_ray.report.sections.SECTIONS` stands alone: a missing
-artifact makes its section say "not run", and an unreadable one says why, without stopping the
-others. Figures are drawn with matplotlib's object API (``Figure`` on the Agg canvas), which sets
+artifact makes its section say "not run", and one that cannot be built says "not computed:
+<reason>" (and one warning line), without stopping the others. Figures are drawn with matplotlib's object API (``Figure`` on the Agg canvas), which sets
 no global backend.
 """
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Sequence
 
 from pdso_ray.config import PipelineConfig
+from pdso_ray.measuring import best_effort, is_not_computed
 from pdso_ray.plan import MAIN_METHOD
 from pdso_ray.report.base import Report, esc
 from pdso_ray.report.sections import SECTIONS
 from pdso_ray.run_layout import load_run_config
 from pdso_ray.storage import Storage
-
-log = logging.getLogger("pdso_ray")
-
 
 def build_report(storage: Storage, run_url: str, cfg: PipelineConfig | None = None,
                  stage_order: Sequence[str] | None = None, method: str | None = None) -> str:
@@ -38,12 +35,10 @@ def build_report(storage: Storage, run_url: str, cfg: PipelineConfig | None = No
     report = Report(storage, run_url, cfg, stage_order, method=cfg.method if cfg else method or MAIN_METHOD)
     body = []
     for title, build in SECTIONS:
-        try:
-            content = build(report)
-        except Exception as e:  # one unreadable artifact must not hide the rest of the report
-            log.warning("report: section %r failed", title, exc_info=True)
-            why = f"{type(e).__name__}: {e}"
-            content = f'<p class="error">could not be built: {esc(why)}</p>'
+        # One unreadable artifact must not hide the rest of the report: a section is best-effort.
+        content = best_effort(f"report: section {title!r}", lambda build=build: build(report))
+        if is_not_computed(content):
+            content = f'<p class="error">{esc(content)}</p>'
         body.append(f"<section><h2>{esc(title)}</h2>\n{content}\n</section>")
     url = report.run.report_file("index.html")
     storage.write_text(url, _PAGE.format(run=esc(run_url), body="\n".join(body)))

@@ -28,6 +28,7 @@ from matplotlib.figure import Figure
 
 from pdso_ray.data.ids import LABEL_SUFFIX, png_rel
 from pdso_ray.data.imagenet_s import IGNORE_ID, VALIDATION
+from pdso_ray.measuring import is_not_computed
 from pdso_ray.method.metrics import SIZE_BIN_NAMES
 from pdso_ray.plan import METHODS, SHARED_STAGES
 from pdso_ray.report.base import Report, esc, fmt, not_run, sample, table
@@ -153,18 +154,26 @@ def ablation(r: Report) -> str:
         if not steps and not image:
             out += not_run("no diagnostics in summary.json (the evaluate stage scores the ablation)")
             continue
-        if steps:
+        if is_not_computed(steps):
+            out += f"<p>Ablation: {esc(steps)}</p>"
+        elif steps:
             out += table(["step", "validation mIoU (%)"], [[s["step"], s["mIoU"]] for s in steps])
-        if image and method == "pdso":
-            row = " → ".join(f"{STEP_NAMES[k]} {image[k]['purity']:.3f}" for k in IMAGE_STEPS if k in image)
+        scored = {k: v for k, v in image.items() if isinstance(v, dict)}
+        if scored and method == "pdso":
+            row = " → ".join(f"{STEP_NAMES[k]} {scored[k]['purity']:.3f}" for k in IMAGE_STEPS if k in scored)
             out += f"<p><b>Image-level purity</b> (train images): {esc(row)}</p>"
             out += f'<p class="note">{esc(_DIAGNOSTIC_NOTE)}</p>'
-        levels = diag.get("lightcluster", {}).get("levels")
-        if levels:
+        lightcluster = diag.get("lightcluster", {})
+        levels = lightcluster.get("levels")
+        if is_not_computed(levels):
+            out += f"<p>LightCluster masks on validation: {esc(levels)}</p>"
+        elif levels:
             out += table(["LightCluster mask", "validation mIoU (%)", "foreground IoU"],
                          [[v["mask"], v["mIoU"], v["fg_iou"]] for v in levels])
-        classes = diag.get("lightcluster", {}).get("classes")
-        if classes:
+        classes = lightcluster.get("classes")
+        if is_not_computed(classes):
+            out += f"<p>LightCluster labelling against the class folders: {esc(classes)}</p>"
+        elif classes:
             out += (f"<p><b>LightCluster labelling</b> (train images, against the class folders): purity "
                     f"{classes['purity']:.3f}, NMI {classes['nmi']:.3f}</p>")
     return out
@@ -176,9 +185,14 @@ def image_diagnostics(r: Report) -> str:
         if r.cfg is not None and not r.data.folder_is_class:
             return "<p>Not computed: this run's images have no class folders to score against.</p>"
         return not_run("no diagnostics.image in summary.json")
-    steps = [k for k in IMAGE_STEPS if k in image]
+    missing = {k: v for k, v in image.items() if not isinstance(v, dict)}
+    steps = [k for k in IMAGE_STEPS if isinstance(image.get(k), dict)]
     rows = [[STEP_NAMES[k], image[k]["purity"], image[k]["nmi"], image[k]["accuracy"], image[k]["images"]]
             for k in steps]
+    rows += [[STEP_NAMES.get(k, k), str(v), "", "", ""] for k, v in missing.items()]
+    if not steps:
+        return (f'<p class="note">{esc(_DIAGNOSTIC_NOTE)}</p>'
+                + table(["step", "purity", "NMI", "Hungarian accuracy", "images"], rows))
     fig = Figure(figsize=(7, 3.2))
     ax = fig.subplots()
     x = np.arange(len(steps))
@@ -198,7 +212,8 @@ def pseudo_label_choice(r: Report) -> str:
     if choice is None:
         return not_run("no eval/pseudo_label_threshold.json")
     if choice["source"] == "fallback":
-        return (f"<p>No validation ground truth: t = {choice['threshold']:g} and σ = "
+        why = f"The validation sweep was {choice['sweep']}" if choice.get("sweep") else "No validation ground truth"
+        return (f"<p>{esc(why)}: t = {choice['threshold']:g} and σ = "
                 f"{choice['sigma']:g} are the configured or published values, not chosen on validation.</p>")
     out, fig = "", Figure(figsize=(10, 3.2))
     axes = fig.subplots(1, 2)

@@ -14,8 +14,8 @@ import numpy as np
 
 from pdso_ray.config import PipelineConfig
 from pdso_ray.stages.base import Needs, PipelineError, RunContext, Stage, WorkerGroup
-from pdso_ray.stages.diagnostics import folder_classes, image_diagnostics, image_scores
-from pdso_ray.tables import parquet_files, save_array, write_aligned
+from pdso_ray.stages.diagnostics import image_diagnostics
+from pdso_ray.tables import column_values, parquet_files, save_array, write_aligned
 
 
 class ClusterStage(Stage):
@@ -41,9 +41,13 @@ class ClusterStage(Stage):
         save_array(storage, ctx.run.centroids_file(self.name), result.centroids)
         write_aligned(storage, files, ctx.run.stage_dir(self.name),
                       {"cluster": result.assignments.astype(np.int32)})
-        truth = folder_classes(ctx, ctx.run.stage_dir(self.name))
         return {"images": int(result.assignments.size), "objective": result.objective,
                 "empty_clusters": int((result.counts == 0).sum()),
                 "largest_cluster": int(result.counts.max()),
                 "smallest_cluster": int(result.counts.min()),
-                **image_diagnostics([("cluster", image_scores(truth, result.assignments))])}
+                **self.diagnostics(ctx)}
+
+    def diagnostics(self, ctx: RunContext) -> dict[str, Any]:
+        """Image-level scores of k-means #1 against the class folders (best-effort)."""
+        out = ctx.run.stage_dir(self.name)
+        return image_diagnostics(ctx, out, lambda: [("cluster", column_values(ctx.storage, out, "cluster"), None)])

@@ -37,7 +37,7 @@ from pdso_ray.stages.base import (Batch, BatchStep, Needs, PipelineError, Resour
                                   ordered_ingest, report_epoch, resume_training, shuffled_batches,
                                   train_storage)
 from pdso_ray.stages.read_decode import ImageReader, ReadDecode
-from pdso_ray.stages.diagnostics import folder_classes, image_diagnostics, image_scores
+from pdso_ray.stages.diagnostics import image_diagnostics
 from pdso_ray.storage import Storage
 from pdso_ray.tables import (
     arrow_to_vectors,
@@ -435,16 +435,15 @@ class DenoiseStage(Stage):
         selected under, ``denoise.s2_labels``: k-means #1's or g's relabelling) on S2, against the
         class folders."""
         out = ctx.run.stage_dir(self.name)
-        truth = folder_classes(ctx, out)
-        if truth is None:
-            return {}
-        kmeans = column_values(ctx.storage, ctx.run.stage_dir("cluster"), "cluster")
-        subset1 = column_values(ctx.storage, out, "subset1")
-        clean = column_values(ctx.storage, out, "clean")
-        trained = (kmeans if ctx.cfg.denoise.s2_labels == "kmeans"
-                   else column_values(ctx.storage, out, "relabel"))
-        return image_diagnostics([("denoise_s1", image_scores(truth, kmeans, subset1)),
-                                  ("denoise_s2", image_scores(truth, trained, clean))])
+
+        def steps():
+            kmeans = column_values(ctx.storage, ctx.run.stage_dir("cluster"), "cluster")
+            trained = (kmeans if ctx.cfg.denoise.s2_labels == "kmeans"
+                       else column_values(ctx.storage, out, "relabel"))
+            return [("denoise_s1", kmeans, column_values(ctx.storage, out, "subset1")),
+                    ("denoise_s2", trained, column_values(ctx.storage, out, "clean"))]
+
+        return image_diagnostics(ctx, out, steps)
 
 
 def _class_means(storage: Storage, run: RunLayout, files: list[str], mask: np.ndarray, labels: np.ndarray,

@@ -1,5 +1,5 @@
-"""Image-level diagnostics of the clustering stages against the class folders the method never
-reads (docs/method.md, "Measuring quality").
+"""Image-level diagnostics of the clustering stages, best-effort (:mod:`pdso_ray.measuring`; docs/method.md,
+"Measuring quality").
 
 ImageNet-S train images sit in class folders (wnids); the method never looks at them, so they
 measure it. Each clustering stage scores its assignment of images to clusters with
@@ -7,55 +7,72 @@ measure it. Each clustering stage scores its assignment of images to clusters wi
 and returns it in its counts under ``diagnostics.image.<step>``; the pipeline gathers them in
 ``summary.json``. Everything is recomputable from the run folder: the ids in the stage's Parquet
 carry the class folder (``split/<wnid>/<stem>``). With ``data.layout: folder`` (or
-``data.folder_is_class: false``) there is no class to score against and nothing is computed.
+``data.folder_is_class: false``) there is nothing to score against and nothing is recorded; ids
+without a class folder (precomputed features named ``img00000001``) mean no class truth either,
+recorded as such.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import logging
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pac
 
+from pdso_ray.measuring import best_effort, not_computed
 from pdso_ray.method.cluster_metrics import cluster_scores
 from pdso_ray.stages.base import RunContext
 from pdso_ray.tables import iter_row_groups
 
-def class_codes(ids: pa.Array | pa.ChunkedArray) -> np.ndarray:
+log = logging.getLogger("pdso_ray")
+
+def class_codes(ids: pa.Array | pa.ChunkedArray) -> np.ndarray | None:
     """(N,) int64 code of each id's class folder (the component after the split), computed in
-    Arrow without Python strings per row: equal folders get equal codes."""
+    Arrow without Python strings per row: equal folders get equal codes. None when some id has no
+    class folder (``"all/x"``, ``"img00000001"``): there is no class truth."""
+    if len(ids) == 0:
+        return np.zeros(0, dtype=np.int64)
     parts = pac.split_pattern(ids, "/", max_splits=2)
-    folders = pac.list_element(parts, 1)
-    encoded = pac.dictionary_encode(folders)
+    if pac.min(pac.list_value_length(parts)).as_py() < 3:
+        return None
+    encoded = pac.dictionary_encode(pac.list_element(parts, 1))
     if isinstance(encoded, pa.ChunkedArray):
         encoded = encoded.unify_dictionaries().combine_chunks()
     return encoded.indices.to_numpy(zero_copy_only=False).astype(np.int64)
 
 
-def folder_classes(ctx: RunContext, folder: str) -> np.ndarray | None:
-    """The class code of every row of a Parquet folder (file order), or None when this run's
-    images have no class folders to score against."""
+def _first_id(ids: pa.ChunkedArray) -> str:
+    return str(ids[0].as_py()) if len(ids) else ""
+
+
+def image_diagnostics(ctx: RunContext, folder: str,
+                      steps: Callable[[], Sequence[tuple[str, np.ndarray, np.ndarray | None]]]) -> dict[str, Any]:
+    """The counts entry ``{"diagnostics": {"image": {step: scores}}}`` of a clustering stage.
+
+    ``folder``: the stage's Parquet (its ``id`` column, in the row order of ``steps``' arrays);
+    ``steps()``: ``(step, labels (N,), mask (N,) bool or None)`` to score against the class
+    folders. A step that cannot be scored records ``"not computed: <reason>"``; with no class
+    folders by the layout, nothing is recorded."""
     if not ctx.data.folder_is_class:
-        return None
-    ids = [t.column("id") for t in iter_row_groups(ctx.storage, folder, columns=["id"])]
-    if not ids:
-        return None
-    return class_codes(pa.chunked_array([c for t in ids for c in t.chunks]))
+        return {}
+    what = f"image-level diagnostics of {folder.rstrip('/').rsplit('/', 1)[-1]}"
 
+    def scores() -> dict[str, Any]:
+        ids = pa.chunked_array([c for t in iter_row_groups(ctx.storage, folder, columns=["id"])
+                                for c in t.column("id").chunks], pa.string())
+        truth = class_codes(ids)
+        named = steps()
+        if truth is None:
+            reason = not_computed(f"no class truth: the image ids have no class folder (e.g. {_first_id(ids)!r})")
+            log.info("%s: %s", what, reason)
+            return {name: reason for name, _, _ in named}
+        return {name: best_effort(f"{what} ({name})", lambda labels=labels, mask=mask: cluster_scores(
+            np.asarray(labels, dtype=np.int64), truth, mask)) for name, labels, mask in named}
 
-def image_scores(truth: np.ndarray | None, labels: np.ndarray,
-                 mask: np.ndarray | None = None) -> dict[str, Any] | None:
-    """``{"purity", "nmi", "accuracy", "images"}`` of ``labels`` against ``truth`` within
-    ``mask`` (None when there is no truth)."""
-    if truth is None:
-        return None
-    return cluster_scores(np.asarray(labels, dtype=np.int64), truth, mask)
-
-
-def image_diagnostics(steps: Sequence[tuple[str, dict[str, Any] | None]]) -> dict[str, Any]:
-    """The counts entry ``{"diagnostics": {"image": {step: scores}}}`` of the steps that could be
-    scored (empty when none could)."""
-    scored = {name: scores for name, scores in steps if scores is not None}
-    return {"diagnostics": {"image": scored}} if scored else {}
+    result = best_effort(what, scores)
+    if isinstance(result, str):
+        return {"diagnostics": {"image": {"all": result}}}
+    return {"diagnostics": {"image": result}}

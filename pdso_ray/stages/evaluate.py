@@ -20,8 +20,10 @@ the official number, never as it.
 predictions (:func:`ablation`; PDSO's raw and refined pseudo labels, LightCluster's masks).
 
 An image that was rejected (at listing or by the predict stage) is scored as an all-background
-prediction and listed under ``unpredicted``; any other missing prediction is an error. A split
-without ground truth, or a run on a plain folder of images, is skipped with a note.
+prediction and listed under ``unpredicted``. A split without ground truth, or a run on a plain
+folder of images, is skipped with a note. Every score is a measurement: one that cannot be
+computed (a prediction missing, a ground truth of another size) is a note ``... not computed:
+<reason>`` and one warning line; the run goes on to its report.
 """
 
 from __future__ import annotations
@@ -29,9 +31,10 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+from pdso_ray.data.ids import LABEL_SUFFIX, png_rel
 from pdso_ray.data.imagenet_s import TEST, VALIDATION
 from pdso_ray.evaluation import BACKGROUND_THRESHOLDS, best_index, evaluate_thresholds, pair_files
-from pdso_ray.data.ids import LABEL_SUFFIX, png_rel
+from pdso_ray.measuring import best_effort
 from pdso_ray.run_layout import RunLayout
 from pdso_ray.stages.base import RunContext, Stage
 from pdso_ray.stages.streaming import read_rejected
@@ -81,7 +84,7 @@ class EvaluateStage(Stage):
                       "validation_threshold.json", "test_threshold.json"))
 
     def run(self, ctx: RunContext) -> dict[str, Any]:
-        storage, classes, run = ctx.storage, ctx.cfg.data.classes, ctx.run
+        storage, run = ctx.storage, ctx.run
         splits = {info.split: info for info in ctx.data.eval_splits(storage)}
         notes = [info.note for info in splits.values() if info.gt_dir is None and info.note]
         val = splits.get(VALIDATION)
@@ -92,34 +95,58 @@ class EvaluateStage(Stage):
         test = splits.get(TEST)
         test_gt = test.gt_dir if test is not None else None
         counts: dict[str, Any] = {"notes": notes}
-
-        files = pair_files(storage, run.predictions_dir(VALIDATION), val.gt_dir,
-                           rejected=rejected_rels(ctx, VALIDATION))
-        (result,) = evaluate_thresholds(storage, files, classes)
-        storage.write_json(run.eval_file("match.json"), {str(p): g for p, g in sorted(result.match.items())})
-        unpredicted = [f.rel for f in files if f.pred is None]
-        storage.write_json(run.eval_file("validation.json"),
-                           {**result.to_json(), "split": VALIDATION, "rule": "argmax",
-                            "unpredicted": unpredicted})
-        counts.update(validation_images=result.num_images, mIoU=result.miou,
-                      validation_unpredicted=len(unpredicted))
-        log.info("evaluate: validation mIoU %.2f (argmax over C+1, the official rule)", result.miou)
+        official = best_effort("evaluate: the validation mIoU", lambda: self._validation(ctx, val.gt_dir))
+        if isinstance(official, str):
+            notes.append(f"validation mIoU {official}")
+            return {**counts, "diagnostics": {"ablation": official}}
+        scores, match = official
+        counts.update(scores)
         counts["test_images"] = len(storage.list_relative(run.predictions_dir(TEST), LABEL_SUFFIX))
         if counts["test_images"] and test_gt is not None:
-            test_files = pair_files(storage, run.predictions_dir(TEST), test_gt, rejected=rejected_rels(ctx, TEST))
-            (test_result,) = evaluate_thresholds(storage, test_files, classes, match=result.match)
-            storage.write_json(run.eval_file("test.json"),
-                               {**test_result.to_json(), "split": TEST, "rule": "argmax", "match_from": VALIDATION,
-                                "unpredicted": [f.rel for f in test_files if f.pred is None]})
-            counts["mIoU_test"] = test_result.miou
-            log.info("evaluate: test mIoU %.2f (validation matching)", test_result.miou)
+            test_miou = best_effort("evaluate: the test mIoU", lambda: self._test(ctx, test_gt, match))
+            if isinstance(test_miou, str):
+                notes.append(f"test mIoU {test_miou}")
+            else:
+                counts["mIoU_test"] = test_miou
         elif counts["test_images"]:
             log.info("evaluate: %d test predictions, no test ground truth: kept for `pdso-ray export`",
                      counts["test_images"])
         if storage.list_relative(run.foreground_dir(VALIDATION), LABEL_SUFFIX):
-            counts.update(self._threshold_rule(ctx, val.gt_dir, test_gt))
-        counts["diagnostics"] = {"ablation": ablation(ctx, result.miou)}
+            rule = best_effort("evaluate: the threshold rule", lambda: self._threshold_rule(ctx, val.gt_dir, test_gt))
+            if isinstance(rule, str):
+                notes.append(f"threshold rule {rule}")
+            else:
+                counts.update(rule)
+        counts["diagnostics"] = {"ablation": best_effort("evaluate: the ablation",
+                                                         lambda: ablation(ctx, counts["mIoU"]))}
         return counts
+
+    @staticmethod
+    def _validation(ctx: RunContext, gt_dir: str) -> tuple[dict[str, Any], dict[int, int]]:
+        """The official validation score (``eval/validation.json``, ``eval/match.json``): its counts
+        and the matching the test split is scored with."""
+        storage, run = ctx.storage, ctx.run
+        files = pair_files(storage, run.predictions_dir(VALIDATION), gt_dir, rejected=rejected_rels(ctx, VALIDATION))
+        (result,) = evaluate_thresholds(storage, files, ctx.cfg.data.classes)
+        storage.write_json(run.eval_file("match.json"), {str(p): g for p, g in sorted(result.match.items())})
+        unpredicted = [f.rel for f in files if f.pred is None]
+        storage.write_json(run.eval_file("validation.json"),
+                           {**result.to_json(), "split": VALIDATION, "rule": "argmax", "unpredicted": unpredicted})
+        log.info("evaluate: validation mIoU %.2f (argmax over C+1, the official rule)", result.miou)
+        return ({"validation_images": result.num_images, "mIoU": result.miou,
+                 "validation_unpredicted": len(unpredicted)}, result.match)
+
+    @staticmethod
+    def _test(ctx: RunContext, gt_dir: str, match: dict[int, int]) -> float:
+        """The test mIoU with the validation matching (``eval/test.json``)."""
+        storage, run = ctx.storage, ctx.run
+        files = pair_files(storage, run.predictions_dir(TEST), gt_dir, rejected=rejected_rels(ctx, TEST))
+        (result,) = evaluate_thresholds(storage, files, ctx.cfg.data.classes, match=match)
+        storage.write_json(run.eval_file("test.json"),
+                           {**result.to_json(), "split": TEST, "rule": "argmax", "match_from": VALIDATION,
+                            "unpredicted": [f.rel for f in files if f.pred is None]})
+        log.info("evaluate: test mIoU %.2f (validation matching)", result.miou)
+        return result.miou
 
     def _threshold_rule(self, ctx: RunContext, val_gt: str, test_gt: str | None) -> dict[str, Any]:
         """PASS's foreground-threshold rule, t tuned on validation GT (module docstring)."""

@@ -43,10 +43,12 @@ import pyarrow as pa
 
 from pdso_ray.config import PipelineConfig
 from pdso_ray.data.imagenet_s import IGNORE_ID, VALIDATION, decode_gray_png, decode_label, encode_gray_png, encode_label
-from pdso_ray.data.listing import Rejected
 from pdso_ray.data.ids import LABEL_SUFFIX, png_rel, split_of
+from pdso_ray.data.listing import Rejected
+from pdso_ray.measuring import best_effort, not_computed
 from pdso_ray.run_layout import RunLayout
 from pdso_ray.stages.base import Batch, BatchStep, Needs, Resources, RunContext, Stage, dino_need, pool_group
+from pdso_ray.stages.diagnostics import class_codes
 from pdso_ray.stages.read_decode import ImageReader
 from pdso_ray.stages.streaming import (StreamingPass, Work, ids_in, object_column, read_rejected, reconcile,
                                        run_pass, write_rejected)
@@ -611,32 +613,48 @@ class LightClusterStage(Stage):
 
     def _diagnostics(self, ctx: RunContext, train_rows, classes: dict[str, int]) -> dict[str, Any]:
         """Validation mIoU and foreground IoU of every mask (``eval/lightcluster.json``, the
-        ablation's rows) and the image-level purity of the labelling against the class folders."""
-        from pdso_ray.evaluation import evaluate_thresholds, pair_files
-        from pdso_ray.stages.diagnostics import class_codes, image_scores
-
-        storage, run = ctx.storage, ctx.run
+        ablation's rows) and the image-level purity of the labelling against the class folders;
+        each best-effort (``"not computed: <reason>"`` when it cannot be measured)."""
         out: dict[str, Any] = {}
         if ctx.data.folder_is_class and train_rows:
-            ids = [r["id"] for r in train_rows if r["id"] in classes]
-            scores = image_scores(class_codes(pa.array(ids)), np.asarray([classes[i] for i in ids]))
-            out["classes"] = scores
-        gt_dir = ctx.data.gt_dir(storage, VALIDATION)
+            out["classes"] = best_effort("lightcluster: image-level diagnostics",
+                                         lambda: _class_scores(train_rows, classes))
+        gt_dir = ctx.data.gt_dir(ctx.storage, VALIDATION)
         if gt_dir is not None:
-            failed = {png_rel(r.image_id) for r in read_rejected(storage, run.lightcluster_path("rejected_segment"))
-                      if r.image_id and split_of(r.image_id) == VALIDATION}
-            failed |= {r.rel + LABEL_SUFFIX for r in ctx.data.list_split(storage, VALIDATION).rejected}
-            levels = []
-            fg = foreground_iou(storage, run, gt_dir)
-            for name in MASK_BITS:
-                files = pair_files(storage, run.level_dir(name, VALIDATION), gt_dir, rejected=failed)
-                (result,) = evaluate_thresholds(storage, files, ctx.cfg.data.classes, size_bins=False, progress=False)
-                levels.append({"mask": name, "step": MASK_NAMES[name], "mIoU": result.miou, "fg_iou": fg[name]})
-                log.info("lightcluster: validation %s: mIoU %.2f, foreground IoU %.3f", name, result.miou, fg[name])
-            storage.write_json(run.eval_file("lightcluster.json"),
-                               {"levels": levels, "min_votes": ctx.cfg.lightcluster.min_votes})
-            out["levels"] = [{"mask": lv["mask"], "mIoU": lv["mIoU"], "fg_iou": lv["fg_iou"]} for lv in levels]
+            out["levels"] = best_effort("lightcluster: the masks on validation", lambda: self._levels(ctx, gt_dir))
         return {"diagnostics": {"lightcluster": out}} if out else {}
+
+    @staticmethod
+    def _levels(ctx: RunContext, gt_dir: str) -> list[dict[str, Any]]:
+        """Validation mIoU and foreground IoU of every mask, also written to ``eval/lightcluster.json``."""
+        from pdso_ray.evaluation import evaluate_thresholds, pair_files
+
+        storage, run = ctx.storage, ctx.run
+        failed = {png_rel(r.image_id) for r in read_rejected(storage, run.lightcluster_path("rejected_segment"))
+                  if r.image_id and split_of(r.image_id) == VALIDATION}
+        failed |= {r.rel + LABEL_SUFFIX for r in ctx.data.list_split(storage, VALIDATION).rejected}
+        levels = []
+        fg = foreground_iou(storage, run, gt_dir)
+        for name in MASK_BITS:
+            files = pair_files(storage, run.level_dir(name, VALIDATION), gt_dir, rejected=failed)
+            (result,) = evaluate_thresholds(storage, files, ctx.cfg.data.classes, size_bins=False, progress=False)
+            levels.append({"mask": name, "step": MASK_NAMES[name], "mIoU": result.miou, "fg_iou": fg[name]})
+            log.info("lightcluster: validation %s: mIoU %.2f, foreground IoU %.3f", name, result.miou, fg[name])
+        storage.write_json(run.eval_file("lightcluster.json"),
+                           {"levels": levels, "min_votes": ctx.cfg.lightcluster.min_votes})
+        return [{"mask": lv["mask"], "mIoU": lv["mIoU"], "fg_iou": lv["fg_iou"]} for lv in levels]
+
+
+def _class_scores(train_rows, classes: dict[str, int]) -> dict[str, Any] | str:
+    """The labelling's image-level scores against the class folders of the ids, or ``"not
+    computed: ..."`` when the ids have none."""
+    from pdso_ray.method.cluster_metrics import cluster_scores
+
+    ids = [r["id"] for r in train_rows if r["id"] in classes]
+    truth = class_codes(pa.array(ids, pa.string()))
+    if truth is None:
+        return not_computed(f"no class truth: the image ids have no class folder (e.g. {ids[0]!r})")
+    return cluster_scores(np.asarray([classes[i] for i in ids], dtype=np.int64), truth)
 
 
 def foreground_iou(storage: Storage, run: RunLayout, gt_dir: str) -> dict[str, float]:

@@ -35,8 +35,9 @@ import pyarrow as pa
 import pyarrow.compute as pac
 
 from pdso_ray.config import PipelineConfig
-from pdso_ray.data.imagenet_s import VALIDATION, encode_gray_png, encode_label
 from pdso_ray.data.ids import LABEL_SUFFIX, id_from_png_rel, png_rel
+from pdso_ray.data.imagenet_s import VALIDATION, encode_gray_png, encode_label
+from pdso_ray.measuring import best_effort
 from pdso_ray.run_layout import RunLayout
 from pdso_ray.stages.base import (Batch, BatchStep, ModelNeed, Needs, Resources, RunContext, Stage, dino_need,
                                   pool_group)
@@ -340,23 +341,50 @@ class PseudoLabelsStage(Stage):
             choice = {"threshold": threshold, "sigma": sigma, "source": "fallback", "curve": [],
                       "sigma_curve": []}
         else:
-            scores = run_pass(ctx, _ValidationPass("scores"))
-            threshold, curve, raw = self._choose_threshold(ctx, gt_dir, scores["failed"])
-            refined_pass = run_pass(ctx, _ValidationPass("sweep", threshold, tuple(sigma_grid)))
-            sigma, sigma_curve, refined = self._choose_sigma(ctx, gt_dir, sigma_grid, refined_pass["failed"])
-            choice = {"threshold": threshold, "sigma": sigma, "curve": curve, "sigma_curve": sigma_curve,
-                      "source": {"threshold": "configured" if pc.threshold is not None else "validation sweep",
-                                 "sigma": "configured" if pc.refine.sigma is not None
-                                 else "validation sweep" if _uses_sigma(cfg) else "unused"}}
-            diagnostics = self._diagnostics(ctx, gt_dir, threshold, sigma, raw, refined, scores["failed"])
-            log.info("pseudo_labels: t = %g (validation raw mIoU %.2f), sigma = %g (refined mIoU %.2f)",
-                     threshold, raw.miou, sigma, refined.miou)
+            failed = {"scores": run_pass(ctx, _ValidationPass("scores"))["failed"]}
+            measured = self.measure(ctx, gt_dir, sigma_grid, failed)
+            if isinstance(measured, str):
+                threshold = cfg.saliency_threshold()
+                sigma = pc.refine.sigma if pc.refine.sigma is not None else FALLBACK_SIGMA
+                notes.append(f"the validation sweep was {measured}: saliency threshold {threshold:g} and "
+                             f"sigma {sigma:g} are the configured or published values")
+                choice = {"threshold": threshold, "sigma": sigma, "source": "fallback", "curve": [],
+                          "sigma_curve": [], "sweep": measured}
+                diagnostics = measured
+            else:
+                threshold, sigma, choice, diagnostics = measured
         ctx.storage.write_json(ctx.run.eval_file("pseudo_label_threshold.json"), choice)
         counts = run_pass(ctx, _TrainPass(threshold, sigma))
         out: dict[str, Any] = {**counts, "threshold": threshold, "sigma": sigma, "notes": notes}
         if diagnostics:
             out["diagnostics"] = {"pseudo_labels": diagnostics}
         return out
+
+    def measure(self, ctx: RunContext, gt_dir: str, sigma_grid: list[float], failed: dict[str, Any]):
+        """The validation sweep, best-effort: ``(t, sigma, eval/pseudo_label_threshold.json's
+        choice, diagnostics)`` with t chosen on the validation class maps and saliency (the
+        ``scores`` pass, whose failed images are ``failed["scores"]``) and sigma on the refined
+        labels of the ``sweep`` pass (run here, once t is known), unless configured; or ``"not
+        computed: <reason>"`` when the ground truth cannot score them."""
+        cfg, pc = ctx.cfg, ctx.cfg.pseudo_labels
+
+        def chosen():
+            threshold, curve, raw = self._choose_threshold(ctx, gt_dir, failed["scores"])
+            if "sweep" not in failed:
+                failed["sweep"] = run_pass(ctx, _ValidationPass("sweep", threshold, tuple(sigma_grid)))["failed"]
+            sigma, sigma_curve, refined = self._choose_sigma(ctx, gt_dir, sigma_grid, failed["sweep"])
+            choice = {"threshold": threshold, "sigma": sigma, "curve": curve, "sigma_curve": sigma_curve,
+                      "source": {"threshold": "configured" if pc.threshold is not None else "validation sweep",
+                                 "sigma": "configured" if pc.refine.sigma is not None
+                                 else "validation sweep" if _uses_sigma(cfg) else "unused"}}
+            diagnostics = best_effort("pseudo_labels: the raw and refined labels on validation",
+                                      lambda: self._diagnostics(ctx, gt_dir, threshold, sigma, raw, refined,
+                                                                failed["scores"]))
+            log.info("pseudo_labels: t = %g (validation raw mIoU %.2f), sigma = %g (refined mIoU %.2f)",
+                     threshold, raw.miou, sigma, refined.miou)
+            return threshold, sigma, choice, diagnostics
+
+        return best_effort("pseudo_labels: the validation sweep of t and sigma", chosen)
 
     @staticmethod
     def _files(ctx: RunContext, pred_dir: str, gt_dir: str, failed, fg_dir: str | None = None):

@@ -22,9 +22,9 @@ import numpy as np
 import pyarrow as pa
 
 from pdso_ray.config import PipelineConfig
-from pdso_ray.stages.base import Needs, RunContext, Stage, WorkerGroup
+from pdso_ray.stages.base import Needs, PipelineError, RunContext, Stage, WorkerGroup
 from pdso_ray.stages.denoise import prototype_files
-from pdso_ray.stages.diagnostics import folder_classes, image_diagnostics, image_scores
+from pdso_ray.stages.diagnostics import image_diagnostics
 from pdso_ray.storage import Storage
 from pdso_ray.tables import (
     arrow_to_vectors,
@@ -137,7 +137,7 @@ class PurifyStage(Stage):
                 ranked = shards.assigned_distances(cluster_means(part.sums, part.counts, centroids2), assign2)
             kept = purification_mask(ranked, assign2, k, pc.dist_quantile, pc.alpha)
             if kept.sum() < k:
-                raise RuntimeError(
+                raise PipelineError(
                     f"purify kept {int(kept.sum())} images, fewer than the {k} classes: raise "
                     f"purify.dist_quantile ({pc.dist_quantile}) or purify.alpha ({pc.alpha})")
             if pc.init == "prototypes":
@@ -158,11 +158,19 @@ class PurifyStage(Stage):
             task.remote(storage, feature_files[a:b], emb_files[a:b], out,
                         kept[start:stop], centroids, min(pc.topk, k))
             for a, b, start, stop in _writer_groups(file_rows)]))
-        truth = folder_classes(ctx, out)
-        final = column_values(storage, out, "cluster") if truth is not None else None
         return {"images": int(len(kept)), "kept": int(kept.sum()),
                 "objective_kmeans2": float(dist2.sum(dtype=np.float64)),
                 "objective_kept": float(dist2[kept].sum(dtype=np.float64)),
                 "largest_cluster": int(sizes.max()), "empty_clusters": int((sizes == 0).sum()),
-                **image_diagnostics([("purify_kept", image_scores(truth, final, kept)),
-                                     ("purify_final", image_scores(truth, final))])}
+                **self.diagnostics(ctx)}
+
+    def diagnostics(self, ctx: RunContext) -> dict[str, Any]:
+        """Image-level scores of the kept set and the final assignment (best-effort)."""
+        out = ctx.run.stage_dir(self.name)
+
+        def steps():
+            final = column_values(ctx.storage, out, "cluster")
+            return [("purify_kept", final, column_values(ctx.storage, out, "kept").astype(bool)),
+                    ("purify_final", final, None)]
+
+        return image_diagnostics(ctx, out, steps)

@@ -174,16 +174,24 @@ def test_two_runs_with_the_same_seed_give_the_same_numbers(ray_local, tmp_path):
     assert predictions[0] == predictions[1] and predictions[0]
 
 
+# Ctrl-C between stages, and in a Ray Train stage (whose own SIGINT handler would take it).
+CTRL_C_POINTS = {"after features": ((), "features/_SUCCESS.json"),
+                 "in training": (("stages=pretrain", "pretrain.epochs=500", "pretrain.batch_size=4",
+                                  "pretrain.cpus_per_worker=0.5", "pretrain.probe_images=2"), "pretrain/train")}
+
+
 @pytest.mark.slow
-def test_ctrl_c_says_how_to_resume_and_stops_ray(tmp_path):
+@pytest.mark.parametrize("point", CTRL_C_POINTS)
+def test_ctrl_c_says_how_to_resume_and_stops_ray(tmp_path, point):
     root = tmp_path / "data"
     make_demo_dataset(str(root), classes=2, train_per_class=6, val_per_class=1, test_per_class=0)
     out = tmp_path / "run"
     ray_dir = _ray_dir()
-    proc = subprocess.Popen(_cli(f"data.root={root}", "data.classes=2", f"output={out}", *FAST),
+    extra, started = CTRL_C_POINTS[point]
+    proc = subprocess.Popen(_cli(f"data.root={root}", "data.classes=2", f"output={out}", *FAST, *extra),
                             cwd=REPO, env=_env(ray_dir), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 180
-    while not (out / "features" / "_SUCCESS.json").exists():
+    deadline = time.monotonic() + 240
+    while not (out / started).exists():
         assert proc.poll() is None and time.monotonic() < deadline
         time.sleep(0.2)
     proc.send_signal(signal.SIGINT)
