@@ -136,10 +136,11 @@ def _run_stages(ctx: RunContext) -> dict[str, Any]:
     statuses: dict[str, str] = {}
 
     def summary() -> dict[str, Any]:
-        result = build_summary(storage, run, cfg.method, order, statuses, precomputed)
+        result = build_summary(storage, run, cfg.method, order, statuses, precomputed, plan.keys)
         storage.write_json(run.summary_file, result)
         return result
 
+    summary()  # what the folder holds now that is valid for this run
     for step in plan.steps:
         if not step.run:
             log.info("stage %s: up to date, skipped", step.name)

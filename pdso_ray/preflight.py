@@ -183,9 +183,9 @@ def _check_models(probe: Storage, cfg: PipelineConfig, models: list[ModelNeed], 
     teacher = RunLayout.from_config(cfg).pretrain_teacher
     checked = set()
     for model in models:
-        if (model.kind, model.checkpoint, model.image_size) in checked:
-            continue
-        checked.add((model.kind, model.checkpoint, model.image_size))
+        if (model.kind, model.checkpoint) in checked:
+            continue  # loaded once, at the first stage's input size
+        checked.add((model.kind, model.checkpoint))
         if pretrains and model.checkpoint == teacher:
             continue  # the teacher this run's pretrain stage writes is not there yet
         try:

@@ -100,6 +100,8 @@ def plan_run(ctx: RunContext, wanted: list[str]) -> Plan:
             continue
         manifest = storage.read_manifest(run.stage_dir(name))
         upstream = stage_cls.upstream(cfg)
+        if stage_cls.reads_what_exists:
+            upstream = tuple(dep for dep in upstream if dep in plan.keys)
         if name not in wanted:
             if _consistent(manifest, plan.keys, upstream):
                 plan.keys[name] = manifest["key"]
@@ -173,11 +175,13 @@ def precomputed_features(storage: Storage, url: str) -> tuple[str, dict[str, Any
 
 
 def build_summary(storage: Storage, run: RunLayout, method: str, order: list[str], statuses: dict[str, str],
-                  precomputed: tuple[str, dict[str, Any]] | None = None) -> dict[str, Any]:
+                  precomputed: tuple[str, dict[str, Any]] | None = None,
+                  keys: dict[str, str] | None = None) -> dict[str, Any]:
     """``summary.json`` of ``method`` from the manifests its folder holds: the stages of
     ``order`` that completed (status from ``statuses``, else "done"), the image accounting,
     per-split counts, notes, diagnostics and metrics lifted from their counts.
-    ``precomputed``: ``(url, counts)`` of ``data.features``, standing in for ``features``."""
+    ``precomputed``: ``(url, counts)`` of ``data.features``, standing in for ``features``;
+    ``keys``: a run's plan, whose manifests alone count (one it has yet to replace does not)."""
     summary: dict[str, Any] = {"method": method, "stage_order": list(order), "stages": {}}
     for name in [s for s in STAGES if s in order or s in SHARED_STAGES]:
         if name == "features" and precomputed is not None:
@@ -187,7 +191,7 @@ def build_summary(storage: Storage, run: RunLayout, method: str, order: list[str
             summary.update(images_total=n, images_ok=n, images_rejected=0, files_ignored=0)
             continue
         manifest = storage.read_manifest(run.stage_dir(name))
-        if manifest is None:
+        if manifest is None or (keys is not None and manifest.get("key") != keys.get(name)):
             continue
         counts = manifest.get("counts", {})
         summary["stages"][name] = {"status": statuses.get(name) or "done", "seconds": manifest.get("seconds"),

@@ -201,6 +201,8 @@ class Stage:
     config_sections: ClassVar[tuple[str, ...]] = ()
     depends_on: ClassVar[tuple[str, ...]] = ()
     always_run: ClassVar[bool] = False  # cheap views of everything else (the report)
+    # Reads whichever of its upstream stages have completed (the report), not all of them.
+    reads_what_exists: ClassVar[bool] = False
 
     @classmethod
     def upstream(cls, cfg: PipelineConfig) -> tuple[str, ...]:

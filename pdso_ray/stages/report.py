@@ -1,23 +1,29 @@
 """Stage 9, ``report``: the run folder's artifacts → ``report/index.html`` + PNGs
 (:mod:`pdso_ray.report`).
 
-It reads no stage in particular (``depends_on`` is empty): every section of the report says
-"not run" when its artifacts are missing, so it can follow any subset of stages.
+It reads whichever stages of the method have completed (every section of the report says "not
+run" when its artifacts are missing, so it can follow any subset of stages), and their keys chain
+into its own: a report made from outputs a later run replaced is stale and removed with them.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from pdso_ray.plan import method_stages
+from pdso_ray.plan import STAGES, method_stages, runs_stage
 from pdso_ray.report import build_report
 from pdso_ray.stages.base import RunContext, Stage
 
 
 class ReportStage(Stage):
     name = "report"
-    depends_on = ()
     always_run = True  # a cheap view of whatever the run folder holds now
+    reads_what_exists = True
+
+    @classmethod
+    def upstream(cls, cfg) -> tuple[str, ...]:
+        """Every stage of the method before this one (those that completed: ``reads_what_exists``)."""
+        return tuple(name for name in STAGES if name != cls.name and runs_stage(cfg.method, name))
 
     def run(self, ctx: RunContext) -> dict[str, Any]:
         url = build_report(ctx.storage, ctx.cfg.output, cfg=ctx.cfg,

@@ -76,13 +76,20 @@ def test_stages_1_to_5_local(ray_local, tmp_path):
     _check_run(Storage(), output, summary)
     _check_labels(Storage(), output)
     assert os.path.exists(os.path.join(output, "summary.json"))
-    # a re-run skips every stage; changing the purify settings re-runs purify only
+    # a re-run skips every stage (and keeps pseudo_labels, made from the same purify outputs)
     again = run_pipeline(load_config("jobs/configs/demo.yaml", _overrides(root, output, STAGES)))
     assert {again["stages"][s]["status"] for s in ("features", "cluster", "denoise", "purify")} == {"skipped"}
+    assert again["stages"]["pseudo_labels"]["status"] == "skipped"
+    # changing the purify settings re-runs purify only, and removes the pseudo labels made from
+    # the purify outputs it replaces: the folder holds one run, and its summary says so
     changed = run_pipeline(load_config("jobs/configs/demo.yaml",
                                        _overrides(root, output, STAGES, "purify.alpha=1.5")))
     assert changed["stages"]["purify"]["status"] == "done"
     assert changed["stages"]["denoise"]["status"] == "skipped"
+    assert "pseudo_labels" not in changed["stages"]
+    assert not os.path.exists(os.path.join(output, "pseudo_labels")) and not os.path.exists(os.path.join(output, "labels"))
+    on_disk = Storage().read_json(os.path.join(output, "summary.json"))
+    assert on_disk["stages"].keys() == changed["stages"].keys()
     # precomputed features (data.features) stand in for stage 1
     reuse = str(tmp_path / "reuse")
     pre = run_pipeline(load_config("jobs/configs/demo.yaml", _overrides(
