@@ -147,7 +147,8 @@ class StorageConfig:
 class DataConfig:
     root: str = "demo/data"  # imagenet_s: folder or URL holding ImageNetS{classes}/; folder: the images
     classes: Annotated[int, Range(1, MAX_CLASSES)] | None = None  # C, the number of categories (required)
-    layout: Annotated[str, Registry("pdso_ray.data.layouts:LAYOUTS")] = "imagenet_s"  # imagenet_s | folder (any tree of images, no splits, no ground truth)
+    # imagenet_s | folder (any tree of images, no splits, no ground truth)
+    layout: Annotated[str, Registry("pdso_ray.data.layouts:LAYOUTS")] = "imagenet_s"
     # Whether the first folder below a split is the image's class (ImageNet-S wnids): per-run
     # diagnostics then score every clustering against it. None = the layout's default.
     folder_is_class: bool | None = None
@@ -369,7 +370,7 @@ class PseudoLabelsConfig:
 
 @dataclass
 class FinetuneConfig:
-    backbone: Annotated[str, Registry("pdso_ray.models.heads:BACKBONES")] = "dino"  # dino (the stage-1 ViT) | resnet50
+    backbone: Annotated[str, Registry("pdso_ray.models.heads:BACKBONES")] = "dino"  # dino (stage 1's ViT) | resnet50
     epochs: Count = 20
     lr: Positive = 1e-4
     weight_decay: NonNegative = 0.05
@@ -383,7 +384,8 @@ class FinetuneConfig:
     seed: Seed | None = None  # None = the top-level seed
     # ce (cross-entropy ignoring 1000) | agmm (ce + the AGMM terms, pdso_ray/method/agmm.py)
     loss: Literal["ce", "agmm"] = "ce"
-    agmm_momentum: Annotated[float, Range(0, 1, hi_open=True)] = 0.9  # online EM: running Gaussians = momentum·old + (1-momentum)·batch
+    # online EM: running Gaussians = momentum·old + (1-momentum)·batch
+    agmm_momentum: Annotated[float, Range(0, 1, hi_open=True)] = 0.9
     # weights of the AGMM terms (CVPR AGMM weighs its terms 1)
     agmm_soft_target: NonNegative = 1.0  # BCE(prediction, GMM response)
     agmm_response: NonNegative = 1.0  # BCE(response, one-hot pseudo label)
@@ -410,11 +412,12 @@ class LightClusterConfig:
     """LightCluster (``method: lightcluster``; docs/method.md, "LightCluster"): training-free
     multi-level clustering of the last block's attention features."""
 
-    feature: Literal["key", "query", "value"] = "key"  # which projection of the last block is clustered: key | query | value
+    feature: Literal["key", "query", "value"] = "key"  # which projection of the last block is clustered
     dataset_k: Annotated[int, Range(2)] = 2  # clusters of the dataset-level k-means over a patch sample
-    category_k: Annotated[int, Range(2)] = 2  # clusters of each category's k-means over its images' sampled patches
+    category_k: Annotated[int, Range(2)] = 2  # clusters of each category's k-means over its sampled patches
     image_k: Annotated[int, Range(2)] = 2  # clusters of each image's own k-means
-    min_votes: Annotated[int, Range(1, 3)] = 2  # levels (of 3) that must call a patch foreground: 1 union, 2 majority, 3 all
+    # levels (of 3) that must call a patch foreground: 1 union, 2 majority, 3 all
+    min_votes: Annotated[int, Range(1, 3)] = 2
     patches_per_image: Count = 4  # patches sampled per train image for the dataset and category levels
     niter: Count = 20
     nredo: Count = 30  # restarts of the distributed k-means (dataset level, labelling), as PDSO's

@@ -152,8 +152,9 @@ def _run_stages(ctx: RunContext) -> dict[str, Any]:
         counts = step.stage.run(ctx)
         seconds = round(time.time() - started, 3)
         update_totals({}, step.name, counts)  # raises when the accounting does not reconcile
-        storage.write_manifest(run.stage_dir(step.name), {"key": step.key, "stage": step.name, "inputs": step.inputs,
-                                                          "seconds": seconds, "counts": counts})
+        storage.write_manifest(run.stage_dir(step.name), {"key": step.key, "stage": step.name,
+                                                          "inputs": step.inputs, "seconds": seconds,
+                                                          "counts": counts})
         statuses[step.name] = "done"
         summary()
         log.info("stage %s: done in %.1f s %s", step.name, seconds, counts)

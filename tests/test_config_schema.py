@@ -101,3 +101,19 @@ def test_a_bad_value_is_one_error_line_naming_the_key(key, hint, capsys, tmp_pat
     err = capsys.readouterr().err.strip().splitlines()
     assert err == [f"error: {message}"]
     assert "ray" not in sys.modules or not sys.modules["ray"].is_initialized()
+
+
+def test_the_methods_argument_guards_accept_what_the_config_does():
+    """The pure method checks the settings it is called with (a library call bypasses the config);
+    its lists of words are the config's, so the two cannot drift."""
+    from pdso_ray.config import DenoiseConfig, PurifyConfig, RefineConfig, _field_types
+    from pdso_ray.method import denoise, purify, refiners
+
+    pairs = [(DenoiseConfig, "head", denoise.HEADS), (DenoiseConfig, "s2_labels", denoise.S2_LABELS),
+             (DenoiseConfig, "h_rows", denoise.H_ROWS), (DenoiseConfig, "head_init", denoise.HEAD_INITS),
+             (DenoiseConfig, "relabel", denoise.RELABELS), (DenoiseConfig, "prototypes", denoise.PROTOTYPES),
+             (PurifyConfig, "kept_distance", purify.KEPT_DISTANCES),
+             (RefineConfig, "spo_components", refiners.SPO_COMPONENTS),
+             (RefineConfig, "select_fail", refiners.SELECT_FAIL_RULES)]
+    for section, key, words in pairs:
+        assert typing.get_args(_field_types(section)[key]) == tuple(words), key

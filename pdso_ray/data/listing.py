@@ -143,7 +143,8 @@ def count_images(storage: Storage, base_url: str, *, class_folders: bool, data_r
     found = 0
     for url in storage.walk_files(base_url, follow_links_within=data_root or base_url):
         parts = storage.fs(url)[1][len(base):].split("/")
-        if is_image_name(parts[-1]) and not any(is_hidden(p) for p in parts) and (len(parts) > 1 or not class_folders):
+        in_class_folder = len(parts) > 1 or not class_folders
+        if is_image_name(parts[-1]) and not any(is_hidden(p) for p in parts) and in_class_folder:
             found += 1
             if enough is not None and found >= enough:
                 break

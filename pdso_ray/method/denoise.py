@@ -69,6 +69,9 @@ _SCORE_BATCH = 16384
 HEADS = ("cosine", "linear")
 S2_LABELS = ("kmeans", "relabel")
 H_ROWS = ("s2", "all")
+HEAD_INITS = ("kmeans", "random")
+RELABELS = ("agreed", "g")
+PROTOTYPES = ("weights", "means")
 
 
 # ---- data ------------------------------------------------------------------------------------------
@@ -576,10 +579,33 @@ class DenoiseResult:
         return embed_features(self.classifier, feats, device=device)
 
 
+def _check_settings(settings: DenoiseSettings) -> None:
+    if settings.head not in HEADS:
+        raise ValueError(f"denoise.head must be one of {HEADS}, got {settings.head!r}")
+    if settings.s2_labels not in S2_LABELS:
+        raise ValueError(f"denoise.s2_labels must be one of {S2_LABELS}, got {settings.s2_labels!r}")
+    if settings.h_rows not in H_ROWS:
+        raise ValueError(f"denoise.h_rows must be one of {H_ROWS}, got {settings.h_rows!r}")
+    if settings.prototypes not in PROTOTYPES:
+        raise ValueError(f"denoise.prototypes must be one of {PROTOTYPES}, got {settings.prototypes!r}")
+    if settings.prototypes == "weights" and settings.head != "cosine":
+        raise ValueError("denoise.prototypes=weights needs denoise.head=cosine (a linear head's rows "
+                         "are not directions in the normalised embedding)")
+    if not settings.logit_scale > 0:
+        raise ValueError(f"denoise.logit_scale must be > 0, got {settings.logit_scale}")
+    if settings.head_init not in HEAD_INITS:
+        raise ValueError(f"denoise.head_init must be one of {HEAD_INITS}, got {settings.head_init!r}")
+    if settings.head_init == "kmeans" and settings.head != "cosine":
+        raise ValueError("denoise.head_init=kmeans needs denoise.head=cosine (it sets class directions)")
+    if settings.relabel not in RELABELS:
+        raise ValueError(f"denoise.relabel must be one of {RELABELS}, got {settings.relabel!r}")
+
+
 def denoise(source: FeatureSource, labels: np.ndarray, num_classes: int, settings: DenoiseSettings,
             device: torch.device | str = "cpu") -> DenoiseResult:
     """Run DFF (module docstring) on ``source`` with k-means #1 ``labels`` ((N,) in [0, C))."""
     labels = _check_labels(labels, source.num_rows, num_classes)
+    _check_settings(settings)
     common = dict(lr=settings.lr, batch_size=settings.batch_size, head=settings.head,
                   logit_scale=settings.logit_scale, min_steps=settings.min_steps, device=device)
     stats: dict[str, float] = {"images": source.num_rows}

@@ -27,8 +27,9 @@ from pdso_ray.storage import Storage, UnreadableFile
 
 class Report:
     """What a section gets: storage, the run folder's layout for the reported method (:attr:`run`;
-    ``run.for_method`` reaches the other method's results), the run's config (None when it has none), its image source (:attr:`data`, None without a config) and the pipeline's
-    stage order (:attr:`stage_order`, None when unknown)."""
+    ``run.for_method`` reaches the other method's results), the run's config (None when it has
+    none), its image source (:attr:`data`, None without a config) and the pipeline's stage order
+    (:attr:`stage_order`, None when unknown)."""
 
     def __init__(self, storage: Storage, run_url: str, cfg: PipelineConfig | None,
                  stage_order: Sequence[str] | None = None, method: str = MAIN_METHOD):

@@ -4,8 +4,8 @@
 :class:`~pdso_ray.run_layout.RunLayout`) and writes a static page that opens from any file browser
 or bucket. Each section of :data:`pdso_ray.report.sections.SECTIONS` stands alone: a missing
 artifact makes its section say "not run", and one that cannot be built says "not computed:
-<reason>" (and one warning line), without stopping the others. Figures are drawn with matplotlib's object API (``Figure`` on the Agg canvas), which sets
-no global backend.
+<reason>" (and one warning line), without stopping the others. Figures are drawn with
+matplotlib's object API (``Figure`` on the Agg canvas), which sets no global backend.
 """
 
 from __future__ import annotations

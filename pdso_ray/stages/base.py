@@ -184,7 +184,8 @@ def dino_need(cfg: PipelineConfig, image_size: int | None = None) -> ModelNeed:
     return ModelNeed("dino", dc.arch, dc.checkpoint, image_size or dc.image_size)
 
 
-def pool_group(what: str, section: str, settings: Any, cpus: float = 1.0, cpus_key: str | None = None) -> WorkerGroup:
+def pool_group(what: str, section: str, settings: Any, cpus: float = 1.0,
+               cpus_key: str | None = None) -> WorkerGroup:
     """The ``min_actors`` of an actor pool sized by ``section.min_actors`` and
     ``section.gpus_per_actor`` (``cpus`` per actor, fixed or from ``cpus_key``)."""
     return WorkerGroup(what, f"{section}.min_actors", settings.min_actors, cpus_key, cpus,

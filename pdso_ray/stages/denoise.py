@@ -393,7 +393,8 @@ class DenoiseStage(Stage):
                  settings.finetune_blocks, cfg.models.dino.arch, len(rows), settings.finetune_epochs)
         result = fit(trainer)
         if result.checkpoint is None:
-            raise PipelineError(f"denoise: the backbone fine-tuning under {run.denoise_tuning_dir} left no checkpoint")
+            raise PipelineError(f"denoise: the backbone fine-tuning under {run.denoise_tuning_dir} "
+                                "left no checkpoint")
         state = checkpoint_state(result.checkpoint)
         save_weights(storage, run.denoise_classifier, state["tuner"]["head"])
         save_weights(storage, run.denoise_backbone, state["tuner"]["backbone"])

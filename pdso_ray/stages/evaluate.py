@@ -112,7 +112,8 @@ class EvaluateStage(Stage):
             log.info("evaluate: %d test predictions, no test ground truth: kept for `pdso-ray export`",
                      counts["test_images"])
         if storage.list_relative(run.foreground_dir(VALIDATION), LABEL_SUFFIX):
-            rule = best_effort("evaluate: the threshold rule", lambda: self._threshold_rule(ctx, val.gt_dir, test_gt))
+            rule = best_effort("evaluate: the threshold rule",
+                               lambda: self._threshold_rule(ctx, val.gt_dir, test_gt))
             if isinstance(rule, str):
                 notes.append(f"threshold rule {rule}")
             else:
@@ -126,7 +127,8 @@ class EvaluateStage(Stage):
         """The official validation score (``eval/validation.json``, ``eval/match.json``): its counts
         and the matching the test split is scored with."""
         storage, run = ctx.storage, ctx.run
-        files = pair_files(storage, run.predictions_dir(VALIDATION), gt_dir, rejected=rejected_rels(ctx, VALIDATION))
+        files = pair_files(storage, run.predictions_dir(VALIDATION), gt_dir,
+                           rejected=rejected_rels(ctx, VALIDATION))
         (result,) = evaluate_thresholds(storage, files, ctx.cfg.data.classes)
         storage.write_json(run.eval_file("match.json"), {str(p): g for p, g in sorted(result.match.items())})
         unpredicted = [f.rel for f in files if f.pred is None]

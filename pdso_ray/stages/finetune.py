@@ -282,7 +282,8 @@ class FinetuneStage(Stage):
         trainer = WorkerGroup("fine-tuning (Ray Train)", "finetune.num_workers", fc.num_workers,
                               "finetune.cpus_per_worker", fc.cpus_per_worker, gpus=1.0 if fc.use_gpu else 0.0,
                               feed_cpus=LOADER_CPUS)
-        return Needs(images=("train",), models=(dino_need(cfg),) if fc.backbone == "dino" else (), groups=(trainer,))
+        models = (dino_need(cfg),) if fc.backbone == "dino" else ()
+        return Needs(images=("train",), models=models, groups=(trainer,))
 
     @classmethod
     def upstream(cls, cfg) -> tuple[str, ...]:

@@ -105,7 +105,8 @@ class PurifyStage(Stage):
     @classmethod
     def needs(cls, cfg: PipelineConfig) -> Needs:
         shards = cfg.cluster.num_shards  # None: as many as the cluster has CPUs (or GPUs) free
-        return Needs(groups=(WorkerGroup("k-means shards", "cluster.num_shards", shards or 1, None, 1.0, gpus=1.0),))
+        return Needs(groups=(WorkerGroup("k-means shards", "cluster.num_shards", shards or 1, None, 1.0,
+                                         gpus=1.0),))
 
     def run(self, ctx: RunContext) -> dict[str, Any]:
         import ray
