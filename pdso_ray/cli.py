@@ -288,7 +288,17 @@ def describe_error(error: BaseException) -> tuple[str, int]:
         return f"disk full: {text}", EXIT_BAD_INPUT
     if isinstance(cause, (ValueError, OSError)) or type(cause).__module__.split(".")[0] == "pdso_ray":
         return text, EXIT_BAD_INPUT
-    return f"internal error: {type(cause).__name__}: {text}", EXIT_INTERNAL
+    where = f" in {_raised_in(cause)}" if _raised_in(cause) not in (None, "pdso_ray") else ""
+    return f"internal error{where}: {type(cause).__name__}: {text}", EXIT_INTERNAL
+
+
+def _raised_in(error: BaseException) -> str | None:
+    """The top-level package whose code raised ``error`` (``"ray"`` when Ray failed to start, say)."""
+    frames = traceback.extract_tb(error.__traceback__)
+    if not frames:
+        return None
+    path = Path(frames[-1].filename).parts
+    return next((p for p in ("pdso_ray", "ray", "torch", "pyarrow") if p in path), None)
 
 
 def _unwrap(error: BaseException) -> BaseException:
