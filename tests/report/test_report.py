@@ -268,5 +268,5 @@ def test_a_corrupt_artifact_only_breaks_its_sections(dataset, tmp_path):
     ctx.storage.write_text(ctx.run.path("eval", "validation.json"), "{ not json")
     page, srcs = read_report(ctx.storage, build_report(ctx.storage, ctx.run.root))
     found = sections(page)
-    assert "could not be built: JSONDecodeError" in found["Per-class IoU (validation)"]
+    assert "not computed: JSONDecodeError" in found["Per-class IoU (validation)"]
     assert "cluster_sizes.png" in srcs and 'class="error"' not in found["Cluster sizes"]

@@ -9,7 +9,7 @@ import pyarrow as pa
 import pytest
 import torch
 
-from pdso_ray.config import load_config
+from pdso_ray.config import ConfigError, load_config
 from pdso_ray.data.imagenet_s import IGNORE_ID, decode_label, encode_label, gt_path_for, list_split
 from pdso_ray.data.synthetic import make_demo_dataset
 from pdso_ray.models.heads import load_segmenter
@@ -106,7 +106,7 @@ def test_agmm_step_of_the_train_loop(tmp_path):
 
     from pdso_ray.method.agmm import AgmmWeights, GaussianMixture
     from pdso_ray.models.heads import build_segmenter_from_meta
-    from pdso_ray.stages.finetune import _agmm_terms, _with_features, train_loop_per_worker
+    from pdso_ray.stages.finetune import _agmm_terms, _with_features
 
     torch.manual_seed(0)
     segmenter = build_segmenter_from_meta({"num_classes": CLASSES, "backbone": "dino",
@@ -134,9 +134,9 @@ def test_agmm_step_of_the_train_loop(tmp_path):
     for name, value in mixture.state_dict().items():
         assert torch.equal(restored.state_dict()[name], value)
 
-    bad = _config(tmp_path, str(tmp_path / "run"), epochs=1, loss="hinge")
-    with pytest.raises(ValueError, match="finetune.loss='hinge': choose one of ce, agmm"):
-        train_loop_per_worker({"cfg": bad, "storage": None})
+    # an unknown loss never reaches a worker: loading the config refuses it
+    with pytest.raises(ConfigError, match="finetune.loss='hinge': unknown; choose one of ce, agmm"):
+        _config(tmp_path, str(tmp_path / "run"), epochs=1, loss="hinge")
 
 
 def test_train_storage_paths(tmp_path, s3_bucket):
