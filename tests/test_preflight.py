@@ -136,3 +136,25 @@ def test_a_good_config_passes_and_says_what_it_skips(data_root, tmp_path):
     cfg = load_config(DEMO, [f"data.root={data_root}", "data.classes=2", f"output={tmp_path}/run"])
     notes = preflight(cfg)
     assert any("no test split" in n for n in notes)
+
+
+def test_a_cluster_request_is_checked_against_what_the_autoscaler_can_add(monkeypatch):
+    """On a cluster (after connecting, before any stage): a worker group that fits neither the
+    cluster now nor what its autoscaler can grow it to is an error, never a wait without end."""
+    import ray
+    from ray._private import state
+
+    from pdso_ray.preflight import check_cluster
+
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 4.0})
+    monkeypatch.setattr(state.state, "get_max_resources_from_cluster_config", lambda: {"CPU": 16.0, "GPU": 0})
+    cfg = load_config(DEMO, ["data.classes=2", "ray.address=ray://head:10001", "denoise.finetune_blocks=2",
+                             "denoise.finetune_workers=12", "denoise.finetune_cpus_per_worker=1"])
+    check_cluster(cfg, uses_gpu=False)  # 12 + 1 CPUs: more than now, within what can be added
+    cfg.denoise.finetune_workers = 20
+    with pytest.raises(PreflightError, match=r"the backbone fine-tuning \(Ray Train\) needs 21 CPUs .* but the cluster "
+                                             r"has 4 CPUs and 0 GPUs and its autoscaler can grow it to 16 CPUs"):
+        check_cluster(cfg, uses_gpu=False)
+    cfg.denoise.finetune_workers, cfg.ray.use_gpu = 1, True
+    with pytest.raises(PreflightError, match="ray.use_gpu=true, but the cluster has no GPU"):
+        check_cluster(cfg, uses_gpu=True)
