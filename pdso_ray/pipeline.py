@@ -126,14 +126,17 @@ def _run_stages(ctx: RunContext) -> dict[str, Any]:
     cfg, storage, run = ctx.cfg, ctx.storage, ctx.run
     plan = plan_run(ctx, requested_stages(cfg))
     if plan.replaced or plan.stale:
-        removed = ", ".join(name if method == cfg.method else f"{method}'s {name}" for method, name in plan.stale)
+        removed = ", ".join(name if method == cfg.method else f"{method}'s {name}"
+                            for method, name in plan.stale)
         log.warning("%s holds an earlier run's outputs: this run replaces %s (their settings or inputs "
                     "changed)%s", cfg.output, ", ".join(plan.replaced) or "nothing",
                     f" and removes {removed}, made from what it replaces" if removed else "")
     remove_stale(storage, run, plan.stale)
     order = method_stages(cfg.method, cfg.lightcluster.finetune)
     precomputed = (cfg.data.features, plan.precomputed) if plan.precomputed else None
-    statuses: dict[str, str] = {}
+    # Valid outputs this run keeps are "skipped"; a stage this run completes becomes "done" (the
+    # summary counts a manifest only once it carries the plan's key).
+    statuses = dict.fromkeys(plan.keys, "skipped")
 
     def summary() -> dict[str, Any]:
         result = build_summary(storage, run, cfg.method, order, statuses, precomputed, plan.keys)
@@ -144,7 +147,6 @@ def _run_stages(ctx: RunContext) -> dict[str, Any]:
     for step in plan.steps:
         if not step.run:
             log.info("stage %s: up to date, skipped", step.name)
-            statuses[step.name] = "skipped"
             continue
         _prepare_stage_folders(ctx, step)
         log.info("stage %s: running", step.name)
@@ -158,8 +160,6 @@ def _run_stages(ctx: RunContext) -> dict[str, Any]:
         statuses[step.name] = "done"
         summary()
         log.info("stage %s: done in %.1f s %s", step.name, seconds, counts)
-    for name in plan.keys:
-        statuses.setdefault(name, "skipped")  # valid outputs of an earlier run that this run kept
     return summary()
 
 
