@@ -102,6 +102,7 @@ def preflight(cfg: PipelineConfig, storage: Storage | None = None) -> list[str]:
     for need in needs.values():
         if need.conflicts:
             raise PreflightError(need.conflicts[0])
+    check_patch_multiples(cfg, stages)
     if protocol(cfg.output) not in ("file", "memory"):
         try:
             probe.exists(cfg.output)
@@ -125,6 +126,28 @@ def preflight(cfg: PipelineConfig, storage: Storage | None = None) -> list[str]:
             if problem:
                 raise PreflightError(f"{problem}, but the local Ray has {_amounts(have)}: {_fix(group)}")
     return notes
+
+
+def check_patch_multiples(cfg: PipelineConfig, stages: list[str]) -> None:
+    """Every square input the DINO backbone is fed (features, pseudo labels, fine-tuning crops,
+    pretraining crops of the run's ``stages``) is a multiple of its patch size (8, 14 or 16)."""
+    from pdso_ray.models.dino import DINO_SPECS
+
+    arch = cfg.models.dino.arch
+    patch = DINO_SPECS[arch].patch_size
+    sizes = {"models.dino.image_size": cfg.models.dino.image_size,
+             "pseudo_labels.image_size": cfg.pseudo_labels.image_size}
+    if cfg.finetune.backbone == "dino":
+        sizes["finetune.crop_size"] = cfg.finetune.crop_size
+    if "pretrain" in stages:
+        from pdso_ray.stages.pretrain import pretrain_recipe
+
+        sizes["pretrain.local_size"] = pretrain_recipe(cfg, 1).crops.local_crop.size
+    for key, size in sizes.items():
+        if size % patch:
+            below = max(patch, size // patch * patch)
+            raise PreflightError(f"{key}={size} is not a multiple of the patch size {patch} of "
+                                 f"models.dino.arch={arch}: use {below} or {below + patch}")
 
 
 def _groups(needs: dict[str, Needs]) -> list[WorkerGroup]:

@@ -80,6 +80,9 @@ def test_a_missing_sam_checkpoint_fails_in_seconds_without_starting_ray(capsys, 
     ("cluster.num_shards=3", "k-means shards needs 3 CPUs (cluster.num_shards=3 x 1 CPU each)"),
     ("features.min_actors=3", "lower features.min_actors or features.cpus_per_actor"),
     ("finetune.num_workers=4", "fine-tuning (Ray Train) needs 3 CPUs"),
+    ("models.dino.arch=vit_small_patch14_dinov2",
+     "models.dino.image_size=64 is not a multiple of the patch size 14 of models.dino.arch="
+     "vit_small_patch14_dinov2: use 56 or 70"),
 ])
 def test_each_misconfiguration_is_named(capsys, data_root, dino_file, sam_file, tmp_path, override, needle):
     import torch

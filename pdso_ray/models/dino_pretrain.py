@@ -156,14 +156,11 @@ class DinoStudent(nn.Module):
         """CLS (B×D) and patch tokens (B×N×D) after the final norm; ``masks`` (B×N bool) swaps
         masked patch embeddings for the mask token before the position embedding, as iBOT does."""
         vit = self.backbone.vit
-        t = vit.patch_embed(x)  # B×h×w×D (dynamic_img_size: NHWC)
-        if masks is not None:
-            if self.mask_token is None:
-                raise ValueError("masks given but this model has no mask token (patch_loss_weight is 0)")
-            t = torch.where(masks.view(t.shape[:3])[..., None], self.mask_token.to(t.dtype), t)
-        t = vit.norm_pre(vit.patch_drop(vit._pos_embed(t)))
+        if masks is not None and self.mask_token is None:
+            raise ValueError("masks given but this model has no mask token (patch_loss_weight is 0)")
+        t, rope = self.backbone.tokens(x, masks, self.mask_token)
         for block in vit.blocks:
-            t = block(t)
+            t = self.backbone.block(block, t, rope)
         t = vit.norm(t)
         return t[:, 0], t[:, vit.num_prefix_tokens:]
 

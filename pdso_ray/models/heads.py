@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pdso_ray.models.checkpoints import check_keys, load_state_dict_from_url
-from pdso_ray.models.dino import DINO_SPECS
+from pdso_ray.models.dino import create_vit
 from pdso_ray.storage import Storage
 
 logger = logging.getLogger(__name__)
@@ -102,15 +102,6 @@ class Segmenter(nn.Module):
 
 
 # ---- building -------------------------------------------------------------------------------------
-def _dino_vit(arch: str, img_size: int) -> nn.Module:
-    """The bare timm ViT of a DINO registry entry (random init; weights are loaded by the caller)."""
-    if arch not in DINO_SPECS:
-        raise ValueError(f"unknown DINO architecture {arch!r}; known: {', '.join(DINO_SPECS)}")
-    spec = DINO_SPECS[arch]
-    return timm.create_model(spec.timm_name, pretrained=False, num_classes=0, img_size=img_size,
-                             dynamic_img_size=True, **spec.overrides)
-
-
 def _resnet50() -> nn.Module:
     return TimmFeatureMap(timm.create_model("resnet50", pretrained=False, features_only=True,
                                             out_indices=(4,)))
@@ -118,7 +109,7 @@ def _resnet50() -> nn.Module:
 
 # name -> builder of the architecture from the meta (arch, img_size); weights come separately.
 BACKBONES = {
-    "dino": lambda meta: ViTFeatureMap(_dino_vit(meta["arch"], int(meta["img_size"]))),
+    "dino": lambda meta: ViTFeatureMap(create_vit(meta["arch"], int(meta["img_size"]))),
     "resnet50": lambda meta: _resnet50(),
 }
 
@@ -150,11 +141,22 @@ def build_segmenter(backbone: str, num_classes: int, dino=None, storage: Storage
 
 
 def segmenter_meta(cfg, num_classes: int) -> dict[str, Any]:
-    """What :func:`build_segmenter_from_meta` needs to rebuild the architecture of ``cfg``."""
+    """What :func:`build_segmenter_from_meta` needs to rebuild the architecture of ``cfg``
+    (``img_size``: the configured input size; :func:`with_native_grid` replaces it by the grid the
+    built model's position embedding has, which a checkpoint decides)."""
     backbone = cfg.finetune.backbone
     arch = cfg.models.dino.arch if backbone == "dino" else backbone
     return {"format": MODEL_FORMAT, "version": MODEL_VERSION, "num_classes": int(num_classes),
             "backbone": backbone, "arch": arch, "img_size": int(cfg.models.dino.image_size)}
+
+
+def with_native_grid(meta: dict[str, Any], model: Segmenter) -> dict[str, Any]:
+    """``meta`` with ``img_size`` set to the position-embedding grid of ``model``'s ViT backbone in
+    pixels (a DINOv2 checkpoint brings 518 px), so that the saved weights rebuild."""
+    vit = getattr(model.backbone, "vit", None)
+    if vit is None:
+        return dict(meta)
+    return {**meta, "img_size": int(vit.patch_embed.img_size[0])}
 
 
 def build_segmenter_from_meta(meta: dict[str, Any]) -> Segmenter:

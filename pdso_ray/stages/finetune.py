@@ -150,7 +150,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     from pdso_ray.method.agmm import AgmmWeights, GaussianMixture
     from pdso_ray.method.augment import random_resized_crop_batch, seeded_generator
     from pdso_ray.models.dino import to_model_input
-    from pdso_ray.models.heads import build_segmenter
+    from pdso_ray.models.heads import build_segmenter, with_native_grid
 
     cfg, storage = config["cfg"], config["storage"]
     fc = cfg.finetune
@@ -164,6 +164,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     on_gpu = device.type == "cuda"
 
     model = build_segmenter(fc.backbone, config["num_classes"], config["dino"], storage)
+    meta = with_native_grid(config["meta"], model)
     if use_agmm:
         model = _with_features(model)
     model = ray.train.torch.prepare_model(model)
@@ -233,7 +234,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
         def state(epoch=epoch, metrics=metrics):
             out = {"model": core.state_dict(), "optimizer": optimizer.state_dict(),
-                   "scheduler": scheduler.state_dict(), "epoch": epoch, "meta": config["meta"], "metrics": metrics}
+                   "scheduler": scheduler.state_dict(), "epoch": epoch, "meta": meta, "metrics": metrics}
             if use_agmm:
                 out["agmm"] = mixture.state_dict()
             return out
