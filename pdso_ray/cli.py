@@ -1,4 +1,4 @@
-"""``pdso-ray``: run, demo, make-demo-data, evaluate, export, inspect.
+"""``pdso-ray``: run, demo, make-demo-data, evaluate, export, segment, export-model, inspect.
 
 All argument parsing lives here; subcommands call the same library functions as ``jobs/pdso.py``
 and tests. Heavy imports happen inside the commands, so that ``pdso-ray --help`` and
@@ -103,6 +103,54 @@ def _cmd_export(args: argparse.Namespace) -> int:
     checked = "" if result.checked_against_dataset else " (not checked against the dataset)"
     print(f"wrote {result.url}: {result.images} predictions{checked}, match.json, method.txt")
     return 0
+
+
+def _cmd_segment(args: argparse.Namespace) -> int:
+    from pdso_ray.segment import format_segment_summary, segment
+
+    summary = segment(args.model, args.input, args.output, layout=args.layout, overlay=args.overlay,
+                      overrides=args.set or [])
+    print(format_segment_summary(summary))
+    return 0
+
+
+def _cmd_export_model(args: argparse.Namespace) -> int:
+    from pdso_ray.model_export import export_model
+    from pdso_ray.storage import Storage
+
+    storage = Storage()
+    images = None
+    if args.check_images:
+        images = _check_images(storage, args.check_images)
+    result = export_model(storage, args.run, args.out, method=args.method, onnx=args.onnx, check_images=images)
+    config = result.config
+    print(f"wrote {args.out}: model.safetensors, config.json, README.md"
+          + (", model.onnx" if args.onnx else ""))
+    print(f"  {config['arch']} ({config['timm_name']}), C = {config['num_classes']}, output stride "
+          f"{config['output_stride']}, backbone licence: {config['backbone_license']}")
+    for split, m in config["metrics"].items():
+        print(f"  {split} mIoU {m['mIoU']:.2f} on {m['images']} images")
+    if result.onnx_max_abs_diff is not None:
+        print(f"  ONNX checked with onnxruntime on {config['onnx']['checked_images']} images: "
+              f"max abs logit difference {result.onnx_max_abs_diff:.3g}")
+    return 0
+
+
+def _check_images(storage, folder: str, count: int = 4):
+    """Up to ``count`` decodable images below ``folder`` (HxWx3 uint8, as stored)."""
+    from pdso_ray.data.decode import decode_image
+    from pdso_ray.data.listing import list_tree
+
+    images = []
+    for record in list_tree(storage, folder, "all", class_folders=False).images:
+        decoded = decode_image(storage.read_bytes(record.path), exif_transpose=False)
+        if decoded.ok:
+            images.append(decoded.image)
+        if len(images) == count:
+            break
+    if not images:
+        raise ConfigError(f"--check-images {folder}: no readable image there")
+    return images
 
 
 def _cmd_inspect(args: argparse.Namespace) -> int:
@@ -234,6 +282,41 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--description", default="null", help="method description in method.txt")
     p.add_argument("--link", default="null", help="paper/project link in method.txt")
     p.set_defaults(func=_cmd_export)
+
+    p = sub.add_parser("segment", help="segment new images with a trained model",
+                       description="Label every image of INPUT with MODEL: a label PNG per image at its "
+                       "own size (ImageNet-S codec: id = R + 256*G, 0 background) under "
+                       "OUTPUT/predictions/<split>/, on a Ray Data actor pool (GPU when present); a "
+                       "re-run skips the images already labelled.")
+    p.add_argument("model", help="a run folder (its finetune/model.pt) or a folder written by export-model")
+    p.add_argument("input", help="folder or URL of images (any tree), or a dataset in another --layout")
+    p.add_argument("output", help="folder or URL for the labels (OUTPUT/predictions/<split>/<rel>.png)")
+    p.add_argument("--layout", default="folder",
+                   help="how INPUT is laid out: a data.layout (default folder: every image below INPUT, "
+                   "split 'all'; imagenet_s: INPUT holds ImageNetS{C}/, its data.eval_splits)")
+    p.add_argument("--overlay", action="store_true",
+                   help="also write a colour overlay JPEG per image (OUTPUT/predictions/<split>_overlay/)")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="a config value: predict.batch_size, predict.max_actors, ray.address, "
+                   "storage.s3.*, data.* of the layout (repeatable)")
+    p.set_defaults(func=_cmd_segment)
+
+    p = sub.add_parser("export-model", help="export a run's model: safetensors, config.json, a model card",
+                       description="Write RUN's fine-tuned model to the folder OUT in the Hugging Face "
+                       "layout: model.safetensors, config.json (architecture, input size and "
+                       "normalisation, output stride, background id, the cluster->class match) and a "
+                       "model card README.md (data, method, metrics, the backbone's licence); "
+                       "`pdso-ray segment OUT ...` uses it.")
+    p.add_argument("run", help="run folder (or URL) after the finetune stage")
+    p.add_argument("out", help="folder (or URL) to write")
+    p.add_argument("--method", default=None, choices=["pdso", "lightcluster"],
+                   help="whose model (default: PDSO's, else LightCluster's)")
+    p.add_argument("--onnx", action="store_true",
+                   help="also write model.onnx (dynamic batch/height/width), checked against torch with "
+                   "onnxruntime on real images (needs the onnx extra)")
+    p.add_argument("--check-images", default=None, metavar="DIR",
+                   help="images for the ONNX check (default: the run's own images)")
+    p.set_defaults(func=_cmd_export_model)
 
     p = sub.add_parser("inspect", help="print a run's summary (stages in pipeline order)",
                        description="Print a run folder's summary.json as a table.")

@@ -24,9 +24,11 @@ import logging
 from dataclasses import dataclass
 
 from pdso_ray.config import ConfigError, PipelineConfig, load_config
-from pdso_ray.data.ids import LABEL_SUFFIX, check_id, png_rel, split_of
+from pdso_ray.data.ids import LABEL_SUFFIX, check_id, png_rel, rel_of, split_of
 from pdso_ray.plan import MAIN_METHOD, METHODS, SHARED_STAGES
 from pdso_ray.storage import Storage
+
+OVERLAY_SUFFIX = ".jpg"
 
 # The steps that assign images to clusters, in chain order: the keys of summary.json's
 # diagnostics.image (each {purity, nmi, accuracy, images}).
@@ -36,6 +38,7 @@ LABEL_KINDS = ("raw", "refined", "classmap", "saliency")
 # Top-level files of the run folder.
 CONFIG_FILE = "config.yaml"
 SUMMARY_FILE = "summary.json"
+SEGMENT_FILE = "segment.json"
 LEASE_FILE = "_LEASE.json"
 STARTED_FILE = "_STARTED.json"  # inside a stage folder: the key of a run in progress
 # A stage whose folder is not named after it (inside lightcluster/, "lightcluster" would repeat).
@@ -239,6 +242,19 @@ class RunLayout:
 
     def foreground_label_png(self, image_id_: str) -> str:
         return Storage.join(self.foreground_label_dir(split_of(check_id(image_id_))), png_rel(image_id_))
+
+    def overlay_dir(self, split: str) -> str:
+        """Colour overlays of ``split``'s predictions (``pdso-ray segment --overlay``)."""
+        return self.method_path("predictions", split + "_overlay")
+
+    def overlay_jpg(self, image_id_: str) -> str:
+        return Storage.join(self.overlay_dir(split_of(check_id(image_id_))),
+                            rel_of(image_id_) + OVERLAY_SUFFIX)
+
+    @property
+    def segment_summary(self) -> str:
+        """What ``pdso-ray segment`` did in this folder: model, input, counts, images/s."""
+        return self.method_path(SEGMENT_FILE)
 
     def prediction_png(self, image_id_: str) -> str:
         return Storage.join(self.predictions_root, check_id(image_id_) + LABEL_SUFFIX)

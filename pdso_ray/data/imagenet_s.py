@@ -165,6 +165,16 @@ def encode_gray_png(values: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
+def encode_jpeg(image: np.ndarray, quality: int = 90) -> bytes:
+    """JPEG bytes of an ``H×W×3`` uint8 RGB image (overlays for people to look at)."""
+    image = np.asarray(image)
+    if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
+        raise ValueError(f"expected an H×W×3 uint8 image, got shape {image.shape} dtype {image.dtype}")
+    buf = io.BytesIO()
+    Image.fromarray(image, mode="RGB").save(buf, format="JPEG", quality=quality)
+    return buf.getvalue()
+
+
 def decode_gray_png(data: bytes, what: str = "foreground") -> np.ndarray:
     """HxW uint8 from a single-channel 8-bit PNG; ValueError naming ``what`` for anything else."""
     mode, arr = read_png(data, what)

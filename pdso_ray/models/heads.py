@@ -180,16 +180,59 @@ def segmenter_bytes(state_dict: Mapping[str, torch.Tensor], meta: dict[str, Any]
 
 def load_segmenter(url: str, storage: Storage | None = None) -> tuple[Segmenter, dict[str, Any]]:
     """Rebuild the model saved at ``url`` (weights only, strict key check) and return it in eval
-    mode with its meta. Errors name the file."""
+    mode with its meta. ``url`` is a ``model.pt`` (:func:`segmenter_bytes`) or an exported model
+    folder (:data:`EXPORTED_CONFIG` + :data:`EXPORTED_WEIGHTS`, :func:`save_exported`). Errors
+    name the file."""
+    storage = storage or Storage()
+    if not url.endswith(".pt") and storage.exists(Storage.join(url, EXPORTED_CONFIG)):
+        return _load_exported(url, storage)
     obj = load_state_dict_from_url(url, storage)
     meta, state = obj.get("meta"), obj.get("state_dict")
     if not isinstance(meta, dict) or not isinstance(state, dict) or meta.get("format") != MODEL_FORMAT:
         raise ValueError(f"{url} is not a segmenter file: expected keys 'state_dict' and 'meta' "
                          f"with format {MODEL_FORMAT!r}, got keys {sorted(obj)}")
+    return _rebuild(meta, state, url), meta
+
+
+def _rebuild(meta: dict[str, Any], state: Mapping[str, torch.Tensor], url: str) -> Segmenter:
     model = build_segmenter_from_meta(meta)
     check_keys(model, state, url)
     model.load_state_dict(state, strict=True)
-    return model.eval(), meta
+    return model.eval()
+
+
+# An exported model (pdso-ray export-model): a folder with these two files. config.json holds the
+# meta's keys at its top level, beside what people and other tools need (pdso_ray.model_export).
+EXPORTED_CONFIG = "config.json"
+EXPORTED_WEIGHTS = "model.safetensors"
+
+
+def save_exported(storage: Storage, folder: str, state_dict: Mapping[str, torch.Tensor],
+                  config: dict[str, Any]) -> None:
+    """Write ``state_dict`` (a :class:`Segmenter`'s) as ``folder/model.safetensors`` and ``config``
+    (which must hold the meta's keys) as ``folder/config.json``."""
+    from safetensors.torch import save as save_safetensors
+
+    if config.get("format") != MODEL_FORMAT:
+        raise ValueError(f"config must carry format {MODEL_FORMAT!r}, got {config.get('format')!r}")
+    state = {k: v.detach().cpu().contiguous() for k, v in state_dict.items()}
+    storage.write_bytes(Storage.join(folder, EXPORTED_WEIGHTS),
+                        save_safetensors(state, metadata={"format": "pt"}))
+    storage.write_json(Storage.join(folder, EXPORTED_CONFIG), config)
+
+
+def _load_exported(folder: str, storage: Storage) -> tuple[Segmenter, dict[str, Any]]:
+    from safetensors.torch import load as load_safetensors
+
+    config_url = Storage.join(folder, EXPORTED_CONFIG)
+    config = storage.read_json(config_url)
+    if not isinstance(config, dict) or config.get("format") != MODEL_FORMAT:
+        raise ValueError(f"{config_url} is not a pdso-ray model config (format {MODEL_FORMAT!r})")
+    weights_url = Storage.join(folder, EXPORTED_WEIGHTS)
+    if not storage.exists(weights_url):
+        raise FileNotFoundError(f"exported model {folder} has {EXPORTED_CONFIG} but no {EXPORTED_WEIGHTS}")
+    state = load_safetensors(storage.read_bytes(weights_url))
+    return _rebuild(config, state, weights_url), config
 
 
 # ---- prediction helpers ---------------------------------------------------------------------------

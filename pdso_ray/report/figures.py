@@ -1,35 +1,21 @@
 """Pictures of labels for the run report: a fixed colour per class id and mosaics of image and
 label panels.
 
-Label colours come from :func:`class_colors`: golden-ratio hues, background 0 black, ignore 1000
+Label colours come from :func:`pdso_ray.method.overlay.class_colors`: golden-ratio hues, background 0 black, ignore 1000
 white, so the same id looks the same in every picture and in the per-class IoU bars.
 """
 
 from __future__ import annotations
 
 import numpy as np
-from matplotlib.colors import hsv_to_rgb
 from matplotlib.figure import Figure
 from PIL import Image
 
 from pdso_ray.data.imagenet_s import IGNORE_ID
 from pdso_ray.method.metrics import resize_nearest
+from pdso_ray.method.overlay import class_colors
 
 PANEL_SIDE = 240  # px: the longer side of an image or label panel before plotting
-_GOLDEN = 0.6180339887
-
-
-def class_colors(max_id: int = IGNORE_ID) -> np.ndarray:
-    """(max_id + 1)×3 uint8 RGB lookup table: id 0 black, id ``IGNORE_ID`` white, every other id
-    a fixed colour (hue k·0.618 mod 1 keeps neighbouring ids far apart; saturation and value
-    cycle so that ids with close hues still differ)."""
-    k = np.arange(max_id + 1)
-    hsv = np.stack([(k * _GOLDEN) % 1.0, 0.55 + 0.15 * (k % 3), 0.95 - 0.2 * ((k // 3) % 2)], 1)
-    lut = np.round(hsv_to_rgb(hsv) * 255).astype(np.uint8)
-    lut[0] = 0
-    if max_id >= IGNORE_ID:
-        lut[IGNORE_ID] = 255
-    return lut
 
 
 def colorize(label: np.ndarray) -> np.ndarray:

@@ -26,7 +26,7 @@ import logging
 from collections import defaultdict
 from typing import Any
 
-from pdso_ray.data.imagenet_s import encode_gray_png, encode_label
+from pdso_ray.data.imagenet_s import encode_gray_png, encode_jpeg, encode_label
 from pdso_ray.data.listing import Rejected
 from pdso_ray.data.ids import LABEL_SUFFIX, id_from_png_rel, split_of
 from pdso_ray.run_layout import RunLayout
@@ -39,23 +39,29 @@ log = logging.getLogger("pdso_ray")
 
 
 class Predictor(BatchStep):
-    """Load the fine-tuned model once per actor; predict and write the PNGs of each good row.
+    """Load the segmentation model once per actor; predict and write the PNGs of each good row.
 
     Always ``predictions/<id>.png``: argmax over the C+1 outputs, background included (the
     official decision rule). With ``foreground_rule`` (``predict.background: threshold``) also the
     best foreground class (``<split>_fgclass/``) and the foreground probability (``<split>_fg/``,
-    ``round(255·(1 − p_background))``), which PASS's threshold rule combines. Rows whose resized
-    input sizes agree run as one batch. Out: ``id``, ``reason`` (rows with a reason were not
-    written).
+    ``round(255·(1 − p_background))``), which PASS's threshold rule combines. With ``overlay``
+    also a colour overlay JPEG (``<split>_overlay/<rel>.jpg``: the image as decoded for the model
+    with the label blended in, :func:`pdso_ray.method.overlay.overlay`). Rows whose resized input
+    sizes agree run as one batch. Out: ``id``, ``reason`` (rows with a reason were not written).
+
+    ``model_url``: the model to load (:func:`pdso_ray.models.heads.load_segmenter`: a
+    ``model.pt`` or an exported model folder); default the run's ``finetune/model.pt``.
     """
 
     def __init__(self, storage: Storage, run: RunLayout, short_side: int, resources: Resources,
-                 foreground_rule: bool = False):
+                 foreground_rule: bool = False, model_url: str | None = None, overlay: bool = False):
         self.storage = storage
         self.run = run
         self.short_side = short_side
         self.resources = resources
         self.foreground_rule = foreground_rule
+        self.model_url = model_url or run.finetune_model
+        self.overlay = overlay
 
     def setup(self) -> None:
         import torch
@@ -63,12 +69,13 @@ class Predictor(BatchStep):
         from pdso_ray.models.heads import load_segmenter
 
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        self.model, _ = load_segmenter(self.run.finetune_model, self.storage)
+        self.model, _ = load_segmenter(self.model_url, self.storage)
         self.model.to(self.device)
 
     def __call__(self, batch: Batch) -> Batch:
         import torch
 
+        from pdso_ray.method.overlay import overlay
         from pdso_ray.models.dino import to_model_input
         from pdso_ray.models.heads import foreground_to_uint8, logits_to_prediction, model_input_size
 
@@ -92,8 +99,12 @@ class Predictor(BatchStep):
                                                  encode_label(pred.foreground_label.cpu().numpy()))
                         self.storage.write_bytes(self.run.foreground_png(image_id), encode_gray_png(
                             foreground_to_uint8(pred.foreground.cpu().numpy())))
+                    label = pred.label.cpu().numpy()
+                    if self.overlay:
+                        self.storage.write_bytes(self.run.overlay_jpg(image_id),
+                                                 encode_jpeg(overlay(batch["image"][i], label)))
                     # last: the official prediction marks the image done
-                    self.storage.write_bytes(self.run.prediction_png(image_id), encode_label(pred.label.cpu().numpy()))
+                    self.storage.write_bytes(self.run.prediction_png(image_id), encode_label(label))
         return {"id": batch["id"], "reason": batch["reason"]}
 
 
@@ -113,9 +124,15 @@ class PredictStage(StreamingStage):
     def batch_size(self, ctx: RunContext) -> int:
         return ctx.cfg.predict.batch_size
 
+    overlay = False  # also write colour overlays (pdso-ray segment --overlay)
+
+    def model_url(self, ctx: RunContext) -> str:
+        """The model to predict with: the run's fine-tuned ``finetune/model.pt``."""
+        return ctx.run.finetune_model
+
     def work(self, ctx: RunContext) -> Work:
-        if not ctx.storage.exists(ctx.run.finetune_model):
-            raise FileNotFoundError(f"predict: no fine-tuned model at {ctx.run.finetune_model}; "
+        if not ctx.storage.exists(self.model_url(ctx)):
+            raise FileNotFoundError(f"{self.name}: no fine-tuned model at {self.model_url(ctx)}; "
                                     "run the finetune stage")
         work = Work(ids=[], info={"listed": {}, "rejected": {}, "notes": []})
         for info in ctx.data.eval_splits(ctx.storage):
@@ -148,7 +165,8 @@ class PredictStage(StreamingStage):
                 Predictor(ctx.storage, ctx.run, pc.short_side,
                           Resources(batch_size=pc.batch_size, num_cpus=1.0, num_gpus=pc.gpus_per_actor,
                                     min_actors=pc.min_actors, max_actors=pc.max_actors),
-                          foreground_rule=pc.background == "threshold")]
+                          foreground_rule=pc.background == "threshold", model_url=self.model_url(ctx),
+                          overlay=self.overlay)]
 
     def finish(self, ctx: RunContext, work: Work, results: dict[str, str]) -> dict[str, Any]:
         paths = {r["id"]: r["path"] for r in work.rows}
@@ -162,5 +180,5 @@ class PredictStage(StreamingStage):
             write_rejected(ctx.storage, ctx.run.predict_rejected(split), rejected[split])
             n = sum(1 for i in written if split_of(i) == split)
             splits[split] = {"images": listed, "predicted": n, "rejected": len(rejected[split])}
-            reconcile(f"predict: {split}", listed, n, len(rejected[split]))
+            reconcile(f"{self.name}: {split}", listed, n, len(rejected[split]))
         return {"splits": splits, "notes": work.info["notes"]}

@@ -88,17 +88,22 @@ def reconcile(what: str, listed: int, written: int, rejected: int) -> None:
 
 
 def stream(ctx: RunContext, ds: "ray.data.Dataset", steps: Sequence[BatchStep], expected: Sequence[str],
-           what: str) -> dict[str, str]:
+           what: str, progress: bool = False) -> dict[str, str]:
     """Run ``ds`` through ``steps`` (each with its declared resources) and collect ``{id: reason}``
-    from the last step; raises if an id of ``expected`` is missing or comes back twice."""
+    from the last step; raises if an id of ``expected`` is missing or comes back twice.
+    ``progress``: a progress bar on stderr counting finished images, with images/s."""
+    from tqdm import tqdm
+
     for step in steps:
         ds = map_step(ds, step, ctx.cluster_has_gpu)
     results: dict[str, str] = {}
     repeated = 0
-    for batch in ds.select_columns(["id", "reason"]).iter_batches(batch_format="numpy"):
-        for image_id, reason in zip(batch["id"], batch["reason"]):
-            repeated += str(image_id) in results
-            results[str(image_id)] = str(reason)
+    with tqdm(total=len(expected), unit="img", desc=what, disable=not progress, dynamic_ncols=True) as bar:
+        for batch in ds.select_columns(["id", "reason"]).iter_batches(batch_format="numpy"):
+            for image_id, reason in zip(batch["id"], batch["reason"]):
+                repeated += str(image_id) in results
+                results[str(image_id)] = str(reason)
+            bar.update(len(batch["id"]))
     missing = set(expected) - set(results)
     if missing or repeated or len(results) != len(expected):
         raise PipelineError(f"{what}: {len(results)} images came back ({repeated} twice, "
@@ -119,6 +124,7 @@ class StreamingPass:
     train images); :class:`StreamingStage` is a stage that is one pass."""
 
     name: str = "pass"
+    progress: bool = False  # a progress bar with images/s (an interactive command's pass)
 
     def work(self, ctx: RunContext) -> Work:
         raise NotImplementedError
@@ -150,7 +156,8 @@ def run_pass(ctx: RunContext, step: StreamingPass) -> dict[str, Any]:
              len(work.ids) - len(todo), len(todo))
     results: dict[str, str] = {}
     if todo:
-        results = stream(ctx, step.dataset(ctx, work, set(todo)), step.steps(ctx), todo, step.name)
+        results = stream(ctx, step.dataset(ctx, work, set(todo)), step.steps(ctx), todo, step.name,
+                         progress=step.progress)
     return step.finish(ctx, work, results)
 
 
