@@ -444,6 +444,16 @@ class RayConfig:
 
 
 @dataclass
+class TrackingConfig:
+    """Training curves beyond the run folder's TensorBoard files (``OUTPUT/tensorboard/``)."""
+
+    # An MLflow tracking URI (http://host:5000, file:///path, databricks, ...); None = no MLflow.
+    # The training stages' rank 0 logs there too; needs `pip install mlflow`.
+    mlflow_uri: str | None = None
+    mlflow_experiment: str = "pdso-ray"
+
+
+@dataclass
 class PipelineConfig:
     output: str = "runs/demo"
     # pdso (the main method) | lightcluster (training-free; its outputs go below lightcluster/,
@@ -466,6 +476,7 @@ class PipelineConfig:
     predict: PredictConfig = field(default_factory=PredictConfig)
     lightcluster: LightClusterConfig = field(default_factory=LightClusterConfig)
     ray: RayConfig = field(default_factory=RayConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
     # -- derived values --
     def seed_for(self, section: str) -> int:
@@ -542,6 +553,8 @@ def validate(cfg: PipelineConfig) -> PipelineConfig:
          cfg.pseudo_labels.threshold_grid, "must be a non-empty list of values in [0, 1]")
     need(len(cfg.pseudo_labels.refine.sigma_grid) > 0, "pseudo_labels.refine.sigma_grid",
          cfg.pseudo_labels.refine.sigma_grid, "must be a non-empty list of values >= 0")
+    need(bool(cfg.tracking.mlflow_experiment), "tracking.mlflow_experiment", cfg.tracking.mlflow_experiment,
+         "must name an MLflow experiment")
     for section in ("features", "pseudo_labels", "predict", "lightcluster"):
         lo, hi = _get_attr(cfg, f"{section}.min_actors"), _get_attr(cfg, f"{section}.max_actors")
         need(lo <= hi, f"{section}.min_actors", lo, f"must be <= {section}.max_actors ({hi})")

@@ -7,7 +7,9 @@ folder's lease is taken or Ray is started. It asks every stage the run executes 
 and checks:
 
 - settings that cannot work together in this plan (e.g. backbone fine-tuning on precomputed
-  features, which come without images);
+  features, which come without images); every square input of the DINO backbone a multiple of
+  its patch size (8, 14 or 16); ``mlflow`` importable when ``tracking.mlflow_uri`` is set and a
+  training stage runs;
 - the data root is reachable and has the layout the config says, and the train split holds
   images, at least ``data.classes`` of them (a short walk, not a full listing; the listing
   under a short connect timeout also proves the storage credentials); ``data.features`` holds at
@@ -103,6 +105,13 @@ def preflight(cfg: PipelineConfig, storage: Storage | None = None) -> list[str]:
         if need.conflicts:
             raise PreflightError(need.conflicts[0])
     check_patch_multiples(cfg, stages)
+    if cfg.tracking.mlflow_uri and {"pretrain", "finetune", "denoise"} & set(stages):
+        import importlib.util
+
+        from pdso_ray.tracking import MLFLOW_MISSING
+
+        if importlib.util.find_spec("mlflow") is None:
+            raise PreflightError(MLFLOW_MISSING)
     if protocol(cfg.output) not in ("file", "memory"):
         try:
             probe.exists(cfg.output)

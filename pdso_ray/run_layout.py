@@ -275,6 +275,12 @@ class RunLayout:
         """``eval/<name>``: validation.json, test.json, match.json, threshold_curve.json."""
         return self.method_path("eval", name)
 
+    # -- training curves (pretrain, finetune, denoise's backbone tuner) --
+    def tensorboard_dir(self, stage: str) -> str:
+        """TensorBoard event files of a training stage: ``tensorboard/<stage>/`` below the method's
+        folder (``tensorboard --logdir OUTPUT`` finds every method's)."""
+        return self.path("tensorboard", stage) if stage in SHARED_STAGES else self.method_path("tensorboard", stage)
+
     # -- stage 9: report --
     @property
     def report_dir(self) -> str:

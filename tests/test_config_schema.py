@@ -21,7 +21,7 @@ BASE = ["data.classes=5"]
 # Free-form strings (paths, URLs, credentials): any string is a value; a mapping is not.
 FREE_TEXT = {"output", "data.root", "data.class_list", "data.features", "models.dino.checkpoint",
              "models.sam.checkpoint", "storage.s3.endpoint_url", "storage.s3.key", "storage.s3.secret",
-             "storage.s3.token", "ray.address"}
+             "storage.s3.token", "ray.address", "tracking.mlflow_uri", "tracking.mlflow_experiment"}
 
 
 def _strip_none(hint):

@@ -258,6 +258,15 @@ def fit(trainer: Any) -> Any:
     return outcome["result"]
 
 
+def stage_tracker(ctx: RunContext, stage: str):
+    """The :class:`~pdso_ray.tracking.Tracker` of a training stage's curves in this run: its
+    TensorBoard folder (:meth:`RunLayout.tensorboard_dir`) and ``tracking.mlflow_uri``."""
+    from pdso_ray.tracking import Tracker
+
+    name = f"{ctx.run.root.rstrip('/').rsplit('/', 1)[-1]}/{ctx.run.method}/{stage}"
+    return Tracker(ctx.storage, ctx.run.tensorboard_dir(stage), name, ctx.cfg.tracking.mlflow_uri or None,
+                   ctx.cfg.tracking.mlflow_experiment)
+
 
 def train_storage(storage: Storage, url: str):
     """``(storage_path, storage_filesystem)`` for Ray Train's ``RunConfig`` from a run-folder URL:

@@ -35,7 +35,7 @@ from pdso_ray.run_layout import RunLayout
 from pdso_ray.stages.base import (Batch, BatchStep, Needs, PipelineError, Resources, RunContext, Stage,
                                   WorkerGroup, checkpoint_state, ddp_wrap, dino_need, fit, map_step,
                                   ordered_ingest, report_epoch, resume_training, shuffled_batches,
-                                  train_storage)
+                                  stage_tracker, train_storage)
 from pdso_ray.stages.read_decode import ImageReader, ReadDecode
 from pdso_ray.stages.diagnostics import image_diagnostics
 from pdso_ray.storage import Storage
@@ -175,7 +175,8 @@ def tune_loop_per_worker(config: dict[str, Any]) -> None:
 
     ``config``: ``dino`` (the :class:`~pdso_ray.models.loading.DinoSource` of ``models.dino``),
     ``storage``, ``classifier`` (URL of h trained on the frozen features), ``settings`` (the
-    DenoiseConfig), ``image_size``, ``total_steps``. Resumes from ``ray.train.get_checkpoint()``;
+    DenoiseConfig), ``image_size``, ``total_steps``, ``tracker`` (the training curves: rank 0 logs
+    each epoch's loss). Resumes from ``ray.train.get_checkpoint()``;
     reports once per epoch (``epoch``, ``loss``, ``images``, ``seconds``); rank 0 attaches the
     checkpoint (``state.pt``: tuner state, epoch, history).
     """
@@ -200,6 +201,8 @@ def tune_loop_per_worker(config: dict[str, Any]) -> None:
     if distributed:
         tuner.wrap(ddp_wrap(device))
     history, start_epoch = resume_training(tuner, "tuner")
+    curves = config["tracker"].open({"blocks": settings.finetune_blocks, "lr": settings.finetune_lr}) \
+        if rank == 0 else None
 
     shard = ray.train.get_dataset_shard("train")
     for epoch in range(start_epoch, settings.finetune_epochs + 1):
@@ -216,8 +219,13 @@ def tune_loop_per_worker(config: dict[str, Any]) -> None:
         if rank == 0:
             log.info("denoise: backbone fine-tuning epoch %d/%d loss %.4f (%d images, %.1f s)", epoch,
                      settings.finetune_epochs, record["loss"], record["images"], record["seconds"])
+            curves.log(epoch, {"tuning/loss": record["loss"],
+                               "tuning/images_per_second": record["images"] / max(record["seconds"], 1e-9)})
+            curves.flush()
         report_epoch(record, epoch, (lambda epoch=epoch: {"tuner": tuner.state_dict(), "epoch": epoch,
                                                           "history": history}) if rank == 0 else None)
+    if curves is not None:
+        curves.close()
 
 
 class ReembedFiles(BatchStep):
@@ -322,6 +330,9 @@ class DenoiseStage(Stage):
                               "features.cpus_per_actor", fc.cpus_per_actor, gpus=fc.gpus_per_actor)
         return Needs(images=("train",), models=(dino_need(cfg),), groups=(task, tuner, reembed))
 
+    def extra_outputs(self, run: RunLayout) -> tuple[str, ...]:
+        return (run.tensorboard_dir(self.name),)
+
     def run(self, ctx: RunContext) -> dict[str, Any]:
         """f, g, h on the frozen features (one task; skipped when an interrupted run finished
         it), then with ``denoise.finetune_blocks`` the backbone fine-tuning (Ray Train, resumes
@@ -380,7 +391,8 @@ class DenoiseStage(Stage):
             tune_loop_per_worker,
             train_loop_config={"dino": DinoSource.from_config(cfg), "storage": storage,
                                "classifier": run.denoise_classifier, "settings": settings,
-                               "image_size": size, "total_steps": total_steps},
+                               "image_size": size, "total_steps": total_steps,
+                               "tracker": stage_tracker(ctx, self.name)},
             scaling_config=ScalingConfig(num_workers=settings.finetune_workers, use_gpu=ctx.cluster_has_gpu,
                                          resources_per_worker={"CPU": settings.finetune_cpus_per_worker}),
             run_config=RunConfig(storage_path=storage_path, storage_filesystem=storage_fs, name="train",

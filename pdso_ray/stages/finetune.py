@@ -34,7 +34,7 @@ from pdso_ray.data.imagenet_s import IGNORE_ID, decode_label
 from pdso_ray.plan import LABEL_STAGE
 from pdso_ray.stages.base import (Batch, BatchStep, Needs, PipelineError, Resources, RunContext, Stage,
                                   WorkerGroup, checkpoint_state, dino_need, fit, map_step, ordered_ingest,
-                                  report_epoch, resume_state, shuffled_batches, train_storage)
+                                  report_epoch, resume_state, shuffled_batches, stage_tracker, train_storage)
 from pdso_ray.stages.read_decode import ImageReader
 from pdso_ray.storage import Storage
 from pdso_ray.tables import parquet_files
@@ -132,7 +132,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     """The Ray Train worker function.
 
     ``config``: ``cfg`` (PipelineConfig), ``storage``, ``dino`` (the DinoSource of the backbone),
-    ``num_classes``, ``meta`` (the model meta), ``steps_per_epoch`` (per worker, for the schedule). Resumes from ``ray.train.get_checkpoint()``
+    ``num_classes``, ``meta`` (the model meta), ``steps_per_epoch`` (per worker, for the schedule),
+    ``tracker`` (the training curves: rank 0 logs each step's loss and learning rate, and each
+    epoch's mean loss). Resumes from ``ray.train.get_checkpoint()``
     when there is one; reports ``{"epoch", "loss", "start_epoch", "images"}`` once per epoch on
     every rank (rank 0 attaches the checkpoint). ``loss`` is the mean over all ranks of the
     per-batch losses, ``start_epoch`` the first epoch this attempt trained, ``images`` the rows
@@ -192,6 +194,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         if rank == 0:
             log.info("finetune: resuming after epoch %d of %d", start_epoch - 1, fc.epochs)
 
+    curves = config["tracker"].open({"backbone": fc.backbone, "loss": fc.loss, "lr": fc.lr, "epochs": fc.epochs,
+                                     "batch_size": fc.batch_size, "workers": fc.num_workers}) if rank == 0 else None
     shard = ray.train.get_dataset_shard("train")
     for epoch in range(start_epoch, fc.epochs + 1):
         model.train()
@@ -224,6 +228,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             loss_sum += loss.detach()
             batches += 1
             images += target.shape[0]
+            if curves is not None:
+                curves.log(scheduler.last_epoch, {"train/loss": float(loss.detach()),
+                                                  "train/lr": scheduler.get_last_lr()[0]})
         totals = torch.stack([loss_sum, batches, images])
         if dist.is_available() and dist.is_initialized():
             dist.all_reduce(totals)
@@ -231,6 +238,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                    "start_epoch": start_epoch, "images": int(totals[2])}
         if rank == 0:
             log.info("finetune: epoch %d/%d loss %.4f", epoch, fc.epochs, metrics["loss"])
+            curves.log(epoch, {"epoch/loss": metrics["loss"], "epoch/images": metrics["images"]})
+            curves.flush()
 
         def state(epoch=epoch, metrics=metrics):
             out = {"model": core.state_dict(), "optimizer": optimizer.state_dict(),
@@ -240,6 +249,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             return out
 
         report_epoch(metrics, epoch, state if rank == 0 else None)
+    if curves is not None:
+        curves.close()
 
 
 def training_dataset(storage: Storage, stats_dir: str) -> "ray.data.Dataset":
@@ -294,6 +305,9 @@ class FinetuneStage(Stage):
     # The worker function; a class attribute so a subclass can wrap it (fault-injection tests).
     train_loop = staticmethod(train_loop_per_worker)
 
+    def extra_outputs(self, run) -> tuple[str, ...]:
+        return (run.tensorboard_dir(self.name),)
+
     def run(self, ctx: RunContext) -> dict[str, Any]:
         """Train (or resume) and write ``finetune/model.pt``. Counts: ``images`` (labelled training
         images), ``epochs`` (of the final checkpoint), ``start_epoch`` (the first epoch trained by
@@ -336,7 +350,8 @@ class FinetuneStage(Stage):
         trainer = TorchTrainer(
             self.train_loop,
             train_loop_config={"cfg": cfg, "storage": storage, "dino": dino, "num_classes": num_classes,
-                               "meta": meta, "steps_per_epoch": steps_per_epoch},
+                               "meta": meta, "steps_per_epoch": steps_per_epoch,
+                               "tracker": stage_tracker(ctx, self.name)},
             scaling_config=ScalingConfig(num_workers=fc.num_workers,
                                          use_gpu=fc.use_gpu and ctx.cluster_has_gpu,
                                          resources_per_worker={"CPU": fc.cpus_per_worker}),

@@ -40,7 +40,7 @@ import numpy as np
 from pdso_ray.config import PipelineConfig
 from pdso_ray.stages.base import (Needs, PipelineError, Resources, RunContext, Stage, WorkerGroup,
                                   checkpoint_state, ddp_wrap, fit, map_step, ordered_ingest, report_epoch,
-                                  resume_training, shuffled_batches, train_storage)
+                                  resume_training, shuffled_batches, stage_tracker, train_storage)
 from pdso_ray.stages.read_decode import ImageReader, ReadDecode
 from pdso_ray.stages.streaming import from_rows
 from pdso_ray.storage import Storage
@@ -110,7 +110,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     """The Ray Train worker function.
 
     ``config``: ``recipe`` (``dataclasses.asdict`` of the DinoPretrainConfig), ``pretrain`` (the
-    PretrainConfig), ``probe`` (P×S×S×3 uint8 probe images), ``storage`` and ``collapse_file``.
+    PretrainConfig), ``probe`` (P×S×S×3 uint8 probe images), ``storage``, ``collapse_file`` and
+    ``tracker`` (the training curves: rank 0 logs each epoch's record).
     Resumes from ``ray.train.get_checkpoint()``; reports once per epoch on every rank the epoch's
     record (``epoch, loss, teacher_entropy, mean_output_entropy, kl_div, prototypes_used,
     border_ring_share, images, seconds, start_epoch, collapsed``); rank 0 attaches the checkpoint
@@ -144,6 +145,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     if start_epoch > 1 and rank == 0:
         log.info("pretrain: resuming after epoch %d of %d", start_epoch - 1, recipe.epochs)
 
+    curves = config["tracker"].open({"arch": recipe.arch, "epochs": recipe.epochs, "lr": recipe.lr,
+                                     "batch_size": pc.batch_size, "workers": world}) if rank == 0 else None
     probe = torch.from_numpy(np.array(config["probe"]))  # a writable copy of the shipped array
     shard = ray.train.get_dataset_shard("train")
     for epoch in range(start_epoch, recipe.epochs + 1):
@@ -169,15 +172,20 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         metrics = {**record, "start_epoch": start_epoch, "collapsed": collapsed}
         if rank == 0:
             log.info("%s", _epoch_line(record, recipe.epochs))
+            curves.log(epoch, {f"pretrain/{k}": record[k] for k in (*_MEAN_KEYS, "prototypes_used")})
+            curves.flush()
         if collapsed:
             # Said through the run folder: Ray Train's result only carries checkpointed metrics.
             if rank == 0:
                 config["storage"].write_json(config["collapse_file"], metrics)
+                curves.close()
             ray.train.report(metrics)
             return
         report_epoch(metrics, epoch, (lambda epoch=epoch: {"trainer": trainer.state_dict(), "epoch": epoch,
                                                             "history": history, "start_epoch": start_epoch})
                      if rank == 0 else None)
+    if curves is not None:
+        curves.close()
 
 
 class PretrainStage(Stage):
@@ -195,6 +203,9 @@ class PretrainStage(Stage):
         return Needs(images=("train",), groups=(WorkerGroup(
             "pretraining (Ray Train)", "pretrain.num_workers", pc.num_workers, "pretrain.cpus_per_worker",
             pc.cpus_per_worker, gpus=1.0 if pc.use_gpu else 0.0, feed_cpus=pc.decode_cpus),))
+
+    def extra_outputs(self, run) -> tuple[str, ...]:
+        return (run.tensorboard_dir(self.name),)
 
     def run(self, ctx: RunContext) -> dict[str, Any]:
         """Train (or resume) and write the teacher and the history. Counts: ``images`` (listed),
@@ -233,7 +244,8 @@ class PretrainStage(Stage):
         trainer = TorchTrainer(
             self.train_loop,
             train_loop_config={"recipe": dataclasses.asdict(recipe), "pretrain": pc, "probe": probe,
-                               "storage": storage, "collapse_file": collapse_file},
+                               "storage": storage, "collapse_file": collapse_file,
+                               "tracker": stage_tracker(ctx, self.name)},
             scaling_config=ScalingConfig(num_workers=pc.num_workers, use_gpu=pc.use_gpu and ctx.cluster_has_gpu,
                                          resources_per_worker={"CPU": pc.cpus_per_worker}),
             run_config=RunConfig(storage_path=storage_path, storage_filesystem=storage_fs, name=TRAIN_RUN_NAME,
