@@ -198,9 +198,10 @@ def export_onnx(model, storage: Storage, url: str, images: list[np.ndarray], sho
     from pdso_ray.models.heads import model_input_size
 
     _require_onnx()
+    logging.getLogger("onnx_ir").setLevel(logging.WARNING)  # one line per folded initializer otherwise
     model = model.eval().float()
     stride = model.stride
-    example = torch.zeros(1, 3, 2 * stride, 3 * stride)
+    example = torch.zeros(2, 3, 2 * stride, 3 * stride)  # sizes 1 would be specialised (fixed)
     rows, cols = torch.export.Dim("rows", min=1, max=4096), torch.export.Dim("cols", min=1, max=4096)
     batch = torch.export.Dim("batch", min=1, max=1024)
     program = torch.onnx.export(model, (example,), dynamo=True, opset_version=ONNX_OPSET,

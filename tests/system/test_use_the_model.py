@@ -60,7 +60,7 @@ def _run(tmp, arch, checkpoint_format, size):
     cfg = load_config("jobs/configs/demo.yaml", [
         f"data.root={root}", f"output={output}", f"data.classes={CLASSES}", f"stages={STAGES}",
         f"models.dino.arch={arch}", f"models.dino.checkpoint={checkpoint}", f"models.dino.image_size={size}",
-        f"pseudo_labels.image_size={2 * size}", f"finetune.crop_size={size}", "finetune.epochs=2",
+        f"pseudo_labels.image_size={2 * size}", f"finetune.crop_size={size}", "finetune.epochs=1",
         f"predict.short_side={2 * size}", "pseudo_labels.refine.method=none", "cluster.nredo=2",
         "denoise.epochs_f=2", "denoise.epochs_g=2", "denoise.epochs_h=2", "denoise.min_steps=10",
         "purify.topk=2"])
@@ -82,8 +82,8 @@ def _check_run(summary, output):
     assert "mIoU" in summary
     # the fine-tuning curves, where TensorBoard looks: a loss per step and one per epoch
     scalars = read_scalars(Storage(), os.path.join(output, "tensorboard", "finetune"))
-    assert [s for s, _ in scalars["epoch/loss"]] == [1, 2]
-    assert len(scalars["train/loss"]) == len(scalars["train/lr"]) >= 2
+    assert [s for s, _ in scalars["epoch/loss"]] == [1]
+    assert len(scalars["train/loss"]) == len(scalars["train/lr"]) >= 1
     assert all(np.isfinite(v) for _, v in scalars["train/loss"])
 
 
