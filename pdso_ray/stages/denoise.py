@@ -202,7 +202,7 @@ def tune_loop_per_worker(config: dict[str, Any]) -> None:
         tuner.wrap(ddp_wrap(device))
     history, start_epoch = resume_training(tuner, "tuner")
     curves = config["tracker"].open({"blocks": settings.finetune_blocks, "lr": settings.finetune_lr}) \
-        if rank == 0 else None
+        if rank == 0 and config.get("tracker") else None
 
     shard = ray.train.get_dataset_shard("train")
     for epoch in range(start_epoch, settings.finetune_epochs + 1):
@@ -219,6 +219,7 @@ def tune_loop_per_worker(config: dict[str, Any]) -> None:
         if rank == 0:
             log.info("denoise: backbone fine-tuning epoch %d/%d loss %.4f (%d images, %.1f s)", epoch,
                      settings.finetune_epochs, record["loss"], record["images"], record["seconds"])
+        if curves is not None:
             curves.log(epoch, {"tuning/loss": record["loss"],
                                "tuning/images_per_second": record["images"] / max(record["seconds"], 1e-9)})
             curves.flush()

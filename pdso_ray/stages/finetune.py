@@ -133,8 +133,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     ``config``: ``cfg`` (PipelineConfig), ``storage``, ``dino`` (the DinoSource of the backbone),
     ``num_classes``, ``meta`` (the model meta), ``steps_per_epoch`` (per worker, for the schedule),
-    ``tracker`` (the training curves: rank 0 logs each step's loss and learning rate, and each
-    epoch's mean loss). Resumes from ``ray.train.get_checkpoint()``
+    ``tracker`` (optional: the training curves; rank 0 logs each step's loss and learning rate,
+    and each epoch's mean loss). Resumes from ``ray.train.get_checkpoint()``
     when there is one; reports ``{"epoch", "loss", "start_epoch", "images"}`` once per epoch on
     every rank (rank 0 attaches the checkpoint). ``loss`` is the mean over all ranks of the
     per-batch losses, ``start_epoch`` the first epoch this attempt trained, ``images`` the rows
@@ -195,7 +195,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             log.info("finetune: resuming after epoch %d of %d", start_epoch - 1, fc.epochs)
 
     curves = config["tracker"].open({"backbone": fc.backbone, "loss": fc.loss, "lr": fc.lr, "epochs": fc.epochs,
-                                     "batch_size": fc.batch_size, "workers": fc.num_workers}) if rank == 0 else None
+                                     "batch_size": fc.batch_size, "workers": fc.num_workers}) \
+        if rank == 0 and config.get("tracker") else None
     shard = ray.train.get_dataset_shard("train")
     for epoch in range(start_epoch, fc.epochs + 1):
         model.train()
@@ -238,6 +239,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                    "start_epoch": start_epoch, "images": int(totals[2])}
         if rank == 0:
             log.info("finetune: epoch %d/%d loss %.4f", epoch, fc.epochs, metrics["loss"])
+        if curves is not None:
             curves.log(epoch, {"epoch/loss": metrics["loss"], "epoch/images": metrics["images"]})
             curves.flush()
 

@@ -146,7 +146,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         log.info("pretrain: resuming after epoch %d of %d", start_epoch - 1, recipe.epochs)
 
     curves = config["tracker"].open({"arch": recipe.arch, "epochs": recipe.epochs, "lr": recipe.lr,
-                                     "batch_size": pc.batch_size, "workers": world}) if rank == 0 else None
+                                     "batch_size": pc.batch_size, "workers": world}) \
+        if rank == 0 and config.get("tracker") else None
     probe = torch.from_numpy(np.array(config["probe"]))  # a writable copy of the shipped array
     shard = ray.train.get_dataset_shard("train")
     for epoch in range(start_epoch, recipe.epochs + 1):
@@ -172,12 +173,14 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         metrics = {**record, "start_epoch": start_epoch, "collapsed": collapsed}
         if rank == 0:
             log.info("%s", _epoch_line(record, recipe.epochs))
+        if curves is not None:
             curves.log(epoch, {f"pretrain/{k}": record[k] for k in (*_MEAN_KEYS, "prototypes_used")})
             curves.flush()
         if collapsed:
             # Said through the run folder: Ray Train's result only carries checkpointed metrics.
             if rank == 0:
                 config["storage"].write_json(config["collapse_file"], metrics)
+            if curves is not None:
                 curves.close()
             ray.train.report(metrics)
             return
