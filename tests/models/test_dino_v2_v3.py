@@ -195,3 +195,40 @@ def test_real_size_architectures(arch, dim, patch, registers, pos_tokens, qkv_bi
         tokens, attention = model(torch.randn(1, 3, 2 * patch, 3 * patch))
     assert tokens.shape == (1, 2, 3, dim) and attention.shape == (1, 2, 3)
     assert ("DINOv3" in DINO_SPECS[arch].license) == ("dinov3" in arch)
+
+
+# DINOv2 keeps its checkpoint's 37×37 position grid; DINOv3's rotary embedding has none (the
+# configured size stays)
+@pytest.mark.parametrize("arch,family,grid", [(TINY_V2, "dinov2", 518), (TINY_V3, "dinov3", 112)])
+def test_fine_tuning_model_from_an_official_checkpoint_saves_and_reloads(arch, family, grid, tiny_v2, tiny_v3,
+                                                                          tmp_path):
+    """finetune → model.pt → predict: the segmenter built on an official checkpoint (configured at
+    112 px) is saved with the grid it was built with and reloads to the same logits on a non-square input."""
+    from pdso_ray.config import load_config
+    from pdso_ray.models.heads import (
+        build_segmenter,
+        load_segmenter,
+        segmenter_bytes,
+        segmenter_meta,
+        with_native_grid,
+    )
+    from pdso_ray.models.loading import DinoSource
+    from pdso_ray.storage import Storage
+
+    checkpoint = str(tmp_path / f"{family}.pth")
+    save_dino_checkpoint(tiny_v2 if arch == TINY_V2 else tiny_v3, checkpoint, fmt=family)
+    cfg = load_config(overrides=[f"models.dino.arch={arch}", f"models.dino.checkpoint={checkpoint}",
+                                 "models.dino.image_size=112", "data.classes=3"])
+    torch.manual_seed(0)
+    model = build_segmenter("dino", 3, DinoSource.from_config(cfg), Storage()).eval()
+    meta = with_native_grid(segmenter_meta(cfg, 3), model)
+    assert meta["img_size"] == grid and meta["arch"] == arch
+    url = str(tmp_path / "model.pt")
+    Storage().write_bytes(url, segmenter_bytes(model.state_dict(), meta))
+    loaded, _ = load_segmenter(url)
+    p = model.stride
+    x = torch.randn(1, 3, 5 * p, 7 * p, generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        logits = loaded(x)
+        assert torch.equal(logits, model(x))
+    assert logits.shape == (1, 4, 5, 7)

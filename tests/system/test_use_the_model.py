@@ -3,7 +3,8 @@ through features → pseudo labels → finetune → predict (one run each, tiny 
 ``pdso-ray segment`` on the run's own images (the run's labels, byte for byte) and on real
 photographs (scikit-image's), ``pdso-ray export-model`` (with the ONNX round trip), and the
 exported model segmenting a folder with the run's labels. The runs' training curves land in
-``OUTPUT/tensorboard/``."""
+``OUTPUT/tensorboard/``. The DINOv3 run (with its export under the DINOv3 licence) is in
+``make test-slow``."""
 
 import io
 import json
@@ -94,9 +95,22 @@ def test_dinov2_official_checkpoint_runs_the_pipeline(dinov2_run):
     assert meta["arch"] == "vit_tiny_patch14_reg4_dinov2_test" and meta["img_size"] == 518  # the checkpoint's grid
 
 
-def test_dinov3_official_checkpoint_runs_the_pipeline(ray_local, tmp_path):
+@pytest.mark.slow  # a second whole run; the default suite has DINOv3's unit tests
+def test_dinov3_official_checkpoint_runs_the_pipeline_and_exports_under_its_licence(ray_local, tmp_path):
     summary, output, _ = _run(str(tmp_path), "vit_tiny_patch16_dinov3_test", "dinov3", 64)
     _check_run(summary, output)
+    # its export: the rotary embedding through ONNX at the photographs' sizes, and the DINOv3 licence
+    import skimage.data
+
+    from pdso_ray.model_export import export_model
+
+    exported = export_model(Storage(), output, str(tmp_path / "exported"), onnx=True,
+                            check_images=[skimage.data.chelsea(), skimage.data.astronaut()])
+    assert exported.onnx_max_abs_diff < 1e-4 and exported.config["output_stride"] == 16
+    assert exported.config["backbone_license"].startswith("DINOv3 License")
+    card = open(tmp_path / "exported" / "README.md").read()
+    assert yaml.safe_load(card.split("---\n")[1])["license"] == "other"
+    assert "DINOv3's weights are *not* Apache-2.0" in card
 
 
 def _labels(folder: str) -> dict[str, bytes]:
