@@ -259,7 +259,8 @@ def model_card(config: dict[str, Any]) -> str:
     method = {"pdso": "PDSO (pseudo-label denoising and SAM optimisation)",
               "lightcluster": "LightCluster (training-free clustering, then fine-tuning)"}[config["method"]]
     data = config["data"]
-    lines = [_front_matter(config), f"# pdso-ray segmentation model: {config['arch']}, {config['num_classes']} classes", "",
+    lines = [_front_matter(config),
+             f"# pdso-ray segmentation model: {config['arch']}, {config['num_classes']} classes", "",
              f"A semantic segmentation model trained **without human labels** by pdso-ray {config['library_version']} "
              f"with {method}: a {config['timm_name']} backbone (patch tokens, stride {config['output_stride']}) and a "
              f"1×1 convolution with {config['num_outputs']} outputs (0 background, 1..{config['num_classes']} "

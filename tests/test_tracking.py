@@ -50,7 +50,8 @@ def test_mlflow_gets_the_same_scalars_when_configured(tmp_path, monkeypatch):
     for name in ("set_tracking_uri", "set_experiment", "start_run", "log_params", "log_metrics", "end_run"):
         setattr(fake, name, lambda *a, _name=name, **k: calls.append((_name, a, k)))
     monkeypatch.setitem(sys.modules, "mlflow", fake)
-    curves = Tracker(Storage(), str(tmp_path / "tb"), "run/pdso/pretrain", "file:///tmp/mlruns", "exp").open({"lr": 0.1})
+    tracker = Tracker(Storage(), str(tmp_path / "tb"), "run/pdso/pretrain", "file:///tmp/mlruns", "exp")
+    curves = tracker.open({"lr": 0.1})
     curves.log(5, {"pretrain/loss": 2.0})
     curves.close()
     names = [c[0] for c in calls]

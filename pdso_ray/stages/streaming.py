@@ -98,7 +98,10 @@ def stream(ctx: RunContext, ds: "ray.data.Dataset", steps: Sequence[BatchStep], 
         ds = map_step(ds, step, ctx.cluster_has_gpu)
     results: dict[str, str] = {}
     repeated = 0
-    with tqdm(total=len(expected), unit="img", desc=what, disable=not progress, dynamic_ncols=True) as bar:
+    # images/s always (tqdm's default turns a rate below 1 into s/img)
+    bar_format = "{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}<{remaining}, {rate_noinv_fmt}]"
+    with tqdm(total=len(expected), unit="img", desc=what, disable=not progress, dynamic_ncols=True,
+              bar_format=bar_format) as bar:
         for batch in ds.select_columns(["id", "reason"]).iter_batches(batch_format="numpy"):
             for image_id, reason in zip(batch["id"], batch["reason"]):
                 repeated += str(image_id) in results

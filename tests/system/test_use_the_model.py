@@ -139,7 +139,8 @@ def test_segment_reproduces_the_runs_predictions_and_labels_photographs(dinov2_r
         label = decode_label(Storage().read_bytes(f"{out}/predictions/all/{rel}.png"))
         assert label.shape == size and label.max() <= CLASSES
         with Image.open(f"{out}/predictions/all_overlay/{rel}.jpg") as overlay:
-            assert overlay.format == "JPEG" and min(overlay.size) >= 2 * 56  # the decoded image: short side >= model input
+            # the image as decoded for the model: its short side at least the model's input
+            assert overlay.format == "JPEG" and min(overlay.size) >= 2 * 56
     rejected = read_table(Storage(), f"{out}/predictions/rejected_all.parquet").to_pylist()
     assert [(r["id"], bool(r["reason"])) for r in rejected] == [("all/broken", True)]
     summary = json.loads(open(f"{out}/segment.json").read())
