@@ -133,8 +133,9 @@ def test_segment_reproduces_the_runs_predictions_and_labels_photographs(dinov2_r
     out = os.path.join(tmp, "segmented")
     capsys.readouterr()
     assert main(["segment", run, photos, out, "--overlay"]) == 0
-    printed = capsys.readouterr().out
-    assert "all: 4 images, 3 labelled, 1 rejected" in printed and "images/s" in printed
+    printed = capsys.readouterr()
+    assert "all: 4 images, 3 labelled, 1 rejected" in printed.out and "images/s" in printed.out
+    assert "segment: 100%" in printed.err and "img/s]" in printed.err  # the progress bar
     for rel, size in sizes.items():
         label = decode_label(Storage().read_bytes(f"{out}/predictions/all/{rel}.png"))
         assert label.shape == size and label.max() <= CLASSES
