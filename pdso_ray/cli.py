@@ -26,6 +26,12 @@ from pdso_ray.config import ConfigError
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEMO_CONFIG = REPO_ROOT / "jobs" / "configs" / "demo.yaml"
 EXIT_INTERNAL = 1
+# pdso_ray.data.synthetic.WORLDS, spelled out so that `pdso-ray --help` imports nothing heavy
+# (tests/test_cli.py checks they agree).
+WORLD_CHOICES = ("shapes", "hue")
+WORLD_HELP = ("synthetic world: shapes (default: a class is a shape, a texture and parts, colours are "
+              "random, backgrounds are photographs) or hue (each class has its own hue: a colour "
+              "histogram separates it; for tests that need no learning)")
 EXIT_BAD_INPUT = 2
 EXIT_INTERRUPTED = 130
 
@@ -50,8 +56,8 @@ def _cmd_make_demo_data(args: argparse.Namespace) -> int:
 
     path = make_demo_dataset(args.out, classes=args.classes, train_per_class=args.train_per_class,
                              val_per_class=args.val_per_class, test_per_class=args.val_per_class,
-                             seed=args.seed)
-    print(f"demo data written to {path}")
+                             seed=args.seed, world=args.world, style_seed=args.style_seed)
+    print(f"demo data written to {path} ({args.world} world)")
     return 0
 
 
@@ -70,8 +76,8 @@ def _cmd_demo(args: argparse.Namespace) -> int:
             model.checkpoint = str(REPO_ROOT / model.checkpoint)
     make_demo_dataset(data_root, classes=cfg.data.classes, train_per_class=args.train_per_class,
                       val_per_class=args.val_per_class, test_per_class=args.val_per_class,
-                      seed=args.seed)
-    print(f"demo data: {data_root}/ImageNetS{cfg.data.classes}")
+                      seed=args.seed, world=args.world)
+    print(f"demo data: {data_root}/ImageNetS{cfg.data.classes} ({args.world} world)")
     return _run(cfg)
 
 
@@ -235,6 +241,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--val-per-class", type=int, default=6,
                    help="validation and test images per class (default 6)")
     p.add_argument("--seed", type=int, default=0, help="seed of the synthetic images (default 0)")
+    p.add_argument("--world", default="shapes", choices=WORLD_CHOICES, help=WORLD_HELP)
     p.add_argument("--set", action="append", metavar="KEY=VALUE",
                    help="override a config value of jobs/configs/demo.yaml (repeatable)")
     p.set_defaults(func=_cmd_demo)
@@ -248,6 +255,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--val-per-class", type=int, default=4,
                    help="validation and test images per class (default 4)")
     p.add_argument("--seed", type=int, default=0, help="seed of the images (default 0)")
+    p.add_argument("--world", default="shapes", choices=WORLD_CHOICES, help=WORLD_HELP)
+    p.add_argument("--style-seed", type=int, default=None,
+                   help="which classes: another seed draws another class set (default: the demo's)")
     p.set_defaults(func=_cmd_make_demo_data)
 
     p = sub.add_parser("evaluate", help="official ImageNet-S mIoU of a prediction folder",

@@ -77,3 +77,17 @@ def test_errors_are_one_line_and_exit_2(tmp_path, capsys):
     assert capsys.readouterr().err.strip() == f"error: config file not found: {tmp_path / 'missing.yaml'}"
     assert main(["run", "jobs/configs/demo.yaml", "--set", "cluster.niter=zero"]) == 2
     assert "cluster.niter='zero'" in capsys.readouterr().err
+
+
+def test_make_demo_data_writes_the_chosen_world(tmp_path, capsys):
+    from pdso_ray.cli import WORLD_CHOICES
+    from pdso_ray.data.synthetic import MARKER_NAME, WORLDS
+
+    assert set(WORLD_CHOICES) == set(WORLDS)
+    for world in WORLD_CHOICES:
+        out = tmp_path / world
+        assert main(["make-demo-data", str(out), "--classes", "2", "--train-per-class", "1",
+                     "--val-per-class", "1", "--world", world, "--style-seed", "3"]) == 0
+        marker = json.loads((out / "ImageNetS2" / MARKER_NAME).read_text())
+        assert (marker["world"], marker["style_seed"], marker["complete"]) == (world, 3, True)
+        assert f"({world} world)" in capsys.readouterr().out

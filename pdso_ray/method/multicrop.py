@@ -15,10 +15,9 @@ ImageNet-normalised float32, *crop-major*: rows ``[c·B, (c+1)·B)`` of ``global
 torchvision's ``RandomResizedCrop`` rule (area fraction uniform in ``scale``, aspect log-uniform in
 ``ratio``, 10 tries, then the whole image), but stay continuous: a box need not sit on pixel edges.
 
-Colour jitter is deliberately mild and hue-preserving by default. On the synthetic data a class is a
-hue plus a texture and a shape; DINO's ImageNet recipe (hue ±0.1, grayscale p=0.2, solarisation)
-teaches invariance to exactly the cue that separates classes, and stalled learning in our probes,
-while a hue shift of at most ±0.02 did not.
+The defaults are mild; a recipe sets DINO's photometric augmentations (hue rotation, conversion to
+grey, blur, solarisation) where colour must not be learnt: they are what makes a DINO encode
+shape and texture rather than colour statistics.
 """
 
 from __future__ import annotations
@@ -40,13 +39,16 @@ _CROP_TRIES = 10
 @dataclass(frozen=True)
 class CropSpec:
     """One kind of view: output side in pixels, box area fraction range, and per-view
-    probabilities of a horizontal flip, of colour jitter and of Gaussian blur."""
+    probabilities of a horizontal flip, of colour jitter, of Gaussian blur, of conversion to
+    grey and of solarisation (pixels above mid-grey inverted), applied in that order."""
 
     size: int
     scale: tuple[float, float]
     flip_p: float = 0.5
     jitter_p: float = 0.8
     blur_p: float = 0.0
+    grayscale_p: float = 0.0
+    solarize_p: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -203,6 +205,13 @@ def _views(images: torch.Tensor, spec: CropSpec, copies: int, cfg: MultiCropConf
     if spec.blur_p > 0:
         blur = torch.rand(n, generator=gen) < spec.blur_p
         x = _gaussian_blur(x, blur, cfg.blur_sigma, gen)
+    if spec.grayscale_p > 0:
+        grey = (torch.rand(n, generator=gen) < spec.grayscale_p).to(images.device)
+        luma = torch.einsum("c,kchw->khw", torch.tensor(_LUMA, device=x.device), x)[:, None]
+        x = torch.where(grey.view(n, 1, 1, 1), luma.expand_as(x), x)
+    if spec.solarize_p > 0:
+        solarize = (torch.rand(n, generator=gen) < spec.solarize_p).to(images.device)
+        x = torch.where(solarize.view(n, 1, 1, 1) & (x >= 0.5), 1 - x, x)
     return x
 
 

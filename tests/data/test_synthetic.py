@@ -1,4 +1,4 @@
-"""Synthetic ImageNet-S: exact layout, ground truth, determinism, re-run behaviour."""
+"""Synthetic ImageNet-S (both worlds): exact layout, ground truth, determinism, re-run behaviour."""
 
 import os
 
@@ -7,7 +7,8 @@ import pytest
 
 from pdso_ray.data.decode import decode_image
 from pdso_ray.data.imagenet_s import IGNORE_ID, class_index, decode_label, gt_path_for, list_split
-from pdso_ray.data.synthetic import class_style, make_demo_dataset, render_sample, wnid_for
+from pdso_ray.data.synthetic import WORLDS, make_demo_dataset, wnid_for
+from pdso_ray.data.synthetic.hue import class_style, render_sample
 from pdso_ray.storage import Storage
 
 SMALL = dict(classes=3, train_per_class=4, val_per_class=2, test_per_class=1, image_size=(40, 56))
@@ -46,8 +47,9 @@ def test_layout_is_exact(tmp_path):
         assert len(listing.images) == 3 * n and not listing.rejected and not listing.ignored
 
 
-def test_images_decode_and_ground_truth_matches(tmp_path):
-    make_demo_dataset(str(tmp_path), **SMALL)
+@pytest.mark.parametrize("world", sorted(WORLDS))
+def test_images_decode_and_ground_truth_matches(tmp_path, world):
+    make_demo_dataset(str(tmp_path), world=world, **SMALL)
     storage = Storage()
     for split in ("validation", "test"):
         for rec in list_split(storage, str(tmp_path), 3, split).images:
@@ -56,8 +58,7 @@ def test_images_decode_and_ground_truth_matches(tmp_path):
             assert res.ok and 40 <= res.image.shape[0] <= 56 and 40 <= res.image.shape[1] <= 56
             gt = decode_label(storage.read_bytes(gt_path_for(rec)))
             assert gt.shape == res.image.shape[:2]
-            assert set(np.unique(gt).tolist()) == {0, k, IGNORE_ID}
-            assert (gt == k).sum() > 20  # a visible object, not a sliver
+            assert set(np.unique(gt).tolist()) <= {0, k, IGNORE_ID} and (gt == k).any()
 
 
 def test_render_sample_ignore_band():
@@ -75,9 +76,10 @@ def test_render_sample_ignore_band():
     assert thick.sum() > thin.sum() and (thick | ~thin).all()
 
 
-def test_classes_are_distinguishable_by_object_colour(tmp_path):
+def test_hue_world_classes_are_distinguishable_by_object_colour(tmp_path):
     """Nearest class-mean of the object's mean colour recovers every image's class."""
-    root = make_demo_dataset(str(tmp_path), classes=6, train_per_class=0, val_per_class=4, test_per_class=0)
+    root = make_demo_dataset(str(tmp_path), classes=6, train_per_class=0, val_per_class=4, test_per_class=0,
+                             world="hue")
     storage = Storage()
     feats, labels = [], []
     for rec in list_split(storage, str(tmp_path), 6, "validation").images:
@@ -140,6 +142,8 @@ def test_writes_through_storage_urls():
 @pytest.mark.parametrize(
     "kwargs, match",
     [
+        ({"world": "colour"}, "world"),
+        ({"pool": "train"}, "pool"),
         ({"classes": 0}, "classes"),
         ({"classes": 1000}, "classes"),
         ({"train_per_class": -1}, "train"),

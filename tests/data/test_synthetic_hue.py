@@ -1,11 +1,11 @@
-"""Random class styles (``style_seed``) of the synthetic generator: pretraining data with classes
-other than the demo's, while the default output stays as it was."""
+"""Random class styles (``style_seed``) of the hue world: classes other than its default ones."""
 
 import json
 
 import numpy as np
 
-from pdso_ray.data.synthetic import MARKER_NAME, TEXTURES, class_style, make_demo_dataset, render_sample
+from pdso_ray.data.synthetic import MARKER_NAME, make_demo_dataset
+from pdso_ray.data.synthetic.hue import TEXTURES, class_style, render_sample
 
 
 def test_default_styles_are_the_fixed_demo_styles():
@@ -34,13 +34,14 @@ def test_render_sample_uses_the_drawn_style():
     assert set(np.unique(styled_label)) <= {0, 1, 1000}
 
 
-def test_dataset_records_the_style_seed_only_when_set(tmp_path):
-    small = dict(classes=2, train_per_class=1, val_per_class=0, test_per_class=0, image_size=(24, 24))
+def test_dataset_records_world_and_style_seed(tmp_path):
+    small = dict(classes=2, train_per_class=1, val_per_class=0, test_per_class=0, image_size=(24, 24), world="hue")
     plain = make_demo_dataset(str(tmp_path / "plain"), **small)
     styled = make_demo_dataset(str(tmp_path / "styled"), style_seed=5, **small)
     plain_marker = json.loads((tmp_path / "plain" / "ImageNetS2" / MARKER_NAME).read_text())
     styled_marker = json.loads((tmp_path / "styled" / "ImageNetS2" / MARKER_NAME).read_text())
-    assert "style_seed" not in plain_marker and styled_marker["style_seed"] == 5
+    assert plain_marker["style_seed"] is None and styled_marker["style_seed"] == 5
+    assert plain_marker["world"] == styled_marker["world"] == "hue"
     image = "train/n00000001/n00000001_0.JPEG"
     assert (tmp_path / "plain" / "ImageNetS2" / image).read_bytes() != (tmp_path / "styled" / "ImageNetS2" / image).read_bytes()
     assert plain.endswith("ImageNetS2") and styled.endswith("ImageNetS2")
