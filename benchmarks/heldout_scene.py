@@ -108,6 +108,8 @@ def photo_crop(rng: np.random.Generator, photos: list[np.ndarray], h: int, w: in
 
 
 def background(rng: np.random.Generator, photos: list[np.ndarray], h: int, w: int) -> np.ndarray:
+    """An h x w x 3 float32 backdrop: one restyled photo crop, or (one time in five) two split by
+    a random straight line."""
     img = photo_crop(rng, photos, h, w)
     if rng.random() < 0.2:  # two photos meet along a straight line
         other = photo_crop(rng, photos, h, w)
