@@ -1,21 +1,24 @@
-"""How far colour alone goes: image-level k-means of colour histograms against the folder classes.
+"""How far colour, an untrained backbone and a given backbone go: image-level k-means purity
+against the folder classes.
 
-    python -m benchmarks.colour_baseline DATA_ROOT --classes C [--split train] [--restarts 30]
-        [--seed 0] [--json OUT]
+    python -m benchmarks.image_purity DATA_ROOT --classes C [--split train] [--restarts 30]
+        [--seed 0] [--backbone ARCH[=CHECKPOINT]]... [--image-size 64] [--json OUT]
 
 Reads ``DATA_ROOT/ImageNetS{C}/{split}/<wnid>/*`` (class = folder, ids as
-:func:`pdso_ray.data.imagenet_s.class_index` numbers them), describes every image by
+:func:`pdso_ray.data.imagenet_s.class_index` numbers them) and describes every image by
 
-- ``hue16``: a saturation-weighted hue histogram (16 bins; each pixel adds its saturation to its
-  hue's bin, so grey pixels add nothing), and
-- ``hsv444``: a coarse joint HSV histogram (4 x 4 x 4 bins),
+- each colour statistic of :data:`pdso_ray.method.colour_stats.COLOUR_STATISTICS` (a
+  saturation-weighted hue histogram; a coarse joint HSV histogram), and
+- for each ``--backbone``: the pipeline's image feature (patch tokens pooled by the CLS-attention
+  saliency, :func:`pdso_ray.method.features.pooled_feature`) of DINO ``ARCH`` loaded from
+  ``CHECKPOINT``, or randomly initialised (seeded) when no checkpoint is given;
 
-each normalised to sum 1, runs k-means with k = C (best of ``--restarts`` random starts by
-objective, :mod:`pdso_ray.method.kmeans_math`) and prints purity and NMI
-(:mod:`pdso_ray.method.cluster_metrics`) beside what clusters of the same sizes drawn at random
-score (``chance``: the purity a clustering that knows nothing reaches, which is well above 1/C
-for few images per class). A world where colour is not the class scores near ``chance`` here.
-:func:`colour_scores` is the same measurement on images in memory.
+then runs k-means with k = C (best of ``--restarts`` random starts by objective, the pipeline's
+k-means #1 rule) and prints purity and NMI (:mod:`pdso_ray.method.cluster_metrics`) beside what
+clusters of the same sizes drawn at random score (``chance``: the purity of a clustering that
+knows nothing, well above 1/C for few images per class). A world where colour is not the class
+puts the colour statistics near ``chance``; a backbone that has learned shape lifts purity above it.
+:func:`image_scores` is the same measurement on images in memory.
 """
 
 from __future__ import annotations
@@ -23,48 +26,24 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import numpy as np
-from PIL import Image
+import torch
 
 from pdso_ray.data.decode import decode_image
 from pdso_ray.data.imagenet_s import SPLITS, class_index, list_split
 from pdso_ray.method import kmeans_math as km
 from pdso_ray.method.cluster_metrics import nmi, purity
+from pdso_ray.method.colour_stats import COLOUR_STATISTICS
+from pdso_ray.method.features import pooled_feature, saliency_from_attention
+from pdso_ray.models.dino import build_dino, to_model_input
+from pdso_ray.models.loading import seeded_init
 from pdso_ray.storage import Storage
 
-HUE_BINS = 16
-HSV_BINS = 4
 NITER = 50
 CHANCE_DRAWS = 200
-
-
-def _hsv(image: np.ndarray) -> np.ndarray:
-    """HxWx3 uint8 RGB -> (HW, 3) float H, S, V in [0, 1) (PIL's conversion, hue 0..255 / 256)."""
-    hsv = np.asarray(Image.fromarray(image, mode="RGB").convert("HSV"), dtype=np.float32)
-    return hsv.reshape(-1, 3) / 256.0
-
-
-def hue_histogram(image: np.ndarray, bins: int = HUE_BINS) -> np.ndarray:
-    """Saturation-weighted hue histogram of an HxWx3 uint8 RGB image: (bins,) float32, sum 1
-    (all zeros for an image without any saturated pixel)."""
-    hsv = _hsv(image)
-    hist = np.bincount((hsv[:, 0] * bins).astype(np.int64), weights=hsv[:, 1], minlength=bins)
-    total = hist.sum()
-    return (hist / total if total > 0 else hist).astype(np.float32)
-
-
-def hsv_histogram(image: np.ndarray, bins: int = HSV_BINS) -> np.ndarray:
-    """Joint HSV histogram of an HxWx3 uint8 RGB image, ``bins`` per channel: (bins**3,) float32,
-    sum 1."""
-    q = (_hsv(image) * bins).astype(np.int64)
-    cell = (q[:, 0] * bins + q[:, 1]) * bins + q[:, 2]
-    hist = np.bincount(cell, minlength=bins ** 3).astype(np.float32)
-    return hist / hist.sum()
-
-
-FEATURES: dict[str, Callable[[np.ndarray], np.ndarray]] = {"hue16": hue_histogram, "hsv444": hsv_histogram}
+BATCH = 64
 
 
 def kmeans_best_of(x: np.ndarray, k: int, restarts: int, seed: int, niter: int = NITER) -> np.ndarray:
@@ -93,19 +72,43 @@ def chance_purity(clusters: np.ndarray, truth: np.ndarray, draws: int = CHANCE_D
     return float(np.mean(scores)), float(np.percentile(scores, 95))
 
 
-def colour_scores(images: Sequence[np.ndarray], labels: np.ndarray, classes: int, restarts: int = 30,
-                  seed: int = 0) -> dict[str, dict[str, float]]:
-    """For each of FEATURES: ``{"purity", "nmi", "chance", "chance95"}`` of k-means (k =
-    ``classes``) on that colour statistic of ``images`` (HxWx3 uint8 RGB each) against
-    ``labels`` (n ints)."""
+@torch.no_grad()
+def backbone_features(images: Sequence[np.ndarray], arch: str, checkpoint: str | None, image_size: int,
+                      seed: int = 0) -> np.ndarray:
+    """N×D float32 image features of DINO ``arch`` (``checkpoint`` or, when None, random weights
+    drawn from ``seed``) on ``images`` (H×W×3 uint8 RGB each), resized to ``image_size`` squared:
+    patch tokens pooled by the CLS-attention saliency, as stage ``features`` computes them."""
+    with seeded_init(seed):
+        model = build_dino(arch, checkpoint, img_size=image_size)
+    rows = []
+    for i in range(0, len(images), BATCH):
+        tokens, attention = model(to_model_input(images[i:i + BATCH], image_size))
+        rows.append(pooled_feature(tokens, saliency_from_attention(attention)).numpy())
+    return np.concatenate(rows).astype(np.float32)
+
+
+def scores_of(features: np.ndarray, labels: np.ndarray, classes: int, restarts: int, seed: int) -> dict[str, float]:
+    """``{"purity", "nmi", "chance", "chance95"}`` of k-means (k = ``classes``) on ``features``
+    (N×D) against ``labels`` (N ints)."""
+    clusters = kmeans_best_of(features, classes, restarts, seed)
+    mean, p95 = chance_purity(clusters, labels, seed=seed)
+    return {"purity": purity(clusters, labels), "nmi": nmi(clusters, labels), "chance": mean, "chance95": p95}
+
+
+def image_scores(images: Sequence[np.ndarray], labels: np.ndarray, classes: int, restarts: int = 30, seed: int = 0,
+                 backbones: Sequence[tuple[str, str | None]] = (), image_size: int = 64) -> dict[str, dict[str, float]]:
+    """Scores (:func:`scores_of`) of each colour statistic (keyed by its COLOUR_STATISTICS name) and
+    of each ``(arch, checkpoint)`` backbone (keyed ``arch`` for random weights, ``arch=checkpoint``
+    otherwise) on ``images`` (H×W×3 uint8 RGB each) against ``labels`` (N ints)."""
     labels = np.asarray(labels)
     if len(images) != len(labels):
         raise ValueError(f"{len(images)} images but {len(labels)} labels")
-    out = {}
-    for name, feature in FEATURES.items():
-        clusters = kmeans_best_of(np.stack([feature(im) for im in images]), classes, restarts, seed)
-        mean, p95 = chance_purity(clusters, labels, seed=seed)
-        out[name] = {"purity": purity(clusters, labels), "nmi": nmi(clusters, labels), "chance": mean, "chance95": p95}
+    out = {name: scores_of(statistic(images), labels, classes, restarts, seed)
+           for name, statistic in COLOUR_STATISTICS.items()}
+    for arch, checkpoint in backbones:
+        name = arch if checkpoint is None else f"{arch}={checkpoint}"
+        out[name] = scores_of(backbone_features(images, arch, checkpoint, image_size, seed), labels, classes,
+                              restarts, seed)
     return out
 
 
@@ -128,26 +131,35 @@ def load_split(root: str, classes: int, split: str = "train") -> tuple[list[np.n
     return images, np.asarray(labels, dtype=np.int64)
 
 
+def _backbone(text: str) -> tuple[str, str | None]:
+    arch, _, checkpoint = text.partition("=")
+    return arch, checkpoint or None
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.colour_baseline", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.image_purity", description=__doc__.split("\n\n")[0])
     parser.add_argument("data_root", help="folder holding ImageNetS{C}/")
     parser.add_argument("--classes", type=int, required=True, help="C: also k of k-means")
     parser.add_argument("--split", default="train", choices=SPLITS)
     parser.add_argument("--restarts", type=int, default=30)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="k-means starts and random backbone weights")
+    parser.add_argument("--backbone", action="append", type=_backbone, default=[], metavar="ARCH[=CHECKPOINT]",
+                        help="also score this DINO backbone (random weights without =CHECKPOINT); repeatable")
+    parser.add_argument("--image-size", type=int, default=64, help="backbone input side (default 64, the stand-in's)")
     parser.add_argument("--json", default=None, help="also write the scores here")
     args = parser.parse_args(argv)
     try:
         images, labels = load_split(args.data_root, args.classes, args.split)
-        scores = colour_scores(images, labels, args.classes, args.restarts, args.seed)
+        scores = image_scores(images, labels, args.classes, args.restarts, args.seed, args.backbone, args.image_size)
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(f"{len(images)} {args.split} images, {len(set(labels.tolist()))} classes, k = {args.classes}, "
           f"best of {args.restarts} k-means starts")
-    print(f"{'feature':<8} {'purity':>7} {'NMI':>6} {'chance':>7} {'chance95':>8}")
+    width = max(len(name) for name in scores)
+    print(f"{'features':<{width}} {'purity':>7} {'NMI':>6} {'chance':>7} {'chance95':>8}")
     for name, s in scores.items():
-        print(f"{name:<8} {s['purity']:7.3f} {s['nmi']:6.3f} {s['chance']:7.3f} {s['chance95']:8.3f}")
+        print(f"{name:<{width}} {s['purity']:7.3f} {s['nmi']:6.3f} {s['chance']:7.3f} {s['chance95']:8.3f}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"images": len(images), "classes": args.classes, "scores": scores}, f, indent=1)
