@@ -143,7 +143,7 @@ def test_writes_through_storage_urls():
     "kwargs, match",
     [
         ({"world": "colour"}, "world"),
-        ({"pool": "train"}, "pool"),
+        ({"world": "shapes", "pool": "train"}, "pool"),
         ({"classes": 0}, "classes"),
         ({"classes": 1000}, "classes"),
         ({"train_per_class": -1}, "train"),

@@ -76,7 +76,7 @@ def make_demo_dataset(
     storage: Storage | None = None,
     ignore_border: int = 1,
     style_seed: int | None = None,
-    world: str = "shapes",
+    world: str = "hue",
     pool: str = "eval",
 ) -> str:
     """Write a synthetic ``ImageNetS{classes}/`` under ``out_dir`` and return its URL.
@@ -88,7 +88,9 @@ def make_demo_dataset(
     side is drawn from ``image_size`` = (min, max), inclusive (default: the world's,
     :data:`DEFAULT_IMAGE_SIZE`).
 
-    ``world``: a :data:`WORLDS` name. ``style_seed``: which classes. In the ``shapes`` world it
+    ``world``: a :data:`WORLDS` name; ``hue`` by default, the world the stand-in models know and
+    the pipeline's tests exercise its plumbing on (``pdso-ray make-demo-data`` defaults to
+    ``shapes``). ``style_seed``: which classes. In the ``shapes`` world it
     picks the class set (:func:`.shapes.class_set`; None = 0) and ``pool`` (``eval``, the default,
     or ``pretrain``) the disjoint pool of class combinations and background photos it draws from.
     In the ``hue`` world None gives the demo's evenly spaced hues and a seed random appearances
