@@ -28,7 +28,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from gpu_train_checks import bare_pretrain_step  # noqa: E402
 from timing import bare_loop_flag, interleave, repeat, timed  # noqa: E402
 
-from pdso_ray.data.synthetic import render_sample  # noqa: E402
+from pdso_ray.data.synthetic.hue import render_sample  # noqa: E402
 from pdso_ray.method.multicrop import multicrop  # noqa: E402
 from pdso_ray.models.dino_pretrain import DinoPretrainConfig, DinoPretrainer  # noqa: E402
 from pdso_ray.stages.read_decode import resize_square  # noqa: E402

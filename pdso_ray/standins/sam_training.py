@@ -1,7 +1,7 @@
 """Training of the class-agnostic SAM stand-in on synthetic object masks (torch/numpy/scipy only).
 
 Data (:func:`render_scene`): one to ``max_objects`` objects of random synthetic appearance (any
-hue, texture and shape of :mod:`pdso_ray.data.synthetic`, drawn with its ``render_sample``) on
+hue, texture and shape of :mod:`pdso_ray.data.synthetic.hue`, drawn with its ``render_sample``) on
 its backgrounds with their grey clutter; later objects are pasted over earlier ones, so masks are
 the *visible* parts (occlusion); most images go through a JPEG round trip as the demo's files
 do. No class id reaches the model: a target is "the object under this prompt".
@@ -38,7 +38,7 @@ from scipy import ndimage
 from segment_anything.modeling import Sam
 from segment_anything.utils.transforms import ResizeLongestSide
 
-from pdso_ray.data.synthetic import render_sample
+from pdso_ray.data.synthetic.hue import render_sample
 
 # render_sample's class k of this many classes: hues spaced 1/999 apart and every texture ×
 # shape × period combination, so the stand-in sees appearances well beyond any demo class set.
