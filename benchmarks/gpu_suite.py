@@ -11,7 +11,7 @@ rounds (A, B, A, B, ...; the ratio is the median of the per-round ratios, see ti
 =============  =======================================================  ======================================
 row            path                                                     baseline
 =============  =======================================================  ======================================
-decode         torchvision.io.decode_jpeg on the GPU (nvJPEG) + resize   PIL, as the stage decodes, one core
+decode         data.batch_decode on the GPU (nvJPEG, batched) + resize  PIL, as the CPU path decodes, one core
 features       the real FeaturesStage on a local Ray, batches 2..n       bare bf16 forward, same model and batch
 kmeans_torch   pdso_ray.kmeans, torch kernel on the GPU                  faiss-cpu on every core
 kmeans_faiss…  faiss-gpu (when installed)                                faiss-cpu

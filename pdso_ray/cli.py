@@ -1,4 +1,4 @@
-"""``pdso-ray``: run, demo, make-demo-data, evaluate, export, segment, export-model, inspect.
+"""``pdso-ray``: run, demo, make-demo-data, make-shards, evaluate, export, segment, export-model, inspect.
 
 All argument parsing lives here; subcommands call the same library functions as ``jobs/pdso.py``
 and tests. Heavy imports happen inside the commands, so that ``pdso-ray --help`` and
@@ -82,10 +82,21 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
+    from pdso_ray.config import DataConfig
+    from pdso_ray.data.layouts import build_layout
     from pdso_ray.evaluation import evaluate_dirs, format_result
+    from pdso_ray.storage import Storage
 
     try:
-        result = evaluate_dirs(args.pred, args.gt, args.classes, match_file=args.match,
+        gt = args.gt
+        if args.gt_layout != "folder":  # the ground truth held in a dataset's shards or tables
+            storage = Storage()
+            layout = build_layout(DataConfig(root=args.gt, classes=args.classes, layout=args.gt_layout), storage)
+            gt = layout.gt_dir(storage, args.split)
+            if gt is None:
+                raise ValueError(f"{args.gt} has no ground truth for split {args.split!r} "
+                                 f"(data.layout={args.gt_layout})")
+        result = evaluate_dirs(args.pred, gt, args.classes, match_file=args.match,
                                progress=not args.quiet, resize=args.resize, workers=args.workers)
     except ValueError as e:
         raise ConfigError(str(e)) from None
@@ -108,6 +119,22 @@ def _cmd_export(args: argparse.Namespace) -> int:
         raise ConfigError(str(e)) from None
     checked = "" if result.checked_against_dataset else " (not checked against the dataset)"
     print(f"wrote {result.url}: {result.images} predictions{checked}, match.json, method.txt")
+    return 0
+
+
+def _cmd_make_shards(args: argparse.Namespace) -> int:
+    from pdso_ray.data.make_shards import make_shards
+    from pdso_ray.storage import Storage
+
+    try:
+        result = make_shards(Storage(), args.src, args.dst, args.images_per_shard, layout=args.layout,
+                             classes=args.classes, folder_is_class=args.folder_is_class,
+                             workers=args.workers, progress=not args.quiet)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    print(f"{args.dst}: {result.written} shards written, {result.skipped} already there; "
+          f"{result.images} images; {result.rejected} rejected by the listing and "
+          f"{len(result.unreadable)} unreadable, not copied (see {args.dst}/.make-shards.json and the log)")
     return 0
 
 
@@ -265,8 +292,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("evaluate", help="official ImageNet-S mIoU of a prediction folder",
                        description="Evaluate predicted label PNGs against ImageNet-S ground truth "
                        "with the official protocol (Hungarian matching, C+1 classes).")
-    p.add_argument("--pred", required=True, help="folder (or URL) of predicted label PNGs")
-    p.add_argument("--gt", required=True, help="folder (or URL) of ground-truth label PNGs")
+    p.add_argument("--pred", required=True,
+                   help="folder (or URL) of predicted label PNGs, or of PNG shards (output_format=webdataset)")
+    p.add_argument("--gt", required=True, help="folder (or URL) of ground-truth label PNGs; with --gt-layout, "
+                   "the root of a dataset whose shards or tables hold the ground truth")
+    p.add_argument("--gt-layout", default="folder", choices=["folder", "webdataset", "parquet"],
+                   help="folder (default): --gt holds PNGs; webdataset / parquet: --gt is a data.root of that "
+                   "layout and its seg.png members / seg column of --split are the ground truth")
+    p.add_argument("--split", default="validation", help="with --gt-layout: which split (default validation)")
     p.add_argument("--classes", required=True, type=int, help="number of classes C")
     p.add_argument("--match", default=None,
                    help="matching JSON: reused if it exists, else computed and written")
@@ -294,6 +327,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--description", default="null", help="method description in method.txt")
     p.add_argument("--link", default="null", help="paper/project link in method.txt")
     p.set_defaults(func=_cmd_export)
+
+    p = sub.add_parser("make-shards", help="convert a folder, ImageNet-S tree or table into WebDataset shards",
+                       description="Write SRC's images as WebDataset tar shards under DST (any fsspec "
+                       "URL on both sides), for data.layout=webdataset: DST/<split>/NNNNNN.tar with "
+                       "the image, its class (cls) and its ground truth (seg.png). Resumable: a "
+                       "re-run writes only the missing shards.")
+    p.add_argument("src", help="source: an ImageNet-S tree (or its ImageNetS{C} folder), a folder of "
+                   "images, Parquet tables or shards")
+    p.add_argument("dst", help="folder (or URL) for the shards")
+    p.add_argument("--images-per-shard", type=int, default=1000, help="images per shard (default 1000)")
+    p.add_argument("--layout", default="auto", choices=["auto", "imagenet_s", "folder", "webdataset", "parquet"],
+                   help="how to read SRC (default auto: an ImageNet-S tree when SRC holds ImageNetS{C}, "
+                   "else a folder)")
+    p.add_argument("--classes", type=int, default=None, help="C of ImageNetS{C} when SRC holds several")
+    p.add_argument("--folder-is-class", action="store_true",
+                   help="folder source: the first folder below SRC is each image's class (written as cls)")
+    p.add_argument("--workers", type=int, default=8, help="shards written at once (default 8)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar (on stderr)")
+    p.set_defaults(func=_cmd_make_shards)
 
     p = sub.add_parser("segment", help="segment new images with a trained model",
                        description="Label every image of INPUT with MODEL: a label PNG per image at its "

@@ -145,9 +145,12 @@ class StorageConfig:
 
 @dataclass
 class DataConfig:
-    root: str = "demo/data"  # imagenet_s: folder or URL holding ImageNetS{classes}/; folder: the images
+    # imagenet_s: folder or URL holding ImageNetS{classes}/; folder: the images; webdataset: the tar
+    # shards; parquet: the tables (shards and tables in split folders, named by split, or neither)
+    root: str = "demo/data"
     classes: Annotated[int, Range(1, MAX_CLASSES)] | None = None  # C, the number of categories (required)
-    # imagenet_s | folder (any tree of images, no splits, no ground truth)
+    # imagenet_s | folder (any tree of images, no splits, no ground truth) | webdataset (tar shards)
+    # | parquet (tables of image bytes or paths): pdso_ray/data/layouts.py
     layout: Annotated[str, Registry("pdso_ray.data.layouts:LAYOUTS")] = "imagenet_s"
     # Whether the first folder below a split is the image's class (ImageNet-S wnids): per-run
     # diagnostics then score every clustering against it. None = the layout's default.
@@ -159,6 +162,9 @@ class DataConfig:
     train_split: Name = "train"
     eval_splits: list[Name] = field(default_factory=lambda: ["validation", "test"])
     limit: Count | None = None  # use only the first N train images (debugging)
+    # Where a stage's actors hold a GPU (features, predict), decode JPEGs there in batches (nvJPEG),
+    # other images and JPEGs it cannot take on the CPU; false: always on the CPU.
+    gpu_decode: bool = True
 
 
 @dataclass
@@ -456,6 +462,10 @@ class TrackingConfig:
 @dataclass
 class PipelineConfig:
     output: str = "runs/demo"
+    # How per-image PNG outputs are written (train pseudo labels, predictions): files (one PNG per
+    # image, the ImageNet-S layout the official tools read) | webdataset (tar shards of PNGs, one
+    # per batch, each with a Parquet index and per-image statistics). `output.format` is an alias.
+    output_format: Literal["files", "webdataset"] = "files"
     # pdso (the main method) | lightcluster (training-free; its outputs go below lightcluster/,
     # sharing the run folder's features and k-means with PDSO)
     method: Literal["pdso", "lightcluster"] = "pdso"
@@ -617,12 +627,16 @@ def check_registries(cfg: PipelineConfig) -> PipelineConfig:
     return cfg
 
 
+# Spellings accepted by --set for a key stored elsewhere (`output` itself is the run folder's URL).
+OVERRIDE_ALIASES = {"output.format": "output_format"}
+
+
 def apply_override(cfg: PipelineConfig, assignment: str) -> None:
     """Apply one ``a.b.c=value`` assignment; the value is parsed as YAML, then type-checked."""
     if "=" not in assignment:
         raise ConfigError(f"override {assignment!r}: expected key=value")
     key, text = assignment.split("=", 1)
-    key = key.strip()
+    key = OVERRIDE_ALIASES.get(key.strip(), key.strip())
     try:
         value = yaml.safe_load(text) if text.strip() else None
     except yaml.YAMLError:

@@ -1,7 +1,9 @@
 """Evaluating folders of predicted label PNGs against ImageNet-S ground truth (the I/O side).
 
-Files pair by relative name (``<wnid>/<stem>.png``) under a prediction folder and a ground-truth
-folder; the protocol itself lives in :mod:`pdso_ray.method.metrics`. One implementation serves
+Files pair by relative name (``<wnid>/<stem>.png``) between a prediction folder and the ground
+truth — a folder, or a mapping for ground truth held in shards or tables (PNG sources,
+:mod:`pdso_ray.data.png_sets`; either folder may hold PNG shards); the protocol itself lives in
+:mod:`pdso_ray.method.metrics`. One implementation serves
 the ``evaluate`` stage (:mod:`pdso_ray.stages.evaluate`) and ``pdso-ray evaluate``
 (:func:`evaluate_dirs`).
 
@@ -27,6 +29,8 @@ import numpy as np
 from tqdm import tqdm
 
 from pdso_ray.data.imagenet_s import IGNORE_ID, decode_gray_png, decode_label
+from pdso_ray.data.members import read_one
+from pdso_ray.data.png_sets import PngSource, png_files
 from pdso_ray.method.metrics import (
     RESIZE_MODES,
     SIZE_BIN_NAMES,
@@ -89,21 +93,23 @@ class EvalFile:
     gt: str
 
 
-def pair_files(storage: Storage, pred_dir: str, gt_dir: str, fg_dir: str | None = None,
+def pair_files(storage: Storage, pred_dir: PngSource, gt_dir: PngSource, fg_dir: PngSource | None = None,
                rejected: Collection[str] = ()) -> list[EvalFile]:
-    """Pair every GT PNG under ``gt_dir`` with its prediction (and foreground map when
-    ``fg_dir`` is given), sorted by relative name.
+    """Pair every GT PNG of ``gt_dir`` with its prediction (and foreground map when
+    ``fg_dir`` is given), sorted by relative name. Each is a PNG source
+    (:mod:`pdso_ray.data.png_sets`): a folder of PNGs or PNG shards, or a mapping
+    ``{<rel>.png: URL}`` (the ground truth held in shards or tables).
 
     ``rejected``: relative names of images that could not be read. The protocol scores every GT
     image, so these count as all-background predictions rather than vanish. Any other GT file
     without a prediction or foreground map is a ValueError naming up to 10. Predictions without a
     GT file are not evaluated.
     """
-    gt = storage.list_relative(gt_dir, LABEL_SUFFIX)
+    gt = png_files(storage, gt_dir)
     if not gt:
-        raise ValueError(f"no ground-truth {LABEL_SUFFIX} files under {gt_dir}")
-    pred = storage.list_relative(pred_dir, LABEL_SUFFIX)
-    fg = storage.list_relative(fg_dir, LABEL_SUFFIX) if fg_dir is not None else None
+        raise ValueError(f"no ground-truth {LABEL_SUFFIX} files under {_describe(gt_dir)}")
+    pred = png_files(storage, pred_dir)
+    fg = png_files(storage, fg_dir) if fg_dir is not None else None
     missing = [rel for rel in sorted(gt) if rel not in rejected
                and (rel not in pred or (fg is not None and rel not in fg))]
     if missing:
@@ -111,7 +117,7 @@ def pair_files(storage: Storage, pred_dir: str, gt_dir: str, fg_dir: str | None 
         listed = ", ".join(missing[:_MAX_LISTED])
         more = f" and {len(missing) - _MAX_LISTED} more" if len(missing) > _MAX_LISTED else ""
         raise ValueError(f"{len(missing)} of {len(gt)} ground-truth files have no {what} "
-                         f"under {pred_dir}{'' if fg is None else f' and {fg_dir}'}: "
+                         f"under {_describe(pred_dir)}{'' if fg is None else f' and {_describe(fg_dir)}'}: "
                          f"{listed}{more}")
     return [EvalFile(rel, pred.get(rel) if rel not in rejected else None,
                      None if fg is None or rel in rejected else fg.get(rel), gt[rel])
@@ -232,10 +238,11 @@ def best_index(results: Sequence[SegmentationResult]) -> int:
     return int(np.argmax([r.miou for r in results]))
 
 
-def evaluate_dirs(pred_dir: str, gt_dir: str, classes: int, match_file: str | None = None,
+def evaluate_dirs(pred_dir: PngSource, gt_dir: PngSource, classes: int, match_file: str | None = None,
                   storage: Storage | None = None, progress: bool = True,
                   resize: str | None = None, workers: int = 8) -> SegmentationResult:
-    """Evaluate the predictions under ``pred_dir`` against the GT under ``gt_dir`` as they are.
+    """Evaluate the predictions under ``pred_dir`` against the GT under ``gt_dir`` as they are
+    (PNG sources: folders of PNGs or PNG shards, or mappings).
 
     ``classes`` is C. If ``match_file`` exists it is read and applied (the test split reuses the
     validation matching); otherwise the Hungarian matching is computed and, when ``match_file``
@@ -277,9 +284,13 @@ def format_result(result: SegmentationResult) -> str:
 
 def _read(storage: Storage, url: str, decode) -> np.ndarray:
     try:
-        return decode(storage.read_bytes(url))
+        return decode(read_one(storage, url))
     except ValueError as e:
         raise ValueError(f"{url}: {e}") from None
+
+
+def _describe(source: PngSource) -> str:
+    return source if isinstance(source, str) else f"the dataset's ground truth ({len(source)} masks)"
 
 
 def prefetch(fn, items: list, workers: int) -> Iterator:

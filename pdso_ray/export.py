@@ -10,7 +10,10 @@ The archive has the layout that LUSSeg's reference inference script (LUSSeg/PASS
                         "Networks: ...", "Paper/Project link: ...", "Method description: ..."
 
 The predictions are packed as the evaluate stage scored them: argmax over the C+1 outputs, the
-official decision rule. When the run's dataset is reachable, a test image without a prediction is
+official decision rule; they are read from PNG files or from PNG shards (``output_format:
+webdataset``), and the zip holds PNG files either way, each named by its image's name in the source
+(a shard's sample key: shards made from an ImageNet-S tree by ``make-shards`` give the server's
+``<wnid>/<stem>.png``). When the run's dataset is reachable, a test image without a prediction is
 an error: the server scores a whole split. The zip is written under a temporary name beside ``OUT`` and then moved into place.
 """
 
@@ -23,9 +26,10 @@ import zipfile
 from dataclasses import dataclass
 
 from pdso_ray.config import PipelineConfig
+from pdso_ray.data.ids import LABEL_SUFFIX, id_from_png_rel, png_rel, unsafe_reason
 from pdso_ray.data.imagenet_s import TEST, VALIDATION
 from pdso_ray.data.layouts import build_layout
-from pdso_ray.data.ids import LABEL_SUFFIX, png_rel, unsafe_reason
+from pdso_ray.data.png_sets import png_files
 from pdso_ray.run_layout import RunLayout, load_run_config
 from pdso_ray.storage import Storage
 
@@ -66,15 +70,14 @@ def export_submission(storage: Storage, run_url: str, out_url: str, split: str =
     match = storage.read_json(match_url)
 
     pred_dir = run.predictions_dir(split)
-    rels = sorted(storage.list_relative(pred_dir, LABEL_SUFFIX))
+    found = png_files(storage, pred_dir)  # PNG files or PNG shards
+    rels = sorted(found)
     if not rels:
         raise ValueError(f"no predictions under {pred_dir}")
-    for rel in rels:
-        problem = unsafe_reason(rel)
-        if problem is not None:
-            raise ValueError(f"prediction {rel!r} cannot be a zip entry: {problem}")
     cfg = load_run_config(storage, run_url, results)
-    checked = _check_complete(storage, cfg, split, rels, pred_dir)
+    layout = _layout(storage, cfg)
+    checked = _check_complete(storage, layout, split, rels, pred_dir)
+    names = _entry_names(layout, split, rels)
     method_txt = (f"Method name: {method}\n"
                   f"Training data: {_training_data(cfg)}\n"
                   "Training scheme: unsupervised\n"
@@ -84,7 +87,7 @@ def export_submission(storage: Storage, run_url: str, out_url: str, split: str =
 
     def entries():
         for rel in rels:
-            yield rel, storage.read_bytes(storage.join(pred_dir, rel))
+            yield names[rel], storage.read_bytes(found[rel])
         yield "match.json", json.dumps(match).encode()
         yield "method.txt", method_txt.encode()
 
@@ -92,23 +95,51 @@ def export_submission(storage: Storage, run_url: str, out_url: str, split: str =
     return ExportResult(url=out_url, images=len(rels), checked_against_dataset=checked)
 
 
-def _check_complete(storage: Storage, cfg: PipelineConfig | None, split: str, rels: list[str],
-                    pred_dir: str) -> bool:
+def _layout(storage: Storage, cfg: PipelineConfig | None):
+    """The run's image layout, None without a config or when its data is not reachable."""
+    if cfg is None:
+        return None
+    try:
+        return build_layout(cfg.data, storage)
+    except FileNotFoundError:
+        log.warning("export: %s not reachable: completeness not checked", cfg.data.root)
+        return None
+
+
+def _check_complete(storage: Storage, layout, split: str, rels: list[str], pred_dir: str) -> bool:
     """ValueError if the dataset lists ``split`` images that have no prediction; False when the
     dataset cannot be listed (no config, or its images are not reachable from here)."""
-    if cfg is None:
+    if layout is None:
         return False
     try:
-        listing = build_layout(cfg.data).list_split(storage, split)
+        listing = layout.list_split(storage, split)
     except FileNotFoundError:
-        log.warning("export: %s images of %s not reachable: completeness not checked",
-                    split, cfg.data.root)
+        log.warning("export: %s images not reachable: completeness not checked", split)
         return False
     have = set(rels)
     expected = [png_rel(rec.id) for rec in listing.images]
     _fail_if_missing([r for r in expected if r not in have], len(expected),
                      f"have no prediction under {pred_dir}")
     return True
+
+
+def _entry_names(layout, split: str, rels: list[str]) -> dict[str, str]:
+    """``{rel: zip entry}``: each prediction under its image's name in the source
+    (``layout.source_name``: for shards made from an ImageNet-S tree, ``<wnid>/<stem>.png``, what
+    the server expects); the relative name itself when the layout is unknown. ValueError when two
+    images would share an entry."""
+    names = {rel: rel if layout is None else layout.source_name(id_from_png_rel(split, rel)) + LABEL_SUFFIX
+             for rel in rels}
+    seen: dict[str, str] = {}
+    for rel, name in names.items():
+        problem = unsafe_reason(name)
+        if problem is not None:
+            raise ValueError(f"prediction {rel!r} cannot be a zip entry {name!r}: {problem}")
+        if name in seen:
+            raise ValueError(f"predictions {seen[name]!r} and {rel!r} would both be {name!r} in the zip "
+                             "(two shards hold the same key)")
+        seen[name] = rel
+    return names
 
 
 def _write_zip(storage: Storage, out_url: str, entries) -> None:

@@ -183,10 +183,15 @@ def _check_data(probe: Storage, cfg: PipelineConfig, splits: set[str], evaluates
 
     if not splits and not evaluates:
         return []
-    layout = build_layout(cfg.data)
     notes: list[str] = []
     if splits:
         _reachable(probe, "data.root", cfg.data.root, "data root")
+    try:  # the container layouts find their shards or tables now
+        layout = build_layout(cfg.data, probe)
+    except (FileNotFoundError, OSError) as e:
+        if splits:
+            raise PreflightError(f"data.root: {e} (data.layout={cfg.data.layout})") from None
+        return [f"no ground truth to evaluate against: {e}"]
     if "train" in splits:
         split, classes = layout.train_split(), cfg.data.classes
         split_url = layout.split_url(split)
@@ -194,8 +199,9 @@ def _check_data(probe: Storage, cfg: PipelineConfig, splits: set[str], evaluates
                    f"(data.layout={cfg.data.layout}, data.classes={classes})")
         found = layout.count_images(probe, split, enough=classes)
         if found == 0:
-            raise PreflightError(f"data.root: no images under {split_url} (looked for "
-                                 f"{' '.join(IMAGE_SUFFIXES)} files, recursively)")
+            looked = (f"looked for {' '.join(IMAGE_SUFFIXES)} files, recursively"
+                      if cfg.data.layout in ("imagenet_s", "folder") else f"none in its {cfg.data.layout} files")
+            raise PreflightError(f"data.root: no images under {split_url} ({looked})")
         usable = min(found, cfg.data.limit or found)
         if usable < classes:
             what = (f"data.limit={cfg.data.limit} images" if usable < found

@@ -4,6 +4,12 @@ URLs may be plain paths, ``file://``, ``s3://bucket/key`` or ``memory://``. S3 s
 the config (``storage.s3``) or from the usual AWS environment variables; credentials are kept in
 the object only, never in what it returns as text.
 
+A **range URL** names bytes ``[start, end)`` of a larger object — a member of a tar shard:
+``<url>#bytes=<start>-<end>&member=<name, percent-quoted>`` (:func:`range_url`,
+:func:`parse_range_url`). Every read accepts one and fetches only those bytes;
+:meth:`Storage.read_ranges` fetches many ranges of one object in a few requests, merging
+neighbours, which is what makes a shard cheaper to read than loose files.
+
 Writes are atomic: data goes to a temporary name in the same folder, then is moved into place
 (on S3 a single PUT is already atomic), so a retried task overwrites instead of leaving halves; a
 failed write removes its temporary file. Readers of the run folder skip hidden names (``.*``, the
@@ -21,12 +27,14 @@ import errno
 import json
 import os
 import posixpath
+import re
 import stat
 import time
 import uuid
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import quote, unquote
 
 import fsspec
 from fsspec.core import url_to_fs
@@ -36,6 +44,48 @@ MANIFEST_NAME = "_SUCCESS.json"
 # botocore retries transient S3 errors (throttling, 5xx, connection resets) with backoff; a run's
 # budget comes from the config (storage.retries, storage.timeout_s: PipelineConfig.storage_options).
 _S3_RETRY_CONFIG = {"retries": {"max_attempts": 5, "mode": "adaptive"}}
+
+
+# Neighbouring ranges of one object are fetched in one request when the bytes between them are at
+# most MERGE_GAP and the request at most MERGE_SPAN (members of a shard sit back to back, split by
+# 512-byte headers and the sample's other members).
+MERGE_GAP = 1 << 20
+MERGE_SPAN = 64 << 20
+_RANGE = re.compile(r"#bytes=(\d+)-(\d+)(?:&member=([^#&]*))?$")
+
+
+def range_url(url: str, start: int, end: int, member: str | None = None) -> str:
+    """The URL of bytes ``[start, end)`` of the object at ``url``; ``member`` (e.g. the tar
+    member's name) is carried along so that messages can name it."""
+    if not 0 <= start <= end:
+        raise ValueError(f"bad byte range {start}-{end} of {url}")
+    tail = f"&member={quote(member, safe='/')}" if member is not None else ""
+    return f"{url}#bytes={start}-{end}{tail}"
+
+
+def parse_range_url(url: str) -> tuple[str, int, int, str | None] | None:
+    """``(object URL, start, end, member)`` of a :func:`range_url`, None for a plain URL."""
+    m = _RANGE.search(url)
+    if m is None:
+        return None
+    member = unquote(m.group(3)) if m.group(3) is not None else None
+    return url[: m.start()], int(m.group(1)), int(m.group(2)), member
+
+
+def merge_ranges(spans: Sequence[tuple[int, int]], gap: int = MERGE_GAP, span: int = MERGE_SPAN
+                 ) -> list[tuple[int, int, list[int]]]:
+    """Group byte ranges ``[(start, end)]`` of one object into requests ``(start, end, [indices of
+    the ranges it covers])``: sorted by start, a range joins the previous request when it begins
+    at most ``gap`` bytes after that request's end and the request stays within ``span`` bytes."""
+    groups: list[tuple[int, int, list[int]]] = []
+    for i in sorted(range(len(spans)), key=lambda k: spans[k]):
+        start, end = spans[i]
+        if groups and start - groups[-1][1] <= gap and max(end, groups[-1][1]) - groups[-1][0] <= span:
+            first, last, members = groups[-1]
+            groups[-1] = (first, max(last, end), members + [i])
+        else:
+            groups.append((start, end, [i]))
+    return groups
 
 
 def protocol(url: str) -> str:
@@ -48,6 +98,10 @@ def protocol(url: str) -> str:
 
 class StorageError(OSError):
     """A read, write or listing failed for good (after retries); the message names the URL."""
+
+
+class ShortRead(StorageError):
+    """A byte range reaches past the end of its object: the object changed since it was indexed."""
 
 
 class UnreadableFile(ValueError):
@@ -183,6 +237,8 @@ class Storage:
 
     # ---- reading ------------------------------------------------------------------------------
     def exists(self, url: str) -> bool:
+        """Whether ``url`` exists (for a range URL: whether its object does)."""
+        url = _object_of(url)
         fs, path = self.fs(url)
         with naming("checking", url):
             return fs.exists(path)
@@ -198,27 +254,57 @@ class Storage:
             return int(fs.size(path))
 
     def read_bytes(self, url: str) -> bytes:
+        """The whole file at ``url``, or the bytes a range URL names."""
+        parsed = parse_range_url(url)
+        if parsed is not None:
+            return self.read_ranges(parsed[0], [parsed[1:3]])[0]
         fs, path = self.fs(url)
         with naming("reading", url):
             return fs.cat_file(path)
+
+    def read_ranges(self, url: str, spans: Sequence[tuple[int, int]]) -> list[bytes]:
+        """Bytes ``[start, end)`` of the object at ``url`` for each span, in the order given,
+        fetched in as few requests as :func:`merge_ranges` allows. Raises :class:`StorageError`
+        when the object is shorter than a span (:class:`ShortRead`: it changed since it was
+        indexed)."""
+        fs, path = self.fs(url)
+        out: list[bytes] = [b""] * len(spans)
+        with naming("reading", url):
+            for start, end, members in merge_ranges(spans):
+                data = fs.cat_file(path, start=start, end=end) if end > start else b""
+                if len(data) != end - start:
+                    raise ShortRead(f"reading {url} failed: bytes {start}-{end} asked, {len(data)} "
+                                    "read (the object is shorter than its index says: it changed)")
+                for i in members:
+                    s, e = spans[i]
+                    out[i] = data[s - start:e - start]
+        return out
 
     def read_image_bytes(self, url: str, max_bytes: int, root: str | None = None) -> bytes:
         """The bytes of an input image, read with bounds.
 
         A local file must be a regular file (a FIFO or device would block or never end) whose
         real path lies inside ``root``'s (symlinks may point within the data root, never out of
-        it); any file must hold at most ``max_bytes`` bytes. Raises :class:`UnreadableFile` with
+        it); any file must hold at most ``max_bytes`` bytes. A range URL reads only its bytes,
+        under the same rules for the object that holds them. Raises :class:`UnreadableFile` with
         the reason otherwise, ``FileNotFoundError`` when it is gone, :class:`StorageError` when
         the read fails.
         """
         if max_bytes < 1:
             raise ValueError(f"max_bytes must be >= 1, got {max_bytes}")
+        parsed = parse_range_url(url)
+        if parsed is not None:
+            url, start, end, _ = parsed
+            if end - start > max_bytes:
+                raise UnreadableFile(f"file larger than {max_bytes} bytes (data.max_file_bytes)")
         fs, path = self.fs(url)
         with naming("reading", url):
             if protocol(url) != "file":
-                data = fs.cat_file(path, start=0, end=max_bytes + 1)
+                data = (fs.cat_file(path, start=0, end=max_bytes + 1) if parsed is None
+                        else self.read_ranges(url, [(start, end)])[0])
             else:
-                data = _read_local_bounded(path, max_bytes, None if root is None else self.fs(root)[1])
+                span = None if parsed is None else (start, end)
+                data = _read_local_bounded(path, max_bytes, None if root is None else self.fs(root)[1], span)
         if len(data) > max_bytes:
             raise UnreadableFile(f"file larger than {max_bytes} bytes (data.max_file_bytes)")
         return data
@@ -436,10 +522,18 @@ def _inside(path: str, folder: str) -> bool:
     return os.path.commonpath([path, folder]) == folder
 
 
-def _read_local_bounded(path: str, max_bytes: int, root: str | None) -> bytes:
-    """At most ``max_bytes + 1`` bytes of the regular file at ``path`` (see
-    :meth:`Storage.read_image_bytes`). The checks run on the opened descriptor, so a file swapped
-    for a FIFO after listing is still caught, and ``O_NONBLOCK`` keeps the open from blocking."""
+def _object_of(url: str) -> str:
+    """The object a range URL points into; a plain URL itself."""
+    parsed = parse_range_url(url)
+    return url if parsed is None else parsed[0]
+
+
+def _read_local_bounded(path: str, max_bytes: int, root: str | None,
+                        span: tuple[int, int] | None = None) -> bytes:
+    """At most ``max_bytes + 1`` bytes of the regular file at ``path``, or its bytes ``span``
+    (see :meth:`Storage.read_image_bytes`). The checks run on the opened descriptor, so a file
+    swapped for a FIFO after listing is still caught, and ``O_NONBLOCK`` keeps the open from
+    blocking."""
     real = os.path.realpath(path)
     if root is not None:
         real_root = os.path.realpath(root)
@@ -455,6 +549,12 @@ def _read_local_bounded(path: str, max_bytes: int, root: str | None) -> bytes:
         info = os.fstat(f.fileno())
         if not stat.S_ISREG(info.st_mode):
             raise UnreadableFile("not a regular file (a device, FIFO or socket)")
+        if span is not None:
+            if span[1] > info.st_size:
+                raise ShortRead(f"reading {path} failed: bytes {span[0]}-{span[1]} asked, the file "
+                                f"holds {info.st_size} (it is shorter than its index says: it changed)")
+            f.seek(span[0])
+            return f.read(span[1] - span[0])
         if info.st_size > max_bytes:
             raise UnreadableFile(f"file larger than {max_bytes} bytes (data.max_file_bytes)")
         return f.read(max_bytes + 1)

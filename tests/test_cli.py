@@ -91,3 +91,16 @@ def test_make_demo_data_writes_the_chosen_world(tmp_path, capsys):
         marker = json.loads((out / "ImageNetS2" / MARKER_NAME).read_text())
         assert (marker["world"], marker["style_seed"], marker["complete"]) == (world, 3, True)
         assert f"({world} world)" in capsys.readouterr().out
+
+
+def test_make_shards_writes_shards_and_names_a_bad_source(tmp_path, capsys):
+    from pdso_ray.data.synthetic import make_demo_dataset
+
+    assert main(["make-shards", str(tmp_path / "missing"), str(tmp_path / "out")]) == 2
+    assert capsys.readouterr().err.startswith(f"error: source not found: {tmp_path / 'missing'}")
+    make_demo_dataset(str(tmp_path / "tree"), classes=2, train_per_class=2, val_per_class=1, test_per_class=1)
+    assert main(["make-shards", str(tmp_path / "tree"), str(tmp_path / "out"), "--images-per-shard", "3",
+                 "--quiet"]) == 0
+    assert "4 shards written, 0 already there; 8 images" in capsys.readouterr().out
+    assert sorted(p.name for p in (tmp_path / "out" / "train").iterdir()) == [
+        ".000000.tar.idx.parquet", ".000001.tar.idx.parquet", "000000.tar", "000001.tar"]

@@ -115,3 +115,10 @@ def test_exponent_notation_reads_as_a_number():
     assert cfg.denoise.finetune_lr == pytest.approx(1e-4) and cfg.denoise.lr == pytest.approx(2e-3)
     with pytest.raises(ConfigError, match="denoise.lr='fast': expected a number"):
         load_config(overrides=["data.classes=5", "denoise.lr=fast"])
+
+
+def test_output_format_is_checked_and_output_dot_format_is_its_alias():
+    assert load_config(None, ["data.classes=2"]).output_format == "files"
+    assert load_config(None, ["data.classes=2", "output.format=webdataset"]).output_format == "webdataset"
+    with pytest.raises(ConfigError, match="output_format='tar': unknown; choose one of files, webdataset"):
+        load_config(None, ["data.classes=2", "output_format=tar"])

@@ -181,3 +181,26 @@ def test_the_retry_budget_is_the_configs(tmp_path):
         Storage(cfg.storage_options()).read_bytes("s3://bucket/key")
     assert time.monotonic() - started < 30  # 2 attempts x 1 s, and s3fs's 2 tries around them
     silent.close()
+
+
+def test_range_urls_name_a_members_bytes_and_neighbours_share_a_request(tmp_path, s3_bucket):
+    from pdso_ray.storage import ShortRead, merge_ranges, parse_range_url, range_url
+
+    url = range_url("s3://b/dir#1/x.tar", 512, 1536, "a#b&c/k.jpg")
+    assert parse_range_url(url) == ("s3://b/dir#1/x.tar", 512, 1536, "a#b&c/k.jpg")
+    assert parse_range_url("/data/photo #1.jpg") is None
+    # neighbours within the gap merge, a far range gets its own request, order is kept
+    assert merge_ranges([(2000, 2100), (0, 1000), (10**9, 10**9 + 5)], gap=1024) == [
+        (0, 2100, [1, 0]), (10**9, 10**9 + 5, [2])]
+    assert merge_ranges([(0, 10), (20, 30)], gap=100, span=15) == [(0, 10, [0]), (20, 30, [1])]
+    options, bucket = s3_bucket
+    for storage, root in ((Storage(), str(tmp_path)), (Storage(options), bucket)):
+        blob = bytes(range(256)) * 40
+        storage.write_bytes(f"{root}/blob.bin", blob)
+        spans = [(3000, 3100), (10, 20), (500, 510)]
+        assert storage.read_ranges(f"{root}/blob.bin", spans) == [blob[s:e] for s, e in spans]
+        assert storage.read_bytes(range_url(f"{root}/blob.bin", 7, 9)) == blob[7:9]
+        assert storage.exists(range_url(f"{root}/blob.bin", 7, 9))
+        assert storage.read_image_bytes(range_url(f"{root}/blob.bin", 7, 9), 10, root=root) == blob[7:9]
+        with pytest.raises(ShortRead, match="shorter than its index"):
+            storage.read_bytes(range_url(f"{root}/blob.bin", 10000, 10300))

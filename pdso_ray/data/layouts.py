@@ -6,33 +6,50 @@
   the benchmark's classes; the method never reads them, the per-run diagnostics do.
 - ``folder``: every image under ``data.root``, recursively (any fsspec URL); ids from relative
   paths; one split, ``all``; no ground truth.
+- ``webdataset``: WebDataset tar shards (:mod:`pdso_ray.data.webdataset`): ids
+  ``{split}/{shard}/{key}``, classes from ``cls`` members, ground truth from ``seg.png`` members.
+- ``parquet``: Parquet tables of image bytes or paths (:mod:`pdso_ray.data.image_tables`): ids
+  from an ``id`` column (or derived), classes from ``cls``, ground truth from ``seg``.
 
-A layout is a small picklable object with the same few methods, so stages never ask which one it
-is: :meth:`train_split`, :meth:`eval_splits`, :meth:`list_split`, :meth:`count_images` (a quick
-count for the preflight), :meth:`gt_dir`, :attr:`folder_is_class`.
+A layout is a small object with the same few methods, so stages never ask which one it is:
+
+- :meth:`train_split` → the split the method learns from (``all`` without splits);
+- :meth:`list_split` ``(storage, split)`` → a :class:`~pdso_ray.data.listing.SplitListing`: every
+  image as an :class:`~pdso_ray.data.listing.ImageRecord` (``id``, ``path`` — a URL that
+  :func:`pdso_ray.data.members.read_many` reads, ``split``, ``wnid`` — its class or ""), every
+  rejection with its reason, every ignored file;
+- :meth:`eval_splits` ``(storage)`` → one :class:`~pdso_ray.data.listing.SplitInfo` per evaluation
+  split (present or not, its ground truth, a note);
+- :meth:`count_images` ``(storage, split, enough)`` → how many images the split holds, counted
+  no further than ``enough`` (the preflight's quick check);
+- :meth:`gt_dir` ``(storage, split)`` → the split's ground truth: a folder URL of label PNGs, or a
+  mapping ``{<rel>.png: URL}`` (:func:`pdso_ray.data.png_sets.png_files` reads either), None when
+  there is none;
+- :meth:`split_url` ``(split)`` → where the split's files are; :attr:`folder_is_class` → whether
+  the images' classes (``wnid``) are scored by the per-run diagnostics;
+- :meth:`source_name` ``(image_id)`` → the image's name in its source, below its split (the id
+  without the split; for shards, without the shard's name as well: the sample's key).
+
+Build one with :func:`build_layout` ``(cfg.data, storage)``: the container layouts find their
+files and splits then (one listing of the root). Listings of container layouts are kept by the
+layout object for its life (they read every shard's headers or table's columns).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+import pyarrow as pa
+import pyarrow.parquet as pq
+
 from pdso_ray.config import DataConfig
+from pdso_ray.data.image_tables import TABLE_SUFFIX, ParquetLayout, TableColumns
 from pdso_ray.data.imagenet_s import GT_SPLITS, TEST, TRAIN, VALIDATION, dataset_dir, list_split
-from pdso_ray.data.listing import SplitListing, count_images, list_tree
+from pdso_ray.data.listing import SplitInfo, SplitListing, count_images, list_tree
+from pdso_ray.data.sources import ALL, ContainerLayout, find_sources
+from pdso_ray.data.webdataset import SHARD_SUFFIX, WebDatasetLayout
+from pdso_ray.data.ids import rel_of
 from pdso_ray.storage import Storage
-
-ALL = "all"  # the one split of a plain folder of images
-
-
-@dataclass(frozen=True)
-class SplitInfo:
-    """What a run finds of one split: ``present`` (its folder exists), ``gt_dir`` (URL of its
-    ground-truth folder, None when there is none) and ``note`` (why something is skipped)."""
-
-    split: str
-    present: bool
-    gt_dir: str | None
-    note: str = ""
 
 
 @dataclass(frozen=True)
@@ -85,6 +102,9 @@ class ImageNetSLayout:
     def gt_dir(self, storage: Storage, split: str) -> str | None:
         return self.split_info(storage, split).gt_dir if split in GT_SPLITS else None
 
+    def source_name(self, image_id: str) -> str:
+        return rel_of(image_id)
+
 
 @dataclass(frozen=True)
 class FolderLayout:
@@ -126,23 +146,68 @@ class FolderLayout:
     def gt_dir(self, storage: Storage, split: str) -> str | None:
         return None
 
+    def source_name(self, image_id: str) -> str:
+        return rel_of(image_id)
 
-def _imagenet_s(cfg: DataConfig) -> ImageNetSLayout:
+
+def _imagenet_s(cfg: DataConfig, storage: Storage | None) -> ImageNetSLayout:
     return ImageNetSLayout(cfg.root, cfg.classes, cfg.train_split, tuple(cfg.eval_splits),
                            cfg.max_file_bytes,
                            True if cfg.folder_is_class is None else cfg.folder_is_class)
 
 
-def _folder(cfg: DataConfig) -> FolderLayout:
+def _folder(cfg: DataConfig, storage: Storage | None) -> FolderLayout:
     return FolderLayout(cfg.root, cfg.max_file_bytes, bool(cfg.folder_is_class))
 
 
-# data.layout -> builder from the data section of the config.
-LAYOUTS = {"imagenet_s": _imagenet_s, "folder": _folder}
+def _split_names(cfg: DataConfig) -> tuple[str, ...]:
+    return (cfg.train_split, *cfg.eval_splits)
 
 
-def build_layout(cfg: DataConfig) -> ImageNetSLayout | FolderLayout:
-    """The image source ``cfg.layout`` names."""
+def _webdataset(cfg: DataConfig, storage: Storage | None) -> WebDatasetLayout:
+    sources = find_sources(_needs(storage, cfg), cfg.root, SHARD_SUFFIX, _split_names(cfg))
+    compressed = [u for u in sources.ignored if u.lower().endswith((".tar.gz", ".tgz"))]
+    if compressed and not sources.splits:
+        raise FileNotFoundError(f"{cfg.root} holds compressed shards ({compressed[0]}, ...), which cannot be "
+                                "read by byte range: unpack them (gunzip) or convert them with pdso-ray make-shards")
+    return WebDatasetLayout(cfg.root, sources, cfg.train_split, tuple(cfg.eval_splits), cfg.max_file_bytes,
+                            cfg.folder_is_class is not False)
+
+
+def _parquet(cfg: DataConfig, storage: Storage | None) -> ParquetLayout:
+    storage = _needs(storage, cfg)
+    sources = find_sources(storage, cfg.root, TABLE_SUFFIX, _split_names(cfg))
+    by_column = False
+    if set(sources.splits) == {ALL}:
+        # A split column spreads every table over the splits: peek at the first table's schema.
+        first = sources.splits[ALL][0].url
+        try:
+            with storage.open(first, "rb") as f:
+                by_column = TableColumns.of(pq.read_schema(f)).split is not None
+        except (OSError, ValueError, pa.ArrowException):
+            by_column = False  # the listing rejects the table with its reason
+        if by_column:
+            sources.splits = {s: sources.splits[ALL] for s in _split_names(cfg)}
+    return ParquetLayout(cfg.root, sources, cfg.train_split, tuple(cfg.eval_splits), cfg.max_file_bytes,
+                         cfg.folder_is_class is not False, split_column=by_column)
+
+
+def _needs(storage: Storage | None, cfg: DataConfig) -> Storage:
+    if storage is None:
+        raise ValueError(f"data.layout={cfg.layout} finds its files when it is built: pass a Storage")
+    return storage
+
+
+# data.layout -> builder from the data section of the config (and the storage to find files with).
+LAYOUTS = {"imagenet_s": _imagenet_s, "folder": _folder, "webdataset": _webdataset, "parquet": _parquet}
+
+Layout = ImageNetSLayout | FolderLayout | ContainerLayout
+
+
+def build_layout(cfg: DataConfig, storage: Storage | None = None) -> Layout:
+    """The image source ``cfg.layout`` names (module docstring). ``storage`` is needed by the
+    container layouts, which find their files now; raises FileNotFoundError when ``data.root``
+    does not exist for them."""
     if cfg.layout not in LAYOUTS:
         raise ValueError(f"unknown data.layout {cfg.layout!r}; choose one of {', '.join(LAYOUTS)}")
-    return LAYOUTS[cfg.layout](cfg)
+    return LAYOUTS[cfg.layout](cfg, storage)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
+from typing import Any
 
 from pdso_ray.data.ids import image_id, unsafe_reason
 from pdso_ray.storage import Storage, is_hidden
@@ -32,9 +33,10 @@ class ImageRecord:
     """One listed image.
 
     ``id`` is ``"{split}/{rel}"`` (unique, safe to build output paths from; see
-    :mod:`pdso_ray.data.ids`), ``path`` the image's full URL, ``wnid`` its class folder (the
-    first folder below the split; "" when the layout has no class folders), ``version`` what
-    changes when the file is replaced (size and modification stamp; "" when unknown).
+    :mod:`pdso_ray.data.ids`), ``path`` the image's full URL (a range URL for a member of a tar
+    shard, a cell URL for a Parquet table's image), ``wnid`` its class: the class folder (the
+    first folder below the split) or the sample's class value; "" when it has none; ``version``
+    what changes when the file is replaced (size and modification stamp; "" when unknown).
     """
 
     id: str
@@ -54,6 +56,18 @@ class Rejected:
     reason: str
     image_id: str | None = None
     rel: str | None = None
+
+
+@dataclass(frozen=True)
+class SplitInfo:
+    """What a run finds of one split: ``present`` (it exists), ``gt_dir`` (its ground truth: the URL
+    of a folder of label PNGs, or a mapping ``{<rel>.png: URL}``; None when there is none) and
+    ``note`` (why something is skipped or left out)."""
+
+    split: str
+    present: bool
+    gt_dir: Any
+    note: str = ""
 
 
 @dataclass

@@ -7,9 +7,11 @@ the page (:mod:`~pdso_ray.report.page`) assembles them.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import html
 import io
+import logging
 from collections.abc import Sequence
 from typing import Any
 
@@ -18,11 +20,15 @@ from matplotlib.figure import Figure
 
 from pdso_ray.config import PipelineConfig
 from pdso_ray.data.imagenet_s import decode_label
-from pdso_ray.data.layouts import build_layout
+from pdso_ray.data.layouts import Layout, build_layout
+from pdso_ray.data.members import DEFAULT_MAX_BYTES, read_many
+from pdso_ray.data.png_sets import png_files
 from pdso_ray.plan import MAIN_METHOD
 from pdso_ray.report.figures import PANEL_SIDE
 from pdso_ray.run_layout import RunLayout
-from pdso_ray.storage import Storage, UnreadableFile
+from pdso_ray.storage import Storage
+
+log = logging.getLogger("pdso_ray")
 
 
 class Report:
@@ -36,7 +42,17 @@ class Report:
         self.storage, self.cfg = storage, cfg
         self.stage_order = list(stage_order) if stage_order else None
         self.run = RunLayout(run_url, cfg.data.features if cfg else None, method)
-        self.data = build_layout(cfg.data) if cfg is not None else None
+
+    @functools.cached_property
+    def data(self) -> Layout | None:
+        """The run's image layout; None without a config, or when its data cannot be found."""
+        if self.cfg is None:
+            return None
+        try:
+            return build_layout(self.cfg.data, self.storage)
+        except FileNotFoundError as e:
+            log.warning("report: the dataset is not reachable (%s)", e)
+            return None
 
     def json(self, url: str) -> Any:
         """The JSON at ``url``, or None when there is none."""
@@ -53,21 +69,31 @@ class Report:
         """HxWx3 uint8, decoded at reduced size where the format allows; None if unreadable."""
         from pdso_ray.data.decode import decode_image
 
-        max_bytes = self.cfg.data.max_file_bytes if self.cfg else 256 * 1024 * 1024
-        try:
-            data = self.storage.read_image_bytes(url, max_bytes)
-        except (FileNotFoundError, UnreadableFile):
+        max_bytes = self.cfg.data.max_file_bytes if self.cfg else DEFAULT_MAX_BYTES
+        data = read_many(self.storage, [url], max_bytes)[0]
+        if isinstance(data, Exception):
             return None
         max_pixels = self.cfg.data.max_pixels if self.cfg else 89_478_485
         result = decode_image(data, max_pixels=max_pixels, target_short_side=PANEL_SIDE,
                               exif_transpose=exif_transpose)
         return result.image if result.ok else None
 
-    def label(self, url: str) -> np.ndarray | None:
-        """The label PNG at ``url`` as HxW ids; None when it does not exist."""
-        if not self.storage.exists(url):
+    def label(self, url: str | None) -> np.ndarray | None:
+        """The label PNG at ``url`` (a file, a shard's member, a table's cell) as HxW ids; None
+        when ``url`` is None or names nothing."""
+        if url is None:
             return None
-        return decode_label(self.storage.read_bytes(url))
+        data = read_many(self.storage, [url])[0]
+        if isinstance(data, FileNotFoundError):
+            return None
+        if isinstance(data, Exception):
+            raise data
+        return decode_label(data)
+
+    def pngs(self, source) -> dict[str, str]:
+        """``{<rel>.png: URL}`` of a PNG source (a folder of PNGs or PNG shards, or a mapping);
+        {} for None."""
+        return {} if source is None else png_files(self.storage, source)
 
 
 # ---- HTML helpers ----------------------------------------------------------------------------

@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 from matplotlib.figure import Figure
 
-from pdso_ray.data.ids import LABEL_SUFFIX, png_rel
+from pdso_ray.data.ids import png_rel
 from pdso_ray.data.imagenet_s import IGNORE_ID, VALIDATION
 from pdso_ray.measuring import is_not_computed
 from pdso_ray.method.metrics import SIZE_BIN_NAMES
@@ -76,7 +76,7 @@ def class_names(r: Report) -> dict[int, str]:
     gt_dir = r.data.gt_dir(r.storage, VALIDATION)
     if gt_dir is None:
         return {}
-    wnids = sorted({rel.split("/", 1)[0] for rel in r.storage.list_relative(gt_dir, LABEL_SUFFIX)})
+    wnids = sorted({rel.split("/", 1)[0] for rel in r.pngs(gt_dir)})
     names: dict[str, str] = {}
     names_url = r.storage.join(r.data.dataset_url, "class_names.txt")
     if r.storage.exists(names_url):
@@ -244,20 +244,21 @@ def pseudo_label_gains(r: Report) -> str:
     by_gain = sorted(scored, key=lambda rel: scored[rel]["refined"] - scored[rel]["raw"])
     n = min(GAIN_LOSS_ROWS, len(by_gain) // 2 or 1)
     picks = [("largest gain", rel) for rel in by_gain[::-1][:n]] + [("largest loss", rel) for rel in by_gain[:n]]
-    gt_dir = r.data.gt_dir(r.storage, VALIDATION) if r.data is not None else None
+    gt = r.pngs(r.data.gt_dir(r.storage, VALIDATION) if r.data is not None else None)
     images = _validation_images(r)
     raw_lut, refined_lut = _lut(report["raw"]["match"]), _lut(report["refined"]["match"])
+    raw_labels, refined_labels = r.pngs(r.run.label_dir("raw", VALIDATION)), r.pngs(report["refined"]["dir"])
     rows, shown = [], set()
     for kind, rel in picks:
-        raw = _mapped(r.label(r.storage.join(r.run.label_dir("raw", VALIDATION), rel)), raw_lut)
-        refined = _mapped(r.label(r.storage.join(report["refined"]["dir"], rel)), refined_lut)
-        gt = None if gt_dir is None else r.label(r.storage.join(gt_dir, rel))
+        raw = _mapped(r.label(raw_labels.get(rel)), raw_lut)
+        refined = _mapped(r.label(refined_labels.get(rel)), refined_lut)
+        gt_label = r.label(gt.get(rel))
         image = r.image(images[rel], exif_transpose=False) if rel in images else None
-        for lab in (raw, refined, gt):
+        for lab in (raw, refined, gt_label):
             if lab is not None:
                 shown.update(np.unique(lab).tolist())
         s = scored[rel]
-        rows.append((f"{kind}: {rel[:-4]}  {s['raw']:.2f}→{s['refined']:.2f}", [image, raw, refined, gt]))
+        rows.append((f"{kind}: {rel[:-4]}  {s['raw']:.2f}→{s['refined']:.2f}", [image, raw, refined, gt_label]))
     fig = label_grid(rows, ["image", "raw", f"refined ({report['refined']['method']})", "ground truth"])
     return (f"<p>Validation mIoU: raw {report['raw']['mIoU']:.2f}, refined {report['refined']['mIoU']:.2f}. "
             f"The {n} images refinement helped most and the {n} it hurt most (per-image pixel accuracy, "
@@ -336,17 +337,16 @@ def threshold_rule(r: Report) -> str:
 
 
 def validation_grid(r: Report) -> str:
-    pred_dir = r.run.predictions_dir(VALIDATION)
-    rels = list(r.storage.list_relative(pred_dir, LABEL_SUFFIX))
-    if not rels:
+    predictions = r.pngs(r.run.predictions_dir(VALIDATION))
+    if not predictions:
         return not_run("no predictions/validation/")
     lut = _lut(r.json(r.run.eval_file("match.json")))
-    gt_dir = r.data.gt_dir(r.storage, VALIDATION) if r.data is not None else None
+    gt_pngs = r.pngs(r.data.gt_dir(r.storage, VALIDATION) if r.data is not None else None)
     images = _validation_images(r)
     rows, shown = [], set()
-    for rel in sample(rels, MAX_GRID_ROWS):
-        pred = _mapped(r.label(r.storage.join(pred_dir, rel)), lut)
-        gt = None if gt_dir is None else r.label(r.storage.join(gt_dir, rel))
+    for rel in sample(sorted(predictions), MAX_GRID_ROWS):
+        pred = _mapped(r.label(predictions[rel]), lut)
+        gt = r.label(gt_pngs.get(rel))
         for lab in (pred, gt):
             if lab is not None:
                 shown.update(np.unique(lab).tolist())

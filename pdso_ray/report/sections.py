@@ -166,14 +166,13 @@ def _train_grid(r: Report) -> str:
     stats = r.run.label_stats_dir
     if not parquet_files(r.storage, stats):
         return not_run("no labels/stats/")
-    paths = {}
-    for part in iter_row_groups(r.storage, stats, ["id", "path"]):
-        paths.update(zip(part.column("id").to_pylist(), part.column("path").to_pylist()))
+    found = {}  # id -> (image URL, raw label URL, refined label URL: files or shard members)
+    for part in iter_row_groups(r.storage, stats, ["id", "path", "label_raw", "label_refined"]):
+        found.update((row["id"], (row["path"], row["label_raw"], row["label_refined"])) for row in part.to_pylist())
     rows = []
-    for image_id in sample(list(paths), MAX_GRID_ROWS):
-        image = r.image(paths[image_id], exif_transpose=True)
-        rows.append((image_id, [image, r.label(r.run.label_png("raw", image_id)),
-                                r.label(r.run.label_png("refined", image_id))]))
+    for image_id in sample(list(found), MAX_GRID_ROWS):
+        path, raw, refined = found[image_id]
+        rows.append((image_id, [r.image(path, exif_transpose=True), r.label(raw or None), r.label(refined or None)]))
     fig = label_grid(rows, ["image", "raw label", "refined label"])
     return (r.figure(fig, "train_labels.png", "train images with raw and refined labels")
             + "<p>Label colours are cluster ids (train images have no ground truth); "

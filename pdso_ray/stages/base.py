@@ -14,6 +14,7 @@ Two kinds of thing live here:
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import tempfile
@@ -25,7 +26,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import numpy as np
 
 from pdso_ray.config import PipelineConfig
-from pdso_ray.data.layouts import build_layout
+from pdso_ray.data.layouts import Layout, build_layout
 from pdso_ray.run_layout import RunLayout
 from pdso_ray.storage import Storage
 
@@ -122,11 +123,15 @@ class RunContext:
     cluster_has_gpu: bool = False
     notes: dict[str, Any] = field(default_factory=dict)
     run: RunLayout = field(init=False)
-    data: Any = field(init=False)  # an image layout of pdso_ray.data.layouts
 
     def __post_init__(self):
         self.run = RunLayout.from_config(self.cfg)
-        self.data = build_layout(self.cfg.data)
+
+    @functools.cached_property
+    def data(self) -> Layout:
+        """The image layout (:mod:`pdso_ray.data.layouts`), built when a stage first asks: a
+        container layout lists ``data.root`` then, and keeps its listings for the whole run."""
+        return build_layout(self.cfg.data, self.storage)
 
 
 @dataclass(frozen=True)

@@ -275,8 +275,8 @@ class ReembedFiles(BatchStep):
         step = self.cfg.features.batch_size
         for start in range(0, len(paths), step):
             images, rows = [], []
-            for i, path in enumerate(paths[start:start + step], start):
-                decoded = self.reader.read(path, target_short_side=size)
+            batch = paths[start:start + step]
+            for i, decoded in enumerate(self.reader.read_batch(batch, target_short_side=size), start):
                 if decoded.ok:
                     images.append(resize_square(decoded.image, size))
                     rows.append(i)

@@ -33,6 +33,7 @@ from typing import Any
 
 from pdso_ray.data.ids import LABEL_SUFFIX, png_rel
 from pdso_ray.data.imagenet_s import TEST, VALIDATION
+from pdso_ray.data.png_sets import png_files
 from pdso_ray.evaluation import BACKGROUND_THRESHOLDS, best_index, evaluate_thresholds, pair_files
 from pdso_ray.measuring import best_effort
 from pdso_ray.run_layout import RunLayout
@@ -86,7 +87,7 @@ class EvaluateStage(Stage):
     def run(self, ctx: RunContext) -> dict[str, Any]:
         storage, run = ctx.storage, ctx.run
         splits = {info.split: info for info in ctx.data.eval_splits(storage)}
-        notes = [info.note for info in splits.values() if info.gt_dir is None and info.note]
+        notes = [info.note for info in splits.values() if info.note]
         val = splits.get(VALIDATION)
         if val is None or val.gt_dir is None:
             for note in notes:
@@ -101,7 +102,7 @@ class EvaluateStage(Stage):
             return {**counts, "diagnostics": {"ablation": official}}
         scores, match = official
         counts.update(scores)
-        counts["test_images"] = len(storage.list_relative(run.predictions_dir(TEST), LABEL_SUFFIX))
+        counts["test_images"] = len(png_files(storage, run.predictions_dir(TEST)))
         if counts["test_images"] and test_gt is not None:
             test_miou = best_effort("evaluate: the test mIoU", lambda: self._test(ctx, test_gt, match))
             if isinstance(test_miou, str):
@@ -111,7 +112,7 @@ class EvaluateStage(Stage):
         elif counts["test_images"]:
             log.info("evaluate: %d test predictions, no test ground truth: kept for `pdso-ray export`",
                      counts["test_images"])
-        if storage.list_relative(run.foreground_dir(VALIDATION), LABEL_SUFFIX):
+        if png_files(storage, run.foreground_dir(VALIDATION)):
             rule = best_effort("evaluate: the threshold rule",
                                lambda: self._threshold_rule(ctx, val.gt_dir, test_gt))
             if isinstance(rule, str):
@@ -169,7 +170,7 @@ class EvaluateStage(Stage):
         log.info("evaluate: validation mIoU %.2f with the threshold rule (t = %g, %s)",
                  result.miou, threshold, tuned)
         test_fgclass = run.foreground_label_dir(TEST)
-        if test_gt is not None and storage.list_relative(test_fgclass, LABEL_SUFFIX):
+        if test_gt is not None and png_files(storage, test_fgclass):
             test_files = pair_files(storage, test_fgclass, test_gt, run.foreground_dir(TEST),
                                     rejected_rels(ctx, TEST))
             (test_result,) = evaluate_thresholds(storage, test_files, classes, [threshold], match=result.match)

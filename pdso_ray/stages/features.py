@@ -1,7 +1,9 @@
 """Stage 1, ``features``: images → pooled DINO features (and their h-flip), streaming on Ray Data.
 
 list (driver) → read bytes + decode + resize (CPU tasks) → DINO (autoscaling actor pool; GPU and
-bf16 when present) → write Parquet shards (CPU tasks). Every listed image ends in exactly one
+bf16 when present) → write Parquet shards (CPU tasks). With GPU actors (``data.gpu_decode``) the CPU
+tasks only read, and the actor decodes each batch's JPEGs on its GPU
+(:class:`~pdso_ray.stages.read_decode.DeviceDecode`). Every listed image ends in exactly one
 place: a row of ``features/*.parquet`` or a row of ``rejected/*.parquet`` with its reason. Shards
 are named by a hash of their ids, so a retried task overwrites its own file; a re-run after a crash
 skips the ids already written (:mod:`pdso_ray.stages.streaming`).
@@ -19,7 +21,7 @@ import pyarrow as pa
 from pdso_ray.config import PipelineConfig
 from pdso_ray.data.listing import Rejected
 from pdso_ray.stages.base import Batch, BatchStep, Needs, Resources, RunContext, WorkerGroup, dino_need
-from pdso_ray.stages.read_decode import ImageReader, ReadDecode
+from pdso_ray.stages.read_decode import DeviceDecode, ImageReader, ReadDecode
 from pdso_ray.stages.streaming import StreamingStage, Work, ids_in, reconcile, write_rejected
 from pdso_ray.storage import Storage
 from pdso_ray.tables import drop_ids, iter_row_groups, read_table, shard_name, vectors_to_arrow, write_table
@@ -31,11 +33,14 @@ LISTING_REJECTED = "listing.parquet"  # rejected/: the files refused when the sp
 
 class DinoFeatures(BatchStep):
     """Pooled DINO features of each decoded image and of its horizontal flip, plus the saliency
-    peak. Rows with a reason pass through with zero features (the writer routes them)."""
+    peak. Rows with a reason pass through with zero features (the writer routes them), and so do
+    ``id``, ``path``, ``split``, ``cls`` (the image's class, "" when unknown), ``height``,
+    ``width``."""
 
-    def __init__(self, cfg: PipelineConfig, storage: Storage):
+    def __init__(self, cfg: PipelineConfig, storage: Storage, device_decode: DeviceDecode | None = None):
         from pdso_ray.models.loading import DinoSource
 
+        self.device_decode = device_decode  # set: the batch holds encoded bytes, decoded here
         self.dino = DinoSource.from_config(cfg)
         self.image_size = cfg.models.dino.image_size
         self.storage = storage
@@ -56,6 +61,8 @@ class DinoFeatures(BatchStep):
         from pdso_ray.method.features import pooled_feature, saliency_from_attention, saliency_peak
         from pdso_ray.models.dino import to_model_input
 
+        if self.device_decode is not None:
+            batch = self.device_decode(batch, self.device)
         ok = np.asarray([r == "" for r in batch["reason"]], dtype=bool)
         n = len(ok)
         dim = self.model.embed_dim
@@ -75,7 +82,7 @@ class DinoFeatures(BatchStep):
             m = int(ok.sum())
             feats[ok], feats_flip[ok] = pooled[:m], pooled[m:]
             peaks[ok] = np.asarray(saliency_peak(saliency[:m].cpu()), dtype=np.float32).reshape(m, 2)
-        out = {k: batch[k] for k in ("id", "path", "split", "height", "width", "reason")}
+        out = {k: batch[k] for k in ("id", "path", "split", "cls", "height", "width", "reason") if k in batch}
         out.update(feat=feats, feat_flip=feats_flip, saliency_peak=peaks)
         return out
 
@@ -100,6 +107,8 @@ class WriteShards(BatchStep):
                 "id": pa.array(np.asarray(ids, dtype=object)[ok], pa.string()),
                 "path": pa.array([str(p) for p in batch["path"][ok]], pa.string()),
                 "split": pa.array([str(s) for s in batch["split"][ok]], pa.string()),
+                "cls": pa.array([str(c) for c in batch["cls"][ok]] if "cls" in batch else [""] * int(ok.sum()),
+                                pa.string()),
                 "height": pa.array(batch["height"][ok], pa.int32()),
                 "width": pa.array(batch["width"][ok], pa.int32()),
                 "feat": vectors_to_arrow(batch["feat"][ok]),
@@ -178,7 +187,7 @@ class FeaturesStage(StreamingStage):
         else:
             ctx.storage.remove(Storage.join(ctx.run.rejected_dir, LISTING_REJECTED))
         return Work(ids=[r.id for r in images],
-                    rows=[{"id": r.id, "path": r.path, "split": r.split} for r in images],
+                    rows=[{"id": r.id, "path": r.path, "split": r.split, "cls": r.wnid} for r in images],
                     rejected=listing.rejected, info={"ignored": len(listing.ignored), "images": images})
 
     def _drop_changed(self, ctx: RunContext, current: dict[str, str]) -> None:
@@ -204,11 +213,14 @@ class FeaturesStage(StreamingStage):
     def steps(self, ctx: RunContext) -> list[BatchStep]:
         cfg, fc = ctx.cfg, ctx.cfg.features
         reader = ImageReader.from_config(ctx.storage, cfg.data)
-        decode = ReadDecode(reader, cfg.models.dino.image_size,
-                            Resources(batch_size=fc.batch_size, num_cpus=fc.decode_cpus, stateful=False),
-                            square=True)
-        return [decode, self.feature_step(cfg, ctx.storage),
-                WriteShards(ctx.storage, ctx.run.features_dir, ctx.run.rejected_dir, fc.rows_per_file)]
+        size = cfg.models.dino.image_size
+        # with GPU actors, JPEGs travel encoded and are decoded in a batch on the GPU
+        on_gpu = ctx.cluster_has_gpu and fc.gpus_per_actor > 0 and cfg.data.gpu_decode
+        read = ReadDecode(reader, size, Resources(batch_size=fc.batch_size, num_cpus=fc.decode_cpus, stateful=False),
+                          square=True, decode=not on_gpu)
+        model = self.feature_step(cfg, ctx.storage,
+                                  DeviceDecode(cfg.data.max_pixels, size) if on_gpu else None)
+        return [read, model, WriteShards(ctx.storage, ctx.run.features_dir, ctx.run.rejected_dir, fc.rows_per_file)]
 
     def finish(self, ctx: RunContext, work: Work, results: dict[str, str]) -> dict[str, Any]:
         n_ok = _count_ids(ctx.storage, ctx.run.features_dir)

@@ -2,8 +2,8 @@
 (docs/method.md §7).
 
 Data: the rows of ``labels/stats/`` with a refined label, in a seeded row order
-(:func:`seeded_row_order`) → Ray Data (CPU tasks): read image and label through
-:class:`Storage`, decode, resize onto a fixed-size canvas
+(:func:`seeded_row_order`) → Ray Data (CPU tasks): read image and label (a PNG file, or a member of
+a PNG shard) through :class:`Storage`, decode, resize onto a fixed-size canvas
 (twice the crop size, aspect kept, padded with ignore) → ``uint8`` images and ``int16`` labels,
 streamed to the workers as ``get_dataset_shard("train")``; the expensive decode scales with the
 cluster's CPUs instead of running inside the GPU workers. Each worker then crops and flips the
@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from pdso_ray.data.imagenet_s import IGNORE_ID, decode_label
+from pdso_ray.data.members import read_many
 from pdso_ray.plan import LABEL_STAGE
 from pdso_ray.stages.base import (Batch, BatchStep, Needs, PipelineError, Resources, RunContext, Stage,
                                   WorkerGroup, checkpoint_state, dino_need, fit, map_step, ordered_ingest,
@@ -75,12 +76,17 @@ class LoadTrainPairs(BatchStep):
         images = np.zeros((n, s, s, 3), dtype=np.uint8)
         labels = np.zeros((n, s, s), dtype=np.int16)
         valid = np.zeros((n, 2), dtype=np.int32)
-        for i, (path, label_url) in enumerate(zip(batch["path"], batch["label_refined"])):
-            path, label_url = str(path), str(label_url)
-            decoded = self.reader.read(path, target_short_side=s)
+        paths = [str(p) for p in batch["path"]]
+        label_urls = [str(u) for u in batch["label_refined"]]
+        decoded_images = self.reader.read_batch(paths, target_short_side=s)
+        # labels in PNG shards: one request per shard for the whole batch
+        label_bytes = read_many(self.storage, label_urls)
+        for i, (path, decoded, label_url, data) in enumerate(zip(paths, decoded_images, label_urls, label_bytes)):
             if not decoded.ok:
                 raise ValueError(f"training image {path} no longer decodes: {decoded.reason}")
-            label = decode_label(self.storage.read_bytes(label_url))
+            if isinstance(data, Exception):
+                raise ValueError(f"label {label_url} cannot be read: {data}")
+            label = decode_label(data)
             if label.shape != tuple(decoded.orig_size):
                 raise ValueError(f"label {label_url} is {label.shape[0]}×{label.shape[1]}, its image "
                                  f"{path} {decoded.orig_size[0]}×{decoded.orig_size[1]}")

@@ -45,10 +45,12 @@ from pdso_ray.config import PipelineConfig
 from pdso_ray.data.imagenet_s import IGNORE_ID, VALIDATION, decode_gray_png, decode_label, encode_gray_png, encode_label
 from pdso_ray.data.ids import LABEL_SUFFIX, png_rel, split_of
 from pdso_ray.data.listing import Rejected
+from pdso_ray.data.members import read_one
+from pdso_ray.data.png_sets import PngSource, png_files
 from pdso_ray.measuring import best_effort, not_computed
 from pdso_ray.run_layout import RunLayout
 from pdso_ray.stages.base import Batch, BatchStep, Needs, Resources, RunContext, Stage, dino_need, pool_group
-from pdso_ray.stages.diagnostics import class_codes
+from pdso_ray.stages.diagnostics import classes_of, image_scores
 from pdso_ray.stages.read_decode import ImageReader
 from pdso_ray.stages.streaming import (StreamingPass, Work, ids_in, object_column, read_rejected, reconcile,
                                        run_pass, write_rejected)
@@ -162,10 +164,11 @@ class AttentionStep(BatchStep):
 
         ids = [str(i) for i in batch["id"]]
         reasons, good, images = [], [], []
-        for i, (image_id, path) in enumerate(zip(ids, batch["path"])):
+        paths = [str(p) for p in batch["path"]]
+        for i, (path, data) in enumerate(zip(paths, self.reader.fetch(paths))):
             # evaluation images as stored (their predictions must match the ground truth's size)
-            decoded = self.reader.read(str(path), target_short_side=self.cfg.lightcluster.refine_short_side,
-                                       exif_transpose=not self._is_eval_only(batch, i))
+            decoded = self.reader.decode(path, data, target_short_side=self.cfg.lightcluster.refine_short_side,
+                                         exif_transpose=not self._is_eval_only(batch, i))
             reasons.append("" if decoded.ok else decoded.reason)
             if decoded.ok:
                 good.append(i)
@@ -618,7 +621,7 @@ class LightClusterStage(Stage):
         out: dict[str, Any] = {}
         if ctx.data.folder_is_class and train_rows:
             out["classes"] = best_effort("lightcluster: image-level diagnostics",
-                                         lambda: _class_scores(train_rows, classes))
+                                         lambda: _class_scores(ctx, train_rows, classes))
         gt_dir = ctx.data.gt_dir(ctx.storage, VALIDATION)
         if gt_dir is not None:
             out["levels"] = best_effort("lightcluster: the masks on validation", lambda: self._levels(ctx, gt_dir))
@@ -632,7 +635,8 @@ class LightClusterStage(Stage):
         storage, run = ctx.storage, ctx.run
         failed = {png_rel(r.image_id) for r in read_rejected(storage, run.lightcluster_path("rejected_segment"))
                   if r.image_id and split_of(r.image_id) == VALIDATION}
-        failed |= {r.rel + LABEL_SUFFIX for r in ctx.data.list_split(storage, VALIDATION).rejected}
+        failed |= {r.rel + LABEL_SUFFIX for r in ctx.data.list_split(storage, VALIDATION).rejected
+                   if r.rel is not None}
         levels = []
         fg = foreground_iou(storage, run, gt_dir)
         for name in MASK_BITS:
@@ -645,29 +649,29 @@ class LightClusterStage(Stage):
         return [{"mask": lv["mask"], "mIoU": lv["mIoU"], "fg_iou": lv["fg_iou"]} for lv in levels]
 
 
-def _class_scores(train_rows, classes: dict[str, int]) -> dict[str, Any] | str:
-    """The labelling's image-level scores against the class folders of the ids, or ``"not
-    computed: ..."`` when the ids have none."""
-    from pdso_ray.method.cluster_metrics import cluster_scores
-
+def _class_scores(ctx: RunContext, train_rows, classes: dict[str, int]) -> dict[str, Any] | str:
+    """The labelling's image-level scores against the images' classes
+    (:func:`~pdso_ray.stages.diagnostics.classes_of`), or ``"not computed: ..."`` when they have
+    none."""
     ids = [r["id"] for r in train_rows if r["id"] in classes]
-    truth = class_codes(pa.array(ids, pa.string()))
+    truth = classes_of(ctx, pa.array(ids, pa.string()))
     if truth is None:
-        return not_computed(f"no class truth: the image ids have no class folder (e.g. {ids[0]!r})")
-    return cluster_scores(np.asarray([classes[i] for i in ids], dtype=np.int64), truth)
+        return not_computed(f"no class truth: the images carry no class (e.g. {ids[0]!r})")
+    return image_scores(truth, np.asarray([classes[i] for i in ids]))
 
 
-def foreground_iou(storage: Storage, run: RunLayout, gt_dir: str) -> dict[str, float]:
+def foreground_iou(storage: Storage, run: RunLayout, gt_dir: PngSource) -> dict[str, float]:
     """Foreground IoU over the validation set of every mask of :data:`MASK_BITS` against the ground
-    truth's foreground (any class; ignored pixels left out): Σ|M ∩ G| / Σ|M ∪ G|."""
+    truth's foreground (any class; ignored pixels left out): Σ|M ∩ G| / Σ|M ∪ G|. ``gt_dir``: a
+    PNG source (:mod:`pdso_ray.data.png_sets`)."""
     inter = np.zeros(len(MASK_BITS), dtype=np.int64)
     union = np.zeros(len(MASK_BITS), dtype=np.int64)
     masks_dir = run.lightcluster_path("masks", VALIDATION)
+    gt_pngs = png_files(storage, gt_dir)
     for rel in storage.list_relative(masks_dir, LABEL_SUFFIX):
-        gt_url = Storage.join(gt_dir, rel)
-        if not storage.exists(gt_url):
+        if rel not in gt_pngs:
             continue
-        gt = decode_label(storage.read_bytes(gt_url))
+        gt = decode_label(read_one(storage, gt_pngs[rel]))
         bits = decode_gray_png(storage.read_bytes(Storage.join(masks_dir, rel)), "mask")
         if bits.shape != gt.shape:
             continue  # a prediction of another size is an evaluation error, reported by evaluate

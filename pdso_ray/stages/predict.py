@@ -17,7 +17,9 @@ Images are decoded without applying EXIF orientation, as the official ImageNet-S
 so every prediction has its ground truth's size. An image that cannot be read or decoded gets no
 PNG and a row (id, path, reason) in ``predictions/rejected_{split}.parquet``; so does one the
 listing refused. A re-run skips images whose prediction exists (written last). With
-``data.layout: folder`` the one split is ``all``: ``predictions/all/<relative path>.png``.
+``data.layout: folder`` the one split is ``all``: ``predictions/all/<relative path>.png``. With
+``output_format: webdataset`` each batch's PNGs of a folder are one PNG shard instead, with an
+index of per-image statistics (height, width, classes present; :mod:`pdso_ray.data.png_sets`).
 """
 
 from __future__ import annotations
@@ -26,12 +28,15 @@ import logging
 from collections import defaultdict
 from typing import Any
 
+import numpy as np
+
+from pdso_ray.data.ids import id_from_png_rel, split_of
 from pdso_ray.data.imagenet_s import encode_gray_png, encode_jpeg, encode_label
 from pdso_ray.data.listing import Rejected
-from pdso_ray.data.ids import LABEL_SUFFIX, id_from_png_rel, split_of
+from pdso_ray.data.png_sets import PngOutputs, png_files
 from pdso_ray.run_layout import RunLayout
 from pdso_ray.stages.base import Batch, BatchStep, Needs, Resources, RunContext, pool_group
-from pdso_ray.stages.read_decode import ImageReader, ReadDecode
+from pdso_ray.stages.read_decode import DeviceDecode, ImageReader, ReadDecode
 from pdso_ray.stages.streaming import StreamingStage, Work, reconcile, write_rejected
 from pdso_ray.storage import Storage
 
@@ -51,10 +56,16 @@ class Predictor(BatchStep):
 
     ``model_url``: the model to load (:func:`pdso_ray.models.heads.load_segmenter`: a
     ``model.pt`` or an exported model folder); default the run's ``finetune/model.pt``.
+    ``output_format``: ``files`` (one PNG per image) or ``webdataset`` (one PNG shard per output
+    folder and batch, :class:`~pdso_ray.data.png_sets.PngOutputs`, its index holding each image's
+    size and classes). ``device_decode``: set, the batch holds encoded bytes, decoded on the
+    actor's device.
     """
 
     def __init__(self, storage: Storage, run: RunLayout, short_side: int, resources: Resources,
-                 foreground_rule: bool = False, model_url: str | None = None, overlay: bool = False):
+                 foreground_rule: bool = False, model_url: str | None = None, overlay: bool = False,
+                 output_format: str = "files", device_decode: DeviceDecode | None = None):
+        self.device_decode = device_decode  # set: the batch holds encoded bytes, decoded here
         self.storage = storage
         self.run = run
         self.short_side = short_side
@@ -62,6 +73,7 @@ class Predictor(BatchStep):
         self.foreground_rule = foreground_rule
         self.model_url = model_url or run.finetune_model
         self.overlay = overlay
+        self.output_format = output_format
 
     def setup(self) -> None:
         import torch
@@ -79,11 +91,15 @@ class Predictor(BatchStep):
         from pdso_ray.models.dino import to_model_input
         from pdso_ray.models.heads import foreground_to_uint8, logits_to_prediction, model_input_size
 
+        if self.device_decode is not None:
+            batch = self.device_decode(batch, self.device)
         groups: dict[tuple[int, int], list[int]] = defaultdict(list)
         for i, reason in enumerate(batch["reason"]):
             if not reason:
                 h, w = batch["image"][i].shape[:2]
                 groups[model_input_size(h, w, self.short_side, self.model.stride)].append(i)
+        outputs = PngOutputs(self.storage, self.output_format)
+        stats: dict[str, dict[str, Any]] = {}
         for size, rows in groups.items():
             x = to_model_input([batch["image"][i] for i in rows], size, device=self.device)
             with torch.inference_mode(), torch.autocast(
@@ -94,23 +110,28 @@ class Predictor(BatchStep):
                     orig = (int(batch["height"][i]), int(batch["width"][i]))
                     pred = logits_to_prediction(logits[j].float(), orig)
                     image_id = str(batch["id"][i])
+                    split = split_of(image_id)
                     if self.foreground_rule:
-                        self.storage.write_bytes(self.run.foreground_label_png(image_id),
-                                                 encode_label(pred.foreground_label.cpu().numpy()))
-                        self.storage.write_bytes(self.run.foreground_png(image_id), encode_gray_png(
-                            foreground_to_uint8(pred.foreground.cpu().numpy())))
+                        outputs.add(self.run.foreground_label_dir(split), image_id,
+                                    encode_label(pred.foreground_label.cpu().numpy()))
+                        outputs.add(self.run.foreground_dir(split), image_id,
+                                    encode_gray_png(foreground_to_uint8(pred.foreground.cpu().numpy())))
                     label = pred.label.cpu().numpy()
-                    if self.overlay:
+                    if self.overlay:  # a colour JPEG beside the labels, always a file
                         self.storage.write_bytes(self.run.overlay_jpg(image_id),
                                                  encode_jpeg(overlay(batch["image"][i], label)))
                     # last: the official prediction marks the image done
-                    self.storage.write_bytes(self.run.prediction_png(image_id), encode_label(label))
+                    outputs.add(self.run.predictions_dir(split), image_id, encode_label(label))
+                    if outputs.as_shards:  # the shard's index holds per-image statistics
+                        stats[image_id] = {"height": orig[0], "width": orig[1],
+                                           "classes": sorted(int(c) for c in np.unique(label) if c)}
+        outputs.flush(stats)
         return {"id": batch["id"], "reason": batch["reason"]}
 
 
 class PredictStage(StreamingStage):
     name = "predict"
-    config_sections = ("predict", "data.root", "data.layout", "data.classes", "data.eval_splits",
+    config_sections = ("predict", "data.root", "data.layout", "data.classes", "data.eval_splits", "output_format",
                        "data.max_pixels", "data.max_file_bytes")
     depends_on = ("finetune",)
 
@@ -152,21 +173,24 @@ class PredictStage(StreamingStage):
         out = set()
         for info in ctx.data.eval_splits(ctx.storage):
             if info.present:
-                labels = ctx.storage.list_relative(ctx.run.predictions_dir(info.split), LABEL_SUFFIX)
+                labels = png_files(ctx.storage, ctx.run.predictions_dir(info.split))
                 out |= {id_from_png_rel(info.split, rel) for rel in labels}
         return out
 
     def steps(self, ctx: RunContext) -> list[BatchStep]:
         cfg, pc = ctx.cfg, ctx.cfg.predict
         reader = ImageReader.from_config(ctx.storage, cfg.data)
+        on_gpu = ctx.cluster_has_gpu and pc.gpus_per_actor > 0 and cfg.data.gpu_decode
         return [ReadDecode(reader, pc.short_side,
                            Resources(batch_size=pc.batch_size, num_cpus=1.0, stateful=False),
-                           exif_transpose=False),
+                           exif_transpose=False, decode=not on_gpu),
                 Predictor(ctx.storage, ctx.run, pc.short_side,
                           Resources(batch_size=pc.batch_size, num_cpus=1.0, num_gpus=pc.gpus_per_actor,
                                     min_actors=pc.min_actors, max_actors=pc.max_actors),
                           foreground_rule=pc.background == "threshold", model_url=self.model_url(ctx),
-                          overlay=self.overlay)]
+                          overlay=self.overlay, output_format=cfg.output_format,
+                          device_decode=DeviceDecode(cfg.data.max_pixels, pc.short_side, exif_transpose=False)
+                          if on_gpu else None)]
 
     def finish(self, ctx: RunContext, work: Work, results: dict[str, str]) -> dict[str, Any]:
         paths = {r["id"]: r["path"] for r in work.rows}

@@ -15,8 +15,10 @@ holding DINO, the denoised embedding e(x), the final centroids and SAM:
    ``pseudo_labels.refine.sigma_grid`` (``labels/sweep/sigma_<σ>/validation/``); the driver
    keeps the best σ;
 3. **train labels** — raw and refined labels of every train image at the chosen t and σ
-   (``labels/raw/train/``, ``labels/refined/train/``) and per-image statistics
-   (``labels/stats/``).
+   (``labels/raw/train/``, ``labels/refined/train/``: PNG files, or with ``output_format:
+   webdataset`` one PNG shard per batch with its index, :mod:`pdso_ray.data.png_sets`) and
+   per-image statistics (``labels/stats/``, whose ``label_raw``/``label_refined`` give each
+   label's URL, a file or a shard member).
 
 An explicit ``pseudo_labels.threshold`` or ``refine.sigma`` replaces its sweep; without validation
 ground truth both fall back to the configured (or published) values, with a note. The choice and
@@ -35,8 +37,9 @@ import pyarrow as pa
 import pyarrow.compute as pac
 
 from pdso_ray.config import PipelineConfig
-from pdso_ray.data.ids import LABEL_SUFFIX, id_from_png_rel, png_rel
+from pdso_ray.data.ids import LABEL_SUFFIX, id_from_png_rel, png_rel, split_of
 from pdso_ray.data.imagenet_s import VALIDATION, encode_gray_png, encode_label
+from pdso_ray.data.png_sets import PngOutputs
 from pdso_ray.measuring import best_effort
 from pdso_ray.run_layout import RunLayout
 from pdso_ray.stages.base import (Batch, BatchStep, ModelNeed, Needs, Resources, RunContext, Stage, dino_need,
@@ -144,9 +147,11 @@ class PseudoLabeler(BatchStep):
         pc = self.cfg.pseudo_labels
         rows: dict[str, list] = {k: [] for k in ("id", "reason", "path", "label_raw", "label_refined",
                                                  "main_class", "classes", *STAT_COLUMNS)}
-        for i, (image_id, path) in enumerate(zip(batch["id"], batch["path"])):
-            image_id, path = str(image_id), str(path)
-            decoded = self.reader.read(path)
+        # the train labels as files or shards; the validation sweeps' labels stay files
+        outputs = PngOutputs(self.storage, self.cfg.output_format if self.mode == "train" else "files")
+        paths = [str(p) for p in batch["path"]]
+        for i, (image_id, path, decoded) in enumerate(zip(batch["id"], paths, self.reader.read_batch(paths))):
+            image_id = str(image_id)
             stats: dict[str, Any] = dict.fromkeys(STAT_COLUMNS, 0)
             main, present = -1, []
             if decoded.ok:
@@ -165,25 +170,31 @@ class PseudoLabeler(BatchStep):
                     self.storage.write_bytes(self.run.label_png("classmap", image_id), encode_label(classes))
                 else:
                     raw = np.where(saliency_u8 < self.cut, 0, classes).astype(np.int32)
+                    split = split_of(image_id)
                     for sigma in self.sigmas:
                         main, result = self._refine(image, raw, saliency, emb, topk, topk_dist, sigma)
-                        refined_url = (self.run.sweep_png(sigma, image_id) if self.mode == "sweep"
-                                       else self.run.label_png("refined", image_id))
-                        self.storage.write_bytes(refined_url, encode_label(result.label))
+                        refined = (self.run.sweep_dir(sigma, split) if self.mode == "sweep"
+                                   else self.run.label_dir("refined", split))
+                        outputs.add(refined, image_id, encode_label(result.label))
                     # last: the raw label marks the image done
-                    self.storage.write_bytes(self.run.label_png("raw", image_id), encode_label(raw))
+                    outputs.add(self.run.label_dir("raw", split), image_id, encode_label(raw))
                     stats = result.stats
                     present = sorted(int(c) for c in np.unique(result.label) if 0 < c < 1000)
             rows["id"].append(image_id)
             rows["reason"].append("" if decoded.ok else decoded.reason)
             rows["path"].append(path)
-            written = decoded.ok and self.mode == "train"
-            rows["label_raw"].append(self.run.label_png("raw", image_id) if written else "")
-            rows["label_refined"].append(self.run.label_png("refined", image_id) if written else "")
-            rows["main_class"].append(main + 1 if written else 0)
+            rows["main_class"].append(main + 1 if decoded.ok and self.mode == "train" else 0)
             rows["classes"].append(np.asarray(present, dtype=np.int32))
             for k in STAT_COLUMNS:
                 rows[k].append(int(stats.get(k, 0)))
+        # a shard's index carries the images' statistics too
+        index_columns = {image_id: {"main_class": rows["main_class"][j], "classes": rows["classes"][j].tolist(),
+                                    **{k: rows[k][j] for k in STAT_COLUMNS}} for j, image_id in enumerate(rows["id"])}
+        written = outputs.flush(index_columns)
+        for image_id in rows["id"]:
+            for kind in ("raw", "refined"):  # "" where nothing was written (failed, or not a train pass)
+                url = written.get((self.run.label_dir(kind, split_of(image_id)), image_id), "")
+                rows[f"label_{kind}"].append(url if self.mode == "train" else "")
         out: Batch = {}
         for k, v in rows.items():
             out[k] = np.asarray(v, dtype=np.int64) if k in (*STAT_COLUMNS, "main_class") else object_column(v)
@@ -307,7 +318,7 @@ class _TrainPass(StreamingPass):
 # ---- the stage ---------------------------------------------------------------------------------------
 class PseudoLabelsStage(Stage):
     name = "pseudo_labels"
-    config_sections = ("pseudo_labels", "models", "purify.topk", "data.root", "data.layout",
+    config_sections = ("pseudo_labels", "models", "purify.topk", "data.root", "data.layout", "output_format",
                        "data.max_pixels", "data.max_file_bytes", "seed")
     depends_on = ("features", "purify")
 
@@ -390,7 +401,8 @@ class PseudoLabelsStage(Stage):
     def _files(ctx: RunContext, pred_dir: str, gt_dir: str, failed, fg_dir: str | None = None):
         from pdso_ray.evaluation import pair_files
 
-        listing_rejected = {r.rel + LABEL_SUFFIX for r in ctx.data.list_split(ctx.storage, VALIDATION).rejected}
+        listing_rejected = {r.rel + LABEL_SUFFIX for r in ctx.data.list_split(ctx.storage, VALIDATION).rejected
+                            if r.rel is not None}
         return pair_files(ctx.storage, pred_dir, gt_dir, fg_dir, rejected=listing_rejected | set(failed))
 
     def _choose_threshold(self, ctx: RunContext, gt_dir: str, failed):

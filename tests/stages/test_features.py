@@ -13,7 +13,7 @@ from pdso_ray.data.synthetic import make_demo_dataset, odd_and_corrupt_samples
 from pdso_ray.pipeline import run_pipeline
 from pdso_ray.stages.base import Resources, RunContext
 from pdso_ray.stages.features import DinoFeatures, FeaturesStage, WriteShards
-from pdso_ray.stages.read_decode import ImageReader, ReadDecode
+from pdso_ray.stages.read_decode import DeviceDecode, ImageReader, ReadDecode
 from pdso_ray.storage import Storage
 from pdso_ray.tables import read_folder
 
@@ -42,15 +42,20 @@ def odd_dataset(tmp_path_factory):
     return root, samples
 
 
+def _odd_batch(root, samples):
+    """The odd and corrupt samples' names, and a batch of them as the listing would stream it."""
+    class_dir = os.path.join(root, f"ImageNetS{CLASSES}", "train", "n00000001")
+    names = sorted(samples)
+    return names, {"id": np.asarray([f"train/n00000001/{n}" for n in names], dtype=object),
+                   "path": np.asarray([os.path.join(class_dir, n) for n in names], dtype=object),
+                   "split": np.asarray(["train"] * len(names), dtype=object)}
+
+
 def test_steps_without_ray(odd_dataset, tmp_path):
     root, samples = odd_dataset
     cfg = _cfg(root, str(tmp_path / "run"))
     storage = Storage()
-    class_dir = os.path.join(root, f"ImageNetS{CLASSES}", "train", "n00000001")
-    names = sorted(samples)
-    batch = {"id": np.asarray([f"train/n00000001/{n}" for n in names], dtype=object),
-             "path": np.asarray([os.path.join(class_dir, n) for n in names], dtype=object),
-             "split": np.asarray(["train"] * len(names), dtype=object)}
+    names, batch = _odd_batch(root, samples)
     reader = ImageReader.from_config(storage, cfg.data)
     decoded = ReadDecode(reader, 64, Resources(), square=True)(batch)
     assert decoded["image"].shape == (len(names), 64, 64, 3)
@@ -69,6 +74,31 @@ def test_steps_without_ray(odd_dataset, tmp_path):
     rejected = read_folder(storage, str(tmp_path / "r"))
     assert sorted(rejected.column("id").to_pylist()) == sorted(batch["id"][~ok])
     assert all(rejected.column("reason").to_pylist())
+
+
+def test_decoding_in_the_model_step_gives_the_same_rejections_and_close_features(odd_dataset, tmp_path):
+    """The GPU path (bytes to the model's actor, batched decode there), run on the CPU: the same
+    images are rejected, and the features are those of the CPU path within resize tolerance (it
+    resizes the full-size decode on the device, the CPU path a DCT-downscaled one in PIL)."""
+    root, samples = odd_dataset
+    cfg = _cfg(root, str(tmp_path / "run"))
+    storage = Storage()
+    _, batch = _odd_batch(root, samples)
+    reader = ImageReader.from_config(storage, cfg.data)
+    size = cfg.models.dino.image_size
+    on_cpu = DinoFeatures(cfg, storage)
+    in_model = DinoFeatures(cfg, storage, DeviceDecode(cfg.data.max_pixels, size))
+    for step in (on_cpu, in_model):
+        step.setup()
+    expected = on_cpu(ReadDecode(reader, size, Resources(), square=True)(batch))
+    encoded = ReadDecode(reader, size, Resources(), square=True, decode=False)(batch)
+    assert "image" not in encoded and all(isinstance(d, bytes) for d in encoded["data"])
+    got = in_model(encoded)
+    assert list(got["reason"] == "") == list(expected["reason"] == "")
+    ok = expected["reason"] == ""
+    assert (got["height"][ok] == expected["height"][ok]).all()
+    cosine = (got["feat"][ok] * expected["feat"][ok]).sum(axis=1)
+    assert cosine.min() > 0.99, cosine
 
 
 def test_odd_and_corrupt_files_are_all_accounted(ray_local, odd_dataset, tmp_path):
