@@ -73,8 +73,8 @@ class TimedDinoFeatures(DinoFeatures):
     ``<run folder>.stamps``: on a local Ray the driver reads the file after the stage and takes
     the rate over batches 2..n, which leaves out actor start-up, model load and the first batch."""
 
-    def __init__(self, cfg, storage):
-        super().__init__(cfg, storage)
+    def __init__(self, cfg, storage, device_decode=None):
+        super().__init__(cfg, storage, device_decode)
         self.stamps = cfg.output.rstrip("/") + ".stamps"
 
     def setup(self) -> None:
