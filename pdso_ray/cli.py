@@ -17,6 +17,8 @@ import json
 import logging
 import os
 import sys
+import tempfile
+import time
 import traceback
 from pathlib import Path
 
@@ -34,21 +36,61 @@ WORLD_HELP = ("synthetic world: shapes (a class is a shape, a texture and parts,
               "separates it; the world the stand-in models know)")
 EXIT_BAD_INPUT = 2
 EXIT_INTERRUPTED = 130
+VERBOSE_HELP = ("debug logging, and Ray's progress and the workers' output on the terminal (by "
+                "default a run shows its own lines, progress bars and warnings; the rest goes to "
+                "OUTPUT/logs/)")
 
 
-def _run(cfg) -> int:
+def _run(cfg, verbose: bool = False) -> int:
+    """Run the pipeline; print the summary, then the warnings. Unless ``verbose``, what Ray and
+    the workers write goes to a log file (:func:`pdso_ray.console.quiet_run`), kept in
+    ``OUTPUT/logs/`` when the run ends, however it ends."""
+    from pdso_ray.console import quiet_run
     from pdso_ray.pipeline import run_pipeline
     from pdso_ray.run_layout import RunLayout
 
-    summary = run_pipeline(cfg)  # preflight first, then the lease, Ray and the stages
-    print(format_summary(cfg.output, summary, RunLayout.from_config(cfg).report_file("index.html")))
+    run = RunLayout.from_config(cfg)
+    if verbose:
+        summary = run_pipeline(cfg)  # preflight first, then the lease, Ray and the stages
+    else:
+        # A local file first: the run folder does not exist before the preflight has passed.
+        fd, local = tempfile.mkstemp(prefix="pdso-ray-", suffix=".log")
+        os.close(fd)
+        target = run.log_file(time.strftime("%Y%m%d-%H%M%S", time.gmtime()))
+        try:
+            with quiet_run(local) as console:
+                summary = run_pipeline(cfg, console=console)
+        finally:
+            _keep_log(local, cfg.output, target)
+    print(format_summary(cfg.output, summary, run.report_file("index.html")))
+    if not verbose:
+        print(f"log (Ray's progress, the workers' output; --verbose shows them here): {target}")
+    if summary.get("warnings"):  # last, on stderr: what a person must not miss
+        sys.stdout.flush()
+        print(format_warnings(summary), file=sys.stderr)
     return 0
+
+
+def _keep_log(local: str, output: str, target: str) -> None:
+    """Copy the run's log file ``local`` to ``target`` in the run folder when the run got as far
+    as making that folder (a preflight error leaves none), then remove ``local``."""
+    from pdso_ray.storage import Storage
+
+    storage = Storage()
+    try:
+        if storage.exists(output):
+            with open(local, "rb") as f:
+                storage.write_bytes(target, f.read())
+    except OSError as e:  # the run's own outcome matters more than its log
+        print(f"warning: could not keep the log {local} as {target}: {e}", file=sys.stderr)
+        return
+    os.unlink(local)
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
     from pdso_ray.config import load_config
 
-    return _run(load_config(args.config, args.set or []))
+    return _run(load_config(args.config, args.set or []), args.verbose)
 
 
 def _cmd_make_demo_data(args: argparse.Namespace) -> int:
@@ -78,7 +120,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
                       val_per_class=args.val_per_class, test_per_class=args.val_per_class,
                       seed=args.seed, world=args.world)
     print(f"demo data: {data_root}/ImageNetS{cfg.data.classes} ({args.world} world)")
-    return _run(cfg)
+    return _run(cfg, args.verbose)
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
@@ -201,6 +243,8 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
         print(json.dumps(summary, indent=2))
         return 0
     print(format_summary(args.run, summary, run.report_file("index.html")))
+    if summary.get("warnings"):
+        print(format_warnings(summary))
     for other in (m for m in METHODS if m != args.method):
         url = run.for_method(other).summary_file
         if storage.exists(url):
@@ -242,12 +286,18 @@ def format_summary(output: str, summary: dict, report_url: str | None = None) ->
     return "\n".join(lines)
 
 
+def format_warnings(summary: dict) -> str:
+    """One ``warning:`` line per sign of a degenerate result (the label-free quality signals of
+    the report stage, docs/method.md), each naming its likely cause and the fix; empty if none."""
+    return "\n".join(f"warning: {w}" for w in summary.get("warnings", []))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="pdso-ray", description="Unsupervised semantic segmentation at ImageNet scale on Ray "
         "(PDSO: pseudo-label denoising and SAM optimisation).")
     parser.add_argument("--version", action="version", version=f"pdso-ray {__version__}")
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("-v", "--verbose", action="store_true", help=VERBOSE_HELP)
     parser.add_argument("--debug", action="store_true",
                         help="print the traceback of an error (by default an error is one line)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -256,6 +306,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Run the pipeline (or some stages) from a YAML config; a re-run "
                        "of the same command resumes where it stopped.")
     p.add_argument("config", help="YAML config (see jobs/configs/)")
+    p.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help=VERBOSE_HELP)
     p.add_argument("--set", action="append", metavar="KEY=VALUE",
                    help="override a config value, e.g. --set stages=features,cluster (repeatable)")
     p.set_defaults(func=_cmd_run)
@@ -264,6 +315,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Write a small synthetic ImageNet-S dataset and run the whole "
                        "pipeline on it with jobs/configs/demo.yaml.")
     p.add_argument("--workdir", default="demo", help="where data/ and run/ go (default: demo)")
+    p.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help=VERBOSE_HELP)
     p.add_argument("--train-per-class", type=int, default=40, help="train images per class (default 40)")
     p.add_argument("--val-per-class", type=int, default=6,
                    help="validation and test images per class (default 6)")

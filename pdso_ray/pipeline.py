@@ -18,8 +18,10 @@ import time
 from typing import Any
 
 from pdso_ray.config import PipelineConfig, dump_yaml
+from pdso_ray.console import Console
 from pdso_ray.plan import method_stages, requested_stages
 from pdso_ray.preflight import check_cluster, in_ray_job, preflight
+from pdso_ray.report.base import readable_counts
 from pdso_ray.run_lease import RunLease
 from pdso_ray.run_layout import RunLayout
 from pdso_ray.run_state import Step, build_summary, plan_run, remove_stale, update_totals
@@ -98,9 +100,10 @@ def resolve_checkpoints(cfg: PipelineConfig, storage: Storage | None = None) -> 
     return cfg if resolved == cfg else resolved
 
 
-def run_pipeline(cfg: PipelineConfig, storage: Storage | None = None) -> dict[str, Any]:
+def run_pipeline(cfg: PipelineConfig, storage: Storage | None = None,
+                 console: Console | None = None) -> dict[str, Any]:
     """Run the stages named in ``cfg.stages`` (all by default, in pipeline order) under the run
-    folder's lease; return the summary. First the checkpoints are resolved
+    folder's lease; return the summary. ``console``: where progress bars go (default stderr). First the checkpoints are resolved
     (:func:`resolve_checkpoints`) and the preflight runs (:func:`pdso_ray.preflight.preflight`:
     a :class:`~pdso_ray.preflight.PreflightError` before anything is written or Ray starts).
     Raises :class:`~pdso_ray.run_lease.LeaseHeld` when another run holds the folder."""
@@ -116,7 +119,7 @@ def run_pipeline(cfg: PipelineConfig, storage: Storage | None = None) -> dict[st
         uses_gpu = cluster_has_gpu(cfg)
         if cfg.ray.address or in_ray_job():  # a local Ray was sized by the preflight already
             check_cluster(cfg, uses_gpu)
-        ctx = RunContext(cfg=cfg, storage=storage, cluster_has_gpu=uses_gpu)
+        ctx = RunContext(cfg=cfg, storage=storage, cluster_has_gpu=uses_gpu, console=console or Console())
         return _run_stages(ctx)
 
 
@@ -159,7 +162,7 @@ def _run_stages(ctx: RunContext) -> dict[str, Any]:
                                                           "counts": counts})
         statuses[step.name] = "done"
         summary()
-        log.info("stage %s: done in %.1f s %s", step.name, seconds, counts)
+        log.info("stage %s: done in %.1f s (%s)", step.name, seconds, readable_counts(counts))
     return summary()
 
 

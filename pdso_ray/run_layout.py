@@ -220,6 +220,11 @@ class RunLayout:
         return self.method_path("finetune")
 
     @property
+    def finetune_history(self) -> str:
+        """``finetune/history.json``: ``[{"epoch", "loss"}]``, the mean training loss of every epoch."""
+        return self.method_path("finetune", "history.json")
+
+    @property
     def finetune_model(self) -> str:
         return self.method_path("finetune", "model.pt")
 
@@ -288,6 +293,21 @@ class RunLayout:
 
     def report_file(self, name: str) -> str:
         return self.method_path("report", name)
+
+    @property
+    def logs_dir(self) -> str:
+        """``logs/`` of the run folder (shared by both methods): one file per run of the CLI, with
+        what Ray and the workers wrote (``pdso-ray run`` without ``--verbose``)."""
+        return self.path("logs")
+
+    def log_file(self, started: str) -> str:
+        """``logs/run-<started>.log``; ``started`` names the run (a UTC time stamp)."""
+        return Storage.join(self.logs_dir, f"run-{started}.log")
+
+    @property
+    def quality_file(self) -> str:
+        """``report/quality.json``: the label-free quality signals and their warnings."""
+        return self.report_file("quality.json")
 
 
 def load_run_config(storage: Storage, run_url: str, method: str = MAIN_METHOD) -> PipelineConfig | None:

@@ -201,8 +201,8 @@ def build_summary(storage: Storage, run: RunLayout, method: str, order: list[str
 
 
 def update_totals(summary: dict[str, Any], stage: str, counts: dict[str, Any]) -> None:
-    """Lift image accounting, per-split counts, notes, diagnostics and metrics from stage counts
-    to the top of the summary; raise when the image accounting does not reconcile."""
+    """Lift image accounting, per-split counts, notes, warnings, diagnostics and metrics from stage
+    counts to the top of the summary; raise when the image accounting does not reconcile."""
     if stage == "features":
         for k in ("images_total", "images_ok", "images_rejected", "files_ignored"):
             summary[k] = counts[k]
@@ -217,6 +217,8 @@ def update_totals(summary: dict[str, Any], stage: str, counts: dict[str, Any]) -
     if counts.get("notes"):
         notes = summary.setdefault("notes", {})
         notes[stage] = list(counts["notes"])
+    if counts.get("warnings"):  # report: the label-free quality signals' warnings
+        summary["warnings"] = list(counts["warnings"])
     for group, values in counts.get("diagnostics", {}).items():
         target = summary.setdefault("diagnostics", {}).setdefault(group, {})
         if isinstance(values, dict):

@@ -83,7 +83,6 @@ class SegmentPass(PredictStage):
     """The predict stage's pass with another model, colour overlays if asked, and a progress bar."""
 
     name = "segment"
-    progress = True
 
     def __init__(self, model: SegmentationModel, overlay: bool = False):
         self.model = model

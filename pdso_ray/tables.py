@@ -178,14 +178,20 @@ def load_array(storage: Storage, url: str) -> np.ndarray:
     return np.load(io.BytesIO(storage.read_bytes(url)), allow_pickle=False)
 
 
+def column_names(storage: Storage, folder: str) -> list[str]:
+    """The columns of a Parquet folder (of its first file); none when it holds no Parquet."""
+    files = parquet_files(storage, folder)
+    if not files:
+        return []
+    with storage.open(files[0], "rb") as f:
+        return pq.read_schema(f).names
+
+
 def column_values(storage: Storage, folder: str, column: str) -> np.ndarray | None:
     """One column of a Parquet folder as a numpy array (files in order); None when the folder
     holds no Parquet or its files lack the column."""
-    files = parquet_files(storage, folder)
-    if not files:
+    if column not in column_names(storage, folder):
         return None
-    with storage.open(files[0], "rb") as f:
-        if column not in pq.read_schema(f).names:
-            return None
+    files = parquet_files(storage, folder)
     parts = [t.column(column).to_numpy(zero_copy_only=False) for t in iter_row_groups(storage, files, [column])]
     return np.concatenate(parts) if parts else None

@@ -119,6 +119,27 @@ def fmt(v: Any) -> str:
     return str(v)
 
 
+# Counts the report shows in sections of their own (diagnostics, notes, the quality warnings) or
+# that say nothing to a reader (the report's own URL).
+_SHOWN_ELSEWHERE = ("diagnostics", "notes", "warnings", "index")
+
+
+def readable_counts(counts: dict) -> str:
+    """A stage's counts as one readable line: ``images 20; failed 0; splits: all (images 20,
+    predicted 20)``: nested counts in parentheses, a list as its length, and what other sections
+    show (:data:`_SHOWN_ELSEWHERE`) left out."""
+
+    def one(key: str, value: Any) -> str:
+        name = key.replace("_", " ")
+        if isinstance(value, dict):
+            return f"{name} ({', '.join(one(k, v) for k, v in value.items())})"
+        if isinstance(value, list):
+            return f"{name}: {len(value)}"
+        return f"{name} {fmt(value)}"
+
+    return "; ".join(one(k, v) for k, v in counts.items() if k not in _SHOWN_ELSEWHERE)
+
+
 def table(header: list[str], rows: list[list[Any]]) -> str:
     head = "".join(f"<th>{esc(h)}</th>" for h in header)
     body = "".join("<tr>" + "".join(f"<td>{esc(fmt(c))}</td>" for c in row) + "</tr>"

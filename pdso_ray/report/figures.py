@@ -34,6 +34,16 @@ def fit_panel(panel: np.ndarray, side: int) -> np.ndarray:
     return colorize(resize_nearest(panel, size))
 
 
+def overlay(image: np.ndarray, label: np.ndarray, alpha: float = 0.55) -> np.ndarray:
+    """``image`` (HxWx3 uint8) with ``label`` (any size, nearest-resized to it) painted over in
+    :func:`class_colors` at ``alpha``; background and ignore pixels left as they are."""
+    label = resize_nearest(np.asarray(label), image.shape[:2])
+    painted = (label > 0) & (label != IGNORE_ID)
+    out = image.astype(np.float32)
+    out[painted] = (1 - alpha) * out[painted] + alpha * colorize(label)[painted]
+    return np.round(out).astype(np.uint8)
+
+
 def label_grid(rows: list[tuple[str, list[np.ndarray | None]]], titles: list[str]) -> Figure:
     """One row per image, ``[image (HxWx3), label (HxW), ...]``, None drawn as "missing".
 

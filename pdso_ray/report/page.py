@@ -4,7 +4,8 @@
 :class:`~pdso_ray.run_layout.RunLayout`) and writes a static page that opens from any file browser
 or bucket. Each section of :data:`pdso_ray.report.sections.SECTIONS` stands alone: a missing
 artifact makes its section say "not run", and one that cannot be built says "not computed:
-<reason>" (and one warning line), without stopping the others. Figures are drawn with
+<reason>" (and one warning line), without stopping the others. The warnings of the run's
+label-free quality signals head the page in a red box. Figures are drawn with
 matplotlib's object API (``Figure`` on the Agg canvas), which sets no global backend.
 """
 
@@ -17,6 +18,7 @@ from pdso_ray.measuring import best_effort, is_not_computed
 from pdso_ray.plan import MAIN_METHOD
 from pdso_ray.report.base import Report, esc
 from pdso_ray.report.sections import SECTIONS
+from pdso_ray.report.signals import warning_box
 from pdso_ray.run_layout import load_run_config
 from pdso_ray.storage import Storage
 
@@ -40,8 +42,10 @@ def build_report(storage: Storage, run_url: str, cfg: PipelineConfig | None = No
         if is_not_computed(content):
             content = f'<p class="error">{esc(content)}</p>'
         body.append(f"<section><h2>{esc(title)}</h2>\n{content}\n</section>")
+    box = best_effort("report: the warnings box", lambda: warning_box(report))
     url = report.run.report_file("index.html")
-    storage.write_text(url, _PAGE.format(run=esc(run_url), body="\n".join(body)))
+    storage.write_text(url, _PAGE.format(run=esc(run_url), alarm="" if is_not_computed(box) else box,
+                                         body="\n".join(body)))
     return url
 
 
@@ -57,9 +61,11 @@ th {{ background: #f3f3f3; }} td {{ word-break: break-all; }}
 img {{ max-width: 100%; display: block; margin: .6em 0; }}
 .notrun {{ color: #888; font-style: italic; }} .error {{ color: #b00020; }}
 .note {{ color: #555; font-size: .9em; }}
+.alarm {{ border: 3px solid #b00020; background: #fdecee; color: #600010; padding: .6em 1em; margin: 1em 0; }}
 pre {{ background: #f7f7f7; padding: .8em; overflow-x: auto; font-size: .8em; }}
 </style></head>
 <body><h1>pdso-ray run report</h1><p><code>{run}</code></p>
+{alarm}
 {body}
 </body></html>
 """

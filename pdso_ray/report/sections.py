@@ -8,6 +8,7 @@ Label colours and image grids come from :mod:`pdso_ray.report.figures`.
 from __future__ import annotations
 
 import logging
+import posixpath
 from collections import Counter
 from collections.abc import Callable
 
@@ -15,8 +16,9 @@ import numpy as np
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-from pdso_ray.report.base import Report, esc, fmt, not_run, sample, table
+from pdso_ray.report.base import Report, esc, not_run, readable_counts, sample, table
 from pdso_ray.report.figures import label_grid
+from pdso_ray.report.signals import best_and_worst, quality_signals
 from pdso_ray.report.quality import (ablation, image_diagnostics, methods, per_class_iou, pseudo_label_choice,
                                      pseudo_label_gains, threshold_rule, validation_grid)
 from pdso_ray.tables import column_values, iter_row_groups, parquet_files
@@ -69,8 +71,7 @@ def _stages(r: Report) -> str:
         counts = manifest.get("counts", info.get("counts")) or {}
         if isinstance(secs, (int, float)):
             seconds[name] = secs
-        rows.append([name, status, secs, manifest.get("completed_at"),
-                     ", ".join(f"{k}={fmt(v)}" for k, v in counts.items())])
+        rows.append([name, status, secs, manifest.get("completed_at"), readable_counts(counts)])
     out = table(["stage", "status", "seconds", "completed", "counts"], rows)
     if seconds:
         fig = Figure(figsize=(8, 0.35 * len(seconds) + 0.8))
@@ -113,6 +114,22 @@ def _pretraining(r: Report) -> str:
     return out + ("<p>Border share: the share of fixed probe images whose CLS attention is higher "
                   "on the border ring of patches than inside (green band: runs whose saliency finds "
                   "the objects; above 0.6 it sits on the background).</p>")
+
+
+def _finetuning(r: Report) -> str:
+    history = r.json(r.run.finetune_history)
+    if not history:
+        return not_run("no finetune/history.json")
+    epochs, losses = [h["epoch"] for h in history], [h["loss"] for h in history]
+    fig = Figure(figsize=(6, 2.8))
+    ax = fig.subplots()
+    ax.plot(epochs, losses, marker="o", color="#4c78a8")
+    ax.set(xlabel="epoch", ylabel="mean training loss")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True, nbins=8))
+    fig.tight_layout()
+    return (r.figure(fig, "finetune_loss.png", "fine-tuning loss per epoch")
+            + f"<p>{len(history)} epochs: loss {losses[0]:.4f} after the first, {losses[-1]:.4f} after "
+              "the last (finetune.loss on the method's train labels, ignored pixels left out).</p>")
 
 
 def _cluster_sizes(r: Report) -> str:
@@ -202,6 +219,20 @@ def _rejected(r: Report) -> str:
     return out
 
 
+def _logs(r: Report) -> str:
+    folder = r.run.logs_dir
+    logs = r.storage.list_files(folder, suffixes=(".log",))
+    note = ("<p>What Ray and the workers wrote during each <code>pdso-ray run</code> (its progress "
+            "per operator, worker output, fine-tuning's per-epoch lines): one file per run, added "
+            "when the run ends; <code>--verbose</code> shows it on the terminal instead.</p>")
+    if not logs:
+        return note + not_run("no logs/ yet")
+    report_dir = r.run.report_dir
+    items = "".join(f'<li><a href="{esc(posixpath.relpath(url, report_dir))}">{esc(posixpath.basename(url))}</a></li>'
+                    for url in logs)
+    return note + f"<ul>{items}</ul>"
+
+
 def _configuration(r: Report) -> str:
     url = r.run.config_file
     if not r.storage.exists(url):
@@ -213,11 +244,13 @@ def _configuration(r: Report) -> str:
 
 SECTIONS: list[tuple[str, Callable[[Report], str]]] = [
     ("Overview", _overview),
+    ("Quality signals (label-free)", quality_signals),
     ("Methods on this data", methods),
     ("Ablation: what each stage adds", ablation),
     ("Image-level diagnostics (train images)", image_diagnostics),
     ("Stages", _stages),
     ("Pretraining (stage pretrain)", _pretraining),
+    ("Fine-tuning loss", _finetuning),
     ("Pseudo-label threshold and σ (chosen on validation)", pseudo_label_choice),
     ("Pseudo labels on validation: largest gains and losses from refinement", pseudo_label_gains),
     ("Cluster sizes", _cluster_sizes),
@@ -225,5 +258,6 @@ SECTIONS: list[tuple[str, Callable[[Report], str]]] = [
     ("Threshold rule (tuned on validation ground truth)", threshold_rule),
     ("Pseudo labels (train images)", _train_grid),
     ("Predictions (validation images)", validation_grid),
-    ("Rejected images", _rejected), ("Configuration", _configuration),
+    ("Predictions without ground truth: best and worst", best_and_worst),
+    ("Rejected images", _rejected), ("Logs", _logs), ("Configuration", _configuration),
 ]

@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import numpy as np
 
 from pdso_ray.config import PipelineConfig
+from pdso_ray.console import Console
 from pdso_ray.data.layouts import Layout, build_layout
 from pdso_ray.run_layout import RunLayout
 from pdso_ray.storage import Storage
@@ -116,11 +117,13 @@ def map_step(ds: "ray.data.Dataset", step: BatchStep, cluster_has_gpu: bool) -> 
 @dataclass
 class RunContext:
     """What a stage gets: the resolved config, storage, the run folder's layout (:attr:`run`),
-    where the images come from (:attr:`data`), and whether the cluster runs GPU work."""
+    where the images come from (:attr:`data`), whether the cluster runs GPU work, and where its
+    progress bars go (:attr:`console`)."""
 
     cfg: PipelineConfig
     storage: Storage
     cluster_has_gpu: bool = False
+    console: Console = field(default_factory=Console)
     notes: dict[str, Any] = field(default_factory=dict)
     run: RunLayout = field(init=False)
 

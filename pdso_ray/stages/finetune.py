@@ -186,8 +186,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         optimizer, functools.partial(cosine_factor, total_steps=total_steps))
 
     start_epoch = 1
+    history: list[dict[str, float]] = []  # {"epoch", "loss"} of every epoch so far, resumes included
     state = resume_state()
     if state is not None:
+        history = list(state.get("history", []))
         core.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
@@ -243,15 +245,17 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             dist.all_reduce(totals)
         metrics = {"epoch": epoch, "loss": float(totals[0] / totals[1].clamp(min=1)),
                    "start_epoch": start_epoch, "images": int(totals[2])}
+        history.append({"epoch": epoch, "loss": metrics["loss"]})
         if rank == 0:
             log.info("finetune: epoch %d/%d loss %.4f", epoch, fc.epochs, metrics["loss"])
         if curves is not None:
             curves.log(epoch, {"epoch/loss": metrics["loss"], "epoch/images": metrics["images"]})
             curves.flush()
 
-        def state(epoch=epoch, metrics=metrics):
+        def state(epoch=epoch, metrics=metrics, history=list(history)):
             out = {"model": core.state_dict(), "optimizer": optimizer.state_dict(),
-                   "scheduler": scheduler.state_dict(), "epoch": epoch, "meta": meta, "metrics": metrics}
+                   "scheduler": scheduler.state_dict(), "epoch": epoch, "meta": meta, "metrics": metrics,
+                   "history": history}
             if use_agmm:
                 out["agmm"] = mixture.state_dict()
             return out
@@ -380,6 +384,10 @@ class FinetuneStage(Stage):
         final_meta = {**state["meta"], "epochs": int(state["epoch"])}
         storage.write_bytes(ctx.run.finetune_model, segmenter_bytes(state["model"], final_meta))
         metrics = state["metrics"]
+        history = state.get("history", [])
+        storage.write_json(ctx.run.finetune_history, history)
+        if history:  # the workers' per-epoch lines went to the log file: the curve, once, here
+            log.info("finetune: loss by epoch %s", " ".join(f"{h['loss']:.4f}" for h in history))
         return {"images": images, "epochs": int(state["epoch"]),
                 "start_epoch": int(metrics["start_epoch"]), "final_loss": float(metrics["loss"]),
                 "workers": fc.num_workers}

@@ -4,6 +4,9 @@
 It reads whichever stages of the method have completed (every section of the report says "not
 run" when its artifacts are missing, so it can follow any subset of stages), and their keys chain
 into its own: a report made from outputs a later run replaced is stale and removed with them.
+First it measures the run's label-free quality signals (:mod:`pdso_ray.stages.quality`,
+``report/quality.json``); their warnings head the page and are the stage's ``warnings`` count,
+which the CLI prints at the end of the run.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ from typing import Any
 from pdso_ray.plan import STAGES, method_stages, runs_stage
 from pdso_ray.report import build_report
 from pdso_ray.stages.base import RunContext, Stage
+from pdso_ray.stages.quality import measure_quality
 
 
 class ReportStage(Stage):
@@ -26,7 +30,9 @@ class ReportStage(Stage):
         return tuple(name for name in STAGES if name != cls.name and runs_stage(cfg.method, name))
 
     def run(self, ctx: RunContext) -> dict[str, Any]:
+        signals = measure_quality(ctx)
+        ctx.storage.write_json(ctx.run.quality_file, signals)
         url = build_report(ctx.storage, ctx.cfg.output, cfg=ctx.cfg,
                            stage_order=method_stages(ctx.cfg.method, ctx.cfg.lightcluster.finetune))
         figures = ctx.storage.list_files(ctx.run.report_dir, suffixes=(".png",))
-        return {"index": url, "figures": len(figures)}
+        return {"index": url, "figures": len(figures), "warnings": signals["warnings"]}

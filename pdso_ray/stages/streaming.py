@@ -88,20 +88,15 @@ def reconcile(what: str, listed: int, written: int, rejected: int) -> None:
 
 
 def stream(ctx: RunContext, ds: "ray.data.Dataset", steps: Sequence[BatchStep], expected: Sequence[str],
-           what: str, progress: bool = False) -> dict[str, str]:
+           what: str) -> dict[str, str]:
     """Run ``ds`` through ``steps`` (each with its declared resources) and collect ``{id: reason}``
-    from the last step; raises if an id of ``expected`` is missing or comes back twice.
-    ``progress``: a progress bar on stderr counting finished images, with images/s."""
-    from tqdm import tqdm
-
+    from the last step; raises if an id of ``expected`` is missing or comes back twice. A progress
+    bar (``ctx.console``) counts the finished images, with images/s and the time left."""
     for step in steps:
         ds = map_step(ds, step, ctx.cluster_has_gpu)
     results: dict[str, str] = {}
     repeated = 0
-    # images/s always (tqdm's default turns a rate below 1 into s/img)
-    bar_format = "{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}<{remaining}, {rate_noinv_fmt}]"
-    with tqdm(total=len(expected), unit="img", desc=what, disable=not progress, dynamic_ncols=True,
-              bar_format=bar_format) as bar:
+    with ctx.console.progress(len(expected), what) as bar:
         for batch in ds.select_columns(["id", "reason"]).iter_batches(batch_format="numpy"):
             for image_id, reason in zip(batch["id"], batch["reason"]):
                 repeated += str(image_id) in results
@@ -127,7 +122,6 @@ class StreamingPass:
     train images); :class:`StreamingStage` is a stage that is one pass."""
 
     name: str = "pass"
-    progress: bool = False  # a progress bar with images/s (an interactive command's pass)
 
     def work(self, ctx: RunContext) -> Work:
         raise NotImplementedError
@@ -159,8 +153,7 @@ def run_pass(ctx: RunContext, step: StreamingPass) -> dict[str, Any]:
              len(work.ids) - len(todo), len(todo))
     results: dict[str, str] = {}
     if todo:
-        results = stream(ctx, step.dataset(ctx, work, set(todo)), step.steps(ctx), todo, step.name,
-                         progress=step.progress)
+        results = stream(ctx, step.dataset(ctx, work, set(todo)), step.steps(ctx), todo, step.name)
     return step.finish(ctx, work, results)
 
 

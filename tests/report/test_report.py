@@ -25,11 +25,12 @@ from pdso_ray.tables import vectors_to_arrow, write_table
 C = 4
 SECRET = "report-secret-PLANTED-41d7"
 ALL_PARTS = ("config", "summary", "pretrain", "cluster", "purify", "labels", "pseudo", "predictions",
-             "rejected")
+             "rejected", "finetune", "logs")
 FULL_FIGURES = {"stage_seconds.png", "pretraining.png", "cluster_sizes.png", "iou_per_class.png", "image_diagnostics.png",
+                "finetune_loss.png",
                 "pseudo_label_curves.png", "pseudo_label_gains.png",
                 "threshold_curve.png", "train_labels.png", "validation_predictions.png"}
-SECTIONS = 15
+SECTIONS = 19
 DIAGNOSTICS = {"image": {step: {"purity": p, "nmi": p - 0.1, "accuracy": p - 0.05, "images": 12}
                          for step, p in (("cluster", 0.6), ("denoise_s1", 0.7), ("denoise_s2", 0.8),
                                          ("purify_kept", 0.85), ("purify_final", 0.75))},
@@ -144,6 +145,10 @@ def make_run_folder(data_root: str, run: str, parts=ALL_PARTS, storage: Storage 
             {"epoch": e, "loss": 5.0 - e, "teacher_entropy": 4.0 - e, "mean_output_entropy": 5.0,
              "kl_div": 1.0 + e, "prototypes_used": 10 * e, "border_ring_share": 0.6 - 0.1 * e,
              "images": 64, "seconds": 2.5} for e in (1, 2, 3)])
+    if "finetune" in parts:
+        storage.write_json(ctx.run.finetune_history, [{"epoch": e, "loss": 1.0 / e} for e in (1, 2, 3)])
+    if "logs" in parts:
+        storage.write_text(ctx.run.log_file("20261205-120000"), "Ray's lines\n")
     if "rejected" in parts:
         write_table(storage, ctx.run.path("rejected", "part-0.parquet"), pa.table({
             "id": pa.array([p[0] for p in PLANTED], pa.string()),
@@ -249,6 +254,12 @@ def test_report_of_a_full_run(dataset, tmp_path):
     assert "raw 40.00, refined 55.50" in gains and "n00000001" in gains  # the legend names wnids
     assert "<td>train/n00000002/broken_7</td>" in found["Rejected images"]
     assert "<td>3</td><td>2</td><td>4</td><td>30</td><td>0.3</td>" in found["Pretraining (stage pretrain)"]
+    assert "loss 1.0000 after the first, 0.3333 after the last" in found["Fine-tuning loss"]
+    assert '<a href="../logs/run-20261205-120000.log">' in found["Logs"]
+    assert "images ok 12; images rejected 2; images total 14</td>" in found["Stages"]  # not a dict
+    signals = ctx.storage.read_json(ctx.run.quality_file)  # measured by the stage, shown at the top
+    assert signals["ground_truth"] is True and signals["predictions"]["images"] == 8
+    assert signals["pseudo_labels"]["images"] == 12 and "8 images" in found["Quality signals (label-free)"]
     for url in ctx.storage.list_files(ctx.run.path("report")):
         assert SECRET.encode() not in ctx.storage.read_bytes(url), url
 
@@ -270,3 +281,17 @@ def test_a_corrupt_artifact_only_breaks_its_sections(dataset, tmp_path):
     found = sections(page)
     assert "not computed: JSONDecodeError" in found["Per-class IoU (validation)"]
     assert "cluster_sizes.png" in srcs and 'class="error"' not in found["Cluster sizes"]
+
+
+def test_warnings_head_the_page_in_a_red_box(dataset, tmp_path):
+    ctx = make_run_folder(dataset, str(tmp_path / "run"), parts=("config", "summary"))
+    ctx.storage.write_json(ctx.run.quality_file, {"standins": True, "ground_truth": False,
+                                                  "warnings": ["one <b>cluster</b> holds 90 %", "second"]})
+    page, _ = read_report(ctx.storage, build_report(ctx.storage, ctx.run.root))
+    box = page.index('<div class="alarm">')
+    assert box < page.index("<section>")
+    assert "<li>one &lt;b&gt;cluster&lt;/b&gt; holds 90 %</li><li>second</li>" in page[box:]
+    assert "synthetic stand-ins" in sections(page)["Quality signals (label-free)"]
+    ctx.storage.write_json(ctx.run.quality_file, {"warnings": []})
+    page, _ = read_report(ctx.storage, build_report(ctx.storage, ctx.run.root))
+    assert 'class="alarm"' not in page

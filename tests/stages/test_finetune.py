@@ -219,6 +219,8 @@ def test_finetune_survives_a_crash_and_resumes_with_more_epochs(ray_local, run_s
         assert f.read().split("\n") == ["1 1 12", "2 2 12", ""]
     assert counts["images"] == 12 and counts["epochs"] == 2 and counts["start_epoch"] == 2
     assert counts["workers"] == 2 and math.isfinite(counts["final_loss"]) and counts["final_loss"] > 0
+    history = storage.read_json(storage.join(run, "finetune", "history.json"))
+    assert [h["epoch"] for h in history] == [1, 2] and history[-1]["loss"] == counts["final_loss"]
     for epoch in (1, 2):
         assert os.path.exists(os.path.join(run, "finetune", "train", f"epoch_{epoch:04d}", "state.pt"))
     _check_model(storage, run, epochs=2)
@@ -229,6 +231,9 @@ def test_finetune_survives_a_crash_and_resumes_with_more_epochs(ray_local, run_s
         assert f.read().split("\n")[2:] == ["3 3 12", ""]
     assert counts["epochs"] == 3 and counts["start_epoch"] == 3
     _check_model(storage, run, epochs=3)
+    # the loss curve spans the resume: epochs 1-2 from the checkpoint, 3 from this attempt
+    resumed = storage.read_json(storage.join(run, "finetune", "history.json"))
+    assert resumed[:2] == history and [h["epoch"] for h in resumed] == [1, 2, 3]
     # finetune.keep_checkpoints=2 (the default): the oldest epoch's checkpoint is gone
     kept = sorted(d for d in os.listdir(os.path.join(run, "finetune", "train")) if d.startswith("epoch_"))
     assert kept == ["epoch_0002", "epoch_0003"]

@@ -54,13 +54,18 @@ def _photo_folder(root: Path) -> dict[str, tuple[int, int]]:
     return sizes
 
 
-def test_a_folder_of_photographs_runs_end_to_end(ray_local, tmp_path):
+def test_a_folder_of_photographs_runs_end_to_end(tmp_path):
+    """The README's own-images command on real photographs with the demo's stand-in models, run as
+    a user runs it: it runs to the end, the terminal shows the run's own lines and ends with the
+    warning that the stand-ins know only synthetic shapes, and the report opens with it in a red
+    box (issue #23)."""
     root = tmp_path / "My Photos"
     sizes = _photo_folder(root)
     out = tmp_path / "run"
-    cfg = load_config("jobs/configs/demo.yaml", [
-        "data.layout=folder", f"data.root={root}", "data.classes=2", f"output={out}", *FAST])
-    summary = run_pipeline(cfg)
+    proc = subprocess.run(_cli("data.layout=folder", f"data.root={root}", "data.classes=2", f"output={out}", *FAST),
+                          cwd=REPO, env=_env(_ray_dir()), capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
 
     assert (summary["images_total"], summary["images_ok"], summary["images_rejected"]) == (10, 8, 2)
     assert summary["files_ignored"] == 1
@@ -77,6 +82,27 @@ def test_a_folder_of_photographs_runs_end_to_end(ray_local, tmp_path):
     assert (out / "report" / "index.html").exists()
     html = (out / "report" / "index.html").read_text()
     assert "no ground truth" in html
+
+    # label-free quality signals of every image, and the warning
+    signals = json.loads((out / "report" / "quality.json").read_text())
+    assert signals["standins"] is True and signals["ground_truth"] is False
+    assert signals["predictions"]["images"] == 8 and signals["pseudo_labels"]["images"] == 8
+    assert signals["agreement"]["images"] == 8 and len(signals["clusters"]["sizes"]) == 2
+    assert sum(signals["clusters"]["sizes"]) == 8 and 0 <= signals["stability"]["nmi"] <= 1
+    assert signals["saliency"]["images"] == 8
+    standin_warning = next(w for w in signals["warnings"] if "stand-in models" in w)
+    assert "synthetic shapes" in standin_warning and "dino_deitsmall8_pretrain.pth" in standin_warning
+    assert summary["warnings"] == signals["warnings"]
+    box = html.index('<div class="alarm">')
+    assert box < html.index("<section>") and "synthetic shapes" in html[box:html.index("</div>", box)]
+
+    # the terminal: the run's own lines and one bar per pass; the warnings last; Ray's output in logs/
+    err = proc.stderr.strip().splitlines()
+    assert err[-len(signals["warnings"]):] == [f"warning: {w}" for w in signals["warnings"]]
+    assert not any("logging_progress" in line or "Running Dataset" in line for line in err), err
+    assert len(err) < 80, "\n".join(err)
+    (log,) = (out / "logs").glob("run-*.log")
+    assert "Running Dataset" in log.read_text() and str(log) in proc.stdout
 
 
 def test_an_imagenet_s_tree_without_test_split_runs_to_the_end(ray_local, tmp_path):
