@@ -179,6 +179,39 @@ def _cluster_sizes(r: Report) -> str:
     return out
 
 
+GALLERY_CLUSTERS = 10  # the largest final clusters shown
+GALLERY_NEAREST, GALLERY_RANDOM = 4, 2  # images per cluster: nearest its centroid, then a sample
+
+
+def _cluster_gallery(r: Report) -> str:
+    """What each final cluster holds: for the largest clusters, the images nearest its centroid
+    and a few others drawn by a hash of their ids (what a cluster means, and whether it follows
+    objects or only colour)."""
+    members: dict[int, list[tuple[float, str, str]]] = {}
+    for part in iter_row_groups(r.storage, r.run.stage_dir("purify"), ["id", "path", "cluster", "topk_dist"]):
+        for image_id, path, cluster, dist in zip(*(part.column(c).to_pylist()
+                                                   for c in ("id", "path", "cluster", "topk_dist"))):
+            members.setdefault(int(cluster), []).append((float(dist[0]) if dist else 0.0, image_id, path))
+    if not members:
+        return not_run("no final assignment in purify/")
+    largest = sorted(members, key=lambda c: (-len(members[c]), c))[:GALLERY_CLUSTERS]
+    rows = []
+    for cluster in largest:
+        ranked = sorted(members[cluster])
+        nearest = ranked[:GALLERY_NEAREST]
+        rest = {image_id: path for _, image_id, path in ranked[GALLERY_NEAREST:]}
+        chosen = [path for _, _, path in nearest] + [rest[i] for i in sample(list(rest), GALLERY_RANDOM)]
+        panels = [r.image(path, exif_transpose=True) for path in chosen]
+        blank = np.full((1, 1, 3), 255, np.uint8)  # a cluster smaller than a row
+        rows.append((f"cluster {cluster + 1} ({len(ranked)} images)",
+                     panels + [blank] * (GALLERY_NEAREST + GALLERY_RANDOM - len(panels))))
+    titles = [f"nearest {i + 1}" for i in range(GALLERY_NEAREST)] + ["another"] * GALLERY_RANDOM
+    shown = f"the {len(largest)} largest of {len(members)}" if len(members) > len(largest) else f"all {len(members)}"
+    return (r.figure(label_grid(rows, titles), "cluster_gallery.png", "images of each cluster")
+            + f"<p>Final clusters ({shown}; label id = cluster + 1): the images nearest each "
+              "centroid, then others of the cluster.</p>")
+
+
 def _train_grid(r: Report) -> str:
     stats = r.run.label_stats_dir
     if not parquet_files(r.storage, stats):
@@ -254,6 +287,7 @@ SECTIONS: list[tuple[str, Callable[[Report], str]]] = [
     ("Pseudo-label threshold and σ (chosen on validation)", pseudo_label_choice),
     ("Pseudo labels on validation: largest gains and losses from refinement", pseudo_label_gains),
     ("Cluster sizes", _cluster_sizes),
+    ("Cluster gallery", _cluster_gallery),
     ("Per-class IoU (validation)", per_class_iou),
     ("Threshold rule (tuned on validation ground truth)", threshold_rule),
     ("Pseudo labels (train images)", _train_grid),

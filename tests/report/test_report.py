@@ -27,10 +27,10 @@ SECRET = "report-secret-PLANTED-41d7"
 ALL_PARTS = ("config", "summary", "pretrain", "cluster", "purify", "labels", "pseudo", "predictions",
              "rejected", "finetune", "logs")
 FULL_FIGURES = {"stage_seconds.png", "pretraining.png", "cluster_sizes.png", "iou_per_class.png", "image_diagnostics.png",
-                "finetune_loss.png",
+                "finetune_loss.png", "cluster_gallery.png",
                 "pseudo_label_curves.png", "pseudo_label_gains.png",
                 "threshold_curve.png", "train_labels.png", "validation_predictions.png"}
-SECTIONS = 19
+SECTIONS = 20
 DIAGNOSTICS = {"image": {step: {"purity": p, "nmi": p - 0.1, "accuracy": p - 0.05, "images": 12}
                          for step, p in (("cluster", 0.6), ("denoise_s1", 0.7), ("denoise_s2", 0.8),
                                          ("purify_kept", 0.85), ("purify_final", 0.75))},
@@ -84,7 +84,7 @@ def make_run_folder(data_root: str, run: str, parts=ALL_PARTS, storage: Storage 
         kept[:3] = False
         topk = np.stack([clusters, (clusters + 1) % C], 1)
         write_table(storage, ctx.run.path("purify", "part-0.parquet"), pa.table({
-            "id": ids, "cluster": clusters, "kept": kept,
+            "id": ids, "path": [rec.path for rec in train], "cluster": clusters, "kept": kept,
             "topk": vectors_to_arrow(topk.astype(np.float32)).cast(pa.list_(pa.int64())),
             "topk_dist": vectors_to_arrow(rng.random((len(ids), 2)))}))
     if "labels" in parts:
@@ -208,7 +208,7 @@ def test_report_of_a_partial_run(dataset, tmp_path):
                           parts=("config", "summary", "purify", "rejected"))
     page, srcs = read_report(ctx.storage, build_report(ctx.storage, ctx.run.root))
 
-    assert set(srcs) == {"stage_seconds.png", "cluster_sizes.png", "image_diagnostics.png"}
+    assert set(srcs) == {"stage_seconds.png", "cluster_sizes.png", "image_diagnostics.png", "cluster_gallery.png"}
     found = sections(page)
     for title in ("Per-class IoU (validation)", "Threshold rule (tuned on validation ground truth)",
                   "Pseudo-label threshold and σ (chosen on validation)",
@@ -255,6 +255,7 @@ def test_report_of_a_full_run(dataset, tmp_path):
     assert "<td>train/n00000002/broken_7</td>" in found["Rejected images"]
     assert "<td>3</td><td>2</td><td>4</td><td>30</td><td>0.3</td>" in found["Pretraining (stage pretrain)"]
     assert "loss 1.0000 after the first, 0.3333 after the last" in found["Fine-tuning loss"]
+    assert f"Final clusters (all {C};" in found["Cluster gallery"]
     assert '<a href="../logs/run-20261205-120000.log">' in found["Logs"]
     assert "images ok 12; images rejected 2; images total 14</td>" in found["Stages"]  # not a dict
     signals = ctx.storage.read_json(ctx.run.quality_file)  # measured by the stage, shown at the top
