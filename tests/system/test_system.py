@@ -191,10 +191,12 @@ def test_ray_job_submit_runs_the_pipeline_on_a_running_head(tmp_path):
         log = submit.stdout + submit.stderr
         assert submit.returncode == 0, log[-4000:]
         assert re.search(r"Job 'raysubmit_\w+' succeeded", log), log[-4000:]
-        # the driver joined this head rather than starting a Ray of its own
+        # the driver joined this head rather than starting a Ray of its own (Ray's own lines are in
+        # the run's log file, pdso-ray's on the job's terminal)
         assert "running inside a Ray job: using its cluster" in log, log[-4000:]
-        assert re.search(rf"Connecting to existing Ray cluster at address: \S+:{gcs_port}\b", log), \
-            log[-4000:]
+        (ray_log,) = (output / "logs").glob("run-*.log")
+        assert re.search(rf"Connecting to existing Ray cluster at address: \S+:{gcs_port}\b",
+                         ray_log.read_text()), log[-4000:]
     finally:
         _stop_ray(ray_dir)
         shutil.rmtree(ray_dir, ignore_errors=True)
