@@ -108,8 +108,8 @@ def test_ctrl_c_during_training_is_a_keyboard_interrupt():
     from pdso_ray.stages.base import fit
 
     trainer = FakeTrainer()
-    # Python's own handler, as the CLI's process has it (an earlier test in this process, e.g. one
-    # that started Ray, may have left another one installed)
+    # Python's own handler, as the CLI's process has it in a terminal: pytest itself may run with
+    # SIGINT ignored (a background job of a non-interactive shell starts that way)
     outer = signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         threading.Timer(0.5, os.kill, (os.getpid(), signal.SIGINT)).start()
