@@ -340,10 +340,17 @@ class PurifyConfig:
 class RefineConfig:
     method: Annotated[str, Registry("pdso_ray.method.refiners:REFINERS")] = "spo"  # spo | sam_select | gmm | none
     # Secondary classes: other candidates whose squared distance to the image embedding is
-    # <= sigma (the official --yz). None = chosen on validation from sigma_grid (the authors tried
-    # 0.5, 0.65 and 0.8); without validation ground truth the fallback is 0.8.
+    # <= sigma (the official --yz). None = chosen on validation from sigma_grid.
     sigma: NonNegative | None = None
-    sigma_grid: list[NonNegative] = field(default_factory=lambda: [0.5, 0.65, 0.8, 1.0])
+    # The σ values swept: a list of distances, or None = the sigma_quantiles of every train image's
+    # squared distance to its second-nearest final centroid (σ at quantile q gives a secondary
+    # class to about a share q of the images, in whatever space the distances live: the official
+    # σ = 0.8 gave 91% of images one in the official space and 0.6% in ours; docs/method.md §6).
+    sigma_grid: list[NonNegative] | None = None
+    sigma_quantiles: list[Unit] = field(default_factory=lambda: [0.0, 0.25, 0.5, 0.75, 0.9])
+    # Without validation ground truth: σ at this quantile (0.9: about the share the official
+    # σ = 0.8 gives in the official distance space).
+    sigma_fallback_quantile: Unit = 0.9
     # spo: components smaller than this (pixels) get no box. The official spo.py has no filter
     # (0 reproduces it); 100 is ours, against single-patch speckle of the patch-level argmax.
     min_area: NonNegativeInt = 100
@@ -363,7 +370,10 @@ class PseudoLabelsConfig:
     # threshold_grid (the official pipeline's --curve); without validation ground truth the
     # fallback is PASS's published value for data.classes (0.41 / 0.40 / 0.37).
     threshold: Unit | None = None
-    threshold_grid: list[Unit] = field(default_factory=lambda: [round(0.2 + 0.05 * i, 2) for i in range(13)])
+    # Down to 0.02: DINO's CLS attention, normalised per image, can need a much lower t than
+    # PASS's sigmoid head (0.37-0.41) to cover whole objects.
+    threshold_grid: list[Unit] = field(default_factory=lambda: [0.02, 0.05, *(round(0.1 + 0.05 * i, 2)
+                                                                          for i in range(15))])
     # Pixel classes come from all C final centroids (the official rule) | the image's topk nearest.
     candidates: Literal["all", "topk"] = "all"
     image_size: Annotated[int, Range(8)] = 448  # DINO input size for patch features
@@ -561,8 +571,11 @@ def validate(cfg: PipelineConfig) -> PipelineConfig:
              value, "must be [min, max] with 0 < min <= max <= 1")
     need(len(cfg.pseudo_labels.threshold_grid) > 0, "pseudo_labels.threshold_grid",
          cfg.pseudo_labels.threshold_grid, "must be a non-empty list of values in [0, 1]")
-    need(len(cfg.pseudo_labels.refine.sigma_grid) > 0, "pseudo_labels.refine.sigma_grid",
-         cfg.pseudo_labels.refine.sigma_grid, "must be a non-empty list of values >= 0")
+    refine = cfg.pseudo_labels.refine
+    need(refine.sigma_grid is None or len(refine.sigma_grid) > 0, "pseudo_labels.refine.sigma_grid",
+         refine.sigma_grid, "must be null (quantiles) or a non-empty list of values >= 0")
+    need(len(refine.sigma_quantiles) > 0, "pseudo_labels.refine.sigma_quantiles",
+         refine.sigma_quantiles, "must be a non-empty list of values in [0, 1]")
     need(bool(cfg.tracking.mlflow_experiment), "tracking.mlflow_experiment", cfg.tracking.mlflow_experiment,
          "must name an MLflow experiment")
     for section in ("features", "pseudo_labels", "predict", "lightcluster"):

@@ -158,6 +158,17 @@ def iou_from_confusion(confusion: np.ndarray) -> np.ndarray:
     return 100.0 * tp / (union + _EPS)
 
 
+def foreground_iou(confusion: np.ndarray) -> float:
+    """Class-agnostic foreground IoU in percent from a (C + 1)×(C + 1) confusion matrix (predicted
+    × GT, id 0 = background, matched or not): pixels that are foreground in both over pixels that
+    are foreground in either, whatever their classes. For labels cut by a saliency threshold it
+    is the saliency's own IoU with the objects. NaN when neither has a foreground pixel."""
+    confusion = np.asarray(confusion, dtype=np.int64)
+    both = int(confusion[1:, 1:].sum())
+    either = both + int(confusion[1:, 0].sum()) + int(confusion[0, 1:].sum())
+    return 100.0 * both / either if either else math.nan
+
+
 def size_bin(class_pixels: np.ndarray, valid_pixels: int) -> np.ndarray:
     """Object-size bin (0 = S, 1 = MS, 2 = ML, 3 = L) of each class from its pixel count.
 
@@ -183,6 +194,7 @@ class SegmentationResult:
     percent. ``pixel_accuracy``: matched correct pixels over valid pixels, percent (NaN with no
     valid pixel). ``size_miou``: ``{"S", "MS", "ML", "L"}`` -> percent (NaN for an unused bin).
     ``resized``: names of the predictions that were resized to their GT's shape.
+    ``foreground_iou``: class-agnostic foreground IoU, percent (:func:`foreground_iou`).
     """
 
     miou: float
@@ -194,10 +206,11 @@ class SegmentationResult:
     num_images: int
     num_pixels: int
     resized: list[str] = field(default_factory=list)
+    foreground_iou: float = math.nan
 
     def to_json(self) -> dict:
         """JSON-able dict: ``{"mIoU", "IoU", "match": {str(pred): gt}, "Acc", "PixelAcc",
-        "size_mIoU", "num_images", "num_pixels", "resized"}``; NaN becomes null."""
+        "FgIoU", "size_mIoU", "num_images", "num_pixels", "resized"}``; NaN becomes null."""
 
         def num(x: float) -> float | None:
             return None if math.isnan(x) else float(x)
@@ -208,6 +221,7 @@ class SegmentationResult:
             "match": {str(p): int(g) for p, g in sorted(self.match.items())},
             "Acc": num(self.image_accuracy),
             "PixelAcc": num(self.pixel_accuracy),
+            "FgIoU": num(self.foreground_iou),
             "size_mIoU": {k: num(v) for k, v in self.size_miou.items()},
             "num_images": self.num_images,
             "num_pixels": self.num_pixels,
@@ -383,6 +397,7 @@ class SegmentationEvaluator:
             num_images=self.num_images,
             num_pixels=total,
             resized=list(self.resized),
+            foreground_iou=foreground_iou(self._confusion),
         )
 
 

@@ -7,6 +7,8 @@ Id spaces: centroids and k-means clusters are numbered 0..C-1; label maps use 1.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -148,3 +150,37 @@ def main_and_secondary_classes(
         if dist[i] <= sigma and cid != main and cid not in secondary:
             secondary.append(cid)
     return main, secondary
+
+
+def second_nearest_distances(topk_dist: np.ndarray) -> np.ndarray:
+    """Each row's second-smallest distance: ``topk_dist`` is N×k float (k >= 2; any order within
+    a row), the distances of N images to their k nearest final centroids. Returns N float64: how
+    far each image's nearest *secondary* candidate is."""
+    dist = np.asarray(topk_dist, dtype=np.float64)
+    if dist.ndim != 2 or dist.shape[1] < 2:
+        raise ValueError(f"topk_dist must be N×k with k >= 2, got shape {dist.shape}")
+    return np.partition(dist, 1, axis=1)[:, 1]
+
+
+def sigmas_at_quantiles(second_distances: np.ndarray, quantiles: Sequence[float]) -> list[tuple[float, float]]:
+    """SPO's σ values that give a secondary class to given shares of the images.
+
+    Args:
+        second_distances: N float distances of each image to its second-nearest centroid
+            (:func:`second_nearest_distances`), in the space SPO compares σ with.
+        quantiles: shares in [0, 1].
+
+    Returns:
+        ``(sigma, share)`` pairs, ascending and without repeated σ: ``sigma`` the quantile of the
+        distances (4 significant digits: it names a sweep folder), ``share`` the measured share
+        of the images with a second candidate within it (an image's secondary classes are those
+        within σ, :func:`main_and_secondary_classes`).
+    """
+    d = np.asarray(second_distances, dtype=np.float64)
+    if d.ndim != 1 or d.size == 0 or not np.all(np.isfinite(d)):
+        raise ValueError(f"second_distances must be a non-empty vector of finite values, got shape {d.shape}")
+    q = np.asarray(quantiles, dtype=np.float64)
+    if q.size == 0 or np.any((q < 0) | (q > 1)):
+        raise ValueError(f"quantiles must be a non-empty list of values in [0, 1], got {list(quantiles)}")
+    sigmas = sorted({float(f"{v:.4g}") for v in np.quantile(d, q)})
+    return [(sigma, float(np.mean(d <= sigma))) for sigma in sigmas]

@@ -221,15 +221,26 @@ def pseudo_label_choice(r: Report) -> str:
                                 (axes[1], "sigma_curve", "sigma", "SPO secondary-class distance σ")):
         points = choice.get(key) or []
         if points:
-            ax.plot([p[name] for p in points], [p["mIoU"] for p in points], "o-", color="#4c78a8", markersize=4)
+            ax.plot([p[name] for p in points], [p["mIoU"] for p in points], "o-", color="#4c78a8", markersize=4,
+                    label="mIoU")
+            fg = [(p[name], p["saliency_foreground_IoU"]) for p in points
+                  if p.get("saliency_foreground_IoU") is not None]
+            if fg:  # the saliency's own foreground IoU at each t: how well it finds objects at all
+                ax.plot(*zip(*fg), "s:", color="#54a24b", markersize=3, label="saliency foreground IoU")
             ax.axvline(choice[name], color="#e45756", linestyle="--", label=f"chosen {choice[name]:g}")
             ax.legend(fontsize=8)
-        ax.set(xlabel=unit, ylabel="validation mIoU (%)")
+        ax.set(xlabel=unit, ylabel="validation (%)")
     out += r.figure(fig, "pseudo_label_curves.png", "validation mIoU of pseudo labels against t and sigma")
     source = choice["source"]
-    out += (f"<p>Raw pseudo labels: t = {choice['threshold']:g} ({esc(source['threshold'])}); "
-            f"refined: σ = {choice['sigma']:g} ({esc(source['sigma'])}). Each point is the official "
-            "protocol on the validation pseudo labels (its own Hungarian matching).</p>")
+    chosen_fg = next((p.get("saliency_foreground_IoU") for p in choice.get("curve") or []
+                      if p["threshold"] == choice["threshold"]), None)
+    share = choice.get("sigma_secondary_share")
+    out += (f"<p>Raw pseudo labels: t = {choice['threshold']:g} ({esc(source['threshold'])})"
+            + (f", where the saliency's foreground IoU is {chosen_fg:.1f}%" if chosen_fg is not None else "")
+            + f"; refined: σ = {choice['sigma']:g} ({esc(source['sigma'])})"
+            + (f", which gives {100 * share:.0f}% of the train images a secondary class" if share is not None else "")
+            + ". Each point is the official protocol on the validation pseudo labels (its own Hungarian "
+            "matching).</p>")
     return out
 
 

@@ -47,14 +47,14 @@ from pdso_ray.stages.base import (Batch, BatchStep, ModelNeed, Needs, Resources,
 from pdso_ray.stages.read_decode import ImageReader
 from pdso_ray.stages.streaming import StreamingPass, Work, ids_in, object_column, reconcile, run_pass
 from pdso_ray.storage import Storage
-from pdso_ray.tables import iter_row_groups, parquet_files, shard_name, write_table
+from pdso_ray.tables import arrow_to_vectors, iter_row_groups, parquet_files, shard_name, write_table
 
 if TYPE_CHECKING:
     import ray.data
 
 log = logging.getLogger("pdso_ray")
 
-FALLBACK_SIGMA = 0.8  # the official --yz, when nothing can be swept
+FALLBACK_SIGMA = 0.8  # the official --yz: a placeholder where σ decides nothing (no SPO, one candidate)
 STAT_COLUMNS = ("prompts", "masks_used", "pixels_changed")
 
 
@@ -338,16 +338,14 @@ class PseudoLabelsStage(Stage):
     def run(self, ctx: RunContext) -> dict[str, Any]:
         cfg, pc = ctx.cfg, ctx.cfg.pseudo_labels
         gt_dir = ctx.data.gt_dir(ctx.storage, VALIDATION)
-        sigma_grid = ([pc.refine.sigma] if pc.refine.sigma is not None else list(pc.refine.sigma_grid)) \
-            if _uses_sigma(cfg) else [pc.refine.sigma if pc.refine.sigma is not None else FALLBACK_SIGMA]
+        sigma_grid, sigma_fallback, sigma_shares = self._sigma_grid(ctx)
         notes: list[str] = []
         diagnostics: dict[str, Any] = {}
         if gt_dir is None:
-            threshold = cfg.saliency_threshold()
-            sigma = pc.refine.sigma if pc.refine.sigma is not None else FALLBACK_SIGMA
+            threshold, sigma = cfg.saliency_threshold(), sigma_fallback
             notes.append(f"no validation ground truth: saliency threshold {threshold:g} "
                          f"({'configured' if pc.threshold is not None else 'PASS published value'}) "
-                         f"and sigma {sigma:g} ({'configured' if pc.refine.sigma is not None else 'default'})"
+                         f"and sigma {sigma:g} ({'configured' if pc.refine.sigma is not None else 'fallback quantile'})"
                          " were not chosen on validation")
             choice = {"threshold": threshold, "sigma": sigma, "source": "fallback", "curve": [],
                       "sigma_curve": []}
@@ -355,21 +353,51 @@ class PseudoLabelsStage(Stage):
             failed = {"scores": run_pass(ctx, _ValidationPass("scores"))["failed"]}
             measured = self.measure(ctx, gt_dir, sigma_grid, failed)
             if isinstance(measured, str):
-                threshold = cfg.saliency_threshold()
-                sigma = pc.refine.sigma if pc.refine.sigma is not None else FALLBACK_SIGMA
+                threshold, sigma = cfg.saliency_threshold(), sigma_fallback
                 notes.append(f"the validation sweep was {measured}: saliency threshold {threshold:g} and "
-                             f"sigma {sigma:g} are the configured or published values")
+                             f"sigma {sigma:g} are the configured or fallback values")
                 choice = {"threshold": threshold, "sigma": sigma, "source": "fallback", "curve": [],
                           "sigma_curve": [], "sweep": measured}
                 diagnostics = measured
             else:
                 threshold, sigma, choice, diagnostics = measured
+        for point in choice["sigma_curve"]:
+            point["secondary_share"] = sigma_shares.get(point["sigma"])
+        choice["sigma_secondary_share"] = sigma_shares.get(sigma)
         ctx.storage.write_json(ctx.run.eval_file("pseudo_label_threshold.json"), choice)
         counts = run_pass(ctx, _TrainPass(threshold, sigma))
         out: dict[str, Any] = {**counts, "threshold": threshold, "sigma": sigma, "notes": notes}
         if diagnostics:
             out["diagnostics"] = {"pseudo_labels": diagnostics}
         return out
+
+    def _sigma_grid(self, ctx: RunContext) -> tuple[list[float], float, dict[float, float]]:
+        """``(the σ values to sweep, σ without validation, {σ: share of train images it gives a
+        secondary class})``. A configured ``refine.sigma`` or ``sigma_grid`` is used as given; by
+        default σ are quantiles of the train images' distances to their second-nearest final
+        centroid (purify's ``topk_dist``), so the sweep spans "no image has a secondary class" to
+        "most do" in any distance space. The shares are measured for every σ."""
+        from pdso_ray.method.pseudo_labels import second_nearest_distances, sigmas_at_quantiles
+
+        rc = ctx.cfg.pseudo_labels.refine
+        if not _uses_sigma(ctx.cfg):
+            return [rc.sigma if rc.sigma is not None else FALLBACK_SIGMA], FALLBACK_SIGMA, {}
+        rows = [arrow_to_vectors(t.column("topk_dist"))
+                for t in iter_row_groups(ctx.storage, ctx.run.stage_dir("purify"), columns=["topk_dist"])]
+        second = second_nearest_distances(np.concatenate(rows)) if rows and rows[0].shape[1] > 1 else None
+
+        def shares(sigmas: list[float]) -> dict[float, float]:
+            return {} if second is None else {s: float(np.mean(second <= s)) for s in sigmas}
+
+        if rc.sigma is not None:
+            return [rc.sigma], rc.sigma, shares([rc.sigma])
+        if second is None:  # one candidate per image (purify.topk = 1): nothing can be secondary
+            return [FALLBACK_SIGMA], FALLBACK_SIGMA, {}
+        fallback = sigmas_at_quantiles(second, [rc.sigma_fallback_quantile])[0][0]
+        if rc.sigma_grid is not None:
+            return list(rc.sigma_grid), fallback, shares([*rc.sigma_grid, fallback])
+        grid = [sigma for sigma, _ in sigmas_at_quantiles(second, rc.sigma_quantiles)]
+        return grid, fallback, shares([*grid, fallback])
 
     def measure(self, ctx: RunContext, gt_dir: str, sigma_grid: list[float], failed: dict[str, Any]):
         """The validation sweep, best-effort: ``(t, sigma, eval/pseudo_label_threshold.json's
@@ -391,8 +419,8 @@ class PseudoLabelsStage(Stage):
             diagnostics = best_effort("pseudo_labels: the raw and refined labels on validation",
                                       lambda: self._diagnostics(ctx, gt_dir, threshold, sigma, raw, refined,
                                                                 failed["scores"]))
-            log.info("pseudo_labels: t = %g (validation raw mIoU %.2f), sigma = %g (refined mIoU %.2f)",
-                     threshold, raw.miou, sigma, refined.miou)
+            log.info("pseudo_labels: t = %g (validation raw mIoU %.2f, saliency foreground IoU %.1f), "
+                     "sigma = %g (refined mIoU %.2f)", threshold, raw.miou, raw.foreground_iou, sigma, refined.miou)
             return threshold, sigma, choice, diagnostics
 
         return best_effort("pseudo_labels: the validation sweep of t and sigma", chosen)
@@ -414,7 +442,9 @@ class PseudoLabelsStage(Stage):
                             run.label_dir("saliency", VALIDATION))
         results = evaluate_thresholds(ctx.storage, files, ctx.cfg.data.classes, grid, size_bins=False)
         best = best_index(results)
-        return grid[best], [{"threshold": t, "mIoU": r.miou} for t, r in zip(grid, results)], results[best]
+        curve = [{"threshold": t, "mIoU": r.miou, "saliency_foreground_IoU": _finite(r.foreground_iou)}
+                 for t, r in zip(grid, results)]
+        return grid[best], curve, results[best]
 
     def _choose_sigma(self, ctx: RunContext, gt_dir: str, grid: list[float], failed):
         from pdso_ray.evaluation import evaluate_thresholds
@@ -437,18 +467,26 @@ class PseudoLabelsStage(Stage):
         raw_acc = per_image_accuracy(ctx.storage, raw_files, raw.match)
         refined_acc = per_image_accuracy(ctx.storage, refined_files, refined.match)
         method = ctx.cfg.pseudo_labels.refine.method
+        saliency = {"foreground_IoU": _finite(raw.foreground_iou), "threshold": threshold}
         report = {"raw": {"mIoU": raw.miou, "threshold": threshold, "match": _json_match(raw.match)},
+                  "saliency": saliency,
                   "refined": {"mIoU": refined.miou, "method": method, "sigma": sigma,
                               "dir": run.sweep_dir(sigma, VALIDATION), "match": _json_match(refined.match)},
                   "images": {rel: {"raw": raw_acc[rel], "refined": refined_acc.get(rel)} for rel in raw_acc}}
         ctx.storage.write_json(run.eval_file("pseudo_labels.json"), report)
         return {"raw": {"mIoU": raw.miou, "threshold": threshold},
-                "refined": {"mIoU": refined.miou, "method": method, "sigma": sigma}}
+                "refined": {"mIoU": refined.miou, "method": method, "sigma": sigma},
+                "saliency": saliency}
 
 
 def _uses_sigma(cfg: PipelineConfig) -> bool:
     """Only SPO reads sigma (its secondary classes)."""
     return cfg.pseudo_labels.refine.method == "spo"
+
+
+def _finite(x: float) -> float | None:
+    """JSON has no NaN: a measurement with nothing to measure is null."""
+    return None if np.isnan(x) else float(x)
 
 
 def _json_match(match: dict[int, int]) -> dict[str, int]:

@@ -12,6 +12,7 @@ from pdso_ray.method.metrics import (
     SegmentationEvaluator,
     apply_match,
     check_match,
+    foreground_iou,
     hungarian_match,
     iou_from_confusion,
     resize_nearest,
@@ -253,3 +254,15 @@ def test_result_json_is_strict_json():
     # class 1 covers 1 of 2 pixels: 50% -> ML; the other bins are unused (NaN -> null)
     assert out["size_mIoU"] == {"S": None, "MS": None, "ML": pytest.approx(100.0), "L": None}
     json.dumps(out, allow_nan=False)
+
+
+def test_foreground_iou_ignores_classes_and_the_matching():
+    # 2 classes; pred finds the object's pixels but calls them the wrong class, and adds 2 pixels
+    gt = np.array([[0, 0, 1, 1], [0, 0, 2, 2]])
+    pred = np.array([[0, 2, 2, 2], [0, 1, 1, 1]])
+    ev = SegmentationEvaluator(2)
+    ev.update(pred, gt)
+    res = ev.finalize()
+    assert res.foreground_iou == pytest.approx(100 * 4 / 6)  # 4 shared fg pixels, 6 fg in either
+    assert res.to_json()["FgIoU"] == pytest.approx(100 * 4 / 6)
+    assert foreground_iou(np.zeros((3, 3), np.int64)) != foreground_iou(np.zeros((3, 3), np.int64))  # NaN

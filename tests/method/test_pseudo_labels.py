@@ -6,6 +6,8 @@ from pdso_ray.method.pseudo_labels import (
     class_map,
     main_and_secondary_classes,
     raw_pseudo_label,
+    second_nearest_distances,
+    sigmas_at_quantiles,
 )
 
 
@@ -90,3 +92,23 @@ def test_threshold_is_applied_to_the_class_map():
     classes = np.array([[3, 3], [2, 2]], np.int32)
     sal = np.array([[0.1, 0.5], [0.49, 0.9]])
     np.testing.assert_array_equal(apply_saliency_threshold(classes, sal, 0.5), [[0, 3], [0, 2]])
+
+
+def test_sigma_quantiles_give_their_share_of_images_a_secondary_class():
+    rng = np.random.default_rng(0)
+    # 1000 images, 5 candidates each, in a space where the distances are large (no fixed sigma fits)
+    topk_dist = rng.uniform(3.0, 9.0, size=(1000, 5))
+    second = second_nearest_distances(topk_dist)
+    assert np.array_equal(second, np.sort(topk_dist, axis=1)[:, 1])
+    pairs = sigmas_at_quantiles(second, [0.9, 0.0, 0.5, 0.5])
+    assert [s for s, _ in pairs] == sorted({s for s, _ in pairs}) and len(pairs) == 3  # sorted, no repeats
+    for (sigma, share), q in zip(pairs, (0.0, 0.5, 0.9)):
+        assert share == pytest.approx(q, abs=0.01)
+        # the share is what main_and_secondary_classes really gives at that sigma
+        with_secondary = np.mean([len(main_and_secondary_classes(np.arange(5), d, sigma)[1]) > 0
+                                  for d in topk_dist])
+        assert with_secondary == pytest.approx(share)
+    with pytest.raises(ValueError, match="k >= 2"):
+        second_nearest_distances(topk_dist[:, :1])
+    with pytest.raises(ValueError, match="quantiles"):
+        sigmas_at_quantiles(second, [1.5])

@@ -146,6 +146,10 @@ def test_the_same_measurements_score_matching_ground_truth(tmp_path):
                                                                         {"scores": set(), "sweep": set()})
     counts = EvaluateStage().run(ctx)
     assert sigma == 0.5 and len(choice["curve"]) == len(ctx.cfg.pseudo_labels.threshold_grid)
+    # saliency 200/255 everywhere on an all-object image: foreground at every t up to 200/255, none above
+    fg = {p["threshold"]: p["saliency_foreground_IoU"] for p in choice["curve"]}
+    assert fg[0.02] == fg[0.75] == 100.0 and fg[0.8] == 0.0
+    assert diagnostics["saliency"] == {"foreground_IoU": 100.0, "threshold": threshold}
     assert diagnostics["refined"]["mIoU"] == diagnostics["raw"]["mIoU"] == counts["mIoU"] > 0
     assert [s["mIoU"] for s in counts["diagnostics"]["ablation"]] == [counts["mIoU"]] * 3
 
@@ -168,3 +172,17 @@ def test_the_report_over_broken_artifacts(tmp_path, caplog):
     assert failed and all(m.startswith("report: section") and "not computed" in m for m in failed)
     assert page.count('class="error">not computed: ') == len(failed)
     assert "Per-class IoU" in page and "Pretraining" in page  # their sections are there, saying why
+
+
+def test_sigma_grid_comes_from_quantiles_of_the_second_nearest_distance(tmp_path):
+    ctx = _ctx(tmp_path)
+    second = np.linspace(10.0, 20.0, 101)  # large distances: no fixed sigma of the paper fits them
+    _write(ctx, "purify", [f"train/n01/{i}" for i in range(101)],
+           topk_dist=[[1.0, float(d), 30.0] for d in second])
+    grid, fallback, shares = PseudoLabelsStage()._sigma_grid(ctx)
+    assert grid == [10.0, 12.5, 15.0, 17.5, 19.0]  # quantiles 0, .25, .5, .75, .9
+    assert fallback == 19.0 and shares[19.0] == pytest.approx(91 / 101)
+    assert shares[15.0] == pytest.approx(51 / 101)
+    ctx = _ctx(tmp_path, "pseudo_labels.refine.sigma_grid=[0.5,12]")  # a configured grid is used as given
+    grid, _, shares = PseudoLabelsStage()._sigma_grid(ctx)
+    assert grid == [0.5, 12.0] and shares[0.5] == 0.0 and shares[12.0] == pytest.approx(21 / 101)
