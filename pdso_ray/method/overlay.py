@@ -1,8 +1,10 @@
-"""Label colours and colour overlays: a fixed colour per class id, and a photo with its label map
-blended in (the report's mosaics, ``pdso-ray segment --overlay``).
+"""Label colours and colour overlays: the one palette of the project (a fixed colour per class
+id), a label map in those colours (:func:`colorize`) and a photo with its label map blended in
+(:func:`overlay`). The report's pictures, the colour previews and overlays written beside every
+label PNG (docs/architecture.md, "Previews") and ``pdso-ray segment --overlay`` all use them.
 
 Colours come from :func:`class_colors`: golden-ratio hues, background 0 black, ignore 1000 white,
-so the same id looks the same in every picture, report and overlay alike.
+ids above it grey, so the same id looks the same in every picture, report and preview alike.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import numpy as np
 from pdso_ray.method.metrics import IGNORE_ID, resize_nearest
 
 _GOLDEN = 0.6180339887
+OUT_OF_RANGE_COLOR = (128, 128, 128)  # ids above IGNORE_ID (not labels of this project)
 
 
 def _hsv_to_rgb(hsv: np.ndarray) -> np.ndarray:
@@ -42,6 +45,19 @@ def class_colors(max_id: int = IGNORE_ID) -> np.ndarray:
     return lut
 
 
+def colorize(label: np.ndarray) -> np.ndarray:
+    """H×W integer ids → H×W×3 uint8 RGB in :func:`class_colors`: what a label PNG (id = R + 256·G,
+    near black to the eye) looks like to a person. Ids above ``IGNORE_ID`` are grey, negative
+    ids raise ValueError."""
+    label = np.asarray(label)
+    if label.ndim != 2 or not (np.issubdtype(label.dtype, np.integer) or label.dtype == np.bool_):
+        raise ValueError(f"label must be an H×W integer array, got {label.shape} {label.dtype}")
+    if label.size and int(label.min()) < 0:
+        raise ValueError(f"label ids must be >= 0, got {int(label.min())}")
+    lut = np.vstack([class_colors(), [OUT_OF_RANGE_COLOR]]).astype(np.uint8)
+    return lut[np.minimum(label, IGNORE_ID + 1)]
+
+
 def overlay(image: np.ndarray, label: np.ndarray, alpha: float = 0.5) -> np.ndarray:
     """``image`` (H×W×3 uint8 RGB) with each labelled pixel blended towards its class colour:
     ``(1 − alpha)·pixel + alpha·colour`` where ``label`` is a class (1..999), the pixel as it was
@@ -53,7 +69,7 @@ def overlay(image: np.ndarray, label: np.ndarray, alpha: float = 0.5) -> np.ndar
         raise ValueError(f"alpha must be in [0, 1], got {alpha}")
     if label.shape != image.shape[:2]:
         label = resize_nearest(label, image.shape[:2])
-    colours = class_colors()[np.clip(label, 0, IGNORE_ID)].astype(np.float32)
+    colours = colorize(label).astype(np.float32)
     blended = (1.0 - alpha) * image.astype(np.float32) + alpha * colours
     keep = ((label == 0) | (label >= IGNORE_ID))[..., None]
     return np.where(keep, image, np.rint(blended).astype(np.uint8))

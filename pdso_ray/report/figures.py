@@ -1,8 +1,8 @@
-"""Pictures of labels for the run report: a fixed colour per class id and mosaics of image and
-label panels.
+"""Pictures of labels for the run report: mosaics of image and label panels.
 
-Label colours come from :func:`pdso_ray.method.overlay.class_colors`: golden-ratio hues, background 0 black, ignore 1000
-white, so the same id looks the same in every picture and in the per-class IoU bars.
+Label colours come from the project's one palette (:mod:`pdso_ray.method.overlay`: golden-ratio
+hues, background 0 black, ignore 1000 white), so the same id looks the same in every picture, in
+the per-class IoU bars and in the previews beside the label PNGs.
 """
 
 from __future__ import annotations
@@ -11,17 +11,12 @@ import numpy as np
 from matplotlib.figure import Figure
 from PIL import Image
 
-from pdso_ray.data.imagenet_s import IGNORE_ID
 from pdso_ray.method.metrics import resize_nearest
-from pdso_ray.method.overlay import class_colors
+from pdso_ray.method.overlay import class_colors, colorize, overlay
+
+__all__ = ["PANEL_SIDE", "class_colors", "colorize", "fit_panel", "label_grid", "overlay"]
 
 PANEL_SIDE = 240  # px: the longer side of an image or label panel before plotting
-
-
-def colorize(label: np.ndarray) -> np.ndarray:
-    """HxW ids → HxWx3 uint8 with :func:`class_colors`; ids above ``IGNORE_ID`` are grey."""
-    lut = np.vstack([class_colors(), [[128, 128, 128]]]).astype(np.uint8)
-    return lut[np.clip(label, 0, IGNORE_ID + 1)]
 
 
 def fit_panel(panel: np.ndarray, side: int) -> np.ndarray:
@@ -32,16 +27,6 @@ def fit_panel(panel: np.ndarray, side: int) -> np.ndarray:
     if panel.ndim == 3:
         return np.asarray(Image.fromarray(panel).resize(size[::-1], Image.Resampling.BILINEAR))
     return colorize(resize_nearest(panel, size))
-
-
-def overlay(image: np.ndarray, label: np.ndarray, alpha: float = 0.55) -> np.ndarray:
-    """``image`` (HxWx3 uint8) with ``label`` (any size, nearest-resized to it) painted over in
-    :func:`class_colors` at ``alpha``; background and ignore pixels left as they are."""
-    label = resize_nearest(np.asarray(label), image.shape[:2])
-    painted = (label > 0) & (label != IGNORE_ID)
-    out = image.astype(np.float32)
-    out[painted] = (1 - alpha) * out[painted] + alpha * colorize(label)[painted]
-    return np.round(out).astype(np.uint8)
 
 
 def label_grid(rows: list[tuple[str, list[np.ndarray | None]]], titles: list[str]) -> Figure:
