@@ -476,6 +476,12 @@ class PipelineConfig:
     # image, the ImageNet-S layout the official tools read) | webdataset (tar shards of PNGs, one
     # per batch, each with a Parquet index and per-image statistics). `output.format` is an alias.
     output_format: Literal["files", "webdataset"] = "files"
+    # A colour preview (<split>_colour/<rel>.png) and an overlay on the image
+    # (<split>_overlay/<rel>.jpg) beside every train pseudo label (raw, refined) and prediction:
+    # auto (files with output_format: files, none with webdataset, where millions of small files
+    # are what the shards avoid; the report draws its pictures from the shards either way) |
+    # files | none. Written with the labels; changing it re-runs no stage.
+    previews: Literal["auto", "files", "none"] = "auto"
     # pdso (the main method) | lightcluster (training-free; its outputs go below lightcluster/,
     # sharing the run folder's features and k-means with PDSO)
     method: Literal["pdso", "lightcluster"] = "pdso"

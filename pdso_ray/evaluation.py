@@ -145,8 +145,8 @@ def read_match(match_file: str, num_classes: int, storage: Storage) -> dict[int,
 def evaluate_thresholds(storage: Storage, files: Sequence[EvalFile], classes: int,
                         thresholds: Sequence[float | None] = (None,),
                         match: dict[int, int] | None = None, resize: str | None = None,
-                        workers: int | None = None, progress: bool = True, size_bins: bool = True
-                        ) -> list[SegmentationResult]:
+                        workers: int | None = None, progress: bool = True, size_bins: bool = True,
+                        per_image: bool = False) -> list[SegmentationResult]:
     """One result per threshold (None = labels as they are), from a single pass over ``files``.
 
     Each image's label, foreground map and GT are read and decoded once (``workers`` threads
@@ -155,7 +155,8 @@ def evaluate_thresholds(storage: Storage, files: Sequence[EvalFile], classes: in
     releases the GIL in the heavy parts). ``match``: a fixed predicted → GT matching (test reuses
     validation's); None computes a Hungarian matching per threshold. ``resize``: None (a size
     mismatch is an error) or ``"nearest"``. Memory: one O(C²) evaluator per threshold
-    (``size_bins=False`` drops 4 of its 7 C×C tables, for long sweeps at large C).
+    (``size_bins=False`` drops 4 of its 7 C×C tables, for long sweeps at large C). ``per_image``:
+    each result's ``image_miou`` scores every image alone, by its relative name.
     """
     if not files:
         raise ValueError("no images to evaluate")
@@ -166,8 +167,8 @@ def evaluate_thresholds(storage: Storage, files: Sequence[EvalFile], classes: in
     if any(t is not None for t in thresholds) and any(f.fg is None and f.pred for f in files):
         raise ValueError("thresholds need foreground maps, and some predictions have none")
     cuts = [None if t is None else fg_cut(t) for t in thresholds]
-    evaluators = [SegmentationEvaluator(classes, match=match, resize=resize, size_bins=size_bins)
-                  for _ in thresholds]
+    evaluators = [SegmentationEvaluator(classes, match=match, resize=resize, size_bins=size_bins,
+                                        per_image=per_image) for _ in thresholds]
     io_workers = workers or min(16, 4 * (os.cpu_count() or 1))
     cpu_workers = max(1, min(len(thresholds), os.cpu_count() or 1))
     # Threshold k is handled by thread k % cpu_workers: each evaluator is touched by one thread.

@@ -16,6 +16,11 @@ names inside, so both methods can run on one folder and share its ``features`` a
 
 **Image ids** (:mod:`pdso_ray.data.ids`): every per-image output is ``<folder>/<id>.png``, the id
 checked by :func:`~pdso_ray.data.ids.check_id` before it becomes a path.
+
+**Previews** (``previews``, docs/architecture.md): beside the split folder of every label PNG
+(``labels/{raw,refined}/<split>/``, ``predictions/<split>/``) sit ``<split>_colour/<rel>.png``
+(the label in the project's palette) and ``<split>_overlay/<rel>.jpg`` (the image with it blended
+in): siblings, so no reader of the labels ever lists them as labels.
 """
 
 from __future__ import annotations
@@ -29,6 +34,8 @@ from pdso_ray.plan import MAIN_METHOD, METHODS, SHARED_STAGES
 from pdso_ray.storage import Storage
 
 OVERLAY_SUFFIX = ".jpg"
+# Label PNGs that get a colour preview and an overlay (RunLayout.colour_png, RunLayout.overlay_jpg).
+PREVIEW_KINDS = ("raw", "refined", "predictions")
 
 # The steps that assign images to clusters, in chain order: the keys of summary.json's
 # diagnostics.image (each {purity, nmi, accuracy, images}).
@@ -248,14 +255,6 @@ class RunLayout:
     def foreground_label_png(self, image_id_: str) -> str:
         return Storage.join(self.foreground_label_dir(split_of(check_id(image_id_))), png_rel(image_id_))
 
-    def overlay_dir(self, split: str) -> str:
-        """Colour overlays of ``split``'s predictions (``pdso-ray segment --overlay``)."""
-        return self.method_path("predictions", split + "_overlay")
-
-    def overlay_jpg(self, image_id_: str) -> str:
-        return Storage.join(self.overlay_dir(split_of(check_id(image_id_))),
-                            rel_of(image_id_) + OVERLAY_SUFFIX)
-
     @property
     def segment_summary(self) -> str:
         """What ``pdso-ray segment`` did in this folder: model, input, counts, images/s."""
@@ -263,6 +262,30 @@ class RunLayout:
 
     def prediction_png(self, image_id_: str) -> str:
         return Storage.join(self.predictions_root, check_id(image_id_) + LABEL_SUFFIX)
+
+    # -- previews of the label PNGs (module docstring) --
+    def label_split_dir(self, kind: str, split: str) -> str:
+        """The folder of ``split``'s label PNGs of a :data:`PREVIEW_KINDS` kind: ``labels/<kind>/<split>``
+        or ``predictions/<split>``."""
+        if kind not in PREVIEW_KINDS:
+            raise ValueError(f"preview kind must be one of {PREVIEW_KINDS}, got {kind!r}")
+        return self.predictions_dir(split) if kind == "predictions" else self.label_dir(kind, split)
+
+    def colour_dir(self, kind: str, split: str) -> str:
+        """Colour previews of ``split``'s ``kind`` labels: ``<label folder>_colour/``."""
+        return self.label_split_dir(kind, split) + "_colour"
+
+    def overlay_dir(self, kind: str, split: str) -> str:
+        """Overlays of ``split``'s ``kind`` labels on their images: ``<label folder>_overlay/``
+        (for predictions, also what ``pdso-ray segment --overlay`` writes)."""
+        return self.label_split_dir(kind, split) + "_overlay"
+
+    def colour_png(self, kind: str, image_id_: str) -> str:
+        return Storage.join(self.colour_dir(kind, split_of(check_id(image_id_))), png_rel(image_id_))
+
+    def overlay_jpg(self, kind: str, image_id_: str) -> str:
+        return Storage.join(self.overlay_dir(kind, split_of(check_id(image_id_))),
+                            rel_of(image_id_) + OVERLAY_SUFFIX)
 
     def foreground_png(self, image_id_: str) -> str:
         return Storage.join(self.foreground_dir(split_of(check_id(image_id_))), png_rel(image_id_))
@@ -279,6 +302,18 @@ class RunLayout:
     def eval_file(self, name: str) -> str:
         """``eval/<name>``: validation.json, test.json, match.json, threshold_curve.json."""
         return self.method_path("eval", name)
+
+    @property
+    def validation_image_scores(self) -> str:
+        """``eval/validation_images.json``: ``{<rel>.png: mIoU %}`` of each validation image alone,
+        under the validation matching (the report's best and worst)."""
+        return self.eval_file("validation_images.json")
+
+    @property
+    def confusion_file(self) -> str:
+        """``eval/confusion.npy``: validation pixel counts, (C + 1)×(C + 1) int64, matched
+        predicted id (row) × GT id (column)."""
+        return self.eval_file("confusion.npy")
 
     # -- training curves (pretrain, finetune, denoise's backbone tuner) --
     def tensorboard_dir(self, stage: str) -> str:

@@ -15,6 +15,7 @@ OUTPUT is laid out like a run folder's predictions (:class:`~pdso_ray.run_layout
                                                   codec (id = R + 256·G, 0 background)
     OUTPUT/predictions/<split>_overlay/<rel>.jpg  with --overlay: the image as decoded for the
                                                   model, the label blended in
+    OUTPUT/predictions/<split>_colour/<rel>.png   with --overlay: the label in the report's colours
     OUTPUT/predictions/rejected_<split>.parquet   images that got no label, and why
     OUTPUT/segment.json                           model, input, counts, seconds, images/s
 
@@ -80,7 +81,8 @@ def resolve_model(storage: Storage, url: str) -> SegmentationModel:
 
 
 class SegmentPass(PredictStage):
-    """The predict stage's pass with another model, colour overlays if asked, and a progress bar."""
+    """The predict stage's pass with another model, previews (colour and overlay) if asked, and a
+    progress bar."""
 
     name = "segment"
 
@@ -91,6 +93,10 @@ class SegmentPass(PredictStage):
 
     def model_url(self, ctx: RunContext) -> str:
         return self.model.url
+
+    def write_previews(self, ctx: RunContext) -> bool:
+        """Only with ``--overlay``: the labels are what ``segment`` is asked for."""
+        return self.overlay
 
     def finish(self, ctx: RunContext, work, results: dict[str, str]) -> dict[str, Any]:
         self.processed = len(results)

@@ -194,7 +194,10 @@ class SegmentationResult:
     percent. ``pixel_accuracy``: matched correct pixels over valid pixels, percent (NaN with no
     valid pixel). ``size_miou``: ``{"S", "MS", "ML", "L"}`` -> percent (NaN for an unused bin).
     ``resized``: names of the predictions that were resized to their GT's shape.
-    ``foreground_iou``: class-agnostic foreground IoU, percent (:func:`foreground_iou`).
+    ``foreground_iou``: class-agnostic foreground IoU, percent (:func:`foreground_iou`). ``confusion``:
+    the matched pixel counts, (C + 1)×(C + 1) int64, matched predicted id (row) × GT id (column).
+    ``image_miou``: with ``per_image``, ``{image name: percent}``: the mean IoU of one image over
+    the ids its matched prediction or its GT holds, background included (:func:`image_miou`).
     """
 
     miou: float
@@ -207,10 +210,13 @@ class SegmentationResult:
     num_pixels: int
     resized: list[str] = field(default_factory=list)
     foreground_iou: float = math.nan
+    confusion: np.ndarray | None = field(default=None, compare=False, repr=False)
+    image_miou: dict[str, float] = field(default_factory=dict, compare=False, repr=False)
 
     def to_json(self) -> dict:
         """JSON-able dict: ``{"mIoU", "IoU", "match": {str(pred): gt}, "Acc", "PixelAcc",
-        "FgIoU", "size_mIoU", "num_images", "num_pixels", "resized"}``; NaN becomes null."""
+        "FgIoU", "size_mIoU", "num_images", "num_pixels", "resized"}``; NaN becomes null (the
+        confusion matrix and the per-image scores are the caller's to store)."""
 
         def num(x: float) -> float | None:
             return None if math.isnan(x) else float(x)
@@ -237,13 +243,16 @@ class SegmentationEvaluator:
     :meth:`finalize`. ``resize``: None (shape mismatch raises ValueError) or ``"nearest"``.
     ``ignore_id``: GT value whose pixels are dropped. ``size_bins=False`` skips the object-size
     bins (their mIoU is then NaN): a threshold sweep keeps one evaluator per threshold, and the bins
-    are 4 of its 7 C×C tables.
+    are 4 of its 7 C×C tables. ``per_image=True`` also keeps each image's small confusion (the ids
+    it holds) to score it alone at :meth:`finalize` (``image_miou``).
 
-    State is O(C^2) int64 counts, independent of the number of images and pixels.
+    State is O(C^2) int64 counts, independent of the number of images and pixels (plus, with
+    ``per_image``, a few counts per image).
     """
 
     def __init__(self, num_classes: int, match: dict[int, int] | None = None,
-                 resize: str | None = None, ignore_id: int = IGNORE_ID, size_bins: bool = True):
+                 resize: str | None = None, ignore_id: int = IGNORE_ID, size_bins: bool = True,
+                 per_image: bool = False):
         if int(num_classes) < 1 or int(num_classes) >= ignore_id:
             raise ValueError(f"num_classes must be in 1..{ignore_id - 1}, got {num_classes}")
         if resize not in RESIZE_MODES:
@@ -269,6 +278,8 @@ class SegmentationEvaluator:
         # Images where several foreground ids tie for most pixels: (tied ids, GT ids present).
         # Which one wins depends on the matching, unknown until finalize; ties are rare.
         self._ties: list[tuple[np.ndarray, np.ndarray]] = []
+        # With per_image: (name, predicted ids, GT ids, their pixel counts) of every image.
+        self._images: list[tuple[str, np.ndarray, np.ndarray, np.ndarray]] | None = [] if per_image else None
         self.num_images = 0
         self.resized: list[str] = []
 
@@ -332,6 +343,8 @@ class SegmentationEvaluator:
         counts = np.bincount(joint, minlength=pred_ids.size * gt_ids.size)
         counts = counts.reshape(pred_ids.size, gt_ids.size)
         self._confusion[np.ix_(pred_ids, gt_ids)] += counts
+        if self._images is not None:
+            self._images.append((name or f"#{self.num_images}", pred_ids, gt_ids, counts))
 
         fg_pred, fg_gt = pred_ids[pred_ids > 0], gt_ids[gt_ids > 0]
         if self._lut is None:
@@ -387,6 +400,7 @@ class SegmentationEvaluator:
             bin_iou = iou_from_confusion(bin_matched)
             size_miou[bin_name] = float(bin_iou[present].mean()) if present.any() else math.nan
 
+        per_image = {name: image_miou(target[p], g, counts) for name, p, g, counts in self._images or ()}
         return SegmentationResult(
             miou=float(iou.mean()),
             iou=iou.tolist(),
@@ -398,7 +412,21 @@ class SegmentationEvaluator:
             num_pixels=total,
             resized=list(self.resized),
             foreground_iou=foreground_iou(self._confusion),
+            confusion=matched,
+            image_miou=per_image,
         )
+
+
+def image_miou(pred_ids: np.ndarray, gt_ids: np.ndarray, counts: np.ndarray) -> float:
+    """One image's mean IoU in percent: ``counts[i, j]`` pixels are predicted ``pred_ids[i]``
+    (already matched to GT ids) where the GT is ``gt_ids[j]``; the mean runs over the ids either
+    holds, background included (an image predicted perfectly scores 100, one whose prediction and
+    GT share no id 0)."""
+    classes = np.union1d(pred_ids, gt_ids)
+    rows, cols = np.searchsorted(classes, pred_ids), np.searchsorted(classes, gt_ids)
+    confusion = np.zeros((classes.size, classes.size), dtype=np.int64)
+    np.add.at(confusion, (rows[:, None], cols[None, :]), counts)
+    return float(iou_from_confusion(confusion).mean())
 
 
 def _check_range(labels: np.ndarray, num_classes: int, what: str) -> None:

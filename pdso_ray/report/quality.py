@@ -9,7 +9,8 @@ quality").
   never reads), as a table and one plot across the steps;
 - the saliency threshold t and SPO's σ chosen on validation, with their curves;
 - the validation images whose pseudo labels refinement helped and hurt most;
-- per-class IoU, the threshold rule (when predicted) and the validation predictions.
+- per-class IoU and the threshold rule (when predicted); the validation predictions are in
+  :mod:`~pdso_ray.report.predictions`.
 
 Label colours in every picture are ground-truth classes (predicted ids mapped through the matching
 that scored them), with a legend of class folders (and names, when the dataset has a
@@ -31,13 +32,12 @@ from pdso_ray.data.imagenet_s import IGNORE_ID, VALIDATION
 from pdso_ray.measuring import is_not_computed
 from pdso_ray.method.metrics import SIZE_BIN_NAMES
 from pdso_ray.plan import METHODS, SHARED_STAGES
-from pdso_ray.report.base import Report, esc, fmt, not_run, sample, table
+from pdso_ray.report.base import Report, esc, fmt, not_run, table
 from pdso_ray.report.figures import class_colors, label_grid
 from pdso_ray.run_layout import IMAGE_DIAGNOSTIC_STEPS as IMAGE_STEPS
 
 log = logging.getLogger("pdso_ray")
 
-MAX_GRID_ROWS = 8
 GAIN_LOSS_ROWS = 6
 MAX_BARS_BY_ID = 61  # per-class IoU drawn per id up to here (ImageNet-S50 + background)
 STEP_NAMES = {"cluster": "k-means #1", "denoise_s1": "S1 (small loss under f)",
@@ -51,7 +51,7 @@ def _summary(r: Report) -> dict[str, Any]:
     return r.json(r.run.summary_file) or {}
 
 
-def _lut(match: dict[str, int] | None) -> np.ndarray | None:
+def match_lut(match: dict[str, int] | None) -> np.ndarray | None:
     """Predicted id → GT id lookup (ids without an entry keep their value)."""
     if match is None:
         return None
@@ -61,7 +61,7 @@ def _lut(match: dict[str, int] | None) -> np.ndarray | None:
     return lut
 
 
-def _mapped(label: np.ndarray | None, lut: np.ndarray | None) -> np.ndarray | None:
+def mapped_label(label: np.ndarray | None, lut: np.ndarray | None) -> np.ndarray | None:
     if label is None or lut is None:
         return label
     return lut[np.clip(label, 0, IGNORE_ID)]
@@ -257,12 +257,12 @@ def pseudo_label_gains(r: Report) -> str:
     picks = [("largest gain", rel) for rel in by_gain[::-1][:n]] + [("largest loss", rel) for rel in by_gain[:n]]
     gt = r.pngs(r.data.gt_dir(r.storage, VALIDATION) if r.data is not None else None)
     images = _validation_images(r)
-    raw_lut, refined_lut = _lut(report["raw"]["match"]), _lut(report["refined"]["match"])
+    raw_lut, refined_lut = match_lut(report["raw"]["match"]), match_lut(report["refined"]["match"])
     raw_labels, refined_labels = r.pngs(r.run.label_dir("raw", VALIDATION)), r.pngs(report["refined"]["dir"])
     rows, shown = [], set()
     for kind, rel in picks:
-        raw = _mapped(r.label(raw_labels.get(rel)), raw_lut)
-        refined = _mapped(r.label(refined_labels.get(rel)), refined_lut)
+        raw = mapped_label(r.label(raw_labels.get(rel)), raw_lut)
+        refined = mapped_label(r.label(refined_labels.get(rel)), refined_lut)
         gt_label = r.label(gt.get(rel))
         image = r.image(images[rel], exif_transpose=False) if rel in images else None
         for lab in (raw, refined, gt_label):
@@ -345,26 +345,3 @@ def threshold_rule(r: Report) -> str:
             + f"<p>PASS's foreground-threshold rule: {tuned['mIoU']:.2f} at t = {tuned['threshold']:g}, "
               f"<b>tuned on validation ground truth</b> — beside, not instead of, the official "
               f"{fmt(official.get('mIoU'))}.</p>")
-
-
-def validation_grid(r: Report) -> str:
-    predictions = r.pngs(r.run.predictions_dir(VALIDATION))
-    if not predictions:
-        return not_run("no predictions/validation/")
-    lut = _lut(r.json(r.run.eval_file("match.json")))
-    gt_pngs = r.pngs(r.data.gt_dir(r.storage, VALIDATION) if r.data is not None else None)
-    images = _validation_images(r)
-    rows, shown = [], set()
-    for rel in sample(sorted(predictions), MAX_GRID_ROWS):
-        pred = _mapped(r.label(predictions[rel]), lut)
-        gt = r.label(gt_pngs.get(rel))
-        for lab in (pred, gt):
-            if lab is not None:
-                shown.update(np.unique(lab).tolist())
-        rows.append((rel[:-4], [r.image(images[rel], exif_transpose=False) if rel in images else None, pred, gt]))
-    how = ("ids mapped to ground-truth classes by the validation matching" if lut is not None
-           else "raw predicted ids (no matching yet)")
-    fig = label_grid(rows, ["image", "prediction (argmax over C+1)", "ground truth"])
-    return (r.figure(fig, "validation_predictions.png", "validation predictions and GT")
-            + f"<p>Prediction: {esc(how)}. Black is background, white ignore.</p>"
-            + legend(shown, class_names(r)))

@@ -17,10 +17,11 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
 from pdso_ray.report.base import Report, esc, not_run, readable_counts, sample, table
-from pdso_ray.report.figures import label_grid
+from pdso_ray.report.figures import label_grid, overlay
+from pdso_ray.report.predictions import confusion_matrix, methods_side_by_side, previews, validation_grid
 from pdso_ray.report.signals import best_and_worst, quality_signals
 from pdso_ray.report.quality import (ablation, image_diagnostics, methods, per_class_iou, pseudo_label_choice,
-                                     pseudo_label_gains, threshold_rule, validation_grid)
+                                     pseudo_label_gains, threshold_rule)
 from pdso_ray.tables import column_values, iter_row_groups, parquet_files
 
 log = logging.getLogger("pdso_ray")
@@ -222,8 +223,10 @@ def _train_grid(r: Report) -> str:
     rows = []
     for image_id in sample(list(found), MAX_GRID_ROWS):
         path, raw, refined = found[image_id]
-        rows.append((image_id, [r.image(path, exif_transpose=True), r.label(raw or None), r.label(refined or None)]))
-    fig = label_grid(rows, ["image", "raw label", "refined label"])
+        image, refined_label = r.image(path, exif_transpose=True), r.label(refined or None)
+        both = overlay(image, refined_label) if image is not None and refined_label is not None else None
+        rows.append((image_id, [image, r.label(raw or None), refined_label, both]))
+    fig = label_grid(rows, ["image", "raw label", "refined label", "refined over the image"])
     return (r.figure(fig, "train_labels.png", "train images with raw and refined labels")
             + "<p>Label colours are cluster ids (train images have no ground truth); "
               "black is background, white ignore.</p>")
@@ -289,9 +292,12 @@ SECTIONS: list[tuple[str, Callable[[Report], str]]] = [
     ("Cluster sizes", _cluster_sizes),
     ("Cluster gallery", _cluster_gallery),
     ("Per-class IoU (validation)", per_class_iou),
+    ("Confusion matrix (validation)", confusion_matrix),
     ("Threshold rule (tuned on validation ground truth)", threshold_rule),
     ("Pseudo labels (train images)", _train_grid),
     ("Predictions (validation images)", validation_grid),
     ("Predictions without ground truth: best and worst", best_and_worst),
+    ("PDSO and LightCluster on the same images", methods_side_by_side),
+    ("Previews of the label PNGs", previews),
     ("Rejected images", _rejected), ("Logs", _logs), ("Configuration", _configuration),
 ]

@@ -4,7 +4,9 @@
 **The official number.** ``predictions/validation/`` hold argmax over the C+1 outputs, background
 included (PASS's and PDSO's rule): the Hungarian matching on validation and its mIoU give
 ``eval/validation.json`` and ``eval/match.json`` (``{"pred id": gt id}``, the official toolbox's
-format) and the summary's ``mIoU``; ``pdso-ray evaluate --pred OUTPUT/predictions/validation``
+format) and the summary's ``mIoU``, with what the report shows of it: each image's own mIoU under
+that matching (``eval/validation_images.json``) and the matched pixel confusion matrix
+(``eval/confusion.npy``); ``pdso-ray evaluate --pred OUTPUT/predictions/validation``
 reproduces it exactly. Test predictions with ground truth (``test-segmentation/``; the official
 test GT is withheld) are scored with the *validation* matching: ``eval/test.json``, ``mIoU_test``.
 Without test GT the predictions are only counted: ``pdso-ray export`` packs them for the server.
@@ -39,6 +41,7 @@ from pdso_ray.measuring import best_effort
 from pdso_ray.run_layout import RunLayout
 from pdso_ray.stages.base import RunContext, Stage
 from pdso_ray.stages.streaming import read_rejected
+from pdso_ray.tables import save_array
 
 log = logging.getLogger("pdso_ray")
 
@@ -82,7 +85,8 @@ class EvaluateStage(Stage):
     def extra_outputs(self, run: RunLayout) -> tuple[str, ...]:
         return tuple(run.eval_file(n) for n in
                      ("validation.json", "test.json", "match.json", "threshold_curve.json",
-                      "validation_threshold.json", "test_threshold.json"))
+                      "validation_threshold.json", "test_threshold.json")) + (run.validation_image_scores,
+                                                                              run.confusion_file)
 
     def run(self, ctx: RunContext) -> dict[str, Any]:
         storage, run = ctx.storage, ctx.run
@@ -130,8 +134,12 @@ class EvaluateStage(Stage):
         storage, run = ctx.storage, ctx.run
         files = pair_files(storage, run.predictions_dir(VALIDATION), gt_dir,
                            rejected=rejected_rels(ctx, VALIDATION))
-        (result,) = evaluate_thresholds(storage, files, ctx.cfg.data.classes)
+        (result,) = evaluate_thresholds(storage, files, ctx.cfg.data.classes, per_image=True)
         storage.write_json(run.eval_file("match.json"), {str(p): g for p, g in sorted(result.match.items())})
+        # what the report shows: the best and worst images, and where the classes go
+        storage.write_json(run.validation_image_scores,
+                           {rel: round(v, 3) for rel, v in sorted(result.image_miou.items())})
+        save_array(storage, run.confusion_file, result.confusion)
         unpredicted = [f.rel for f in files if f.pred is None]
         storage.write_json(run.eval_file("validation.json"),
                            {**result.to_json(), "split": VALIDATION, "rule": "argmax", "unpredicted": unpredicted})

@@ -25,7 +25,8 @@ steps between them, each resumable:
 5. **label** (CPU tasks): labels in PDSO's formats — ``labels/{raw,refined}/`` and
    ``labels/stats/`` of the train images (what ``finetune`` reads), the validation labels of
    every mask for the ablation (``labels/levels/<mask>/``) and, unless ``lightcluster.finetune``,
-   the predictions ``predictions/<split>/`` that ``evaluate`` scores.
+   the predictions ``predictions/<split>/`` that ``evaluate`` scores; with ``previews``, the colour
+   preview and overlay of each train label and prediction (:mod:`pdso_ray.stages.previews`).
 
 Every image is accounted for: a train image that no longer decodes is listed in
 ``levels/rejected_{sample,segment}/``, an evaluation image in ``predictions/rejected_<split>.parquet``
@@ -51,6 +52,7 @@ from pdso_ray.measuring import best_effort, not_computed
 from pdso_ray.run_layout import RunLayout
 from pdso_ray.stages.base import Batch, BatchStep, Needs, Resources, RunContext, Stage, dino_need, pool_group
 from pdso_ray.stages.diagnostics import classes_of, image_scores
+from pdso_ray.stages.previews import PreviewWriter, previews_wanted
 from pdso_ray.stages.read_decode import ImageReader
 from pdso_ray.stages.streaming import (StreamingPass, Work, ids_in, object_column, read_rejected, reconcile,
                                        run_pass, write_rejected)
@@ -271,11 +273,18 @@ class WriteLabels(BatchStep):
     """The label pass (CPU tasks): one image's mask bits and class → its label PNGs (module
     docstring, step 5); then ``labels/stats/`` rows of its train images and a ``labelled/`` row
     per image (the pass's record of what is done). In: ``id``, ``path``, ``class`` (-1 = none),
-    ``train``, ``eval``."""
+    ``train``, ``eval``.
 
-    def __init__(self, storage: Storage, run: RunLayout, write_predictions: bool, batch_size: int):
+    ``previews``: ``(reader, short side)`` to write each train label's and prediction's colour
+    preview and overlay (:mod:`pdso_ray.stages.previews`), the image decoded again at that short
+    side, oriented as the segment pass saw it; None writes none."""
+
+    def __init__(self, storage: Storage, run: RunLayout, write_predictions: bool, batch_size: int,
+                 previews: tuple[ImageReader, int] | None = None):
         self.storage, self.run, self.write_predictions = storage, run, write_predictions
         self.resources = Resources(batch_size=batch_size, num_cpus=1.0, stateful=False)
+        self.previews = previews
+        self.preview_writer = PreviewWriter(storage, run)
 
     def __call__(self, batch: Batch) -> Batch:
         from pdso_ray.method.lightcluster import label_from_mask
@@ -290,6 +299,13 @@ class WriteLabels(BatchStep):
             if split_of(image_id) == VALIDATION:
                 for name in MASK_BITS:
                     self.storage.write_bytes(self.run.level_png(name, image_id), encode_label(label[name]))
+            written = ((("raw", "consistent"), ("refined", "refined")) if train else ()) + \
+                ((("predictions", "refined"),) if evaluated and self.write_predictions else ())
+            if self.previews is not None and written:
+                reader, short_side = self.previews
+                decoded = reader.read(str(path), target_short_side=short_side, exif_transpose=bool(train))
+                for kind, name in written:
+                    self.preview_writer.write(kind, image_id, label[name], decoded.image if decoded.ok else None)
             if train:
                 for kind, name in (("raw", "consistent"), ("refined", "refined")):
                     self.storage.write_bytes(self.run.label_png(kind, image_id), encode_label(label[name]))
@@ -467,7 +483,10 @@ class _LabelPass(StreamingPass):
         return ids_in(ctx.storage, ctx.run.lightcluster_path("labelled"))
 
     def steps(self, ctx: RunContext) -> list[BatchStep]:
-        return [WriteLabels(ctx.storage, ctx.run, self.write_predictions, LABEL_TASK_IMAGES)]
+        cfg = ctx.cfg
+        previews = ((ImageReader.from_config(ctx.storage, cfg.data), cfg.lightcluster.refine_short_side)
+                    if previews_wanted(cfg) else None)
+        return [WriteLabels(ctx.storage, ctx.run, self.write_predictions, LABEL_TASK_IMAGES, previews)]
 
     def finish(self, ctx: RunContext, work: Work, results: dict[str, str]) -> dict[str, Any]:
         reconcile(self.name, len(work.ids), len(self.done_ids(ctx) & set(work.ids)), 0)

@@ -16,7 +16,10 @@ to the image's original size → PNGs:
 Images are decoded without applying EXIF orientation, as the official ImageNet-S tools read them,
 so every prediction has its ground truth's size. An image that cannot be read or decoded gets no
 PNG and a row (id, path, reason) in ``predictions/rejected_{split}.parquet``; so does one the
-listing refused. A re-run skips images whose prediction exists (written last). With
+listing refused. Beside each prediction, with ``previews`` (on by default with ``output_format:
+files``), its colour preview ``predictions/<split>_colour/<rel>.png`` and its overlay on the image
+``predictions/<split>_overlay/<rel>.jpg`` (:mod:`pdso_ray.stages.previews`). A re-run skips images
+whose prediction exists (written last). With
 ``data.layout: folder`` the one split is ``all``: ``predictions/all/<relative path>.png``. With
 ``output_format: webdataset`` each batch's PNGs of a folder are one PNG shard instead, with an
 index of per-image statistics (height, width, classes present; :mod:`pdso_ray.data.png_sets`).
@@ -31,11 +34,12 @@ from typing import Any
 import numpy as np
 
 from pdso_ray.data.ids import id_from_png_rel, split_of
-from pdso_ray.data.imagenet_s import encode_gray_png, encode_jpeg, encode_label
+from pdso_ray.data.imagenet_s import encode_gray_png, encode_label
 from pdso_ray.data.listing import Rejected
 from pdso_ray.data.png_sets import PngOutputs, png_files
 from pdso_ray.run_layout import RunLayout
 from pdso_ray.stages.base import Batch, BatchStep, Needs, Resources, RunContext, pool_group
+from pdso_ray.stages.previews import PreviewWriter, previews_wanted
 from pdso_ray.stages.read_decode import DeviceDecode, ImageReader, ReadDecode
 from pdso_ray.stages.streaming import StreamingStage, Work, reconcile, write_rejected
 from pdso_ray.storage import Storage
@@ -49,9 +53,10 @@ class Predictor(BatchStep):
     Always ``predictions/<id>.png``: argmax over the C+1 outputs, background included (the
     official decision rule). With ``foreground_rule`` (``predict.background: threshold``) also the
     best foreground class (``<split>_fgclass/``) and the foreground probability (``<split>_fg/``,
-    ``round(255·(1 − p_background))``), which PASS's threshold rule combines. With ``overlay``
-    also a colour overlay JPEG (``<split>_overlay/<rel>.jpg``: the image as decoded for the model
-    with the label blended in, :func:`pdso_ray.method.overlay.overlay`). Rows whose resized input
+    ``round(255·(1 − p_background))``), which PASS's threshold rule combines. With ``previews``
+    also the prediction's colour preview (``<split>_colour/<rel>.png``) and its overlay
+    (``<split>_overlay/<rel>.jpg``: the image as decoded for the model with the label blended in),
+    :class:`~pdso_ray.stages.previews.PreviewWriter`, always files. Rows whose resized input
     sizes agree run as one batch. Out: ``id``, ``reason`` (rows with a reason were not written).
 
     ``model_url``: the model to load (:func:`pdso_ray.models.heads.load_segmenter`: a
@@ -63,7 +68,7 @@ class Predictor(BatchStep):
     """
 
     def __init__(self, storage: Storage, run: RunLayout, short_side: int, resources: Resources,
-                 foreground_rule: bool = False, model_url: str | None = None, overlay: bool = False,
+                 foreground_rule: bool = False, model_url: str | None = None, previews: bool = False,
                  output_format: str = "files", device_decode: DeviceDecode | None = None):
         self.device_decode = device_decode  # set: the batch holds encoded bytes, decoded here
         self.storage = storage
@@ -72,7 +77,7 @@ class Predictor(BatchStep):
         self.resources = resources
         self.foreground_rule = foreground_rule
         self.model_url = model_url or run.finetune_model
-        self.overlay = overlay
+        self.previews = PreviewWriter(storage, run) if previews else None
         self.output_format = output_format
 
     def setup(self) -> None:
@@ -87,7 +92,6 @@ class Predictor(BatchStep):
     def __call__(self, batch: Batch) -> Batch:
         import torch
 
-        from pdso_ray.method.overlay import overlay
         from pdso_ray.models.dino import to_model_input
         from pdso_ray.models.heads import foreground_to_uint8, logits_to_prediction, model_input_size
 
@@ -117,9 +121,8 @@ class Predictor(BatchStep):
                         outputs.add(self.run.foreground_dir(split), image_id,
                                     encode_gray_png(foreground_to_uint8(pred.foreground.cpu().numpy())))
                     label = pred.label.cpu().numpy()
-                    if self.overlay:  # a colour JPEG beside the labels, always a file
-                        self.storage.write_bytes(self.run.overlay_jpg(image_id),
-                                                 encode_jpeg(overlay(batch["image"][i], label)))
+                    if self.previews is not None:
+                        self.previews.write("predictions", image_id, label, batch["image"][i])
                     # last: the official prediction marks the image done
                     outputs.add(self.run.predictions_dir(split), image_id, encode_label(label))
                     if outputs.as_shards:  # the shard's index holds per-image statistics
@@ -145,7 +148,9 @@ class PredictStage(StreamingStage):
     def batch_size(self, ctx: RunContext) -> int:
         return ctx.cfg.predict.batch_size
 
-    overlay = False  # also write colour overlays (pdso-ray segment --overlay)
+    def write_previews(self, ctx: RunContext) -> bool:
+        """Whether each prediction gets its colour preview and overlay (config ``previews``)."""
+        return previews_wanted(ctx.cfg)
 
     def model_url(self, ctx: RunContext) -> str:
         """The model to predict with: the run's fine-tuned ``finetune/model.pt``."""
@@ -188,7 +193,7 @@ class PredictStage(StreamingStage):
                           Resources(batch_size=pc.batch_size, num_cpus=1.0, num_gpus=pc.gpus_per_actor,
                                     min_actors=pc.min_actors, max_actors=pc.max_actors),
                           foreground_rule=pc.background == "threshold", model_url=self.model_url(ctx),
-                          overlay=self.overlay, output_format=cfg.output_format,
+                          previews=self.write_previews(ctx), output_format=cfg.output_format,
                           device_decode=DeviceDecode(cfg.data.max_pixels, pc.short_side, exif_transpose=False)
                           if on_gpu else None)]
 

@@ -18,7 +18,9 @@ holding DINO, the denoised embedding e(x), the final centroids and SAM:
    (``labels/raw/train/``, ``labels/refined/train/``: PNG files, or with ``output_format:
    webdataset`` one PNG shard per batch with its index, :mod:`pdso_ray.data.png_sets`) and
    per-image statistics (``labels/stats/``, whose ``label_raw``/``label_refined`` give each
-   label's URL, a file or a shard member).
+   label's URL, a file or a shard member); with ``previews`` each label's colour preview and its
+   overlay on the image (``labels/<kind>/train_colour/``, ``..._overlay/``,
+   :mod:`pdso_ray.stages.previews`).
 
 An explicit ``pseudo_labels.threshold`` or ``refine.sigma`` replaces its sweep; without validation
 ground truth both fall back to the configured (or published) values, with a note. The choice and
@@ -44,6 +46,7 @@ from pdso_ray.measuring import best_effort
 from pdso_ray.run_layout import RunLayout
 from pdso_ray.stages.base import (Batch, BatchStep, ModelNeed, Needs, Resources, RunContext, Stage, dino_need,
                                   pool_group)
+from pdso_ray.stages.previews import PreviewWriter, previews_wanted
 from pdso_ray.stages.read_decode import ImageReader
 from pdso_ray.stages.streaming import StreamingPass, Work, ids_in, object_column, reconcile, run_pass
 from pdso_ray.storage import Storage
@@ -89,6 +92,7 @@ class PseudoLabeler(BatchStep):
             raise ValueError(f"mode {mode!r} needs a threshold and at least one sigma")
         self.cfg, self.storage, self.run = cfg, storage, run
         self.mode, self.threshold, self.sigmas = mode, threshold, tuple(sigmas)
+        self.previews = PreviewWriter(storage, run) if mode == "train" and previews_wanted(cfg) else None
         self.reader = ImageReader.from_config(storage, cfg.data)
         self.dino = DinoSource.for_embedding(cfg, run)
         self.sam = SamSource.from_config(cfg) if mode != "scores" and _needs_sam(cfg) else None
@@ -176,6 +180,9 @@ class PseudoLabeler(BatchStep):
                         refined = (self.run.sweep_dir(sigma, split) if self.mode == "sweep"
                                    else self.run.label_dir("refined", split))
                         outputs.add(refined, image_id, encode_label(result.label))
+                    if self.previews is not None:  # before the statistics row marks the image done
+                        self.previews.write("refined", image_id, result.label, image)
+                        self.previews.write("raw", image_id, raw, image)
                     # last: the raw label marks the image done
                     outputs.add(self.run.label_dir("raw", split), image_id, encode_label(raw))
                     stats = result.stats

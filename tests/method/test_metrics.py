@@ -266,3 +266,20 @@ def test_foreground_iou_ignores_classes_and_the_matching():
     assert res.foreground_iou == pytest.approx(100 * 4 / 6)  # 4 shared fg pixels, 6 fg in either
     assert res.to_json()["FgIoU"] == pytest.approx(100 * 4 / 6)
     assert foreground_iou(np.zeros((3, 3), np.int64)) != foreground_iou(np.zeros((3, 3), np.int64))  # NaN
+
+
+def test_per_image_miou_and_the_matched_confusion_matrix():
+    """Two images, predicted ids 2 and 1 standing for GT classes 1 and 2 (the matching swaps them):
+    the first image is perfect, the second half wrong."""
+    gt_a = np.array([[0, 0, 1, 1]])
+    gt_b = np.array([[0, 2, 2, 2]])
+    ev = SegmentationEvaluator(2, per_image=True)
+    ev.update(np.array([[0, 0, 2, 2]]), gt_a, name="a")
+    ev.update(np.array([[0, 1, 0, 2]]), gt_b, name="b")
+    result = ev.finalize()
+    assert result.match[2] == 1 and result.match[1] == 2
+    # b: background IoU 1/2, class 2 IoU 1/3 (one pixel right of three GT, one more predicted as 1)
+    assert result.image_miou["a"] == pytest.approx(100.0)
+    assert result.image_miou["b"] == pytest.approx(100 * (1 / 2 + 1 / 3 + 0) / 3)  # ids 0, 1 (wrong), 2
+    assert result.confusion.tolist() == [[3, 0, 1], [0, 2, 1], [0, 0, 1]]  # matched predicted × GT
+    assert result.confusion.sum() == result.num_pixels == 8

@@ -14,10 +14,12 @@ from pdso_ray.config import DataConfig, PipelineConfig, dump_yaml
 from pdso_ray.data.imagenet_s import IGNORE_ID, decode_label, encode_label, list_split
 from pdso_ray.data.synthetic import make_demo_dataset
 from pdso_ray.report import build_report
-from pdso_ray.report.figures import class_colors, colorize
+from pdso_ray.report.base import esc
+from pdso_ray.method.overlay import class_colors, colorize
 from pdso_ray.plan import STAGES
 from pdso_ray.stages.base import RunContext
 from pdso_ray.stages.evaluate import EvaluateStage
+from pdso_ray.stages.previews import PreviewWriter
 from pdso_ray.stages.report import ReportStage
 from pdso_ray.storage import Storage
 from pdso_ray.tables import vectors_to_arrow, write_table
@@ -27,10 +29,11 @@ SECRET = "report-secret-PLANTED-41d7"
 ALL_PARTS = ("config", "summary", "pretrain", "cluster", "purify", "labels", "pseudo", "predictions",
              "rejected", "finetune", "logs")
 FULL_FIGURES = {"stage_seconds.png", "pretraining.png", "cluster_sizes.png", "iou_per_class.png", "image_diagnostics.png",
+                "confusion_matrix.png",
                 "finetune_loss.png", "cluster_gallery.png",
                 "pseudo_label_curves.png", "pseudo_label_gains.png",
                 "threshold_curve.png", "train_labels.png", "validation_predictions.png"}
-SECTIONS = 20
+SECTIONS = 23
 DIAGNOSTICS = {"image": {step: {"purity": p, "nmi": p - 0.1, "accuracy": p - 0.05, "images": 12}
                          for step, p in (("cluster", 0.6), ("denoise_s1", 0.7), ("denoise_s2", 0.8),
                                          ("purify_kept", 0.85), ("purify_final", 0.75))},
@@ -59,6 +62,7 @@ def make_run_folder(data_root: str, run: str, parts=ALL_PARTS, storage: Storage 
     cfg = PipelineConfig(output=run, data=DataConfig(root=data_root, classes=C))
     cfg.storage.s3.secret = SECRET
     ctx = RunContext(cfg=cfg, storage=storage)
+    previews = PreviewWriter(storage, ctx.run)
     train = list_split(storage, data_root, C, "train").images
     ids = [rec.id for rec in train]
     clusters = rng.integers(0, C, len(ids))
@@ -99,6 +103,7 @@ def make_run_folder(data_root: str, run: str, parts=ALL_PARTS, storage: Storage 
                 url = ctx.run.path("labels", kind, rec.id + ".png")
                 storage.write_bytes(url, encode_label(label))
                 rows[f"label_{kind}"].append(url)
+                previews.write(kind, rec.id, label, np.asarray(Image.open(io.BytesIO(storage.read_bytes(rec.path)))))
             rows["id"].append(rec.id)
             rows["path"].append(rec.path)
         write_table(storage, ctx.run.path("labels", "stats", "part-0.parquet"), pa.table(rows))
@@ -135,6 +140,7 @@ def make_run_folder(data_root: str, run: str, parts=ALL_PARTS, storage: Storage 
             fg = np.clip(np.where(obj, 190, 70) + rng.integers(-40, 40, gt.shape), 0, 255)
             official = np.where(fg < 128, 0, label)
             storage.write_bytes(ctx.run.path("predictions", "validation", rel), encode_label(official))
+            previews.write("predictions", f"validation/{rel[:-4]}", official, None)
             storage.write_bytes(ctx.run.path("predictions", "validation_fgclass", rel), encode_label(label))
             buf = io.BytesIO()
             Image.fromarray(fg.astype(np.uint8), mode="L").save(buf, format="PNG")
@@ -258,6 +264,23 @@ def test_report_of_a_full_run(dataset, tmp_path):
     assert f"Final clusters (all {C};" in found["Cluster gallery"]
     assert '<a href="../logs/run-20261205-120000.log">' in found["Logs"]
     assert "images ok 12; images rejected 2; images total 14</td>" in found["Stages"]  # not a dict
+    # the validation predictions: the best and the worst by each image's own mIoU
+    scores = ctx.storage.read_json(ctx.run.validation_image_scores)
+    assert len(scores) == 8 and all(0 <= v <= 100 for v in scores.values())
+    ranked = sorted(scores, key=lambda rel: (-scores[rel], rel))
+    grid = found["Predictions (validation images)"]
+    assert f"Best: {esc(ranked[0][:-4])} ({scores[ranked[0]]:.1f})" in grid
+    assert f"worst: {esc(ranked[-1][:-4])} ({scores[ranked[-1]]:.1f})" in grid
+    # the confusion matrix: every scored pixel, GT classes as rows of the table
+    confusion = np.load(ctx.run.confusion_file)
+    assert confusion.shape == (C + 1, C + 1) and confusion.sum() == val["num_pixels"]
+    assert "<th>ground truth</th><th>predicted as</th>" in found["Confusion matrix (validation)"]
+    # the previews beside the label PNGs, linked from the page
+    shown = found["Previews of the label PNGs"]
+    for folder in ("labels/raw/train_colour", "labels/refined/train_overlay", "predictions/validation_colour"):
+        assert f'<a href="../{folder}/">' in shown, folder
+    assert "predictions/validation_overlay" not in shown  # the fixture wrote colour previews only
+    assert "Only pdso predicted" in found["PDSO and LightCluster on the same images"]
     signals = ctx.storage.read_json(ctx.run.quality_file)  # measured by the stage, shown at the top
     assert signals["ground_truth"] is True and signals["predictions"]["images"] == 8
     assert signals["pseudo_labels"]["images"] == 12 and "8 images" in found["Quality signals (label-free)"]
@@ -296,3 +319,21 @@ def test_warnings_head_the_page_in_a_red_box(dataset, tmp_path):
     ctx.storage.write_json(ctx.run.quality_file, {"warnings": []})
     page, _ = read_report(ctx.storage, build_report(ctx.storage, ctx.run.root))
     assert 'class="alarm"' not in page
+
+
+def test_both_methods_on_the_same_images_side_by_side(dataset, tmp_path):
+    ctx = make_run_folder(dataset, str(tmp_path / "run"), parts=("config", "predictions"))
+    lightcluster = ctx.run.for_method("lightcluster")
+    rels = sorted(ctx.storage.list_relative(ctx.run.predictions_dir("validation"), ".png"))
+    for rel in rels:  # another method, its own ids: GT class g predicted as C + 1 - g
+        label = decode_label(ctx.storage.read_bytes(ctx.run.path("predictions", "validation", rel)))
+        ctx.storage.write_bytes(ctx.storage.join(lightcluster.predictions_dir("validation"), rel),
+                                encode_label(np.where(label > 0, C + 1 - label, 0)))
+    ctx.storage.write_json(lightcluster.eval_file("match.json"), {"0": 0, **{str(C + 1 - g): g for g in range(1, C + 1)}})
+    page, srcs = read_report(ctx.storage, build_report(ctx.storage, ctx.run.root))
+    section = sections(page)["PDSO and LightCluster on the same images"]
+    assert "methods_side_by_side.png" in srcs and 'class="notrun"' not in section
+    assert f"{len(rels)} validation images predicted by both methods (6 shown)" in section
+    assert "mapped to ground-truth classes by each method&#x27;s own validation matching" in section
+    with Image.open(ctx.storage.open(ctx.run.report_file("methods_side_by_side.png"))) as im:
+        assert im.height > 6 * 200  # a row per image shown

@@ -5,11 +5,13 @@ import os
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from pdso_ray.config import ConfigError, load_config
 from pdso_ray.data.ids import png_rel
 from pdso_ray.data.imagenet_s import decode_label, list_split
 from pdso_ray.data.synthetic import make_demo_dataset
+from pdso_ray.method.overlay import class_colors
 from pdso_ray.pipeline import run_pipeline
 from pdso_ray.report import build_report
 from pdso_ray.run_layout import RunLayout
@@ -88,6 +90,10 @@ def test_lightcluster_end_to_end_resumes_and_keeps_pdso_untouched(ray_local, tmp
         assert raw.shape == refined.shape
         assert set(np.unique(refined)) <= set(range(CLASSES + 1))
         assert set(np.unique(refined)) - {0} <= {row["main_class"]}  # one class per image
+        # beside each, its colour preview and its overlay on the image
+        colour = np.asarray(Image.open(run.colour_png("refined", row["id"])))
+        assert np.array_equal(colour, class_colors()[refined])
+        assert Image.open(run.overlay_jpg("raw", row["id"])).format == "JPEG"
     # one prediction per evaluation image, of its ground truth's size
     for split, n in (("validation", 2 * CLASSES), ("test", CLASSES)):
         listing = list_split(storage, root, CLASSES, split)
@@ -96,6 +102,8 @@ def test_lightcluster_end_to_end_resumes_and_keeps_pdso_untouched(ray_local, tmp
             pred = decode_label(storage.read_bytes(run.prediction_png(record.id)))
             gt_url = os.path.join(root, f"ImageNetS{CLASSES}", f"{split}-segmentation", png_rel(record.id))
             assert pred.shape == decode_label(storage.read_bytes(gt_url)).shape
+            assert np.array_equal(np.asarray(Image.open(run.colour_png("predictions", record.id))), class_colors()[pred])
+            assert os.path.exists(run.overlay_jpg("predictions", record.id))
     # the ablation: every mask, then the final predictions (= the refined masks, no training)
     ablation = summary["diagnostics"]["ablation"]
     assert [s["step"] for s in ablation][:5] == ["dataset level alone", "category level alone", "image level alone",

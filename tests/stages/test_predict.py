@@ -10,6 +10,7 @@ from PIL import Image
 from pdso_ray.config import load_config
 from pdso_ray.data.imagenet_s import decode_label, list_split
 from pdso_ray.data.synthetic import make_demo_dataset
+from pdso_ray.method.overlay import class_colors
 from pdso_ray.models.dino import to_model_input
 from pdso_ray.models.heads import (
     build_segmenter_from_meta,
@@ -83,7 +84,7 @@ def test_steps_write_the_models_prediction_at_the_original_size(setup, tmp_path)
 
     run = RunLayout(str(tmp_path / "run"))
     storage.write_bytes(run.finetune_model, storage.read_bytes(RunLayout(cfg.output).finetune_model))
-    step = Predictor(storage, run, SHORT_SIDE, Resources(), foreground_rule=True)
+    step = Predictor(storage, run, SHORT_SIDE, Resources(), foreground_rule=True, previews=True)
     step.setup()
     out = step(decoded)
     assert list(out["id"]) == list(decoded["id"]) and list(out["reason"]) == list(decoded["reason"])
@@ -109,6 +110,11 @@ def test_steps_write_the_models_prediction_at_the_original_size(setup, tmp_path)
         assert np.array_equal(fgclass, pred.foreground_label.numpy()) and fgclass.min() >= 1
         fg_png = np.asarray(Image.open(io.BytesIO(storage.read_bytes(fg_url))))
         assert np.array_equal(fg_png, foreground_to_uint8(pred.foreground.numpy()))
+        # beside it, the prediction in colour and over the image as decoded for the model
+        colour = np.asarray(Image.open(io.BytesIO(storage.read_bytes(run.colour_png("predictions", image_id)))))
+        assert np.array_equal(colour, class_colors()[written])
+        with Image.open(io.BytesIO(storage.read_bytes(run.overlay_jpg("predictions", image_id)))) as im:
+            assert im.format == "JPEG" and im.size == (image.shape[1], image.shape[0])
     assert len(sizes) > 1  # the batch held several input sizes, each run as its own group
     # Stored orientation, not the EXIF-rotated one: the GT is drawn on the stored pixels.
     assert decode_label(storage.read_bytes(

@@ -51,9 +51,18 @@ def _check_run(storage: Storage, output: str, summary: dict) -> None:
 
 
 def _check_labels(storage: Storage, output: str) -> None:
-    """Stage 5: a raw and a refined label PNG per image, of the image's size, ids in 0..C/1000."""
+    """Stage 5: a raw and a refined label PNG per image, of the image's size, ids in 0..C/1000;
+    beside each, its colour preview (the label in the palette, pixel for pixel) and its overlay."""
+    import io
+
+    from PIL import Image
+
     from pdso_ray.data.decode import decode_image
     from pdso_ray.data.imagenet_s import decode_label
+    from pdso_ray.method.overlay import class_colors
+    from pdso_ray.run_layout import RunLayout
+
+    run = RunLayout(output)
 
     stats = read_folder(storage, storage.join(output, "labels", "stats"))
     assert stats.num_rows == CLASSES * PER_CLASS
@@ -65,6 +74,11 @@ def _check_labels(storage: Storage, output: str) -> None:
             label = decode_label(storage.read_bytes(row[key]))
             assert label.shape == image.shape[:2]
             assert set(np.unique(label)) <= set(range(CLASSES + 1)) | {1000}
+            kind = key.split("_")[1]
+            colour = np.asarray(Image.open(io.BytesIO(storage.read_bytes(run.colour_png(kind, row["id"])))))
+            assert np.array_equal(colour, class_colors()[label])
+            with Image.open(io.BytesIO(storage.read_bytes(run.overlay_jpg(kind, row["id"])))) as overlay:
+                assert overlay.format == "JPEG" and overlay.size == (image.shape[1], image.shape[0])
 
 
 def test_stages_1_to_5_local(ray_local, tmp_path):

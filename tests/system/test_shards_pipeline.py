@@ -58,6 +58,11 @@ def test_webdataset_shards_on_s3_in_and_png_shards_out(ray_local, s3_bucket, tmp
         files = storage.list_files(f"{output}/{folder}")
         assert files and not [f for f in files if f.endswith(".png")], folder
         assert {f.rsplit(".", 1)[1] for f in files} == {"tar", "parquet"}, folder
+        # previews: auto writes no per-image files beside shards
+        assert not storage.exists(f"{output}/{folder}_colour") and not storage.exists(f"{output}/{folder}_overlay")
+    page = storage.read_text(f"{output}/report/index.html")  # which says why there are none
+    assert "output_format: webdataset writes none unless previews: files" in page
+    assert "validation_predictions.png" in page and "confusion_matrix.png" in page  # drawn from the shards
     stats = read_folder(storage, f"{output}/labels/stats").to_pylist()
     assert len(stats) == train and all(parse_range_url(row["label_refined"]) for row in stats)
     index = pq.read_table(io.BytesIO(storage.read_bytes(
