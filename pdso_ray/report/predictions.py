@@ -16,8 +16,8 @@ import posixpath
 import numpy as np
 from matplotlib.figure import Figure
 
-from pdso_ray.data.ids import id_from_png_rel
-from pdso_ray.data.imagenet_s import VALIDATION
+from pdso_ray.data.ids import id_from_png_rel, split_of
+from pdso_ray.data.imagenet_s import TEST, VALIDATION
 from pdso_ray.data.sources import ALL
 from pdso_ray.plan import METHODS
 from pdso_ray.report.base import Report, esc, fmt, not_run, sample, table
@@ -33,14 +33,15 @@ TOP_CONFUSIONS = 10
 
 
 def image_paths(r: Report, ids: set[str]) -> dict[str, str]:
-    """``{image id: image URL}`` of ``ids``: from the features table (train images), then from a
-    listing of the splits of the ids not found there."""
+    """``{image id: image URL}`` of ``ids``: from the features table (train images: a folder run's
+    ``all``), then from a listing of the splits of the ids not found there."""
     found: dict[str, str] = {}
-    for part in iter_row_groups(r.storage, r.run.features_dir, ["id", "path"]):
-        for image_id, path in zip(part.column("id").to_pylist(), part.column("path").to_pylist()):
-            if image_id in ids:
-                found[image_id] = path
-    for split in sorted({i.split("/", 1)[0] for i in ids - set(found)}):
+    if any(split_of(i) not in (VALIDATION, TEST) for i in ids):  # the features hold no evaluation split
+        for part in iter_row_groups(r.storage, r.run.features_dir, ["id", "path"]):
+            for image_id, path in zip(part.column("id").to_pylist(), part.column("path").to_pylist()):
+                if image_id in ids:
+                    found[image_id] = path
+    for split in sorted({split_of(i) for i in ids - set(found)}):
         if r.data is None:
             break
         try:
@@ -183,20 +184,19 @@ def methods_side_by_side(r: Report) -> str:
         labels = [r.label(f[rel]) for f in found]
         if mapped:
             labels = [mapped_label(label, lut) for label, lut in zip(labels, luts)]
-        panels = [image, *[_with_overlay(image, label) for label in labels]]
-        if gt_pngs:
-            panels.append(r.label(gt_pngs.get(rel)))
-        for label in (*labels, *panels[3:]):
+        gt = [r.label(gt_pngs.get(rel))] if gt_pngs else []
+        rows.append((rel[:-4], [image, *[p for label in labels for p in (_with_overlay(image, label), label)], *gt]))
+        for label in (*labels, *gt):
             if label is not None:
                 shown.update(np.unique(label).tolist())
-        rows.append((rel[:-4], panels))
-    titles = ["image", *[f"{m} prediction" for m in METHODS]] + (["ground truth"] if gt_pngs else [])
+    titles = ["image", *[f"{m} {what}" for m in METHODS for what in ("over the image", "prediction")]]
+    titles += ["ground truth"] if gt_pngs else []
     colours = ("ids mapped to ground-truth classes by each method's own validation matching, so "
                "the same colour is the same class" if mapped else
                "each method's own ids: the two methods number their classes independently, so the "
                "same colour need not mean the same class")
     return (r.figure(label_grid(rows, titles), "methods_side_by_side.png", "both methods on the same images")
-            + f"<p>{len(common)} {esc(split)} images predicted by both methods ({len(chosen)} shown). "
+            + f"<p>{len(common)} images of split {esc(split)} predicted by both methods ({len(chosen)} shown). "
               f"Colours: {esc(colours)}.</p>" + (legend(shown, class_names(r)) if mapped else ""))
 
 

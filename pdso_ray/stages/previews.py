@@ -18,7 +18,7 @@ from PIL import Image
 
 from pdso_ray.config import PipelineConfig
 from pdso_ray.data.imagenet_s import encode_jpeg
-from pdso_ray.method.overlay import colorize, overlay
+from pdso_ray.method.overlay import colorize, overlay, palette_indices
 from pdso_ray.run_layout import RunLayout
 from pdso_ray.storage import Storage
 
@@ -29,9 +29,18 @@ def previews_wanted(cfg: PipelineConfig) -> bool:
 
 
 def encode_colour_png(label: np.ndarray) -> bytes:
-    """PNG bytes (RGB) of an H×W label map in the project's palette (:func:`colorize`)."""
+    """PNG bytes of an H×W label map in the project's palette: a paletted PNG of the ids present
+    (:func:`palette_indices`; any viewer shows the colours of :func:`colorize`), RGB when more
+    than 256 ids are. Fast compression: previews are written once per label, read by people."""
     buf = io.BytesIO()
-    Image.fromarray(colorize(label), mode="RGB").save(buf, format="PNG")
+    paletted = palette_indices(label)
+    if paletted is None:
+        image = Image.fromarray(colorize(label), mode="RGB")
+    else:
+        indices, palette = paletted
+        image = Image.fromarray(indices, mode="P")
+        image.putpalette(palette.ravel().tolist())
+    image.save(buf, format="PNG", compress_level=1)
     return buf.getvalue()
 
 

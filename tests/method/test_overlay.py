@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from pdso_ray.method.metrics import IGNORE_ID
-from pdso_ray.method.overlay import OUT_OF_RANGE_COLOR, class_colors, colorize, overlay
+from pdso_ray.method.overlay import OUT_OF_RANGE_COLOR, class_colors, colorize, overlay, palette_indices
 
 
 def test_colorize_paints_each_id_its_palette_colour():
@@ -38,3 +38,13 @@ def test_overlay_blends_classes_and_leaves_background_and_ignore():
     assert np.array_equal(overlay(image, label, alpha=0.0), image)
     with pytest.raises(ValueError, match="alpha"):
         overlay(image, label, alpha=1.5)
+
+
+def test_palette_indices_look_like_colorize_and_give_up_past_256_ids():
+    label = np.array([[0, 7, 7], [IGNORE_ID, 999, 0]], dtype=np.int32)
+    indices, palette = palette_indices(label)
+    assert indices.dtype == np.uint8 and indices.tolist() == [[0, 1, 1], [3, 2, 0]]  # ids 0, 7, 999, 1000
+    assert np.array_equal(palette[indices], colorize(label))
+    many = np.arange(300, dtype=np.int32).reshape(15, 20)
+    assert palette_indices(many) is None
+    assert palette_indices(np.array([[0, IGNORE_ID + 1]])) is None  # grey ids: colorize's job

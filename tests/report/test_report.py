@@ -333,7 +333,7 @@ def test_both_methods_on_the_same_images_side_by_side(dataset, tmp_path):
     page, srcs = read_report(ctx.storage, build_report(ctx.storage, ctx.run.root))
     section = sections(page)["PDSO and LightCluster on the same images"]
     assert "methods_side_by_side.png" in srcs and 'class="notrun"' not in section
-    assert f"{len(rels)} validation images predicted by both methods (6 shown)" in section
+    assert f"{len(rels)} images of split validation predicted by both methods (6 shown)" in section
     assert "mapped to ground-truth classes by each method&#x27;s own validation matching" in section
     with Image.open(ctx.storage.open(ctx.run.report_file("methods_side_by_side.png"))) as im:
         assert im.height > 6 * 200  # a row per image shown

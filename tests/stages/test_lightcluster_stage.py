@@ -91,7 +91,7 @@ def test_lightcluster_end_to_end_resumes_and_keeps_pdso_untouched(ray_local, tmp
         assert set(np.unique(refined)) <= set(range(CLASSES + 1))
         assert set(np.unique(refined)) - {0} <= {row["main_class"]}  # one class per image
         # beside each, its colour preview and its overlay on the image
-        colour = np.asarray(Image.open(run.colour_png("refined", row["id"])))
+        colour = np.asarray(Image.open(run.colour_png("refined", row["id"])).convert("RGB"))
         assert np.array_equal(colour, class_colors()[refined])
         assert Image.open(run.overlay_jpg("raw", row["id"])).format == "JPEG"
     # one prediction per evaluation image, of its ground truth's size
@@ -102,7 +102,7 @@ def test_lightcluster_end_to_end_resumes_and_keeps_pdso_untouched(ray_local, tmp
             pred = decode_label(storage.read_bytes(run.prediction_png(record.id)))
             gt_url = os.path.join(root, f"ImageNetS{CLASSES}", f"{split}-segmentation", png_rel(record.id))
             assert pred.shape == decode_label(storage.read_bytes(gt_url)).shape
-            assert np.array_equal(np.asarray(Image.open(run.colour_png("predictions", record.id))), class_colors()[pred])
+            assert np.array_equal(np.asarray(Image.open(run.colour_png("predictions", record.id)).convert("RGB")), class_colors()[pred])
             assert os.path.exists(run.overlay_jpg("predictions", record.id))
     # the ablation: every mask, then the final predictions (= the refined masks, no training)
     ablation = summary["diagnostics"]["ablation"]

@@ -111,7 +111,7 @@ def test_steps_write_the_models_prediction_at_the_original_size(setup, tmp_path)
         fg_png = np.asarray(Image.open(io.BytesIO(storage.read_bytes(fg_url))))
         assert np.array_equal(fg_png, foreground_to_uint8(pred.foreground.numpy()))
         # beside it, the prediction in colour and over the image as decoded for the model
-        colour = np.asarray(Image.open(io.BytesIO(storage.read_bytes(run.colour_png("predictions", image_id)))))
+        colour = np.asarray(Image.open(io.BytesIO(storage.read_bytes(run.colour_png("predictions", image_id)))).convert("RGB"))
         assert np.array_equal(colour, class_colors()[written])
         with Image.open(io.BytesIO(storage.read_bytes(run.overlay_jpg("predictions", image_id)))) as im:
             assert im.format == "JPEG" and im.size == (image.shape[1], image.shape[0])

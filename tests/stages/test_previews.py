@@ -9,7 +9,7 @@ from PIL import Image
 from pdso_ray.config import load_config
 from pdso_ray.method.overlay import class_colors
 from pdso_ray.run_layout import RunLayout
-from pdso_ray.stages.previews import PreviewWriter, previews_wanted
+from pdso_ray.stages.previews import PreviewWriter, encode_colour_png, previews_wanted
 from pdso_ray.storage import Storage
 
 
@@ -32,7 +32,7 @@ def test_writer_writes_the_label_in_the_palette_and_the_image_under_it(tmp_path)
     image = np.full((12, 16, 3), 40, np.uint8)  # the writer's image may be larger than the label
     PreviewWriter(storage, run).write("predictions", "all/photo", label, image)
 
-    colour = np.asarray(Image.open(io.BytesIO(storage.read_bytes(run.colour_png("predictions", "all/photo")))))
+    colour = np.asarray(Image.open(io.BytesIO(storage.read_bytes(run.colour_png("predictions", "all/photo")))).convert("RGB"))
     assert np.array_equal(colour, class_colors()[label])
     with Image.open(io.BytesIO(storage.read_bytes(run.overlay_jpg("predictions", "all/photo")))) as im:
         assert im.format == "JPEG" and im.size == (16, 12)
@@ -44,6 +44,15 @@ def test_writer_writes_the_label_in_the_palette_and_the_image_under_it(tmp_path)
     PreviewWriter(storage, run).write("raw", "all/no-image", label, None)  # colour only
     assert storage.exists(run.colour_png("raw", "all/no-image"))
     assert not storage.exists(run.overlay_jpg("raw", "all/no-image"))
+
+
+def test_colour_png_is_paletted_up_to_256_ids_and_rgb_beyond():
+    few = np.array([[0, 5], [1000, 5]], dtype=np.int32)
+    many = np.arange(1, 301, dtype=np.int32).reshape(15, 20)
+    for label, mode in ((few, "P"), (many, "RGB")):
+        with Image.open(io.BytesIO(encode_colour_png(label))) as im:
+            assert im.mode == mode
+            assert np.array_equal(np.asarray(im.convert("RGB")), class_colors()[label])
 
 
 @pytest.mark.parametrize("previews, output_format, wanted", [

@@ -75,7 +75,7 @@ def _check_labels(storage: Storage, output: str) -> None:
             assert label.shape == image.shape[:2]
             assert set(np.unique(label)) <= set(range(CLASSES + 1)) | {1000}
             kind = key.split("_")[1]
-            colour = np.asarray(Image.open(io.BytesIO(storage.read_bytes(run.colour_png(kind, row["id"])))))
+            colour = np.asarray(Image.open(io.BytesIO(storage.read_bytes(run.colour_png(kind, row["id"])))).convert("RGB"))
             assert np.array_equal(colour, class_colors()[label])
             with Image.open(io.BytesIO(storage.read_bytes(run.overlay_jpg(kind, row["id"])))) as overlay:
                 assert overlay.format == "JPEG" and overlay.size == (image.shape[1], image.shape[0])
