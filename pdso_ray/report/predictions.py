@@ -137,7 +137,7 @@ def confusion_matrix(r: Report) -> str:
     np.fill_diagonal(off, 0)
     worst = np.argsort(off, axis=None)[::-1][:TOP_CONFUSIONS]
     rows = [[name(int(g)), name(int(p)), f"{100 * off[g, p]:.1f} %"]
-            for g, p in zip(*np.unravel_index(worst, off.shape)) if off[g, p] > 0]
+            for g, p in zip(*np.unravel_index(worst, off.shape)) if off[g, p] >= 0.0005]  # shows as 0.1 %
     if rows:
         out += table(["ground truth", "predicted as", "share of its pixels"], rows)
     return out + ('<p class="note">Rows: the validation pixels of each ground-truth class (ignore left '
