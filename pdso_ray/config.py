@@ -432,7 +432,10 @@ class LightClusterConfig:
     dataset_k: Annotated[int, Range(2)] = 2  # clusters of the dataset-level k-means over a patch sample
     category_k: Annotated[int, Range(2)] = 2  # clusters of each category's k-means over its sampled patches
     image_k: Annotated[int, Range(2)] = 2  # clusters of each image's own k-means
-    # levels (of 3) that must call a patch foreground: 1 union, 2 majority, 3 all
+    # the levels whose masks vote (docs/method.md §9 has what each choice measured)
+    voters: list[Literal["dataset", "category", "image"]] = field(
+        default_factory=lambda: ["dataset", "category", "image"])
+    # voters that must call a patch foreground: 1 union, len(voters) all; 2 of 3 a majority
     min_votes: Annotated[int, Range(1, 3)] = 2
     patches_per_image: Count = 4  # patches sampled per train image for the dataset and category levels
     niter: Count = 20
@@ -584,6 +587,11 @@ def validate(cfg: PipelineConfig) -> PipelineConfig:
          refine.sigma_quantiles, "must be a non-empty list of values in [0, 1]")
     need(bool(cfg.tracking.mlflow_experiment), "tracking.mlflow_experiment", cfg.tracking.mlflow_experiment,
          "must name an MLflow experiment")
+    lc = cfg.lightcluster
+    need(len(lc.voters) > 0 and len(set(lc.voters)) == len(lc.voters), "lightcluster.voters", lc.voters,
+         "must list distinct levels among dataset, category, image")
+    need(lc.min_votes <= len(lc.voters), "lightcluster.min_votes", lc.min_votes,
+         f"must be <= the number of lightcluster.voters ({len(lc.voters)})")
     for section in ("features", "pseudo_labels", "predict", "lightcluster"):
         lo, hi = _get_attr(cfg, f"{section}.min_actors"), _get_attr(cfg, f"{section}.max_actors")
         need(lo <= hi, f"{section}.min_actors", lo, f"must be <= {section}.max_actors ({hi})")

@@ -122,3 +122,12 @@ def test_output_format_is_checked_and_output_dot_format_is_its_alias():
     assert load_config(None, ["data.classes=2", "output.format=webdataset"]).output_format == "webdataset"
     with pytest.raises(ConfigError, match="output_format='tar': unknown; choose one of files, webdataset"):
         load_config(None, ["data.classes=2", "output_format=tar"])
+
+
+def test_lightcluster_votes_are_checked_against_the_voters():
+    cfg = load_config(overrides=["data.classes=5", "lightcluster.voters=[image]", "lightcluster.min_votes=1"])
+    assert cfg.lightcluster.voters == ["image"]
+    with pytest.raises(ConfigError, match="lightcluster.min_votes=2.*number of lightcluster.voters"):
+        load_config(overrides=["data.classes=5", "lightcluster.voters=[image]"])
+    with pytest.raises(ConfigError, match="lightcluster.voters"):
+        load_config(overrides=["data.classes=5", "lightcluster.voters=[image,image]", "lightcluster.min_votes=1"])

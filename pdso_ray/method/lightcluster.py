@@ -15,7 +15,8 @@ the refiner, the labelling rule) is our reading, argued in ``/work/notes/lightcl
 - dataset level: k-means over a sample of patches of the whole dataset; category level: images
   grouped by k-means of their CLS tokens, then k-means over the sampled patches of each group;
   image level: k-means over the image's own patches;
-- consistency: a patch is foreground when at least ``min_votes`` of the three levels say so;
+- consistency: a patch is foreground when at least ``min_votes`` of the voting levels say so
+  (all three by default; ``voters`` may keep fewer: the choice is measured, docs/method.md §9);
 - upsampling: bilinear; refinement: pixel-adaptive mask refinement on the RGB image
   (:mod:`pdso_ray.method.mask_refine`); then a 0.5 threshold;
 - labelling: k-means (K = C) over one vector per image, the CLS token of its object region (or of
@@ -42,7 +43,8 @@ from pdso_ray.method import kmeans_math as km
 from pdso_ray.method.mask_refine import refine_mask, upsample_mask
 
 _EPS = 1e-12
-NUM_LEVELS = 3  # dataset, category, image
+LEVELS = ("dataset", "category", "image")
+NUM_LEVELS = len(LEVELS)
 
 
 @dataclass(frozen=True)
@@ -53,8 +55,9 @@ class LightClusterParams:
         dataset_k: clusters of the dataset-level k-means over sampled patches.
         category_k: clusters of each category's k-means over its sampled patches.
         image_k: clusters of each image's k-means over its own patches.
-        min_votes: levels (of 3) that must call a patch foreground: 1 union, 2 majority,
-            3 intersection.
+        voters: the levels (of :data:`LEVELS`) whose masks vote, in any order.
+        min_votes: voters that must call a patch foreground: 1 union, all of them intersection;
+            with the three levels, 2 is a majority.
         niter: Lloyd iterations of the in-process k-means.
         patches_per_image: patches sampled per image for the dataset and category levels.
         refine_iterations: refinement steps (0 = threshold the upsampled mask as it is).
@@ -67,6 +70,7 @@ class LightClusterParams:
     dataset_k: int = 2
     category_k: int = 2
     image_k: int = 2
+    voters: tuple[str, ...] = LEVELS
     min_votes: int = 2
     niter: int = 20
     patches_per_image: int = 4
@@ -79,8 +83,10 @@ class LightClusterParams:
         for name in ("dataset_k", "category_k", "image_k"):
             if getattr(self, name) < 2:
                 raise ValueError(f"{name} must be >= 2 (foreground and background), got {getattr(self, name)}")
-        if not 1 <= self.min_votes <= NUM_LEVELS:
-            raise ValueError(f"min_votes must be in 1..{NUM_LEVELS}, got {self.min_votes}")
+        if not self.voters or len(set(self.voters)) != len(self.voters) or set(self.voters) - set(LEVELS):
+            raise ValueError(f"voters must be distinct levels among {LEVELS}, got {self.voters}")
+        if not 1 <= self.min_votes <= len(self.voters):
+            raise ValueError(f"min_votes must be in 1..{len(self.voters)} (the number of voters), got {self.min_votes}")
         if self.niter < 1 or self.patches_per_image < 1 or self.refine_iterations < 0:
             raise ValueError(f"niter and patches_per_image must be >= 1 and refine_iterations >= 0, got "
                              f"{self.niter}, {self.patches_per_image}, {self.refine_iterations}")
@@ -313,7 +319,7 @@ def label_vectors(image_cls: np.ndarray, object_cls: np.ndarray | None, has_obje
 @dataclass
 class ImageMasks:
     """One image's masks: ``levels`` 3×h×w bool (the dataset, category and image level's patch
-    masks, in that order), ``votes`` h×w int8 (levels calling each patch foreground),
+    masks, in that order), ``votes`` h×w int8 (voters calling each patch foreground),
     ``patch_mask`` h×w bool (the consistent mask), ``upsampled`` H×W bool (the consistent mask
     upsampled, before refinement, at 0.5), ``mask`` H×W bool (upsampled and refined)."""
 
@@ -342,7 +348,7 @@ def segment_image(features: np.ndarray, saliency: np.ndarray, image: np.ndarray,
     masks = (level_mask(features, state.dataset),
              level_mask(features, state.categories.level(category)),
              image_level_mask(features, saliency, params.image_k, params.niter, params.seed))
-    patch_mask, votes = consistent_mask(masks, params.min_votes)
+    patch_mask, votes = consistent_mask([masks[LEVELS.index(v)] for v in params.voters], params.min_votes)
     soft = upsample_mask(patch_mask, np.asarray(image).shape[:2], device)
     upsampled = (soft > 0.5).cpu().numpy()
     soft = refine_mask(image, soft, params.refine_iterations, params.refine_dilations, params.refine_temperature)

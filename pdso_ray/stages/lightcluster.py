@@ -16,7 +16,7 @@ steps between them, each resumable:
    (Ray Data ``groupby``). At both, the clusters of above-average saliency are foreground →
    ``levels/*.npy``.
 3. **segment** (train, validation and, unless ``lightcluster.finetune``, test images; DINO actor
-   pool): per image the three level masks, the consistent mask (≥ ``min_votes`` levels), upsampled
+   pool): per image the three level masks, the consistent mask (≥ ``min_votes`` of the ``voters``), upsampled
    and refined on the image, and the labelling vector (the CLS token of the masked region, or of
    the image) → ``levels/masks/<id>.png`` (one bit per mask, :data:`MASK_BITS`) and
    ``levels/vectors/{train,eval}/*.parquet``.
@@ -80,7 +80,7 @@ def params_from_config(cfg: PipelineConfig):
 
     lc = cfg.lightcluster
     return LightClusterParams(dataset_k=lc.dataset_k, category_k=lc.category_k, image_k=lc.image_k,
-                              min_votes=lc.min_votes, niter=lc.niter, patches_per_image=lc.patches_per_image,
+                              voters=tuple(lc.voters), min_votes=lc.min_votes, niter=lc.niter, patches_per_image=lc.patches_per_image,
                               refine_iterations=lc.refine_iterations, seed=cfg.seed_for("lightcluster"))
 
 
@@ -664,7 +664,8 @@ class LightClusterStage(Stage):
             levels.append({"mask": name, "step": MASK_NAMES[name], "mIoU": result.miou, "fg_iou": fg[name]})
             log.info("lightcluster: validation %s: mIoU %.2f, foreground IoU %.3f", name, result.miou, fg[name])
         storage.write_json(run.eval_file("lightcluster.json"),
-                           {"levels": levels, "min_votes": ctx.cfg.lightcluster.min_votes})
+                           {"levels": levels, "voters": list(ctx.cfg.lightcluster.voters),
+                            "min_votes": ctx.cfg.lightcluster.min_votes})
         return [{"mask": lv["mask"], "mIoU": lv["mIoU"], "fg_iou": lv["fg_iou"]} for lv in levels]
 
 

@@ -299,3 +299,33 @@ def test_runs_on_the_dino_backbone_outputs():
     assert result.state.dataset.centroids.shape == (2, 48)
     for labels, mask, cls in zip(result.labels, result.masks, result.classes):
         np.testing.assert_array_equal(labels, label_from_mask(mask, int(cls) if cls >= 0 else None))
+
+
+def test_only_the_voters_vote():
+    from pdso_ray.method.lightcluster import (CategoryModels, LevelModel, LightClusterParams, LightClusterState,
+                                              segment_image)
+
+    rng = np.random.default_rng(0)
+    a, b = rng.normal(size=D), rng.normal(size=D)
+    planted = np.zeros((6, 6), dtype=bool)
+    planted[1:5, 1:5] = True
+    feats = np.where(planted[..., None], a, b) + 0.03 * rng.normal(size=(6, 6, D))
+    sal = np.where(planted, 0.9, 0.1)
+    # the dataset and category levels call nothing foreground; the image level finds the object
+    blind = LevelModel(np.stack([a, b]).astype(np.float32) / np.linalg.norm([a, b], axis=1, keepdims=True),
+                       np.zeros(2, bool))
+    state = LightClusterState(blind, CategoryModels.stack([blind]), np.zeros((1, D), np.float32))
+    image = np.zeros((48, 48, 3), np.uint8)
+    majority = segment_image(feats, sal, image, state, 0, LightClusterParams(refine_iterations=0))
+    alone = segment_image(feats, sal, image, state, 0,
+                          LightClusterParams(voters=("image",), min_votes=1, refine_iterations=0))
+    assert not majority.patch_mask.any() and majority.levels[2].any()
+    np.testing.assert_array_equal(alone.patch_mask, planted)
+    np.testing.assert_array_equal(alone.levels, majority.levels)  # every level is still kept for the ablation
+
+    with pytest.raises(ValueError, match="voters"):
+        LightClusterParams(voters=("image", "image"))
+    with pytest.raises(ValueError, match="voters"):
+        LightClusterParams(voters=("pixel",))
+    with pytest.raises(ValueError, match="number of voters"):
+        LightClusterParams(voters=("image",), min_votes=2)
