@@ -411,7 +411,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="how INPUT is laid out: a data.layout (default folder: every image below INPUT, "
                    "split 'all'; imagenet_s: INPUT holds ImageNetS{C}/, its data.eval_splits)")
     p.add_argument("--overlay", action="store_true",
-                   help="also write a colour overlay JPEG per image (OUTPUT/predictions/<split>_overlay/)")
+                   help="also write the previews of every prediction: a colour PNG "
+                        "(OUTPUT/predictions/<split>_colour/) and an overlay JPEG (<split>_overlay/)")
     p.add_argument("--set", action="append", metavar="KEY=VALUE",
                    help="a config value: predict.batch_size, predict.max_actors, ray.address, "
                    "storage.s3.*, data.* of the layout (repeatable)")

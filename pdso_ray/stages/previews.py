@@ -44,6 +44,24 @@ def encode_colour_png(label: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
+# Overlays are for eyes: a photo of 12 MP is blended and stored at most this long on its long side.
+OVERLAY_MAX_SIDE = 1024
+
+
+def _viewable(image) -> np.ndarray:
+    """``image`` as an h×w×3 uint8 numpy array no longer than :data:`OVERLAY_MAX_SIDE` (area
+    resampling). The GPU decode path hands over a torch tensor; it is copied to the host here."""
+    if hasattr(image, "cpu"):
+        image = image.cpu().numpy()
+    image = np.asarray(image)
+    h, w = image.shape[:2]
+    scale = OVERLAY_MAX_SIDE / max(h, w)
+    if scale >= 1:
+        return image
+    size = (max(1, round(w * scale)), max(1, round(h * scale)))
+    return np.asarray(Image.fromarray(image).resize(size, Image.BOX))
+
+
 class PreviewWriter:
     """Writes the colour preview and the overlay of one label PNG (picklable: actors get a copy)."""
 
@@ -53,8 +71,10 @@ class PreviewWriter:
     def write(self, kind: str, image_id: str, label: np.ndarray, image: np.ndarray | None) -> None:
         """``label`` (H×W ids, the PNG's content) of ``image_id`` as ``kind`` (one of
         :data:`~pdso_ray.run_layout.PREVIEW_KINDS`): its colour PNG at the label's size, and, when
-        ``image`` (h×w×3 uint8 RGB, as the writer decoded it) is given, the overlay JPEG at the
-        image's size (the label resized to it by nearest neighbour)."""
+        ``image`` (h×w×3 uint8 RGB as the writer decoded it: numpy, or a torch tensor on any
+        device) is given, the overlay JPEG at the image's size, at most :data:`OVERLAY_MAX_SIDE`
+        long (the label resized to it by nearest neighbour)."""
         self.storage.write_bytes(self.run.colour_png(kind, image_id), encode_colour_png(label))
         if image is not None:
-            self.storage.write_bytes(self.run.overlay_jpg(kind, image_id), encode_jpeg(overlay(image, label)))
+            self.storage.write_bytes(self.run.overlay_jpg(kind, image_id),
+                                     encode_jpeg(overlay(_viewable(image), label)))

@@ -11,9 +11,10 @@ holding DINO, the denoised embedding e(x), the final centroids and SAM:
    (``labels/saliency/validation/``);
 2. the driver sweeps t over ``pseudo_labels.threshold_grid`` with the official protocol (one
    Hungarian matching per t, best mIoU), reading only those PNGs; **validation refinement** —
-   the raw labels at the chosen t (``labels/raw/validation/``) refined once per σ of
-   ``pseudo_labels.refine.sigma_grid`` (``labels/sweep/sigma_<σ>/validation/``); the driver
-   keeps the best σ;
+   the raw labels at the chosen t (``labels/raw/validation/``) refined once per σ of the grid
+   (``labels/sweep/sigma_<σ>/validation/``; by default the ``refine.sigma_quantiles`` of the train
+   images' distances to their second-nearest centroid, docs/method.md §6); the driver keeps the
+   best σ;
 3. **train labels** — raw and refined labels of every train image at the chosen t and σ
    (``labels/raw/train/``, ``labels/refined/train/``: PNG files, or with ``output_format:
    webdataset`` one PNG shard per batch with its index, :mod:`pdso_ray.data.png_sets`) and
@@ -23,7 +24,8 @@ holding DINO, the denoised embedding e(x), the final centroids and SAM:
    :mod:`pdso_ray.stages.previews`).
 
 An explicit ``pseudo_labels.threshold`` or ``refine.sigma`` replaces its sweep; without validation
-ground truth both fall back to the configured (or published) values, with a note. The choice and
+ground truth t falls back to the configured (or PASS-published) value and σ to the configured one
+or the ``refine.sigma_fallback_quantile``, with a note. The choice and
 its curves go to ``eval/pseudo_label_threshold.json``; the validation mIoU of the raw and refined
 labels at the chosen values, and per-image scores, to ``eval/pseudo_labels.json`` and the summary's
 ``diagnostics.pseudo_labels``. Per-patch features are recomputed here, never stored.
@@ -350,10 +352,11 @@ class PseudoLabelsStage(Stage):
         diagnostics: dict[str, Any] = {}
         if gt_dir is None:
             threshold, sigma = cfg.saliency_threshold(), sigma_fallback
+            sigma_source = ("configured" if pc.refine.sigma is not None
+                            else "fallback quantile" if _uses_sigma(cfg) else "unused: no SPO")
             notes.append(f"no validation ground truth: saliency threshold {threshold:g} "
                          f"({'configured' if pc.threshold is not None else 'PASS published value'}) "
-                         f"and sigma {sigma:g} ({'configured' if pc.refine.sigma is not None else 'fallback quantile'})"
-                         " were not chosen on validation")
+                         f"and sigma {sigma:g} ({sigma_source}) were not chosen on validation")
             choice = {"threshold": threshold, "sigma": sigma, "source": "fallback", "curve": [],
                       "sigma_curve": []}
         else:
@@ -389,9 +392,17 @@ class PseudoLabelsStage(Stage):
         rc = ctx.cfg.pseudo_labels.refine
         if not _uses_sigma(ctx.cfg):
             return [rc.sigma if rc.sigma is not None else FALLBACK_SIGMA], FALLBACK_SIGMA, {}
-        rows = [arrow_to_vectors(t.column("topk_dist"))
-                for t in iter_row_groups(ctx.storage, ctx.run.stage_dir("purify"), columns=["topk_dist"])]
-        second = second_nearest_distances(np.concatenate(rows)) if rows and rows[0].shape[1] > 1 else None
+        # One float per image: each row group's N×topk distances are reduced as they are read
+        # (at S919, 1.28 M × 50 would be 256 MB in the driver; this is 10 MB).
+        second_parts = []
+        for table in iter_row_groups(ctx.storage, ctx.run.stage_dir("purify"), columns=["topk_dist"]):
+            if table.num_rows == 0:
+                continue
+            dist = arrow_to_vectors(table.column("topk_dist"))
+            if dist.shape[1] < 2:  # purify.topk = 1: one candidate per image, none can be secondary
+                break
+            second_parts.append(second_nearest_distances(dist))
+        second = np.concatenate(second_parts) if second_parts else None
 
         def shares(sigmas: list[float]) -> dict[float, float]:
             return {} if second is None else {s: float(np.mean(second <= s)) for s in sigmas}

@@ -46,6 +46,21 @@ def test_writer_writes_the_label_in_the_palette_and_the_image_under_it(tmp_path)
     assert not storage.exists(run.overlay_jpg("raw", "all/no-image"))
 
 
+def test_overlay_takes_a_device_tensor_and_shrinks_a_large_photo(tmp_path):
+    import torch
+
+    from pdso_ray.stages.previews import OVERLAY_MAX_SIDE
+
+    storage, run = Storage(), RunLayout(str(tmp_path / "run"))
+    label = np.ones((30, 40), np.int32)
+    photo = torch.full((1500, 2000, 3), 90, dtype=torch.uint8)  # what the GPU decode path hands over
+    PreviewWriter(storage, run).write("predictions", "all/big", label, photo)
+    with Image.open(io.BytesIO(storage.read_bytes(run.overlay_jpg("predictions", "all/big")))) as im:
+        assert im.size == (OVERLAY_MAX_SIDE, 768)
+        centre = np.asarray(im.convert("RGB"))[384, 512].astype(int)
+    assert np.abs(centre - np.rint(0.5 * 90 + 0.5 * class_colors()[1])).max() <= 12
+
+
 def test_colour_png_is_paletted_up_to_256_ids_and_rgb_beyond():
     few = np.array([[0, 5], [1000, 5]], dtype=np.int32)
     many = np.arange(1, 301, dtype=np.int32).reshape(15, 20)
