@@ -418,8 +418,10 @@ def segment_costs(state: Any, images: int, d: int, threads: int, seed: int, warm
     torch.set_num_threads(threads)
     torch.manual_seed(seed)
     lc = LightClusterConfig()
-    params = LightClusterParams(image_k=lc.image_k, min_votes=lc.min_votes, niter=lc.niter,
-                                refine_iterations=lc.refine_iterations, seed=seed)
+    # The cost of the paper's three-level rule, every level computed (an upper bound: the default
+    # votes with the image level alone, but every run still writes all levels for the ablation).
+    params = LightClusterParams(image_k=lc.image_k, voters=("dataset", "category", "image"), min_votes=2,
+                                niter=lc.niter, refine_iterations=lc.refine_iterations, seed=seed)
     model = build_dino("vit_small_patch8", None, img_size=224).eval()
     if state.dataset.centroids.shape[1] != model.embed_dim:
         raise ValueError(f"the segment costs need --d {model.embed_dim} (ViT-S keys), got {d}")

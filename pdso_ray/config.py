@@ -432,11 +432,12 @@ class LightClusterConfig:
     dataset_k: Annotated[int, Range(2)] = 2  # clusters of the dataset-level k-means over a patch sample
     category_k: Annotated[int, Range(2)] = 2  # clusters of each category's k-means over its sampled patches
     image_k: Annotated[int, Range(2)] = 2  # clusters of each image's own k-means
-    # the levels whose masks vote (docs/method.md §9 has what each choice measured)
-    voters: list[Literal["dataset", "category", "image"]] = field(
-        default_factory=lambda: ["dataset", "category", "image"])
-    # voters that must call a patch foreground: 1 union, len(voters) all; 2 of 3 a majority
-    min_votes: Annotated[int, Range(1, 3)] = 2
+    # The levels whose masks vote. The image level alone is what won on data (docs/method.md §9:
+    # with the stand-ins the dataset and category levels find objects far worse and drag any vote
+    # down); [dataset, category, image] with a majority is the paper's consistency.
+    voters: list[Literal["dataset", "category", "image"]] = field(default_factory=lambda: ["image"])
+    # voters that must call a patch foreground: 1 union, len(voters) all; None = a majority of them
+    min_votes: Annotated[int, Range(1, 3)] | None = None
     patches_per_image: Count = 4  # patches sampled per train image for the dataset and category levels
     niter: Count = 20
     nredo: Count = 30  # restarts of the distributed k-means (dataset level, labelling), as PDSO's
@@ -590,7 +591,7 @@ def validate(cfg: PipelineConfig) -> PipelineConfig:
     lc = cfg.lightcluster
     need(len(lc.voters) > 0 and len(set(lc.voters)) == len(lc.voters), "lightcluster.voters", lc.voters,
          "must list distinct levels among dataset, category, image")
-    need(lc.min_votes <= len(lc.voters), "lightcluster.min_votes", lc.min_votes,
+    need(lc.min_votes is None or lc.min_votes <= len(lc.voters), "lightcluster.min_votes", lc.min_votes,
          f"must be <= the number of lightcluster.voters ({len(lc.voters)})")
     for section in ("features", "pseudo_labels", "predict", "lightcluster"):
         lo, hi = _get_attr(cfg, f"{section}.min_actors"), _get_attr(cfg, f"{section}.max_actors")

@@ -125,9 +125,13 @@ def test_output_format_is_checked_and_output_dot_format_is_its_alias():
 
 
 def test_lightcluster_votes_are_checked_against_the_voters():
-    cfg = load_config(overrides=["data.classes=5", "lightcluster.voters=[image]", "lightcluster.min_votes=1"])
-    assert cfg.lightcluster.voters == ["image"]
+    from pdso_ray.stages.lightcluster import votes_needed
+
+    cfg = load_config(overrides=["data.classes=5"])
+    assert cfg.lightcluster.voters == ["image"] and votes_needed(cfg) == 1
+    cfg = load_config(overrides=["data.classes=5", "lightcluster.voters=[dataset,category,image]"])
+    assert votes_needed(cfg) == 2  # unset: a majority of the voters, the paper's consistency
     with pytest.raises(ConfigError, match="lightcluster.min_votes=2.*number of lightcluster.voters"):
-        load_config(overrides=["data.classes=5", "lightcluster.voters=[image]"])
+        load_config(overrides=["data.classes=5", "lightcluster.min_votes=2"])
     with pytest.raises(ConfigError, match="lightcluster.voters"):
         load_config(overrides=["data.classes=5", "lightcluster.voters=[image,image]", "lightcluster.min_votes=1"])

@@ -80,8 +80,14 @@ def params_from_config(cfg: PipelineConfig):
 
     lc = cfg.lightcluster
     return LightClusterParams(dataset_k=lc.dataset_k, category_k=lc.category_k, image_k=lc.image_k,
-                              voters=tuple(lc.voters), min_votes=lc.min_votes, niter=lc.niter, patches_per_image=lc.patches_per_image,
+                              voters=tuple(lc.voters), min_votes=votes_needed(cfg), niter=lc.niter, patches_per_image=lc.patches_per_image,
                               refine_iterations=lc.refine_iterations, seed=cfg.seed_for("lightcluster"))
+
+
+def votes_needed(cfg: PipelineConfig) -> int:
+    """``lightcluster.min_votes``, or a majority of the ``voters`` when it is unset."""
+    lc = cfg.lightcluster
+    return lc.min_votes if lc.min_votes is not None else len(lc.voters) // 2 + 1
 
 
 def image_rng(seed: int, image_id: str) -> np.random.Generator:
@@ -665,7 +671,7 @@ class LightClusterStage(Stage):
             log.info("lightcluster: validation %s: mIoU %.2f, foreground IoU %.3f", name, result.miou, fg[name])
         storage.write_json(run.eval_file("lightcluster.json"),
                            {"levels": levels, "voters": list(ctx.cfg.lightcluster.voters),
-                            "min_votes": ctx.cfg.lightcluster.min_votes})
+                            "min_votes": votes_needed(ctx.cfg)})
         return [{"mask": lv["mask"], "mIoU": lv["mIoU"], "fg_iou": lv["fg_iou"]} for lv in levels]
 
 
