@@ -1,4 +1,5 @@
-"""``pdso-ray``: run, demo, make-demo-data, make-shards, evaluate, export, segment, export-model, inspect.
+"""``pdso-ray``: run, pretrain, demo, make-demo-data, make-shards, evaluate, export, segment, export-model,
+inspect.
 
 All argument parsing lives here; subcommands call the same library functions as ``jobs/pdso.py``
 and tests. Heavy imports happen inside the commands, so that ``pdso-ray --help`` and
@@ -27,6 +28,7 @@ from pdso_ray.config import ConfigError
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEMO_CONFIG = REPO_ROOT / "jobs" / "configs" / "demo.yaml"
+PHOTOS_CONFIG = REPO_ROOT / "jobs" / "configs" / "photos.yaml"
 EXIT_INTERNAL = 1
 # pdso_ray.data.synthetic.WORLDS, spelled out so that `pdso-ray --help` imports nothing heavy
 # (tests/test_cli.py checks they agree).
@@ -91,6 +93,40 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from pdso_ray.config import load_config
 
     return _run(load_config(args.config, args.set or []), args.verbose)
+
+
+def _cmd_pretrain(args: argparse.Namespace) -> int:
+    """Stage ``pretrain`` of ``--config`` on DATA into OUTPUT, sized to this machine and the data
+    (:func:`pdso_ray.stages.pretrain.fit_to_machine`; the keys given with ``--set`` stay as given)."""
+    from pdso_ray.config import load_config
+    from pdso_ray.preflight import count_train_images, local_machine
+    from pdso_ray.stages.pretrain import FITTED_KEYS, fit_to_machine
+
+    overrides = [f"data.root={args.data}", f"output={args.output}", "stages=pretrain"]
+    if args.epochs is not None:
+        overrides.append(f"pretrain.epochs={args.epochs}")
+    cfg = load_config(args.config, [*overrides, *(args.set or [])])
+    given = {item.split("=", 1)[0].strip() for item in args.set or []}
+    machine = local_machine(cfg)
+    if machine is not None and not given.issuperset(FITTED_KEYS):
+        # enough images to know whether the configured batch fits on every GPU
+        enough = cfg.pretrain.batch_size * max(1, int(machine["GPU"]), cfg.pretrain.num_workers)
+        images = count_train_images(cfg, enough)
+        memory = None
+        if not machine["GPU"] and "pretrain.batch_size" not in given:
+            from pdso_ray.models.dino_pretrain import step_memory
+            from pdso_ray.stages.pretrain import input_size, pretrain_recipe
+
+            print(f"measuring the memory of a training step of {cfg.models.dino.arch} (seconds to a minute)",
+                  flush=True)
+            memory = (machine["memory"], *step_memory(pretrain_recipe(cfg, 1), input_size(cfg)))
+        try:
+            fitted = fit_to_machine(cfg, images, machine["CPU"], int(machine["GPU"]), given, memory)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+        for line in fitted:
+            print(f"fitted {line}")
+    return _run(cfg, args.verbose)
 
 
 def _cmd_make_demo_data(args: argparse.Namespace) -> int:
@@ -310,6 +346,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", metavar="KEY=VALUE",
                    help="override a config value, e.g. --set stages=features,cluster (repeatable)")
     p.set_defaults(func=_cmd_run)
+
+    p = sub.add_parser("pretrain", help="pretrain DINO on your images (one machine, sized to it)",
+                       description="Run stage `pretrain` of a config on the images under DATA, into the "
+                       "run folder OUTPUT, with the workers, CPUs, GPU use and batch size fitted to this "
+                       "machine and the number of images (a key given with --set stays as given). The "
+                       "teacher is written after every epoch to OUTPUT/pretrain/dino_teacher.pth; "
+                       "re-running resumes. Then `pdso-ray run CONFIG --set output=OUTPUT ...` without "
+                       "models.dino.checkpoint uses it.")
+    p.add_argument("data", help="folder or URL of the images (any tree; data.layout of the config)")
+    p.add_argument("output", help="run folder (or URL); the pipeline run after it uses the same one")
+    p.add_argument("--config", default=str(PHOTOS_CONFIG),
+                   help="YAML config whose models.dino and pretrain sections are used (default: "
+                   "jobs/configs/photos.yaml, DINO's ViT-S/8 recipe)")
+    p.add_argument("--epochs", type=int, default=None, help="pretrain.epochs (default: the config's)")
+    p.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help=VERBOSE_HELP)
+    p.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="override a config value, e.g. --set pretrain.batch_size=32 (repeatable); "
+                   "--set stages=pretrain,features,... runs more stages")
+    p.set_defaults(func=_cmd_pretrain)
 
     p = sub.add_parser("demo", help="synthetic data + tiny models + the whole pipeline, locally",
                        description="Write a small synthetic ImageNet-S dataset and run the whole "

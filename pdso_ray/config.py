@@ -209,6 +209,9 @@ class PretrainConfig:
     decode_cpus: NonNegative = 1.0
     max_failures: NonNegativeInt = 2  # worker restarts (from the last epoch's checkpoint) before giving up
     keep_checkpoints: Count = 2
+    # The teacher is written to pretrain/dino_teacher.pth after every epoch; every this many
+    # epochs (and after the last) a copy stays as pretrain/teachers/epoch_NNNN.pth. 0: no copies.
+    teacher_every: NonNegativeInt = 10
     probe_images: Count = 64  # fixed train images the per-epoch saliency probe runs on
     # Collapse guard: from this epoch on, a teacher whose outputs carry less than min_kl_div nats
     # of information about the image (H(mean q) - mean H(q)) has collapsed; the run stops.

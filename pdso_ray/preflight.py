@@ -11,7 +11,7 @@ and checks:
   its patch size (8, 14 or 16); ``mlflow`` importable when ``tracking.mlflow_uri`` is set and a
   training stage runs;
 - the data root is reachable and has the layout the config says, and the train split holds
-  images, at least ``data.classes`` of them (a short walk, not a full listing; the listing
+  images, at least ``data.classes`` of them and enough for one batch per pretraining worker (a short walk, not a full listing; the listing
   under a short connect timeout also proves the storage credentials); ``data.features`` holds at
   least ``data.classes`` rows;
 - every checkpoint a stage loads is set (unless random init is allowed), readable, and loads as
@@ -35,7 +35,7 @@ from pdso_ray.data.listing import IMAGE_SUFFIXES
 from pdso_ray.plan import requested_stages
 from pdso_ray.run_layout import RunLayout
 from pdso_ray.stages import stage_class
-from pdso_ray.stages.base import ModelNeed, Needs, WorkerGroup
+from pdso_ray.stages.base import MinImages, ModelNeed, Needs, WorkerGroup
 from pdso_ray.storage import Storage, StorageError, protocol
 
 log = logging.getLogger("pdso_ray")
@@ -89,6 +89,45 @@ def _local_gpus() -> int:
     return torch.cuda.device_count() if torch.cuda.is_available() else 0
 
 
+def local_machine(cfg: PipelineConfig) -> dict[str, float] | None:
+    """``{"CPU": n, "GPU": m, "memory": bytes}`` of the local Ray this run would start
+    (``ray.num_cpus`` or this machine's cores, its GPUs, the memory available now), or None when
+    the run joins a cluster (``ray.address``, ``ray job submit``), whose resources are known only
+    once connected."""
+    if cfg.ray.address or in_ray_job():
+        return None
+    return {"CPU": float(cfg.ray.num_cpus or os.cpu_count() or 1), "GPU": float(_local_gpus()),
+            "memory": float(_available_memory())}
+
+
+def _available_memory() -> int:
+    """Bytes of memory available to new processes: ``MemAvailable`` of /proc/meminfo (Linux), else
+    the machine's total."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def count_train_images(cfg: PipelineConfig, enough: int) -> int:
+    """Images of the train split as far as ``enough`` (a short walk, within ``data.limit``);
+    raises :class:`PreflightError` when ``data.root`` cannot be read."""
+    from pdso_ray.data.layouts import build_layout
+
+    probe = probe_storage(cfg)
+    _reachable(probe, "data.root", cfg.data.root, "data root")
+    try:
+        layout = build_layout(cfg.data, probe)
+        found = layout.count_images(probe, layout.train_split(), enough=enough)
+    except (FileNotFoundError, OSError) as e:
+        raise PreflightError(f"data.root: {e} (data.layout={cfg.data.layout})") from None
+    return min(found, cfg.data.limit or found)
+
+
 def plan_needs(cfg: PipelineConfig) -> dict[str, Needs]:
     """What every stage this run executes needs (:meth:`pdso_ray.stages.base.Stage.needs`)."""
     return {name: stage_class(name).needs(cfg) for name in requested_stages(cfg)}
@@ -120,16 +159,18 @@ def preflight(cfg: PipelineConfig, storage: Storage | None = None) -> list[str]:
                                  "the storage credentials") from None
     if cfg.data.features and "features" in stages:
         _check_precomputed(probe, cfg)
-    notes = _check_data(probe, cfg, {s for need in needs.values() for s in need.images}, "evaluate" in stages)
+    quotas = [need.min_images for need in needs.values() if need.min_images is not None]
+    notes = _check_data(probe, cfg, {s for need in needs.values() for s in need.images}, "evaluate" in stages,
+                        max(quotas, key=lambda q: q.count, default=None))
     _check_models(probe, cfg, [m for need in needs.values() for m in need.models], "pretrain" in stages)
-    if not cfg.ray.address and not in_ray_job():
-        gpus = _local_gpus()
+    have = local_machine(cfg)
+    if have is not None:
+        gpus = have["GPU"]
         if cfg.ray.use_gpu is True and not gpus:
             raise PreflightError(
                 "ray.use_gpu=true, but this machine has no GPU and the run starts a local Ray: set "
                 "ray.use_gpu=null (use GPUs when there are some) or ray.address=the cluster's address")
         uses_gpu = cfg.ray.use_gpu if cfg.ray.use_gpu is not None else gpus > 0
-        have = {"CPU": float(cfg.ray.num_cpus or os.cpu_count() or 1), "GPU": float(gpus)}
         for group in _groups(needs):
             problem = unmet(group, have, uses_gpu)
             if problem:
@@ -176,9 +217,10 @@ def _check_precomputed(probe: Storage, cfg: PipelineConfig) -> None:
                              f"data.features ({cfg.data.features}): set data.classes to at most {rows}")
 
 
-def _check_data(probe: Storage, cfg: PipelineConfig, splits: set[str], evaluates: bool) -> list[str]:
+def _check_data(probe: Storage, cfg: PipelineConfig, splits: set[str], evaluates: bool,
+                quota: MinImages | None = None) -> list[str]:
     """The data root, the train split (when a stage reads it) with at least ``data.classes``
-    images, and notes on the evaluation splits."""
+    images and the ``quota`` of the stage that needs most, and notes on the evaluation splits."""
     from pdso_ray.data.layouts import build_layout
 
     if not splits and not evaluates:
@@ -197,7 +239,7 @@ def _check_data(probe: Storage, cfg: PipelineConfig, splits: set[str], evaluates
         split_url = layout.split_url(split)
         _reachable(probe, "data.root", split_url, f"the {cfg.data.layout} layout's {split} split "
                    f"(data.layout={cfg.data.layout}, data.classes={classes})")
-        found = layout.count_images(probe, split, enough=classes)
+        found = layout.count_images(probe, split, enough=max(classes, quota.count if quota else 0))
         if found == 0:
             looked = (f"looked for {' '.join(IMAGE_SUFFIXES)} files, recursively"
                       if cfg.data.layout in ("imagenet_s", "folder") else f"none in its {cfg.data.layout} files")
@@ -208,6 +250,10 @@ def _check_data(probe: Storage, cfg: PipelineConfig, splits: set[str], evaluates
                     else f"the {found} image{'s' if found != 1 else ''} under {split_url}")
             raise PreflightError(f"data.classes={classes}: more categories than {what}: set data.classes "
                                  f"to at most {usable} (or add images)")
+        if quota is not None and usable < quota.count:
+            what = (f"data.limit={cfg.data.limit}" if usable < found
+                    else f"{split_url} has {found} image{'s' if found != 1 else ''}")
+            raise PreflightError(f"{quota.what} needs {quota.count} train images, but {what}: {quota.fix}")
     if "eval" in splits or evaluates:
         notes += [info.note for info in layout.eval_splits(probe) if info.note]
     return notes

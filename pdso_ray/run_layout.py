@@ -131,9 +131,15 @@ class RunLayout:
 
     @property
     def pretrain_teacher(self) -> str:
-        """The teacher backbone in the official DINO release layout: what ``features``,
-        ``pseudo_labels`` and ``finetune`` load when ``models.dino.checkpoint`` is unset."""
+        """The teacher backbone in the official DINO release layout, rewritten after every epoch
+        (the latest): what ``features``, ``pseudo_labels`` and ``finetune`` load when
+        ``models.dino.checkpoint`` is unset."""
         return self.path("pretrain", "dino_teacher.pth")
+
+    def pretrain_epoch_teacher(self, epoch: int) -> str:
+        """The teacher after ``epoch`` (1-based), kept every ``pretrain.teacher_every`` epochs:
+        a fixed file to point ``models.dino.checkpoint`` at while pretraining goes on."""
+        return self.path("pretrain", "teachers", f"epoch_{epoch:04d}.pth")
 
     # -- stage 1: features --
     @property

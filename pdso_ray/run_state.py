@@ -4,11 +4,14 @@ outputs, and ``summary.json``.
 **Keys.** A stage's outputs are identified by its key: the hash of its config sections, of the
 keys of the stages it read (recorded as ``inputs`` in its ``_SUCCESS.json``), and of its own
 inputs outside the run folder (``Stage.input_fingerprint``: for ``features``, the listing of
-``data.root`` with every file's size and modification stamp; for ``data.features``, its files).
+``data.root`` with every file's size and modification stamp; for ``pretrain``, the same listing
+of the train images; for ``data.features``, its files).
 So a change anywhere upstream — a setting, an added, removed or replaced image — changes the key
 of every stage after it. The *setup key* leaves the stage's own inputs out: partial outputs made
 under the same setup key are kept (an interrupted run resumes; ``features`` updates itself for
-the images that changed), others are cleared.
+the images that changed), others are cleared. A stage with ``restarts_on_new_inputs``
+(``pretrain``: a training schedule cannot take new images half-way) keeps its inputs in the setup
+key too, so new images start it afresh.
 
 **One run per folder.** A stage's manifest is valid when every stage it read still holds the key
 it read (:func:`plan_run`). A stage whose inputs were replaced by a later run, of either method,
@@ -37,11 +40,15 @@ def _hash(*parts: str) -> str:
 
 
 def stage_key(name: str, config_sections: tuple[str, ...], cfg: PipelineConfig, inputs: dict[str, str],
-              fingerprint: str | None = None) -> tuple[str, str]:
+              fingerprint: str | None = None, restarts_on_new_inputs: bool = False) -> tuple[str, str]:
     """``(key, setup key)`` of a stage (module docstring): its config sections and the keys of
-    the stages it reads (``inputs``), and for the key also its own inputs' ``fingerprint``."""
+    the stages it reads (``inputs``), and for the key also its own inputs' ``fingerprint`` (for
+    the setup key too when ``restarts_on_new_inputs``: then new inputs clear its outputs)."""
     setup = _hash(name, cfg.section_hash(*config_sections), *(f"{d}={k}" for d, k in sorted(inputs.items())))
-    return (setup if fingerprint is None else _hash(setup, fingerprint)), setup
+    if fingerprint is None:
+        return setup, setup
+    key = _hash(setup, fingerprint)
+    return key, (key if restarts_on_new_inputs else setup)
 
 
 @dataclass
@@ -114,7 +121,8 @@ def plan_run(ctx: RunContext, wanted: list[str]) -> Plan:
                                 f"in {cfg.output}; add it to `stages` or run it first")
         stage = stage_cls()
         inputs = {dep: plan.keys[dep] for dep in upstream}
-        key, setup = stage_key(name, stage_cls.config_sections, cfg, inputs, stage.input_fingerprint(ctx))
+        key, setup = stage_key(name, stage_cls.config_sections, cfg, inputs, stage.input_fingerprint(ctx),
+                               stage_cls.restarts_on_new_inputs)
         fresh = manifest is not None and manifest.get("key") == key and not stage_cls.always_run
         plan.steps.append(Step(name, stage, key, setup, inputs, manifest, run=not fresh))
         plan.keys[name] = key

@@ -104,3 +104,30 @@ def test_make_shards_writes_shards_and_names_a_bad_source(tmp_path, capsys):
     assert "4 shards written, 0 already there; 8 images" in capsys.readouterr().out
     assert sorted(p.name for p in (tmp_path / "out" / "train").iterdir()) == [
         ".000000.tar.idx.parquet", ".000001.tar.idx.parquet", "000000.tar", "000001.tar"]
+
+
+def test_pretrain_runs_stage_pretrain_alone_sized_to_the_machine(tmp_path, capsys, monkeypatch):
+    from PIL import Image
+
+    for i in range(6):
+        Image.new("RGB", (20, 14), (40 * i, 90, 30)).save(tmp_path / f"photo{i}.jpg")
+    ran = []
+    monkeypatch.setattr("pdso_ray.cli._run", lambda cfg, verbose=False: ran.append(cfg) or 0)
+    monkeypatch.setattr("pdso_ray.preflight._local_gpus", lambda: 0)
+    # a training step measured at 1 GB plus 1 GB per further image, 8 GB free: room for 5 (70%)
+    monkeypatch.setattr("pdso_ray.preflight._available_memory", lambda: 8e9)
+    monkeypatch.setattr("pdso_ray.models.dino_pretrain.step_memory", lambda recipe, size: (int(1e9), int(1e9)))
+    assert main(["pretrain", str(tmp_path), str(tmp_path / "run"), "--epochs", "3", "--set", "ray.num_cpus=2",
+                 "--set", "pretrain.decode_cpus=0.5"]) == 0
+    (cfg,) = ran
+    pc = cfg.pretrain
+    assert cfg.stages == ["pretrain"] and cfg.data.layout == "folder" and cfg.output == str(tmp_path / "run")
+    assert (pc.epochs, pc.num_workers, pc.use_gpu, pc.batch_size, pc.cpus_per_worker) == (3, 1, False, 5, 1.0)
+    assert "fitted pretrain.batch_size: 64 -> 5 (1.00 GB per image on top of 1.0 GB; 8.0 GB available)" \
+        in capsys.readouterr().out
+    # A value given with --set stays (the preflight then judges it); a missing folder is an error line.
+    ran.clear()
+    assert main(["pretrain", str(tmp_path), str(tmp_path / "run"), "--set", "pretrain.batch_size=64"]) == 0
+    assert ran[0].pretrain.batch_size == 64
+    assert main(["pretrain", str(tmp_path / "nothing"), str(tmp_path / "run")]) == 2
+    assert "error: data.root: data root not found at" in capsys.readouterr().err

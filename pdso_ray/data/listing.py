@@ -15,6 +15,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 from dataclasses import dataclass, field
 from typing import Any
@@ -84,6 +85,17 @@ class SplitListing:
     def total(self) -> int:
         """Image files found: used plus rejected (ignored files are not images)."""
         return len(self.images) + len(self.rejected)
+
+    def fingerprint(self) -> str:
+        """16 hex digits over every image's id, path and stamp, every refused file's reason and
+        the number of ignored files: an image added, removed or replaced changes it."""
+        digest = hashlib.sha256()
+        for r in self.images:
+            digest.update(f"{r.id}\0{r.path}\0{r.version}\n".encode())
+        for r in self.rejected:
+            digest.update(f"{r.path}\0{r.reason}\n".encode())
+        digest.update(f"ignored {len(self.ignored)}".encode())
+        return digest.hexdigest()[:16]
 
 
 def is_image_name(name: str) -> bool:

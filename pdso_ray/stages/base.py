@@ -28,6 +28,7 @@ import numpy as np
 from pdso_ray.config import PipelineConfig
 from pdso_ray.console import Console
 from pdso_ray.data.layouts import Layout, build_layout
+from pdso_ray.data.listing import SplitListing
 from pdso_ray.run_layout import RunLayout
 from pdso_ray.storage import Storage
 
@@ -136,6 +137,16 @@ class RunContext:
         container layout lists ``data.root`` then, and keeps its listings for the whole run."""
         return build_layout(self.cfg.data, self.storage)
 
+    @functools.cached_property
+    def train_listing(self) -> SplitListing:
+        """The train split's listing, up to ``data.limit`` images, listed once per run: the
+        stages that fingerprint it when the run is planned (``features``, ``pretrain``) then read
+        the same files."""
+        listing = self.data.list_split(self.storage, self.data.train_split())
+        if self.cfg.data.limit:
+            listing.images = listing.images[: self.cfg.data.limit]
+        return listing
+
 
 @dataclass(frozen=True)
 class WorkerGroup:
@@ -172,15 +183,27 @@ class ModelNeed:
 
 
 @dataclass(frozen=True)
+class MinImages:
+    """A stage needs at least ``count`` train images: ``what`` says for what, naming the keys
+    (e.g. ``"pretrain.batch_size=64 on pretrain.num_workers=1 worker(s)"``), ``fix`` what to change."""
+
+    count: int
+    what: str
+    fix: str
+
+
+@dataclass(frozen=True)
 class Needs:
     """What a stage needs from the data, the models and the cluster in a run of a config, asked by
     the preflight before Ray starts (:meth:`Stage.needs`).
 
     ``images``: the splits whose images it reads from ``data.root`` (``"train"`` for the train
-    split, ``"eval"`` for the evaluation splits); ``models``; ``groups``; ``conflicts``: settings
-    that cannot work in this config, each a complete error message naming the keys."""
+    split, ``"eval"`` for the evaluation splits); ``min_images``: how many train images it needs
+    at least (beyond ``data.classes``); ``models``; ``groups``; ``conflicts``: settings that
+    cannot work in this config, each a complete error message naming the keys."""
 
     images: tuple[str, ...] = ()
+    min_images: MinImages | None = None
     models: tuple[ModelNeed, ...] = ()
     groups: tuple[WorkerGroup, ...] = ()
     conflicts: tuple[str, ...] = ()
@@ -212,6 +235,9 @@ class Stage:
     always_run: ClassVar[bool] = False  # cheap views of everything else (the report)
     # Reads whichever of its upstream stages have completed (the report), not all of them.
     reads_what_exists: ClassVar[bool] = False
+    # Whether a change of its own inputs (input_fingerprint) starts it afresh instead of updating
+    # its outputs: a training schedule (pretrain) cannot take new images half-way through.
+    restarts_on_new_inputs: ClassVar[bool] = False
 
     @classmethod
     def upstream(cls, cfg: PipelineConfig) -> tuple[str, ...]:
@@ -232,7 +258,8 @@ class Stage:
         """A digest of what the stage reads from outside the run folder, or None when it reads
         only earlier stages' outputs (their keys chain into its own). ``features``: the listing
         of ``data.root``. A changed fingerprint makes the stage run again on the same setup:
-        its outputs are updated, not cleared (:mod:`pdso_ray.run_state`)."""
+        its outputs are updated, not cleared (:mod:`pdso_ray.run_state`), unless
+        ``restarts_on_new_inputs``."""
         return None
 
     def run(self, ctx: RunContext) -> dict[str, Any]:

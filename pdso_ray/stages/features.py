@@ -11,7 +11,6 @@ skips the ids already written (:mod:`pdso_ray.stages.streaming`).
 
 from __future__ import annotations
 
-import hashlib
 import logging
 from typing import Any
 
@@ -152,29 +151,13 @@ class FeaturesStage(StreamingStage):
     def batch_size(self, ctx: RunContext) -> int:
         return ctx.cfg.features.batch_size
 
-    def _listing(self, ctx: RunContext):
-        """The train split's listing (up to ``data.limit`` images), once per stage object."""
-        if getattr(self, "_listed", None) is None:
-            listing = ctx.data.list_split(ctx.storage, ctx.data.train_split())
-            if ctx.cfg.data.limit:
-                listing.images = listing.images[: ctx.cfg.data.limit]
-            self._listed = listing
-        return self._listed
-
     def input_fingerprint(self, ctx: RunContext) -> str:
-        """Every listed image's id, size and stamp, and every refused file's reason: an image
+        """The listing's (:meth:`~pdso_ray.data.listing.SplitListing.fingerprint`): an image
         added, removed or replaced under ``data.root`` changes it."""
-        listing = self._listing(ctx)
-        digest = hashlib.sha256()
-        for r in listing.images:
-            digest.update(f"{r.id}\0{r.path}\0{r.version}\n".encode())
-        for r in listing.rejected:
-            digest.update(f"{r.path}\0{r.reason}\n".encode())
-        digest.update(f"ignored {len(listing.ignored)}".encode())
-        return digest.hexdigest()[:16]
+        return ctx.train_listing.fingerprint()
 
     def work(self, ctx: RunContext) -> Work:
-        listing = self._listing(ctx)
+        listing = ctx.train_listing
         images = listing.images
         if listing.ignored:
             log.info("features: %d non-image files ignored (e.g. %s)", len(listing.ignored),

@@ -18,14 +18,24 @@ with centering and sharpening, multi-crop on the worker's device, cosine schedul
 clipping, last layer frozen early; bf16 autocast on GPU), the loss centres averaged over ranks.
 Each epoch every rank takes the collapse diagnostics (teacher entropy, H(mean output), their
 difference ``kl_div``, prototypes used) and the saliency probe (share of fixed probe images whose
-CLS attention is higher on the border ring than inside), averaged over ranks; rank 0 logs them
-and checkpoints (``state.pt``: trainer state, epoch, history) to ``pretrain/train/epoch_NNNN/``.
+CLS attention is higher on the border ring than inside), averaged over ranks; rank 0 logs them,
+writes the teacher (``pretrain/dino_teacher.pth``, atomically, and every ``pretrain.teacher_every``
+epochs a copy ``pretrain/teachers/epoch_NNNN.pth``) and checkpoints (``state.pt``: trainer state,
+epoch, history) to ``pretrain/train/epoch_NNNN/``.
 Re-running the stage resumes after the last finished epoch; ``FailureConfig(max_failures)``
 restarts failed workers from it. A collapsed teacher (``kl_div`` below ``pretrain.min_kl_div``
 from epoch ``collapse_after_epochs`` on) stops the run with :class:`PretrainCollapsed`.
 
 Output: ``pretrain/dino_teacher.pth`` (the teacher backbone, keyed as the official DINO release
-files) and ``pretrain/history.json`` (one record per epoch; the report draws it).
+files: the latest epoch's while training, the last one's when the stage is done),
+``pretrain/teachers/epoch_NNNN.pth`` (kept epochs) and ``pretrain/history.json`` (one record per
+epoch; the report draws it).
+
+Key: the recipe (``pretrain``, ``models.dino.arch`` and ``image_size``, the seed), which images
+(the data keys that choose them) and the listing of the train images itself
+(:meth:`~pdso_ray.data.listing.SplitListing.fingerprint`); not ``data.classes`` or anything a
+later stage reads, so trying another C keeps the pretraining. New images start it afresh
+(``restarts_on_new_inputs``).
 """
 
 from __future__ import annotations
@@ -38,7 +48,7 @@ from typing import Any
 import numpy as np
 
 from pdso_ray.config import PipelineConfig
-from pdso_ray.stages.base import (Needs, PipelineError, Resources, RunContext, Stage, WorkerGroup,
+from pdso_ray.stages.base import (MinImages, Needs, PipelineError, Resources, RunContext, Stage, WorkerGroup,
                                   checkpoint_state, ddp_wrap, fit, map_step, ordered_ingest, report_epoch,
                                   resume_training, shuffled_batches, stage_tracker, train_storage)
 from pdso_ray.stages.read_decode import ImageReader, ReadDecode
@@ -99,6 +109,63 @@ def pretrain_recipe(cfg: PipelineConfig, steps_per_epoch: int):
                                crops=crops, **recipe)
 
 
+# The settings fit_to_machine sizes (unless the user gave them).
+FITTED_KEYS = ("pretrain.num_workers", "pretrain.cpus_per_worker", "pretrain.use_gpu", "pretrain.batch_size")
+
+
+# Share of the available memory a CPU pretraining may plan to use (Ray kills workers at 95% of
+# the machine's; the driver, Ray Data's decoding and other programs need the rest).
+MEMORY_SHARE = 0.7
+
+
+def fit_to_machine(cfg: PipelineConfig, images: int, cpus: float, gpus: int, given: set[str],
+                   memory: tuple[float, int, int] | None = None) -> list[str]:
+    """Size ``cfg.pretrain`` (in place) for one machine of ``cpus`` CPUs and ``gpus`` GPUs and a
+    train split of ``images`` images (at least), leaving the keys in ``given`` as they are; return
+    one line per value changed (``"pretrain.batch_size: 64 -> 30 (30 train images on 1 worker(s))"``).
+
+    - ``num_workers``: one per GPU; on CPUs one (a second process would only split the same cores);
+    - ``use_gpu``: whether there is a GPU;
+    - ``cpus_per_worker``: the CPUs left after ``decode_cpus``, shared by the workers (at least 1);
+    - ``batch_size``: at most ``images // num_workers``, so that every worker takes a full batch
+      each epoch; on CPUs, with ``memory`` = ``(available bytes, bytes of a training process,
+      bytes per image of a step)`` (:func:`pdso_ray.models.dino_pretrain.step_memory`), also at
+      most what :data:`MEMORY_SHARE` of the available memory holds.
+
+    What the user gave and does not fit stays, for the preflight to name in its ``error:`` line.
+    Raises ``ValueError`` when not even a batch of one fits in memory."""
+    pc = cfg.pretrain
+    before = {key: getattr(pc, key.split(".", 1)[1]) for key in FITTED_KEYS}
+    why = {}
+    if "pretrain.num_workers" not in given:
+        pc.num_workers = max(1, min(gpus, images)) if gpus else 1
+        why["pretrain.num_workers"] = f"{gpus} GPU(s)" if gpus else "no GPU: one process uses the cores"
+    if "pretrain.use_gpu" not in given:
+        pc.use_gpu = gpus > 0
+        why["pretrain.use_gpu"] = f"{gpus} GPU(s)"
+    if "pretrain.cpus_per_worker" not in given:
+        pc.cpus_per_worker = float(max(1, int((cpus - pc.decode_cpus) // pc.num_workers)))
+        why["pretrain.cpus_per_worker"] = f"{cpus:g} CPUs, {pc.decode_cpus:g} for decoding"
+    if "pretrain.batch_size" not in given:
+        if pc.batch_size * pc.num_workers > images:
+            pc.batch_size = max(1, images // pc.num_workers)
+            why["pretrain.batch_size"] = f"{images} train images on {pc.num_workers} worker(s)"
+        if memory is not None and not gpus:
+            available, process, per_image = memory
+            fits = int((MEMORY_SHARE * available / pc.num_workers - process) // max(per_image, 1)) + 1
+            if fits < 1:
+                raise ValueError(f"pretrain: one training process of models.dino.arch={cfg.models.dino.arch} "
+                                 f"takes {process / 1e9:.1f} GB, more than {MEMORY_SHARE:.0%} of the "
+                                 f"{available / 1e9:.1f} GB available: use a smaller backbone, fewer "
+                                 "pretrain.num_local views or a smaller pretrain.input_size")
+            if pc.batch_size > fits:
+                pc.batch_size = fits
+                why["pretrain.batch_size"] = (f"{per_image / 1e9:.2f} GB per image on top of "
+                                              f"{process / 1e9:.1f} GB; {available / 1e9:.1f} GB available")
+    return [f"{key}: {before[key]} -> {getattr(pc, key.split('.', 1)[1])} ({why[key]})"
+            for key in FITTED_KEYS if key in why and getattr(pc, key.split(".", 1)[1]) != before[key]]
+
+
 def _epoch_line(record: dict[str, Any], epochs: int) -> str:
     return (f"pretrain: epoch {record['epoch']}/{epochs} loss {record['loss']:.4f} teacher entropy "
             f"{record['teacher_entropy']:.3f} kl_div {record['kl_div']:.3f} prototypes "
@@ -110,13 +177,15 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     """The Ray Train worker function.
 
     ``config``: ``recipe`` (``dataclasses.asdict`` of the DinoPretrainConfig), ``pretrain`` (the
-    PretrainConfig), ``probe`` (P×S×S×3 uint8 probe images), ``storage``, ``collapse_file`` and
+    PretrainConfig), ``probe`` (P×S×S×3 uint8 probe images), ``storage``, ``run`` (the
+    :class:`~pdso_ray.run_layout.RunLayout`: where the teachers go), ``collapse_file`` and
     ``tracker`` (the training curves: rank 0 logs each epoch's record).
     Resumes from ``ray.train.get_checkpoint()``; reports once per epoch on every rank the epoch's
     record (``epoch, loss, teacher_entropy, mean_output_entropy, kl_div, prototypes_used,
     border_ring_share, images, seconds, start_epoch, collapsed``); rank 0 attaches the checkpoint
     (``state.pt``: trainer state, epoch, history, start_epoch), except for a collapsed epoch,
-    whose record rank 0 writes to ``collapse_file`` before every rank stops.
+    whose record rank 0 writes to ``collapse_file`` before every rank stops. Before it reports
+    an epoch that did not collapse, rank 0 writes the teacher (:func:`write_teacher`).
     """
     import ray.train
     import ray.train.torch
@@ -184,6 +253,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 curves.close()
             ray.train.report(metrics)
             return
+        if rank == 0:
+            write_teacher(config["storage"], config["run"], trainer.teacher_backbone_state_dict(), epoch,
+                          recipe.epochs, pc.teacher_every)
         report_epoch(metrics, epoch, (lambda epoch=epoch: {"trainer": trainer.state_dict(), "epoch": epoch,
                                                             "history": history, "start_epoch": start_epoch})
                      if rank == 0 else None)
@@ -191,11 +263,25 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         curves.close()
 
 
+def write_teacher(storage: Storage, run, teacher: dict[str, Any], epoch: int, epochs: int, every: int) -> None:
+    """Write ``teacher`` (the official DINO layout) after ``epoch`` of ``epochs``, each file
+    atomically: to ``run.pretrain_teacher``, and to ``run.pretrain_epoch_teacher(epoch)`` when
+    ``every`` (> 0) divides ``epoch`` or it is the last."""
+    from pdso_ray.models.loading import save_weights
+
+    save_weights(storage, run.pretrain_teacher, teacher)
+    if every and (epoch % every == 0 or epoch == epochs):
+        save_weights(storage, run.pretrain_epoch_teacher(epoch), teacher)
+
+
 class PretrainStage(Stage):
     name = "pretrain"
+    # What pretraining reads: the recipe and the data keys that choose the images (the listing
+    # itself is the input fingerprint). Not data.classes: another C reuses the teacher.
     config_sections = ("pretrain", "models.dino.arch", "models.dino.image_size", "data.root",
-                       "data.layout", "data.classes", "data.train_split", "data.limit", "data.max_pixels",
+                       "data.layout", "data.train_split", "data.limit", "data.max_pixels",
                        "data.max_file_bytes", "seed")
+    restarts_on_new_inputs = True
 
     # The worker function; a class attribute so a test can wrap it (kill a run mid-way).
     train_loop = staticmethod(train_loop_per_worker)
@@ -203,12 +289,20 @@ class PretrainStage(Stage):
     @classmethod
     def needs(cls, cfg: PipelineConfig) -> Needs:
         pc = cfg.pretrain
-        return Needs(images=("train",), groups=(WorkerGroup(
+        per_epoch = pc.num_workers * pc.batch_size
+        enough = MinImages(per_epoch, f"pretrain.batch_size={pc.batch_size} on each of pretrain.num_workers="
+                           f"{pc.num_workers} worker(s) (one full batch each per epoch)",
+                           "lower pretrain.batch_size (`pdso-ray pretrain` fits it to the images)")
+        return Needs(images=("train",), min_images=enough, groups=(WorkerGroup(
             "pretraining (Ray Train)", "pretrain.num_workers", pc.num_workers, "pretrain.cpus_per_worker",
             pc.cpus_per_worker, gpus=1.0 if pc.use_gpu else 0.0, feed_cpus=pc.decode_cpus),))
 
     def extra_outputs(self, run) -> tuple[str, ...]:
         return (run.tensorboard_dir(self.name),)
+
+    def input_fingerprint(self, ctx: RunContext) -> str:
+        """The train listing's fingerprint: an image added, removed or replaced changes it."""
+        return ctx.train_listing.fingerprint()
 
     def run(self, ctx: RunContext) -> dict[str, Any]:
         """Train (or resume) and write the teacher and the history. Counts: ``images`` (listed),
@@ -219,11 +313,8 @@ class PretrainStage(Stage):
         from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
         from ray.train.torch import TorchTrainer
 
-        from pdso_ray.models.loading import save_weights
-
         cfg, storage, pc = ctx.cfg, ctx.storage, ctx.cfg.pretrain
-        listing = ctx.data.list_split(storage, ctx.data.train_split())
-        images = listing.images[: cfg.data.limit] if cfg.data.limit else listing.images
+        images = ctx.train_listing.images
         steps_per_epoch = (len(images) // pc.num_workers) // pc.batch_size
         if steps_per_epoch < 1:
             raise ValueError(f"pretrain: {len(images)} train images cannot fill one batch of "
@@ -247,7 +338,7 @@ class PretrainStage(Stage):
         trainer = TorchTrainer(
             self.train_loop,
             train_loop_config={"recipe": dataclasses.asdict(recipe), "pretrain": pc, "probe": probe,
-                               "storage": storage, "collapse_file": collapse_file,
+                               "storage": storage, "run": ctx.run, "collapse_file": collapse_file,
                                "tracker": stage_tracker(ctx, self.name)},
             scaling_config=ScalingConfig(num_workers=pc.num_workers, use_gpu=pc.use_gpu and ctx.cluster_has_gpu,
                                          resources_per_worker={"CPU": pc.cpus_per_worker}),
@@ -259,7 +350,17 @@ class PretrainStage(Stage):
         )
         log.info("pretrain: %s on %d images (%d px), %d epochs x %d steps of %d on %d worker(s)",
                  recipe.arch, len(images), size, recipe.epochs, steps_per_epoch, pc.batch_size, pc.num_workers)
-        result = fit(trainer)
+        try:
+            result = fit(trainer)
+        except Exception as e:
+            if "running low on memory" not in str(e):
+                raise
+            # Ray's own message is a page of its memory accounting: say what to change instead.
+            raise PipelineError(
+                f"pretrain: Ray killed the training worker because the machine ran low on memory "
+                f"(pretrain.batch_size={pc.batch_size} images of {size} px, {recipe.crops.num_local} local "
+                f"views, models.dino.arch={recipe.arch}): lower pretrain.batch_size (`pdso-ray pretrain` "
+                "measures a step and fits it to the memory)") from None
         if storage.exists(collapse_file):
             last = storage.read_json(collapse_file)
             raise PretrainCollapsed(
@@ -274,7 +375,8 @@ class PretrainStage(Stage):
         history = state["history"]
         teacher = {k.removeprefix("backbone.vit."): v for k, v in state["trainer"]["teacher"].items()
                    if k.startswith("backbone.vit.")}
-        save_weights(storage, ctx.run.pretrain_teacher, teacher)
+        # the last epoch's teacher, also when the workers had nothing left to train
+        write_teacher(storage, ctx.run, teacher, int(state["epoch"]), recipe.epochs, pc.teacher_every)
         storage.write_json(ctx.run.pretrain_history, history)
         final = history[-1]
         if final["border_ring_share"] > 0.6:
