@@ -19,6 +19,7 @@ import logging
 import os
 import tempfile
 import threading
+import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -268,9 +269,11 @@ class Stage:
 
 
 # ---- Ray Train stages (finetune, pretrain) ---------------------------------------------------------
-def fit(trainer: Any) -> Any:
+def fit(trainer: Any, poll: Callable[[], None] | None = None, poll_every_s: float = 5.0) -> Any:
     """``trainer.fit()`` (a Ray Train trainer) such that Ctrl-C stops the run as in every other
     stage: a ``KeyboardInterrupt`` here, the CLI's ``interrupted:`` line and exit code 130.
+    ``poll`` (e.g. report new epochs on the driver's terminal) is called every ``poll_every_s``
+    seconds while training runs, and once when it has ended.
 
     On the main thread, ``fit`` installs Ray Train's own SIGINT handler, which turns Ctrl-C into a
     graceful abort that returns (and later ones into ``sys.exit``): the run would go on, or end
@@ -286,8 +289,14 @@ def fit(trainer: Any) -> Any:
 
     thread = threading.Thread(target=run, name="ray-train-fit", daemon=True)
     thread.start()
+    polled = time.monotonic()
     while thread.is_alive():
         thread.join(0.5)  # a join with a timeout lets the main thread take Ctrl-C
+        if poll is not None and time.monotonic() - polled >= poll_every_s:
+            poll()
+            polled = time.monotonic()
+    if poll is not None:
+        poll()
     if "error" in outcome:
         raise outcome["error"]
     return outcome["result"]

@@ -166,11 +166,14 @@ def fit_to_machine(cfg: PipelineConfig, images: int, cpus: float, gpus: int, giv
             for key in FITTED_KEYS if key in why and getattr(pc, key.split(".", 1)[1]) != before[key]]
 
 
-def _epoch_line(record: dict[str, Any], epochs: int) -> str:
+def epoch_line(record: dict[str, Any], epochs: int) -> str:
+    """One epoch's record as the terminal shows it, with the time left at that epoch's pace."""
+    left = (epochs - record["epoch"]) * record["seconds"]
+    eta = f", ~{left / 60:.0f} min left" if left >= 60 else f", ~{left:.0f} s left" if left else ""
     return (f"pretrain: epoch {record['epoch']}/{epochs} loss {record['loss']:.4f} teacher entropy "
             f"{record['teacher_entropy']:.3f} kl_div {record['kl_div']:.3f} prototypes "
             f"{record['prototypes_used']} border share {record['border_ring_share']:.2f} "
-            f"({record['images']} images, {record['seconds']:.1f} s)")
+            f"({record['images']} images, {record['seconds']:.1f} s{eta}); teacher written")
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
@@ -185,7 +188,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     border_ring_share, images, seconds, start_epoch, collapsed``); rank 0 attaches the checkpoint
     (``state.pt``: trainer state, epoch, history, start_epoch), except for a collapsed epoch,
     whose record rank 0 writes to ``collapse_file`` before every rank stops. Before it reports
-    an epoch that did not collapse, rank 0 writes the teacher (:func:`write_teacher`).
+    an epoch that did not collapse, rank 0 writes the teacher (:func:`write_teacher`) and the
+    history so far (``run.pretrain_history``), from which the driver logs the epoch.
     """
     import ray.train
     import ray.train.torch
@@ -240,8 +244,6 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         collapsed = epoch >= pc.collapse_after_epochs and record["kl_div"] < pc.min_kl_div
         history.append(record)
         metrics = {**record, "start_epoch": start_epoch, "collapsed": collapsed}
-        if rank == 0:
-            log.info("%s", _epoch_line(record, recipe.epochs))
         if curves is not None:
             curves.log(epoch, {f"pretrain/{k}": record[k] for k in (*_MEAN_KEYS, "prototypes_used")})
             curves.flush()
@@ -256,6 +258,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         if rank == 0:
             write_teacher(config["storage"], config["run"], trainer.teacher_backbone_state_dict(), epoch,
                           recipe.epochs, pc.teacher_every)
+            # the driver shows the epochs it finds here (PretrainStage.run)
+            config["storage"].write_json(config["run"].pretrain_history, history)
         report_epoch(metrics, epoch, (lambda epoch=epoch: {"trainer": trainer.state_dict(), "epoch": epoch,
                                                             "history": history, "start_epoch": start_epoch})
                      if rank == 0 else None)
@@ -350,8 +354,21 @@ class PretrainStage(Stage):
         )
         log.info("pretrain: %s on %d images (%d px), %d epochs x %d steps of %d on %d worker(s)",
                  recipe.arch, len(images), size, recipe.epochs, steps_per_epoch, pc.batch_size, pc.num_workers)
+        history_url = ctx.run.pretrain_history
+        shown = len(storage.read_json(history_url)) if storage.exists(history_url) else 0
+
+        def show_new_epochs() -> None:
+            nonlocal shown
+            try:
+                written = storage.read_json(history_url) if storage.exists(history_url) else []
+            except (OSError, ValueError):  # progress only: the next poll reads it again
+                return
+            for record in written[shown:]:
+                log.info("%s", epoch_line(record, recipe.epochs))
+            shown = max(shown, len(written))
+
         try:
-            result = fit(trainer)
+            result = fit(trainer, show_new_epochs)
         except Exception as e:
             if "running low on memory" not in str(e):
                 raise
