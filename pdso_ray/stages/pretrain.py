@@ -18,10 +18,11 @@ with centering and sharpening, multi-crop on the worker's device, cosine schedul
 clipping, last layer frozen early; bf16 autocast on GPU), the loss centres averaged over ranks.
 Each epoch every rank takes the collapse diagnostics (teacher entropy, H(mean output), their
 difference ``kl_div``, prototypes used) and the saliency probe (share of fixed probe images whose
-CLS attention is higher on the border ring than inside), averaged over ranks; rank 0 logs them,
-writes the teacher (``pretrain/dino_teacher.pth``, atomically, and every ``pretrain.teacher_every``
-epochs a copy ``pretrain/teachers/epoch_NNNN.pth``) and checkpoints (``state.pt``: trainer state,
-epoch, history) to ``pretrain/train/epoch_NNNN/``.
+CLS attention is higher on the border ring than inside), averaged over ranks; rank 0 writes the
+teacher (``pretrain/dino_teacher.pth``, atomically, and every ``pretrain.teacher_every`` epochs a
+copy ``pretrain/teachers/epoch_NNNN.pth``), the history so far (the driver, polling it, logs one
+line per epoch with the time left) and checkpoints (``state.pt``: trainer state, epoch, history)
+to ``pretrain/train/epoch_NNNN/``.
 Re-running the stage resumes after the last finished epoch; ``FailureConfig(max_failures)``
 restarts failed workers from it. A collapsed teacher (``kl_div`` below ``pretrain.min_kl_div``
 from epoch ``collapse_after_epochs`` on) stops the run with :class:`PretrainCollapsed`.
