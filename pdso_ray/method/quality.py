@@ -43,8 +43,8 @@ MAX_BORDER_SHARE = 0.6  # saliency peaks on the border ring (0.44 if peaks fell 
 BORDER_RING = 0.125  # the ring: this share of the side along each edge
 
 FIX_WEIGHTS = ("DINO weights that fit the images (models.dino.checkpoint: the official "
-               "dino_deitsmall8_pretrain.pth for photographs) or a backbone pretrained on them "
-               "(stages=pretrain; README, \"Pretraining for a new domain\")")
+               "dino_deitsmall8_pretrain.pth for photographs, with jobs/configs/photos.yaml) or a "
+               "backbone pretrained on them (`pdso-ray pretrain DATA OUTPUT`; README, \"Your own images\")")
 
 
 def foreground_share(label: np.ndarray) -> float:
