@@ -48,7 +48,7 @@ from typing import Any
 
 import numpy as np
 
-from pdso_ray.config import PipelineConfig
+from pdso_ray.config import PipelineConfig, PretrainConfig
 from pdso_ray.stages.base import (MinImages, Needs, PipelineError, Resources, RunContext, Stage, WorkerGroup,
                                   checkpoint_state, ddp_wrap, fit, map_step, ordered_ingest, report_epoch,
                                   resume_training, shuffled_batches, stage_tracker, train_storage)
@@ -279,13 +279,22 @@ def write_teacher(storage: Storage, run, teacher: dict[str, Any], epoch: int, ep
         save_weights(storage, run.pretrain_epoch_teacher(epoch), teacher)
 
 
+# PretrainConfig fields that say how the training runs, not what it learns: outside the key, so
+# that `pdso-ray pretrain`'s sizing, a resumed run on another machine or more kept teachers reuse
+# the pretraining.
+EXECUTION_FIELDS = ("cpus_per_worker", "use_gpu", "decode_cpus", "max_failures", "keep_checkpoints",
+                    "teacher_every", "probe_images", "collapse_after_epochs", "min_kl_div")
+
+
 class PretrainStage(Stage):
     name = "pretrain"
-    # What pretraining reads: the recipe and the data keys that choose the images (the listing
-    # itself is the input fingerprint). Not data.classes: another C reuses the teacher.
-    config_sections = ("pretrain", "models.dino.arch", "models.dino.image_size", "data.root",
-                       "data.layout", "data.train_split", "data.limit", "data.max_pixels",
-                       "data.max_file_bytes", "seed")
+    # What pretraining reads: the recipe (pretrain's fields but EXECUTION_FIELDS), the backbone,
+    # the seed and the data keys that choose the images (the listing itself is the input
+    # fingerprint). Not data.classes: another C reuses the teacher.
+    config_sections = (*(f"pretrain.{f.name}" for f in dataclasses.fields(PretrainConfig)
+                         if f.name not in EXECUTION_FIELDS),
+                       "models.dino.arch", "models.dino.image_size", "data.root", "data.layout",
+                       "data.train_split", "data.limit", "data.max_pixels", "data.max_file_bytes", "seed")
     restarts_on_new_inputs = True
 
     # The worker function; a class attribute so a test can wrap it (kill a run mid-way).

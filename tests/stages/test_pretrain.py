@@ -106,9 +106,14 @@ def test_the_key_follows_what_pretraining_reads_not_the_classes(tmp_path):
     # Another C (and another later-stage setting): the pretraining is up to date.
     other_c = _pretrain_step(_folder_config(root, run, **{"data.classes": 5, "cluster.nredo": 3}))
     assert not other_c.run and other_c.key == first.key
+    # How it runs (CPUs, GPU use, kept teachers, the collapse guard) is not what it learns.
+    sized = _pretrain_step(_folder_config(root, run, **{"pretrain.cpus_per_worker": 2, "pretrain.use_gpu": True,
+                                                        "pretrain.teacher_every": 1, "pretrain.min_kl_div": 0}))
+    assert not sized.run
     # Another recipe: a new pretraining, its outputs cleared (another setup key).
-    recipe = _pretrain_step(_folder_config(root, run, **{"pretrain.lr": 0.01}))
-    assert recipe.run and recipe.key != first.key and recipe.setup_key != first.setup_key
+    for change in ({"pretrain.lr": 0.01}, {"pretrain.batch_size": 3}, {"pretrain.epochs": 3}, {"seed": 1}):
+        recipe = _pretrain_step(_folder_config(root, run, **change))
+        assert recipe.run and recipe.key != first.key and recipe.setup_key != first.setup_key, change
     # An image added: a new pretraining from scratch (a schedule cannot take new images half-way).
     _photos(tmp_path / "photos" / "more", 1)
     added = _pretrain_step(_folder_config(root, run))
