@@ -11,9 +11,9 @@ and checks:
   its patch size (8, 14 or 16); ``mlflow`` importable when ``tracking.mlflow_uri`` is set and a
   training stage runs;
 - the data root is reachable and has the layout the config says, and the train split holds
-  images, at least ``data.classes`` of them and enough for one batch per pretraining worker (a short walk, not a full listing; the listing
-  under a short connect timeout also proves the storage credentials); ``data.features`` holds at
-  least ``data.classes`` rows;
+  images, at least ``data.classes`` of them and one batch per pretraining worker (a short walk,
+  not a full listing; the listing under a short connect timeout also proves the storage
+  credentials); ``data.features`` holds at least ``data.classes`` rows;
 - every checkpoint a stage loads is set (unless random init is allowed), readable, and loads as
   a weights-only file of its architecture (a refused or mismatched checkpoint fails here, not in
   a worker);
