@@ -42,6 +42,7 @@ class Report:
         self.storage, self.cfg = storage, cfg
         self.stage_order = list(stage_order) if stage_order else None
         self.run = RunLayout(run_url, cfg.data.features if cfg else None, method)
+        self._listings: dict[str, dict[str, str] | None] = {}  # split -> split_images(split)
 
     @functools.cached_property
     def data(self) -> Layout | None:
@@ -53,6 +54,19 @@ class Report:
         except FileNotFoundError as e:
             log.warning("report: the dataset is not reachable (%s)", e)
             return None
+
+    def split_images(self, split: str) -> dict[str, str] | None:
+        """``{image id: image URL}`` of the accepted images of ``split``, listed once per report
+        (several sections show images of one split); None when the split cannot be listed."""
+        if split not in self._listings:
+            listed = None
+            if self.data is not None:
+                try:
+                    listed = {rec.id: rec.path for rec in self.data.list_split(self.storage, split).images}
+                except (FileNotFoundError, ValueError):
+                    pass
+            self._listings[split] = listed
+        return self._listings[split]
 
     def json(self, url: str) -> Any:
         """The JSON at ``url``, or None when there is none."""

@@ -42,12 +42,8 @@ def image_paths(r: Report, ids: set[str]) -> dict[str, str]:
                 if image_id in ids:
                     found[image_id] = path
     for split in sorted({split_of(i) for i in ids - set(found)}):
-        if r.data is None:
-            break
-        try:
-            found.update((rec.id, rec.path) for rec in r.data.list_split(r.storage, split).images if rec.id in ids)
-        except (FileNotFoundError, ValueError):
-            continue
+        listed = r.split_images(split) or {}
+        found.update((i, listed[i]) for i in ids if i in listed)
     return found
 
 

@@ -282,11 +282,11 @@ def _validation_images(r: Report) -> dict[str, str]:
     """``{<wnid>/<stem>.png: image URL}`` of the validation images, {} when not reachable."""
     if r.data is None:
         return {}
-    try:
-        return {png_rel(rec.id): rec.path for rec in r.data.list_split(r.storage, VALIDATION).images}
-    except (FileNotFoundError, ValueError):
+    listed = r.split_images(VALIDATION)
+    if listed is None:
         log.warning("report: validation images not reachable")
         return {}
+    return {png_rel(image_id): path for image_id, path in listed.items()}
 
 
 # ---- the final model -------------------------------------------------------------------------------
