@@ -266,6 +266,18 @@ class ClusterConfig:
 
 @dataclass
 class DenoiseConfig:
+    # The set of denoising and purification rules (DENOISE_PROFILES; docs/method.md §3–§4):
+    # anchored (ours: every step anchored to k-means #1, the rules below as written) | paper (the
+    # official code's rules) | plain (no denoising or purification: k-means #1's centroids go
+    # straight to the pixel pseudo labels). A profile sets the keys it lists unless the config or
+    # --set gives them.
+    profile: Literal["anchored", "paper", "plain"] = "anchored"
+    # Where k-means #2/#3 cluster and the pixel pseudo labels compare patches with the final
+    # centroids: embedding (h's hidden layer e(x), L2-normalised) | features (the backbone's own
+    # L2-normalised features, fine-tuned with h when finetune_blocks > 0: the official space).
+    space: Literal["embedding", "features"] = "embedding"
+    # false: no f, g, h (the k-means #1 labels pass on unchanged; needs space=features)
+    dff: bool = True
     keep_ratio: Share = 0.5
     epochs_f: NonNegativeInt = 15
     epochs_g: NonNegativeInt = 50
@@ -317,6 +329,9 @@ class DenoiseConfig:
 
 @dataclass
 class PurifyConfig:
+    # CSD's rules (the distance filter and the cluster cap); false keeps every image, so k-means
+    # #3 runs on all of them.
+    filter: bool = True
     dist_quantile: Share = 0.8
     alpha: Annotated[float, Range(1)] = 2.0
     topk: Count = 50
@@ -553,6 +568,59 @@ class PipelineConfig:
         return hashlib.sha256(blob).hexdigest()[:16]
 
 
+# ---- denoising profiles ---------------------------------------------------------------------------
+# What each denoise.profile sets (docs/method.md, "Profiles"). Every profile lists the same keys, so
+# that switching profiles changes no key another profile left alone; a key the config file or
+# --set gives wins over its profile.
+DENOISE_PROFILES: dict[str, dict[str, Any]] = {
+    "anchored": {
+        "denoise.dff": True, "denoise.space": "embedding", "denoise.head": "cosine",
+        "denoise.head_init": "kmeans", "denoise.centre": True, "denoise.relabel": "agreed",
+        "denoise.h_rows": "all", "denoise.prototypes": "weights", "denoise.finetune_blocks": 0,
+        "purify.filter": True, "purify.init": "prototypes", "purify.kept_distance": "mean",
+    },
+    # The official code where the paper is silent: linear heads from random starts, g relabels
+    # every image, h and every backbone block (99 >= any depth) fine-tuned on S2, k-means #2 and
+    # #3 from random starts in the tuned backbone's feature space, pixels by cosine to those.
+    "paper": {
+        "denoise.dff": True, "denoise.space": "features", "denoise.head": "linear",
+        "denoise.head_init": "random", "denoise.centre": False, "denoise.relabel": "g",
+        "denoise.h_rows": "s2", "denoise.prototypes": "means", "denoise.finetune_blocks": 99,
+        "purify.filter": True, "purify.init": "random", "purify.kept_distance": "centroid",
+    },
+    "plain": {
+        "denoise.dff": False, "denoise.space": "features", "denoise.head": "cosine",
+        "denoise.head_init": "kmeans", "denoise.centre": True, "denoise.relabel": "agreed",
+        "denoise.h_rows": "all", "denoise.prototypes": "means", "denoise.finetune_blocks": 0,
+        "purify.filter": False, "purify.init": "prototypes", "purify.kept_distance": "mean",
+    },
+}
+
+
+def apply_profile(cfg: PipelineConfig, given: set[str]) -> None:
+    """Set the keys of ``cfg.denoise.profile`` that are not in ``given`` (the dotted keys the
+    config file and the overrides set). On precomputed features (``data.features``: no images, so
+    no backbone) a profile's backbone fine-tuning is dropped (``finetune_blocks`` 0), not refused:
+    the other rules apply as they are (docs/method.md, "Profiles")."""
+    for key, value in DENOISE_PROFILES[cfg.denoise.profile].items():
+        if key in given:
+            continue
+        if key == "denoise.finetune_blocks" and cfg.data.features:
+            value = 0
+        section, leaf = key.split(".")
+        setattr(getattr(cfg, section), leaf, value)
+
+
+def _dotted_keys(raw: dict[str, Any], prefix: str = "") -> set[str]:
+    """Every dotted key a YAML mapping sets, sections included."""
+    keys = set()
+    for name, value in raw.items():
+        keys.add(f"{prefix}{name}")
+        if isinstance(value, dict):
+            keys |= _dotted_keys(value, f"{prefix}{name}.")
+    return keys
+
+
 # ---- validation -----------------------------------------------------------------------------------
 def validate(cfg: PipelineConfig) -> PipelineConfig:
     """The rules that tie keys together (each value alone was checked against the schema when it
@@ -575,6 +643,13 @@ def validate(cfg: PipelineConfig) -> PipelineConfig:
          cfg.denoise.prototypes, "weights needs denoise.head=cosine")
     need(cfg.denoise.head_init == "random" or cfg.denoise.head == "cosine", "denoise.head_init",
          cfg.denoise.head_init, "kmeans needs denoise.head=cosine (it sets class directions)")
+    need(cfg.denoise.prototypes == "means" or cfg.denoise.space == "embedding", "denoise.prototypes",
+         cfg.denoise.prototypes, "weights needs denoise.space=embedding (h's class directions live in its "
+         "hidden layer): use means")
+    need(cfg.denoise.dff or cfg.denoise.space == "features", "denoise.dff", cfg.denoise.dff,
+         "false needs denoise.space=features (without h there is no hidden layer to embed with)")
+    need(cfg.denoise.dff or not cfg.denoise.finetune_blocks, "denoise.finetune_blocks",
+         cfg.denoise.finetune_blocks, "needs denoise.dff=true (the backbone is fine-tuned with h)")
     pt = cfg.pretrain
     need(pt.input_size is None or pt.input_size >= cfg.models.dino.image_size, "pretrain.input_size",
          pt.input_size, f"must be >= models.dino.image_size ({cfg.models.dino.image_size}), the global crop")
@@ -623,8 +698,10 @@ def load_config(path: str | None = None, overrides: list[str] | tuple[str, ...] 
         if not isinstance(raw, dict):
             raise ConfigError(f"{source}: top level must be a mapping, got {type(raw).__name__}")
     cfg = _build(PipelineConfig, raw, prefix="")
+    given = _dotted_keys(raw)
     for item in overrides:
-        apply_override(cfg, item)
+        given.add(apply_override(cfg, item))
+    apply_profile(cfg, given)
     return check_registries(validate(cfg))
 
 
@@ -662,8 +739,9 @@ def check_registries(cfg: PipelineConfig) -> PipelineConfig:
 OVERRIDE_ALIASES = {"output.format": "output_format"}
 
 
-def apply_override(cfg: PipelineConfig, assignment: str) -> None:
-    """Apply one ``a.b.c=value`` assignment; the value is parsed as YAML, then type-checked."""
+def apply_override(cfg: PipelineConfig, assignment: str) -> str:
+    """Apply one ``a.b.c=value`` assignment; the value is parsed as YAML, then type-checked.
+    Returns the dotted key it set."""
     if "=" not in assignment:
         raise ConfigError(f"override {assignment!r}: expected key=value")
     key, text = assignment.split("=", 1)
@@ -683,6 +761,7 @@ def apply_override(cfg: PipelineConfig, assignment: str) -> None:
             if key == "stages" and isinstance(value, str):
                 value = [s.strip() for s in value.split(",") if s.strip()]
             setattr(obj, part, _coerce(value, hint, key))
+            return key
         else:
             obj = getattr(obj, part)
             if not dataclasses.is_dataclass(obj):

@@ -39,7 +39,8 @@ PREVIEW_KINDS = ("raw", "refined", "predictions")
 
 # The steps that assign images to clusters, in chain order: the keys of summary.json's
 # diagnostics.image (each {purity, nmi, accuracy, images}).
-IMAGE_DIAGNOSTIC_STEPS = ("cluster", "denoise_s1", "denoise_s2", "purify_kept", "purify_final")
+IMAGE_DIAGNOSTIC_STEPS = ("cluster", "denoise_s1", "denoise_relabel", "denoise_s2", "purify_kmeans2",
+                          "purify_kept", "purify_final")
 # Folders of labels/ (see RunLayout.label_dir).
 LABEL_KINDS = ("raw", "refined", "classmap", "saliency")
 # Top-level files of the run folder.

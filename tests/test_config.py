@@ -135,3 +135,36 @@ def test_lightcluster_votes_are_checked_against_the_voters():
         load_config(overrides=["data.classes=5", "lightcluster.min_votes=2"])
     with pytest.raises(ConfigError, match="lightcluster.voters"):
         load_config(overrides=["data.classes=5", "lightcluster.voters=[image,image]", "lightcluster.min_votes=1"])
+
+
+def test_a_denoise_profile_sets_its_rules_unless_the_user_gives_them():
+    from pdso_ray.config import DENOISE_PROFILES
+
+    base = "data: {classes: 5, root: /data}\n"
+    anchored = load_config(text=base)
+    assert anchored.denoise.profile == "anchored"
+    for key, value in DENOISE_PROFILES["anchored"].items():  # the dataclass defaults are anchored's
+        section, leaf = key.split(".")
+        assert getattr(getattr(anchored, section), leaf) == value
+    paper = load_config(text=base + "denoise: {profile: paper}\n")
+    assert (paper.denoise.space, paper.denoise.h_rows, paper.denoise.relabel, paper.purify.init,
+            paper.denoise.finetune_blocks) == ("features", "s2", "g", "random", 99)
+    # a key from the file or from --set wins over the profile
+    mixed = load_config(text=base + "denoise: {profile: paper, h_rows: all}\n",
+                        overrides=["denoise.finetune_blocks=0"])
+    assert (mixed.denoise.h_rows, mixed.denoise.finetune_blocks, mixed.denoise.space) == ("all", 0, "features")
+    plain = load_config(text=base, overrides=["denoise.profile=plain"])
+    assert (plain.denoise.dff, plain.denoise.space, plain.purify.filter) == (False, "features", False)
+    # precomputed features have no backbone to fine-tune: the paper's other rules still apply
+    on_features = load_config(text="data: {classes: 5, root: /data, features: /f}\ndenoise: {profile: paper}\n")
+    assert (on_features.denoise.finetune_blocks, on_features.denoise.space) == (0, "features")
+
+
+def test_denoise_rules_that_cannot_go_together_are_refused_by_name():
+    base = "data: {classes: 5, root: /data}\n"
+    with pytest.raises(ConfigError, match="denoise.dff=False: false needs denoise.space=features"):
+        load_config(text=base, overrides=["denoise.dff=false"])
+    with pytest.raises(ConfigError, match="denoise.prototypes='weights': weights needs denoise.space=embedding"):
+        load_config(text=base, overrides=["denoise.space=features"])
+    with pytest.raises(ConfigError, match="denoise.finetune_blocks=2: needs denoise.dff=true"):
+        load_config(text=base, overrides=["denoise.profile=plain", "denoise.finetune_blocks=2"])

@@ -18,6 +18,12 @@ labels y (C clusters):
    (:func:`head_prototypes`; the nearest one to e(x) is h's own prediction of x), or ``"means"``,
    the mean embedding of each class over h's training rows (:func:`class_prototypes`).
 
+Where the later steps work (``space``): ``"embedding"``, h's hidden layer above; ``"features"``,
+the normalised input itself (:attr:`Classifier.embeds_input`: the official space, the backbone's
+features, which h only trains when the backbone is fine-tuned with it). Without DFF (``dff``
+false, the ``plain`` profile) :func:`without_denoising` passes the k-means labels and their
+feature means on unchanged.
+
 What h trains on decides the partition its embedding carries (measured on held-out known truth,
 benchmarks/denoise_purify_quality.py): trained on S2, half the images, h's prediction on the whole
 set is only as pure as k-means #1 (the other half falls back to k-means-like boundaries), so
@@ -72,6 +78,7 @@ H_ROWS = ("s2", "all")
 HEAD_INITS = ("kmeans", "random")
 RELABELS = ("agreed", "g")
 PROTOTYPES = ("weights", "means")
+SPACES = ("embedding", "features")
 
 
 # ---- data ------------------------------------------------------------------------------------------
@@ -164,10 +171,15 @@ class Classifier(nn.Module):
     ``centre`` (a D vector, the mean normalised feature) the normalised input minus ``centre`` is
     normalised again. ``head``: ``"linear"`` logits ``W z + b``; ``"cosine"`` logits
     ``logit_scale · cos(z, w_c)`` (no bias), z being the input (linear) or the hidden layer (MLP).
+    ``embeds_input``: :meth:`embed` returns the normalised input itself, not the hidden layer
+    (``denoise.space: features``: k-means #2/#3 and the pixel labels then work on the backbone's
+    features, the official space, and the classifier only trains the backbone and selects); saved
+    with the weights.
     """
 
     def __init__(self, in_dim: int, num_classes: int, hidden_dim: int | None = None, *, head: str = "linear",
-                 logit_scale: float = 16.0, centre: np.ndarray | torch.Tensor | None = None):
+                 logit_scale: float = 16.0, centre: np.ndarray | torch.Tensor | None = None,
+                 embeds_input: bool = False):
         super().__init__()
         if in_dim < 1 or num_classes < 1 or (hidden_dim is not None and hidden_dim < 1):
             raise ValueError(f"bad classifier shape: in_dim={in_dim} num_classes={num_classes} "
@@ -176,6 +188,7 @@ class Classifier(nn.Module):
             raise ValueError(f"head must be one of {HEADS}, got {head!r}")
         if head == "cosine" and not logit_scale > 0:
             raise ValueError(f"logit_scale must be > 0, got {logit_scale}")
+        self.in_dim = in_dim
         self.hidden = None if hidden_dim is None else nn.Sequential(nn.Linear(in_dim, hidden_dim), nn.GELU())
         self.cosine = head == "cosine"
         self.out = nn.Linear(hidden_dim or in_dim, num_classes, bias=not self.cosine)
@@ -185,6 +198,12 @@ class Classifier(nn.Module):
             if centre.shape != (in_dim,):
                 raise ValueError(f"centre must have shape ({in_dim},), got {tuple(centre.shape)}")
         self.register_buffer("centre", centre)
+        self.register_buffer("embeds_input", torch.tensor(True) if embeds_input else None)
+
+    @property
+    def embed_dim(self) -> int:
+        """D', the width of :meth:`embed`'s output."""
+        return self.in_dim if self.embeds_input is not None else self.out.in_features
 
     @classmethod
     def from_state_dict(cls, state_dict: dict[str, torch.Tensor]) -> Classifier:
@@ -192,7 +211,8 @@ class Classifier(nn.Module):
         out_w = state_dict["out.weight"]
         head = "linear" if "out.bias" in state_dict else "cosine"
         scale = float(state_dict["logit_scale"]) if head == "cosine" else 16.0
-        options = dict(head=head, logit_scale=scale, centre=state_dict.get("centre"))
+        options = dict(head=head, logit_scale=scale, centre=state_dict.get("centre"),
+                       embeds_input="embeds_input" in state_dict)
         if "hidden.0.weight" in state_dict:
             hidden_w = state_dict["hidden.0.weight"]
             model = cls(hidden_w.shape[1], out_w.shape[0], hidden_w.shape[0], **options)
@@ -215,7 +235,10 @@ class Classifier(nn.Module):
         return self.logit_scale * F.linear(z, F.normalize(self.out.weight, dim=-1))
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
-        """Penultimate activations e(x), ...×D' (not normalised); only for the MLP (h)."""
+        """Penultimate activations e(x), ...×D' (not normalised); only for the MLP (h). With
+        ``embeds_input``: the normalised (centred) input, ...×D, for any classifier."""
+        if self.embeds_input is not None:
+            return self._inputs(x)
         if self.hidden is None:
             raise ValueError("a linear classifier has no hidden layer to embed with (use hidden_dim)")
         return self.hidden(self._inputs(x))
@@ -371,7 +394,7 @@ def embed_features(model: Classifier, feats: np.ndarray | torch.Tensor, batch_si
         x = _to_device(feats[start:start + batch_size], device)
         out.append(F.normalize(model.embed(x), dim=-1).cpu().numpy())
     if not out:
-        return np.zeros((0, model.out.in_features), dtype=np.float32)
+        return np.zeros((0, model.embed_dim), dtype=np.float32)
     return np.concatenate(out)
 
 
@@ -440,7 +463,7 @@ def class_prototypes(model: Classifier, source: FeatureSource, labels: np.ndarra
     labels = _check_labels(labels, source.num_rows, num_classes)
     if mask.shape != (source.num_rows,) or mask.dtype != bool:
         raise ValueError(f"mask must be {source.num_rows} bools, got {mask.shape} {mask.dtype}")
-    sums = np.zeros((num_classes, model.out.in_features), dtype=np.float64)
+    sums = np.zeros((num_classes, model.embed_dim), dtype=np.float64)
     counts = np.zeros(num_classes, dtype=np.int64)
     for block in source.blocks(None):
         picked = np.flatnonzero(mask[block.rows])
@@ -543,6 +566,8 @@ class DenoiseSettings(Protocol):
     min_steps: int
     head_init: str
     relabel: str
+    space: str
+    dff: bool
 
 
 @dataclass
@@ -557,7 +582,9 @@ class DenoiseResult:
             prediction everywhere (``"g"``).
         clean_labels: (N,) int64 the labels S2 was selected under (and h trained on, with
             ``h_rows="s2"``): the k-means labels (``s2_labels="kmeans"``) or g's (``"relabel"``).
-        classifier: h, the MLP whose hidden layer is the embedding.
+        classifier: h, the MLP whose hidden layer is the embedding (``space="embedding"``) or
+            whose normalised input is (``"features"``; without DFF a cosine classifier on the
+            k-means #1 directions, :func:`without_denoising`).
         prototypes: C×D' float32 one per class: h's class directions (:func:`head_prototypes`)
             or its mean embedding over h's training rows (:func:`class_prototypes`).
         prototype_counts: (C,) int64 h's training images per class (0 with ``"means"``: that
@@ -599,6 +626,33 @@ def _check_settings(settings: DenoiseSettings) -> None:
         raise ValueError("denoise.head_init=kmeans needs denoise.head=cosine (it sets class directions)")
     if settings.relabel not in RELABELS:
         raise ValueError(f"denoise.relabel must be one of {RELABELS}, got {settings.relabel!r}")
+    if settings.space not in SPACES:
+        raise ValueError(f"denoise.space must be one of {SPACES}, got {settings.space!r}")
+    if settings.prototypes == "weights" and settings.space != "embedding":
+        raise ValueError("denoise.prototypes=weights needs denoise.space=embedding (h's class directions "
+                         "live in its hidden layer)")
+    if not settings.dff and settings.space != "features":
+        raise ValueError("denoise.dff=false needs denoise.space=features (without h there is no "
+                         "hidden layer to embed with)")
+
+
+def without_denoising(source: FeatureSource, labels: np.ndarray, num_classes: int,
+                      device: torch.device | str = "cpu") -> DenoiseResult:
+    """No denoising (``denoise.dff: false``, the ``plain`` profile): the k-means #1 labels pass on
+    unchanged (S1 = S2 = every image), e(x) is the normalised feature, and the prototypes are the
+    k-means #1 clusters' means there, so that k-means #2 with 0 iterations and no purification
+    hand k-means #1's centroids straight to the pixel pseudo labels. The saved classifier is a
+    cosine head on the clusters' mean directions that embeds its input."""
+    labels = _check_labels(labels, source.num_rows, num_classes)
+    every = np.ones(source.num_rows, dtype=bool)
+    model = Classifier(source.dim, num_classes, head="cosine", embeds_input=True)
+    with torch.no_grad():
+        model.out.weight.copy_(torch.from_numpy(cluster_directions(source, labels, num_classes, None)))
+    prototypes, counts = class_prototypes(model, source, labels, every, num_classes, device=device)
+    return DenoiseResult(subset1=every, clean_mask=every, labels=labels, clean_labels=labels, classifier=model,
+                         prototypes=prototypes, prototype_counts=counts,
+                         stats={"images": source.num_rows, "subset1": source.num_rows,
+                                "subset2": source.num_rows, "relabelled": 0})
 
 
 def denoise(source: FeatureSource, labels: np.ndarray, num_classes: int, settings: DenoiseSettings,
@@ -606,6 +660,8 @@ def denoise(source: FeatureSource, labels: np.ndarray, num_classes: int, setting
     """Run DFF (module docstring) on ``source`` with k-means #1 ``labels`` ((N,) in [0, C))."""
     labels = _check_labels(labels, source.num_rows, num_classes)
     _check_settings(settings)
+    if not settings.dff:
+        return without_denoising(source, labels, num_classes, device=device)
     common = dict(lr=settings.lr, batch_size=settings.batch_size, head=settings.head,
                   logit_scale=settings.logit_scale, min_steps=settings.min_steps, device=device)
     stats: dict[str, float] = {"images": source.num_rows}
@@ -630,6 +686,8 @@ def denoise(source: FeatureSource, labels: np.ndarray, num_classes: int, setting
     h_mask, h_labels = h_training_set(settings.h_rows, clean, clean_labels, relabels)
     h = train_classifier(source, h_labels, num_classes, mask=h_mask, hidden_dim=settings.hidden_dim,
                          epochs=settings.epochs_h, seed=settings.seed + 2, **common)
+    if settings.space == "features":
+        h.embeds_input = torch.tensor(True)
     if settings.prototypes == "weights":
         prototypes = head_prototypes(h)
         counts = np.bincount(h_labels[h_mask], minlength=num_classes).astype(np.int64)

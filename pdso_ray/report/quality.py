@@ -41,7 +41,8 @@ log = logging.getLogger("pdso_ray")
 GAIN_LOSS_ROWS = 6
 MAX_BARS_BY_ID = 61  # per-class IoU drawn per id up to here (ImageNet-S50 + background)
 STEP_NAMES = {"cluster": "k-means #1", "denoise_s1": "S1 (small loss under f)",
-              "denoise_s2": "S2 (small loss under g)", "purify_kept": "purified (kept) set",
+              "denoise_relabel": "relabelling (what DFF passes on)", "denoise_s2": "S2 (small loss under g)",
+              "purify_kmeans2": "k-means #2", "purify_kept": "purified (kept) set",
               "purify_final": "final assignment"}
 _DIAGNOSTIC_NOTE = ("These diagnostics score the method against the ImageNet-S class folders "
                     "(wnids) of the train images, which the method itself never reads.")

@@ -445,9 +445,9 @@ class DenoiseStage(Stage):
         return {"reembedded_files": len(todo), "reembedded_images": rows, "kept_frozen_embedding": kept_frozen}
 
     def diagnostics(self, ctx: RunContext) -> dict[str, Any]:
-        """Purity of the k-means #1 labels on S1, and of the labels h trains on (those S2 was
-        selected under, ``denoise.s2_labels``: k-means #1's or g's relabelling) on S2, against the
-        class folders."""
+        """Purity of the k-means #1 labels on S1, of the labels h trains on (those S2 was
+        selected under, ``denoise.s2_labels``: k-means #1's or g's relabelling) on S2, and of the
+        relabelling DFF passes on, over every image, against the class folders."""
         out = ctx.run.stage_dir(self.name)
 
         def steps():
@@ -455,6 +455,7 @@ class DenoiseStage(Stage):
             trained = (kmeans if ctx.cfg.denoise.s2_labels == "kmeans"
                        else column_values(ctx.storage, out, "relabel"))
             return [("denoise_s1", kmeans, column_values(ctx.storage, out, "subset1")),
+                    ("denoise_relabel", column_values(ctx.storage, out, "relabel"), None),
                     ("denoise_s2", trained, column_values(ctx.storage, out, "clean"))]
 
         return image_diagnostics(ctx, out, steps)

@@ -2,8 +2,8 @@
 
 One set of k-means shard actors holds the embeddings e(x) (read from ``denoise/``) for all of:
 k-means #2 → distance filter and cluster cap on its O(N) assignments and distances (driver; with
-``purify.kept_distance=mean`` the distance of each row to the mean of its #2 cluster's members) →
-k-means #3 trained on the kept rows only. With ``purify.init=prototypes`` (default) k-means #2
+``purify.kept_distance=mean`` the distance of each row to the mean of its #2 cluster's members;
+``purify.filter=false`` keeps every row) → k-means #3 trained on the kept rows only. With ``purify.init=prototypes`` (default) k-means #2
 starts from h's class prototypes (``denoise/prototypes.npy``) and runs ``purify.prototype_niter2`` Lloyd iterations (0:
 nearest prototype), #3 starts from #2's centroids and runs ``prototype_niter3``; with ``random``
 both are the distributed :func:`~pdso_ray.kmeans.kmeans`, best of ``purify.nredo`` random starts.
@@ -48,11 +48,11 @@ ROWS_PER_WRITER = 65_536
 
 
 def write_topk(storage: Storage, feature_files: list[str], emb_files: list[str], out_dir: str,
-               kept: np.ndarray, centroids: np.ndarray, topk: int) -> np.ndarray:
+               kept: np.ndarray, cluster2: np.ndarray, centroids: np.ndarray, topk: int) -> np.ndarray:
     """Task body: for each file of a group, the ``topk`` nearest final ``centroids`` (C×D'
     float32) of every row's embedding, written as ``purify/<name>.parquet`` (id, path, cluster,
-    kept, topk, topk_dist). ``kept``: the group's rows' purification mask, in file order.
-    Returns the group's cluster sizes (C int64)."""
+    kept, cluster2, topk, topk_dist). ``kept``, ``cluster2``: the group's rows' purification mask
+    and k-means #2 cluster, in file order. Returns the group's cluster sizes (C int64)."""
     from pdso_ray.kmeans.search import kernels
     from pdso_ray.method.kmeans_math import search_blocks, search_numpy
 
@@ -64,6 +64,7 @@ def write_topk(storage: Storage, feature_files: list[str], emb_files: list[str],
         ids, dist = search_blocks(emb, centroids, topk, search)
         sizes[:] += np.bincount(ids[:, 0], minlength=len(centroids))
         return {"cluster": ids[:, 0].astype(np.int32), "kept": kept[start:stop],
+                "cluster2": cluster2[start:stop].astype(np.int32),
                 "topk": vectors_to_arrow(ids, pa.int32()),
                 "topk_dist": vectors_to_arrow(dist)}
 
@@ -136,7 +137,8 @@ class PurifyStage(Stage):
                 # the members' means: one Lloyd update of #2 (its step assigns as nearest did)
                 part = shards.step(centroids2)
                 ranked = shards.assigned_distances(cluster_means(part.sums, part.counts, centroids2), assign2)
-            kept = purification_mask(ranked, assign2, k, pc.dist_quantile, pc.alpha)
+            kept = (purification_mask(ranked, assign2, k, pc.dist_quantile, pc.alpha) if pc.filter
+                    else np.ones(len(assign2), dtype=bool))
             if kept.sum() < k:
                 raise PipelineError(
                     f"purify kept {int(kept.sum())} images, fewer than the {k} classes: raise "
@@ -157,7 +159,7 @@ class PurifyStage(Stage):
         centroids = ray.put(centroids3)
         sizes = sum(ray.get([
             task.remote(storage, feature_files[a:b], emb_files[a:b], out,
-                        kept[start:stop], centroids, min(pc.topk, k))
+                        kept[start:stop], assign2[start:stop], centroids, min(pc.topk, k))
             for a, b, start, stop in _writer_groups(file_rows)]))
         return {"images": int(len(kept)), "kept": int(kept.sum()),
                 "objective_kmeans2": float(dist2.sum(dtype=np.float64)),
@@ -171,7 +173,8 @@ class PurifyStage(Stage):
 
         def steps():
             final = column_values(ctx.storage, out, "cluster")
-            return [("purify_kept", final, column_values(ctx.storage, out, "kept").astype(bool)),
+            return [("purify_kmeans2", column_values(ctx.storage, out, "cluster2"), None),
+                    ("purify_kept", final, column_values(ctx.storage, out, "kept").astype(bool)),
                     ("purify_final", final, None)]
 
         return image_diagnostics(ctx, out, steps)

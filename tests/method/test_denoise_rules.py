@@ -313,3 +313,36 @@ def test_metric_and_rule_modules_import_no_ray_fsspec_or_torch():
             "print(sorted({'ray', 'fsspec', 'torch'} & set(sys.modules)))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_feature_space_embeds_the_normalised_input_and_survives_saving():
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((60, 8)).astype(np.float32)
+    labels = rng.integers(0, 3, 60)
+    src = ChunkedFeatures.from_arrays(x, x)
+    result = denoise(src, labels, 3, DenoiseConfig(epochs_f=1, epochs_g=1, epochs_h=1, hidden_dim=4, batch_size=16,
+                                                    seed=0, space="features", prototypes="means"))
+    unit = x / np.linalg.norm(x, axis=1, keepdims=True)
+    np.testing.assert_allclose(embed_features(result.classifier, x), unit, rtol=1e-5, atol=1e-6)
+    assert result.prototypes.shape == (3, 8)  # feature means, not h's 4-wide hidden layer
+    reloaded = Classifier.from_state_dict(result.classifier.state_dict())
+    np.testing.assert_allclose(embed_features(reloaded, x), unit, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="needs denoise.space=embedding"):
+        denoise(src, labels, 3, DenoiseConfig(epochs_f=1, epochs_g=1, epochs_h=1, hidden_dim=4, seed=0,
+                                              space="features", prototypes="weights"))
+
+
+def test_without_dff_the_kmeans_labels_and_their_means_pass_on_unchanged():
+    rng = np.random.default_rng(2)
+    x = rng.standard_normal((40, 5)).astype(np.float32)
+    labels = np.arange(40) % 4
+    src = ChunkedFeatures.from_arrays(x, x)
+    result = denoise(src, labels, 4, DenoiseConfig(dff=False, space="features", prototypes="means", seed=0))
+    assert result.labels.tolist() == labels.tolist() and result.clean_mask.all() and result.subset1.all()
+    unit = x / np.linalg.norm(x, axis=1, keepdims=True)
+    for c in range(4):
+        np.testing.assert_allclose(result.prototypes[c], unit[labels == c].mean(0), rtol=1e-5, atol=1e-6)
+    assert result.prototype_counts.tolist() == [10, 10, 10, 10]
+    np.testing.assert_allclose(embed_features(result.classifier, x), unit, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="dff=false needs denoise.space=features"):
+        denoise(src, labels, 4, DenoiseConfig(dff=False, prototypes="means", seed=0))

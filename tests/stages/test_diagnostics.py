@@ -50,11 +50,13 @@ def _clustering_run(ctx, ids, rows=4):
     _write(ctx, "cluster", ids, cluster=np.array([0, 0, 1, 1][:rows], np.int32))
     _write(ctx, "denoise", ids, subset1=[True, False, True, True][:rows], clean=[True, True, False, True][:rows],
            relabel=np.array([0, 0, 1, 1][:rows], np.int32))
-    _write(ctx, "purify", ids, cluster=np.array([0, 0, 1, 1][:rows], np.int32), kept=[True, True, True, False][:rows])
+    _write(ctx, "purify", ids, cluster=np.array([0, 0, 1, 1][:rows], np.int32), kept=[True, True, True, False][:rows],
+           cluster2=np.array([0, 0, 1, 1][:rows], np.int32))
 
 
-STAGES = {"cluster": (ClusterStage, ["cluster"]), "denoise": (DenoiseStage, ["denoise_s1", "denoise_s2"]),
-          "purify": (PurifyStage, ["purify_kept", "purify_final"])}
+STAGES = {"cluster": (ClusterStage, ["cluster"]),
+          "denoise": (DenoiseStage, ["denoise_s1", "denoise_relabel", "denoise_s2"]),
+          "purify": (PurifyStage, ["purify_kmeans2", "purify_kept", "purify_final"])}
 
 
 @pytest.mark.parametrize("stage", STAGES)
@@ -84,8 +86,8 @@ def test_ids_without_a_class_folder_mean_no_class_truth(tmp_path, caplog, stage)
 def test_broken_artifacts_are_not_computed_with_one_warning(tmp_path, caplog, stage):
     ctx = _ctx(tmp_path)
     _write(ctx, "cluster", GOOD_IDS[:3], cluster=np.array([0, 0, 1], np.int32))  # one row short of denoise's
-    _write(ctx, "denoise", GOOD_IDS, subset1=[True] * 4, clean=[True] * 4, relabel=np.zeros(4, np.int32))
-    _write(ctx, "purify", GOOD_IDS, cluster=np.zeros(4, np.int32))  # no "kept" column
+    _write(ctx, "denoise", GOOD_IDS, subset1=[True] * 4, clean=[True] * 4)  # no "relabel" column
+    _write(ctx, "purify", GOOD_IDS, cluster=np.zeros(4, np.int32))  # no "kept", no "cluster2" column
     if stage == "cluster":
         _write(ctx, "cluster", GOOD_IDS, other=np.zeros(4, np.int32))  # no "cluster" column
     cls, steps = STAGES[stage]

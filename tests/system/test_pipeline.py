@@ -104,6 +104,21 @@ def test_stages_1_to_5_local(ray_local, tmp_path):
     assert not os.path.exists(os.path.join(output, "pseudo_labels")) and not os.path.exists(os.path.join(output, "labels"))
     on_disk = Storage().read_json(os.path.join(output, "summary.json"))
     assert on_disk["stages"].keys() == changed["stages"].keys()
+    # the plain profile: k-means #1's clusters and centroids (in feature space) pass on unchanged
+    plain = run_pipeline(load_config("jobs/configs/demo.yaml",
+                                     _overrides(root, output, STAGES, "denoise.profile=plain")))
+    assert plain["stages"]["cluster"]["status"] == "skipped" and plain["stages"]["purify"]["status"] == "done"
+    purify = read_folder(Storage(), os.path.join(output, "purify"))
+    kmeans1 = read_folder(Storage(), os.path.join(output, "cluster"), columns=["id", "cluster"])
+    assert purify.column("id").to_pylist() == kmeans1.column("id").to_pylist()
+    first = kmeans1.column("cluster").to_numpy()
+    assert np.array_equal(purify.column("cluster").to_numpy(), first)
+    assert all(purify.column("kept").to_pylist())
+    feats = np.stack(read_folder(Storage(), os.path.join(output, "features"), columns=["feat"])
+                     .column("feat").to_numpy(zero_copy_only=False))
+    feats /= np.linalg.norm(feats, axis=1, keepdims=True)
+    centroids = np.load(os.path.join(output, "purify", "centroids.npy"))
+    np.testing.assert_allclose(centroids, [feats[first == c].mean(0) for c in range(CLASSES)], atol=1e-5)
     # precomputed features (data.features) stand in for stage 1
     reuse = str(tmp_path / "reuse")
     pre = run_pipeline(load_config("jobs/configs/demo.yaml", _overrides(
