@@ -10,7 +10,9 @@ variant's overrides, its data made by ``make_demo_dataset`` (``--world``, ``--cl
 a data seed; the ``hue`` world with ``--style-seed`` draws random hues per class instead of the
 demo's evenly spaced ones). Without ``--final`` the runs stop after the pseudo labels (the stages
 that differ between profiles, minutes fewer per run). A run folder already complete is read, not
-re-run, so an interrupted benchmark goes on where it stopped.
+re-run, so an interrupted benchmark goes on where it stopped. With ``--base VARIANT`` every other
+variant's folder starts as a copy of that variant's, so the stages its overrides leave alone are
+skipped (the fine-tuning losses: ``--final --base ce --variants ce agmm ...``).
 
 Beside each variant's kept set it prints the like-for-like baseline of the issue: plain k-means #1
 purified at the same share, per cluster the images nearest their k-means #1 centroid in the
@@ -22,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -39,7 +42,14 @@ VARIANTS = {
     "paper, no backbone tuning": ["denoise.profile=paper", "denoise.finetune_blocks=0"],
     "paper, no CSD": ["denoise.profile=paper", "purify.filter=false"],
     "paper, no SPO": ["denoise.profile=paper", "pseudo_labels.refine.method=none"],
+    # the fine-tuning loss on the default profile's pseudo labels (issue 22 item 4; --final)
+    "ce": [],
+    "agmm": ["finetune.loss=agmm"],
+    "agmm, unlabelled: disagreement": ["finetune.loss=agmm", "finetune.unlabelled=disagreement"],
+    "agmm, unlabelled: border": ["finetune.loss=agmm", "finetune.unlabelled=border"],
+    "ce, unlabelled: disagreement": ["finetune.unlabelled=disagreement"],
 }
+PROFILE_VARIANTS = ["paper", "anchored", "plain", "paper, no backbone tuning", "paper, no CSD", "paper, no SPO"]
 CONFIG = Path(__file__).resolve().parent.parent / "jobs" / "configs" / "demo.yaml"
 STEPS = (("cluster", "k-means #1"), ("denoise_relabel", "relabelling"), ("purify_kmeans2", "k-means #2"),
          ("purify_kept", "kept set"), ("purify_final", "final"))
@@ -91,11 +101,19 @@ def measure(run: Path) -> dict[str, float | None]:
     return out
 
 
-def run_variant(data: str, classes: int, out: Path, overrides: list[str], final: bool, extra: list[str]) -> None:
-    if (out / "summary.json").exists() and not (out / "_STARTED.json").exists():
-        done = json.loads((out / "summary.json").read_text()).get("diagnostics", {}).get("pseudo_labels")
-        if done:
-            return
+def _finished(out: Path, final: bool) -> bool:
+    if not (out / "summary.json").exists():
+        return False
+    diagnostics = json.loads((out / "summary.json").read_text()).get("diagnostics", {})
+    return bool(diagnostics.get("ablation") if final else diagnostics.get("pseudo_labels"))
+
+
+def run_variant(data: str, classes: int, out: Path, overrides: list[str], final: bool, extra: list[str],
+                base: Path | None = None) -> None:
+    if _finished(out, final):
+        return
+    if base is not None and not out.exists():
+        shutil.copytree(base, out, ignore=shutil.ignore_patterns("logs", "report", "tensorboard"))
     stages = [] if final else ["--set", "stages=features,cluster,denoise,purify,pseudo_labels"]
     sets = [f"data.root={data}", f"data.classes={classes}", f"output={out}", "previews=none", *overrides, *extra]
     cmd = [sys.executable, "-m", "pdso_ray.cli", "run", str(CONFIG), *stages,
@@ -134,21 +152,26 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--classes", type=int, default=12)
     p.add_argument("--seeds", type=int, nargs="+", default=[21, 22, 23])
     p.add_argument("--style-seed", type=int, default=None, help="the class set (shapes) or random hues (hue)")
-    p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS), metavar="VARIANT")
+    p.add_argument("--variants", nargs="+", default=PROFILE_VARIANTS, choices=list(VARIANTS), metavar="VARIANT")
+    p.add_argument("--base", choices=list(VARIANTS), help="copy this variant's run folder for the others")
     p.add_argument("--train-per-class", type=int, default=20)
     p.add_argument("--final", action="store_true", help="also fine-tune, predict and evaluate the final model")
     p.add_argument("--set", dest="extra", action="append", default=[], metavar="KEY=VALUE",
                    help="an override for every run")
     args = p.parse_args(argv)
     work = Path(args.workdir).resolve()
-    results: dict[str, list[dict[str, float | None]]] = {v: [] for v in args.variants}
+    order = [args.base, *[v for v in args.variants if v != args.base]] if args.base else args.variants
+    results: dict[str, list[dict[str, float | None]]] = {v: [] for v in order}
     for seed in args.seeds:
         data = make_demo_dataset(str(work / f"data-{args.world}{args.classes}-s{seed}"), classes=args.classes,
                                  train_per_class=args.train_per_class, val_per_class=4, test_per_class=2,
                                  seed=seed, world=args.world, style_seed=args.style_seed)
-        for variant in args.variants:
-            out = work / f"{args.world}{args.classes}-s{seed}-{_slug(variant)}"
-            run_variant(str(Path(data).parent), args.classes, out, VARIANTS[variant], args.final, args.extra)
+        folder = {v: work / f"{args.world}{args.classes}-s{seed}-{_slug(v)}" for v in order}
+        for variant in order:
+            base = folder[args.base] if args.base and variant != args.base else None
+            run_variant(str(Path(data).parent), args.classes, folder[variant], VARIANTS[variant], args.final,
+                        args.extra, base)
+            out = folder[variant]
             numbers = measure(out)
             results[variant].append(numbers)
             print(f"seed {seed} {variant}: " + " ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} -"

@@ -221,7 +221,8 @@ def run_chain(data: dict[str, np.ndarray], classes: int, cfg: Any) -> tuple[list
         init = fill_missing_prototypes(result.prototypes, result.prototype_counts, emb.__getitem__, len(emb), seed)
         niter = (pc.prototype_niter2, pc.prototype_niter3)
     purified = purify(emb, k, _purify_kmeans, dist_quantile=pc.dist_quantile, alpha=pc.alpha,
-                      topk=1, seed=seed, nredo=pc.nredo, niter=niter, init=init, kept_distance=pc.kept_distance)
+                      topk=1, seed=seed, nredo=pc.nredo, niter=niter, init=init, kept_distance=pc.kept_distance,
+                      apply_rules=pc.filter)
     seconds["purify"] = time.perf_counter() - t
 
     steps = [

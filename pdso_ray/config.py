@@ -418,6 +418,12 @@ class FinetuneConfig:
     seed: Seed | None = None  # None = the top-level seed
     # ce (cross-entropy ignoring 1000) | agmm (ce + the AGMM terms, pdso_ray/method/agmm.py)
     loss: Literal["ce", "agmm"] = "ce"
+    # Pseudo-label pixels the method is unsure of, which get the unlabelled id (1001): none |
+    # disagreement (where the refined label differs from the raw one) | border (unlabelled_width
+    # px on each side of every boundary of the refined label). The cross-entropy skips them;
+    # loss: agmm supervises them with its Gaussian responses (docs/method.md §7).
+    unlabelled: Literal["none", "disagreement", "border"] = "none"
+    unlabelled_width: Count = 2
     # online EM: running Gaussians = momentum·old + (1-momentum)·batch
     agmm_momentum: Annotated[float, Range(0, 1, hi_open=True)] = 0.9
     # weights of the AGMM terms (CVPR AGMM weighs its terms 1)

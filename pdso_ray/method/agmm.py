@@ -11,12 +11,22 @@ Conventions:
 
 * ``features``: ``B×D×h×w`` float, the backbone feature map (one cell per patch); ``logits``:
   ``B×(C+1)×H×W`` float, the prediction at the label's resolution, channel 0 background;
-  ``target``: ``B×H×W`` int64 pseudo labels, 0 background, 1..C classes, 1000 ignore.
+  ``target``: ``B×H×W`` int64 pseudo labels, 0 background, 1..C classes, 1000 ignore, 1001
+  unlabelled.
 * A pixel's feature is that of the cell containing it: pixel ``(y, x)`` lies in cell
   ``(y·h // H, x·w // W)`` (nearest-neighbour upsampling of the feature map).
 * **Ignore (1000)** pixels take part in nothing: not in prototypes, not in the mixture's
   statistics, not in any loss term (they may be crop padding or pixels a refiner found too
   uncertain). A cell counts each of its labelled pixels once, so a cell half ignored weighs half.
+* **Unlabelled (1001)** pixels belong to the image but the pseudo labels are unsure of them
+  (``finetune.unlabelled``: where SPO and the raw label disagree, or a band on the label's
+  borders). They are what the mixture supervises, as the CVPR code's extra class id: the E-step
+  shares each among the classes present in its image by posterior responsibility, and the
+  prediction is trained towards the Gaussian responses there (``soft_target``) and away from the
+  image's absent classes (``absent``). They have no one-hot target, so no cross-entropy, no
+  prototype, no ``response`` and no ``likelihood`` term.
+* **Labelled pixels count for their own class** in the E-step (a hard responsibility): the
+  mixture models each class's labelled features, and only unlabelled pixels are shared.
 * **Background (0)** is a mixture component and a class like any other: it has prototypes, a
   Gaussian, a response and an absent-class penalty (CVPR AGMM treats VOC's background, class 0,
   the same way). Its features are diverse, so its Gaussian is broad; that is the model's job.
@@ -34,14 +44,49 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, fields
 
+import numpy as np
 import torch
+from scipy import ndimage
 from torch import nn
 
 IGNORE = 1000
+UNLABELLED = 1001
 
 # Logs inside the binary cross-entropies are clamped at -100, as torch's BCE does.
 _LOG_FLOOR = -100.0
 _PROB_CEIL = 1.0 - 1e-6  # keeps log(1 - p) finite for a saturated softmax
+
+
+UNLABELLED_RULES = ("none", "disagreement", "border")
+
+
+def mark_unlabelled(refined: np.ndarray, raw: np.ndarray | None, rule: str, width: int = 2) -> np.ndarray:
+    """The training target of one pseudo label: ``refined`` (H×W integer ids, 0..C and 1000) with
+    the pixels ``rule`` finds unsure set to :data:`UNLABELLED` (a new int64 array; 1000 stays).
+
+    Rules (``finetune.unlabelled``): ``"none"`` (unchanged); ``"disagreement"``: where the refined
+    label differs from ``raw`` (H×W, the raw label at the same size): the pixels SPO changed, whose
+    class only one of the two sources vouches for; ``"border"``: pixels within ``width`` pixels
+    (chessboard distance) of a pixel of another id, on either side of every boundary between ids:
+    where the patch-level raw label and SAM's mask edge are least sure.
+    """
+    if rule not in UNLABELLED_RULES:
+        raise ValueError(f"finetune.unlabelled must be one of {UNLABELLED_RULES}, got {rule!r}")
+    target = np.asarray(refined).astype(np.int64)
+    if rule == "none":
+        return target
+    if rule == "disagreement":
+        if raw is None or np.shape(raw) != target.shape:
+            raise ValueError(f"disagreement needs the raw label at the refined label's size {target.shape}, "
+                             f"got {None if raw is None else np.shape(raw)}")
+        unsure = np.asarray(raw) != target
+    else:
+        if width < 1:
+            raise ValueError(f"finetune.unlabelled_width must be >= 1, got {width}")
+        size = 2 * width + 1
+        unsure = ndimage.maximum_filter(target, size, mode="nearest") != ndimage.minimum_filter(
+            target, size, mode="nearest")
+    return np.where(unsure & (target != IGNORE), UNLABELLED, target)
 
 
 @dataclass(frozen=True)
@@ -79,8 +124,10 @@ class CellLabels:
             cells in row-major order).
         present: ``B×K`` bool, class ``classes[k]`` has a labelled pixel in image b.
         pixel_cell: ``H×W`` int64, the cell (row-major index) each pixel lies in.
-        valid: ``B×H×W`` bool, the pixel is labelled (not 1000).
+        valid: ``B×H×W`` bool, the pixel is labelled (neither 1000 nor 1001).
         num_components: C + 1.
+        unlabelled: ``B×H×W`` bool, the pixel is unlabelled (1001).
+        unlabelled_counts: ``B×n`` float32, unlabelled pixels in each cell.
     """
 
     classes: torch.Tensor
@@ -89,6 +136,8 @@ class CellLabels:
     pixel_cell: torch.Tensor
     valid: torch.Tensor
     num_components: int
+    unlabelled: torch.Tensor
+    unlabelled_counts: torch.Tensor
 
 
 @dataclass(frozen=True)
@@ -101,10 +150,11 @@ class AgmmLoss:
 
 
 def cell_labels(target: torch.Tensor, feature_size: tuple[int, int], num_components: int) -> CellLabels:
-    """Count the labelled pixels of every present class in every feature cell.
+    """Count the labelled pixels of every present class, and the unlabelled pixels, in every
+    feature cell.
 
     Args:
-        target: ``B×H×W`` integer labels, values in ``0..num_components-1`` or 1000.
+        target: ``B×H×W`` integer labels, values in ``0..num_components-1``, 1000 or 1001.
         feature_size: ``(h, w)`` of the feature map, at most ``(H, W)``.
         num_components: C + 1 (the number of logit channels).
     """
@@ -115,11 +165,12 @@ def cell_labels(target: torch.Tensor, feature_size: tuple[int, int], num_compone
     h, w = int(feature_size[0]), int(feature_size[1])
     if not (1 <= h <= height and 1 <= w <= width):
         raise ValueError(f"feature size {h}×{w} must lie in 1×1..{height}×{width} (the label size)")
-    valid = target != IGNORE
+    unlabelled = target == UNLABELLED
+    valid = (target != IGNORE) & ~unlabelled
     bad = valid & ((target < 0) | (target >= num_components))
     if bool(bad.any()):
-        raise ValueError(f"target holds {int(target[bad][0])}: labels must be 0..{num_components - 1} "
-                         f"or {IGNORE} (ignore)")
+        raise ValueError(f"target holds {int(target[bad][0])}: labels must be 0..{num_components - 1}, "
+                         f"{IGNORE} (ignore) or {UNLABELLED} (unlabelled)")
     device = target.device
     classes = torch.unique(target[valid])
     k = len(classes)
@@ -131,7 +182,10 @@ def cell_labels(target: torch.Tensor, feature_size: tuple[int, int], num_compone
     n = h * w
     index = (torch.arange(b, device=device)[:, None, None] * k + lut[target.where(valid, 0)]) * n + pixel_cell
     counts = torch.bincount(index[valid], minlength=b * k * n).reshape(b, k, n).float()
-    return CellLabels(classes, counts, counts.sum(dim=2) > 0, pixel_cell, valid, num_components)
+    image_cell = torch.arange(b, device=device)[:, None, None] * n + pixel_cell
+    unlabelled_counts = torch.bincount(image_cell[unlabelled], minlength=b * n).reshape(b, n).float()
+    return CellLabels(classes, counts, counts.sum(dim=2) > 0, pixel_cell, valid, num_components,
+                      unlabelled, unlabelled_counts)
 
 
 class GaussianMixture(nn.Module):
@@ -207,14 +261,14 @@ def _log_gauss(f: torch.Tensor, means: torch.Tensor, variances: torch.Tensor) ->
 
 
 def _e_step(features: torch.Tensor, labels: CellLabels, mixture: GaussianMixture):
-    """Float64 cell features ``B·n×D``, per-cell class weights ``B·n×K`` (the batch's classes)
-    and log mixture densities ``B·n`` (−inf where an image has no seen class).
+    """Float64 cell features ``B·n×D``, per-cell class weights ``B·n×K`` (the batch's classes),
+    the log mixture densities ``B·n`` (−inf where an image has no seen class) and the log density
+    of each cell under each class's own Gaussian ``B·n×K``.
 
-    Weights: a cell's pixels labelled with a seen class are shared among the seen classes
-    present in its image by posterior responsibility; the prior of class k in image b is its
-    share of the image's labelled pixels among those classes (the label distribution). Pixels
-    labelled with an unseen class count for that class alone (its first estimate is the labelled
-    mean), since an unseen component has no parameters to compete with.
+    Weights: a cell's labelled pixels count for their own class (hard); its unlabelled pixels are
+    shared among the seen classes present in its image by posterior responsibility, the prior of
+    class k in image b being its share of the image's labelled pixels among those classes (the
+    label distribution).
     """
     b, d = features.shape[:2]
     f = features.detach().to(torch.float64).reshape(b, d, -1).transpose(1, 2).reshape(-1, d)
@@ -229,17 +283,17 @@ def _e_step(features: torch.Tensor, labels: CellLabels, mixture: GaussianMixture
     log_density = torch.logsumexp(joint, dim=2)  # -inf when the support is empty
     has_support = support.any(1)[:, None, None]
     gamma = torch.where(has_support, torch.softmax(joint, dim=2), 0.0)
-    seen_pixels = (counts * seen[None, :, None]).sum(1)  # B×n: labelled with a seen class
-    weight = gamma * seen_pixels[:, :, None] + (counts * ~seen[None, :, None]).transpose(1, 2)
-    return f, weight.reshape(f.shape[0], -1), log_density.reshape(-1), seen_pixels.reshape(-1)
+    unlabelled = labels.unlabelled_counts.to(torch.float64)  # B×n
+    weight = counts.transpose(1, 2) + gamma * unlabelled[:, :, None]
+    return f, weight.reshape(f.shape[0], -1), log_density.reshape(-1), log_like
 
 
 @torch.no_grad()
 def em_statistics(features: torch.Tensor, labels: CellLabels, mixture: GaussianMixture) -> torch.Tensor:
     """E-step sufficient statistics of one batch: ``(C+1)×(1+2D)`` float64, per component
-    ``[Σ γ, Σ γ f, Σ γ f²]`` over labelled pixels (zero for classes absent from the batch).
-    Responsibilities are restricted to the classes present in each pixel's image (see
-    :func:`_e_step`). Sums, so ranks can all-reduce them before :meth:`GaussianMixture.update`.
+    ``[Σ γ, Σ γ f, Σ γ f²]`` over labelled (γ = 1 for the own class) and unlabelled pixels (γ
+    restricted to the classes present in the pixel's image, see :func:`_e_step`); zero for classes
+    absent from the batch. Sums, so ranks can all-reduce them before :meth:`GaussianMixture.update`.
 
     Args:
         features: ``B×D×h×w`` (detached here; cast to float64).
@@ -256,13 +310,19 @@ def em_statistics(features: torch.Tensor, labels: CellLabels, mixture: GaussianM
 
 @torch.no_grad()
 def log_likelihood(features: torch.Tensor, labels: CellLabels, mixture: GaussianMixture) -> torch.Tensor:
-    """Mean log-density per labelled pixel (of a seen class) under the mixture restricted to each
-    image's seen present classes with label-share priors — the quantity an EM step with
-    ``momentum = 0`` does not decrease. A float64 scalar; NaN when no pixel qualifies."""
+    """Mean log-density per pixel of the semi-supervised mixture: a labelled pixel (of a seen
+    class) under its own class's Gaussian, an unlabelled one under the mixture of its image's
+    seen present classes with label-share priors — the quantity an EM step with ``momentum = 0``
+    does not decrease. A float64 scalar; NaN when no pixel qualifies."""
     _check(features, labels, mixture)
-    _, _, log_density, pixels = _e_step(features, labels, mixture)
-    keep = pixels > 0
-    return (log_density[keep] * pixels[keep]).sum() / pixels[keep].sum()
+    _, _, log_density, log_like = _e_step(features, labels, mixture)
+    b, k, n = labels.counts.shape
+    counts = (labels.counts.to(torch.float64) * mixture.seen[labels.classes][None, :, None]).transpose(1, 2)
+    labelled = (counts.reshape(-1, k) * log_like).sum()
+    unlabelled = labels.unlabelled_counts.to(torch.float64).reshape(-1)
+    finite = torch.isfinite(log_density) & (unlabelled > 0)
+    total = labelled + (log_density[finite] * unlabelled[finite]).sum()
+    return total / (counts.sum() + unlabelled[finite].sum())
 
 
 def _check(features: torch.Tensor, labels: CellLabels, mixture: GaussianMixture) -> None:
@@ -297,15 +357,17 @@ def agmm_loss(
     labelled pixels (differentiable, as CVPR AGMM's). The response of a cell with feature f is
     ``r_bk = exp(-½ · mean_d (f_d − μ_bkd)² / v_kd)`` with the mixture's variances ``v_k``
     (detached): CVPR AGMM's per-image kernel, with the per-class variance its code leaves out.
-    Only classes present in the image have a response. Averaged over labelled pixels ("pixels") and
-    over (present class, labelled pixel) pairs ("pairs"), with ``p = softmax(logits)``:
+    Only classes present in the image have a response. Averaged over labelled pixels ("pixels"),
+    over (present class, labelled pixel) pairs ("pairs"), or over both with the unlabelled pixels
+    of images that have a labelled one ("+unlabelled"), with ``p = softmax(logits)``:
 
-    * ``soft_target``: ½ · BCE(p_k, r_k), r_k a soft target (not detached, as in CVPR AGMM), pairs;
+    * ``soft_target``: ½ · BCE(p_k, r_k), r_k a soft target (not detached, as in CVPR AGMM), pairs
+      +unlabelled: on unlabelled pixels the responses are the only supervision;
     * ``response``: ½ · BCE(r_k, [label = k]), pairs;
     * ``repulsion``: mean over pairs of batch classes of
       ``exp(-½ · mean_d (ν_i − ν_j)² / ((v_i + v_j)/2))``, ν the batch prototype (pixel-weighted
       mean over the batch; CVPR AGMM sums over images instead, and uses a fixed bandwidth);
-    * ``absent``: Σ over classes absent from the image of ``-log(1 − p_k)``, pixels;
+    * ``absent``: Σ over classes absent from the image of ``-log(1 − p_k)``, pixels +unlabelled;
     * ``likelihood``: ``½ · mean_d [(f_d − m_kd)² / v_kd + log v_kd + log 2π]`` of each labelled
       pixel's feature under its class's running Gaussian ``N(m_k, v_k)`` (detached: the term
       pulls features to their class), pixels — our reading of the TPAMI maximisation loss.
@@ -334,7 +396,10 @@ def agmm_loss(
     pres = present.float()
     valid = labels.valid.float()
     n_valid = valid.sum()
-    n_pairs = (pres.sum(1) * valid.flatten(1).sum(1)).sum()
+    # labelled pixels and the unlabelled ones of images with a labelled pixel (their responses)
+    covered = (labels.valid | (labels.unlabelled & present.any(1)[:, None, None])).float()
+    n_covered = covered.sum()
+    n_pairs = (pres.sum(1) * covered.flatten(1).sum(1)).sum()
     var = mixture.variances[classes].float()  # K×D
     inv = 1.0 / var
 
@@ -355,13 +420,14 @@ def agmm_loss(
     log_q = torch.log1p(-p.clamp_max(_PROB_CEIL))
     r_pix = r[:, :, labels.pixel_cell]  # B×K×H×W
     bce = -(r_pix * log_p + (1 - r_pix) * log_q)
-    soft_target = 0.5 * (bce * pres[:, :, None, None] * valid[:, None]).sum() / n_pairs.clamp_min(1)
+    soft_target = 0.5 * (bce * pres[:, :, None, None] * covered[:, None]).sum() / n_pairs.clamp_min(1)
 
     # response: BCE(r, one-hot) summed on cells, each labelled pixel counted once
     cell_valid = counts.sum(1, keepdim=True)  # B×1×n
     neg_log_r = half.clamp_max(-_LOG_FLOOR)
     response_sum = counts * neg_log_r + (cell_valid - counts) * _neg_log1m_exp(half)
-    response = 0.5 * (response_sum * pres[:, :, None]).sum() / n_pairs.clamp_min(1)
+    n_labelled_pairs = (pres.sum(1) * valid.flatten(1).sum(1)).sum()
+    response = 0.5 * (response_sum * pres[:, :, None]).sum() / n_labelled_pairs.clamp_min(1)
 
     # repulsion between batch prototypes
     k = len(classes)
@@ -380,7 +446,7 @@ def agmm_loss(
     absent_mask = torch.ones(b, labels.num_components, device=logits.device)
     absent_mask[:, classes] = 1.0 - pres
     penalty = torch.einsum("bchw,bc->bhw", torch.log1p(prob * -_PROB_CEIL), -absent_mask)
-    absent = (penalty * valid).sum() / n_valid.clamp_min(1)
+    absent = (penalty * covered).sum() / n_covered.clamp_min(1)
 
     # likelihood under the running Gaussians
     mean = mixture.means[classes].float()

@@ -211,7 +211,8 @@ class PurifyResult:
 
 def purify(x: np.ndarray, k: int, kmeans_fn: KMeansFn, *, dist_quantile: float, alpha: float,
            topk: int, seed: int, nredo: int = 1, niter: tuple[int, int] = (20, 20),
-           init: np.ndarray | None = None, kept_distance: str = "centroid") -> PurifyResult:
+           init: np.ndarray | None = None, kept_distance: str = "centroid",
+           apply_rules: bool = True) -> PurifyResult:
     """k-means #2, both purification rules, k-means #3 on the kept set, top-k assignment.
 
     Args:
@@ -226,6 +227,7 @@ def purify(x: np.ndarray, k: int, kmeans_fn: KMeansFn, *, dist_quantile: float, 
             #3 then starts from #2's centroids. None: both start from random rows.
         kept_distance: the rules rank each #2 cluster's images by squared distance to its
             centroid or to the mean of its members (:data:`KEPT_DISTANCES`).
+        apply_rules: False keeps every image (``purify.filter``).
     """
     x = np.asarray(x, dtype=np.float32)
     if x.ndim != 2 or len(x) < k:
@@ -246,7 +248,8 @@ def purify(x: np.ndarray, k: int, kmeans_fn: KMeansFn, *, dist_quantile: float, 
         np.add.at(sums, assign2, x)
         means = cluster_means(sums, np.bincount(assign2, minlength=k), centroids2)
         dist2 = assigned_distances(x, means, assign2)
-    kept = purification_mask(dist2, assign2, k, dist_quantile, alpha)
+    kept = (purification_mask(dist2, assign2, k, dist_quantile, alpha) if apply_rules
+            else np.ones(len(x), dtype=bool))
     if kept.sum() < k:
         raise ValueError(f"purification kept {int(kept.sum())} images, fewer than k={k}: raise "
                          f"dist_quantile ({dist_quantile}) or alpha ({alpha})")

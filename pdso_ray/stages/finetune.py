@@ -52,8 +52,10 @@ LOADER_CPUS = 1.0  # per task of LoadTrainPairs, which feeds the trainer
 class LoadTrainPairs(BatchStep):
     """Read and decode one batch of (image, refined label) pairs onto fixed-size canvases.
 
-    In: ``id``, ``path`` (image URL), ``label_refined`` (label PNG URL). Out: ``image``
-    (B×S×S×3 uint8 RGB), ``label`` (B×S×S int16, ids 0..C and 1000) and ``valid`` (B×2 int32: the
+    In: ``id``, ``path`` (image URL), ``label_refined`` (label PNG URL), and ``label_raw`` with
+    ``unlabelled="disagreement"``. Out: ``image`` (B×S×S×3 uint8 RGB), ``label`` (B×S×S int16, ids
+    0..C, 1000 and, by the ``unlabelled`` rule, 1001: :func:`pdso_ray.method.agmm.mark_unlabelled`,
+    on the label at its own size) and ``valid`` (B×2 int32: the
     height and width of the image inside its canvas), S = ``canvas``: each image resized so its
     longer side is S, padded with ignore (:func:`pdso_ray.method.augment.pad_to_canvas`). JPEGs
     are decoded DCT-downscaled when much larger. Deterministic: the random crop and flip happen in
@@ -63,13 +65,16 @@ class LoadTrainPairs(BatchStep):
     the labels were made, so a failure here is a changed or damaged file, not data to drop.
     """
 
-    def __init__(self, reader: ImageReader, canvas: int, batch_size: int):
+    def __init__(self, reader: ImageReader, canvas: int, batch_size: int, unlabelled: str = "none",
+                 unlabelled_width: int = 2):
         self.reader = reader
         self.storage = reader.storage
         self.canvas = canvas
+        self.unlabelled, self.unlabelled_width = unlabelled, unlabelled_width
         self.resources = Resources(batch_size=batch_size, num_cpus=LOADER_CPUS, stateful=False)
 
     def __call__(self, batch: Batch) -> Batch:
+        from pdso_ray.method.agmm import mark_unlabelled
         from pdso_ray.method.augment import pad_to_canvas, resize_label_nearest
 
         n, s = len(batch["id"]), self.canvas
@@ -81,6 +86,8 @@ class LoadTrainPairs(BatchStep):
         decoded_images = self.reader.read_batch(paths, target_short_side=s)
         # labels in PNG shards: one request per shard for the whole batch
         label_bytes = read_many(self.storage, label_urls)
+        raw_urls = [str(u) for u in batch["label_raw"]] if self.unlabelled == "disagreement" else []
+        raw_bytes = read_many(self.storage, raw_urls) if raw_urls else [None] * n
         for i, (path, decoded, label_url, data) in enumerate(zip(paths, decoded_images, label_urls, label_bytes)):
             if not decoded.ok:
                 raise ValueError(f"training image {path} no longer decodes: {decoded.reason}")
@@ -90,6 +97,10 @@ class LoadTrainPairs(BatchStep):
             if label.shape != tuple(decoded.orig_size):
                 raise ValueError(f"label {label_url} is {label.shape[0]}×{label.shape[1]}, its image "
                                  f"{path} {decoded.orig_size[0]}×{decoded.orig_size[1]}")
+            if isinstance(raw_bytes[i], Exception):
+                raise ValueError(f"label {raw_urls[i]} cannot be read: {raw_bytes[i]}")
+            raw = None if raw_bytes[i] is None else decode_label(raw_bytes[i])
+            label = mark_unlabelled(label, raw, self.unlabelled, self.unlabelled_width)
             label = resize_label_nearest(label.astype(np.int16), decoded.image.shape[:2])  # DCT-downscaled
             images[i], labels[i], valid[i] = pad_to_canvas(decoded.image, label, s, IGNORE_ID)
         return {"image": images, "label": labels, "valid": valid}
@@ -155,7 +166,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     import torch.distributed as dist
     import torch.nn.functional as F
 
-    from pdso_ray.method.agmm import AgmmWeights, GaussianMixture
+    from pdso_ray.method.agmm import UNLABELLED, AgmmWeights, GaussianMixture
     from pdso_ray.method.augment import random_resized_crop_batch, seeded_generator
     from pdso_ray.models.dino import to_model_input
     from pdso_ray.models.heads import build_segmenter, with_native_grid
@@ -225,9 +236,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                     logits = model(x)
             logits = F.interpolate(logits.float(), size=target.shape[-2:], mode="bilinear",
                                    align_corners=False)
-            # Sum over valid pixels / their count: a crop that is all ignore adds 0, not NaN.
-            loss = F.cross_entropy(logits, target, ignore_index=IGNORE_ID, reduction="sum")
-            loss = loss / (target != IGNORE_ID).sum().clamp(min=1)
+            # Sum over labelled pixels / their count: a crop that is all ignore adds 0, not NaN.
+            # Unlabelled pixels (finetune.unlabelled) have no class to fit: only AGMM sees them.
+            labelled = target.masked_fill(target == UNLABELLED, IGNORE_ID)
+            loss = F.cross_entropy(logits, labelled, ignore_index=IGNORE_ID, reduction="sum")
+            loss = loss / (labelled != IGNORE_ID).sum().clamp(min=1)
             if use_agmm:
                 loss = loss + _agmm_terms(features, logits, target, mixture, fc, weights)
             optimizer.zero_grad(set_to_none=True)
@@ -266,8 +279,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
 
 def training_dataset(storage: Storage, stats_dir: str) -> "ray.data.Dataset":
-    """Ray Dataset of ``{id, path, label_refined}`` for every row of ``labels/stats/`` that has a
-    refined label, read in parallel (the driver never holds the rows)."""
+    """Ray Dataset of ``{id, path, label_refined, label_raw}`` for every row of ``labels/stats/``
+    that has a refined label, read in parallel (the driver never holds the rows)."""
     import ray.data
 
     files = parquet_files(storage, stats_dir)
@@ -275,7 +288,7 @@ def training_dataset(storage: Storage, stats_dir: str) -> "ray.data.Dataset":
         raise FileNotFoundError(f"finetune: no label statistics in {stats_dir}; run pseudo_labels first")
     fs, _ = storage.arrow_fs(stats_dir)
     ds = ray.data.read_parquet([storage.arrow_fs(u)[1] for u in files], filesystem=fs,
-                               columns=["id", "path", "label_refined"])
+                               columns=["id", "path", "label_refined", "label_raw"])
     return ds.filter(expr="label_refined != ''")
 
 
@@ -354,7 +367,7 @@ class FinetuneStage(Stage):
         # pseudo_labels grouped rows into stats files varies from run to run under load.
         ds = seeded_row_order(ds, cfg.seed_for("finetune"))
         ds = map_step(ds, LoadTrainPairs(ImageReader.from_config(storage, cfg.data), 2 * fc.crop_size,
-                                         fc.batch_size), ctx.cluster_has_gpu)
+                                         fc.batch_size, fc.unlabelled, fc.unlabelled_width), ctx.cluster_has_gpu)
 
         out = ctx.run.finetune_dir
         storage_path, storage_fs = train_storage(storage, out)

@@ -2,11 +2,13 @@
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
 from pdso_ray.method.agmm import (
     IGNORE,
+    UNLABELLED,
     AgmmWeights,
     GaussianMixture,
     agmm_loss,
@@ -69,9 +71,13 @@ def test_first_update_takes_the_labelled_moments():
     assert mixture.updates.tolist() == [1, 1, 1]
 
 
-def test_em_step_increases_the_log_likelihood():
-    feats, target, truth = _mixture_batch(flip=0.15)
-    mixture, labels = _fitted(feats, target)  # fit to the noisy labels: a poor start
+def test_em_step_increases_the_log_likelihood_and_labels_the_unlabelled_pixels():
+    feats, target, truth = _mixture_batch(flip=0.0)
+    hidden = torch.rand(target.shape, generator=torch.Generator().manual_seed(3)) < 0.9
+    target = torch.where(hidden, UNLABELLED, target)  # 90% unlabelled, the rest labelled right
+    mixture, labels = _fitted(feats, target)  # a first component is seen on its labelled pixels
+    assert labels.unlabelled.sum() == hidden.sum() and labels.unlabelled_counts.sum() == hidden.sum()
+    mixture.means += 0.8  # a poor start
     start = float(log_likelihood(feats, labels, mixture))
     history = [start]
     for _ in range(6):
@@ -79,13 +85,22 @@ def test_em_step_increases_the_log_likelihood():
         history.append(float(log_likelihood(feats, labels, mixture)))
     assert all(b >= a - 1e-9 for a, b in zip(history, history[1:]))
     assert history[1] > start + 0.05 and history[-1] > start + 0.2
-    # EM undoes most of the label noise: the means move to the true ones
-    noisy_error = (_fitted(feats, target)[0].means - TRUE_MEANS).abs().max()
-    assert (mixture.means - TRUE_MEANS).abs().max() < 0.5 * noisy_error
-    # and the hard assignment recovers the true regions better than the noisy labels did
+    # EM recovers the true Gaussians from 10% labels, and the unlabelled pixels' classes
+    assert (mixture.means - TRUE_MEANS).abs().max() < 0.25
     x = feats.permute(0, 2, 3, 1).reshape(-1, 3)
     ll = -0.5 * (((x[:, None] - mixture.means) ** 2 / mixture.variances) + torch.log(mixture.variances)).sum(2)
-    assert (ll.argmax(1) == truth.reshape(-1)).double().mean() > (target == truth).double().mean()
+    recovered = ll.argmax(1) == truth.reshape(-1)
+    assert recovered[hidden.reshape(-1)].double().mean() > 0.9
+
+
+def test_labelled_pixels_count_for_their_own_class_only():
+    feats, target, _ = _mixture_batch(flip=0.2)  # wrong labels stay what they say
+    mixture, labels = _fitted(feats, target)
+    again = em_statistics(feats, labels, mixture)
+    x, y = feats.permute(0, 2, 3, 1).reshape(-1, 3), target.reshape(-1)
+    for k in range(3):
+        torch.testing.assert_close(again[k, 0], (y == k).sum().double())
+        torch.testing.assert_close(again[k, 1:4], x[y == k].sum(0))
 
 
 def test_momentum_blends_the_moments_of_old_and_new_data_exactly():
@@ -237,3 +252,54 @@ def test_mixture_state_round_trip_and_errors():
         agmm_loss(feats, torch.zeros(2, 5, 16, 16), labels, fresh)
     with pytest.raises(ValueError, match="logits must be 2×5×\\(16, 16\\)"):
         agmm_loss(feats, torch.zeros(2, 5, 8, 8), labels, mixture)
+
+
+def test_unlabelled_pixels_are_supervised_by_the_responses_alone():
+    feats, target = _separated_scene()
+    unsure = torch.zeros_like(target, dtype=torch.bool)
+    unsure[0, 0:8, 10:16] = True  # whole cells of class 1 in image 0
+    target = torch.where(unsure, UNLABELLED, target)
+    agree = 6.0 * torch.nn.functional.one_hot(torch.where(unsure, 1, target).clamp_max(4), 5).permute(0, 3, 1, 2).float()
+    wrong = agree.clone()
+    wrong.permute(0, 2, 3, 1)[unsure] = 6.0 * torch.nn.functional.one_hot(torch.tensor(2), 5).float()
+    logits = agree.clone().requires_grad_(True)
+    good, labels, _ = _loss(feats, logits, target)
+    bad, _, _ = _loss(feats, wrong, target)
+    assert labels.unlabelled.sum() == unsure.sum() and not labels.valid[unsure].any()
+    # the responses there say class 1 (its features): predicting it costs less
+    assert float(good.terms["soft_target"]) < float(bad.terms["soft_target"])
+    for name in ("response", "likelihood", "repulsion"):  # terms of labelled pixels only
+        assert float(good.terms[name]) == pytest.approx(float(bad.terms[name]))
+    good.total.backward()
+    assert logits.grad.permute(0, 2, 3, 1)[unsure].abs().sum() > 0
+    # without a labelled pixel in its image an unlabelled pixel has no response: no supervision
+    alone = target.clone()
+    alone[1] = UNLABELLED
+    logits_alone = logits.detach().clone().requires_grad_(True)
+    out = _loss(feats, logits_alone, alone)[0]
+    out.total.backward()
+    assert logits_alone.grad[1].abs().max() == 0
+
+
+def test_mark_unlabelled_rules():
+    from pdso_ray.method.agmm import mark_unlabelled
+
+    refined = np.zeros((8, 8), np.int32)
+    refined[2:6, 2:6] = 3
+    refined[0, :] = IGNORE
+    raw = refined.copy()
+    raw[2:4, 2:6] = 0  # SPO added the upper half of the object
+    raw[0, :] = 0  # raw labels have no ignore band: an ignored pixel stays ignored
+    assert np.array_equal(mark_unlabelled(refined, raw, "none"), refined)
+    out = mark_unlabelled(refined, raw, "disagreement")
+    assert np.array_equal(out == UNLABELLED, (raw != refined) & (refined != IGNORE))
+    assert (out[0] == IGNORE).all() and (out[4:6, 2:6] == 3).all()
+    band = mark_unlabelled(refined, None, "border", width=1)
+    # one pixel each side of the object's border (row 1 touches the ignore row above it)
+    assert (band[1] == UNLABELLED).all() and (band[0] == IGNORE).all()
+    assert (band[3:5, 3:5] == 3).all() and band[7, 0] == 0
+    assert (band[1:7, 1:7][[0, -1]] == UNLABELLED).all() and (band[2:6, 1] == UNLABELLED).all()
+    with pytest.raises(ValueError, match="disagreement needs the raw label"):
+        mark_unlabelled(refined, None, "disagreement")
+    with pytest.raises(ValueError, match="finetune.unlabelled must be one of"):
+        mark_unlabelled(refined, raw, "uncertain")

@@ -90,6 +90,32 @@ def test_load_train_pairs_puts_images_and_labels_on_canvases(run_setup, tmp_path
         LoadTrainPairs(ImageReader(storage, "/", 10**8, 10**7), 24, 8)(one)
 
 
+def test_load_train_pairs_marks_the_pixels_spo_changed_unlabelled(run_setup, tmp_path):
+    from pdso_ray.method.agmm import UNLABELLED
+
+    _, run, records = run_setup
+    storage = Storage()
+    refined_url = Storage.join(run, "labels", "refined", records[0].id + ".png")
+    refined = decode_label(storage.read_bytes(refined_url))
+    raw = np.where(refined == IGNORE_ID, 0, refined)
+    raw[: refined.shape[0] // 2] = 0  # the raw label misses the upper half
+    raw_url = str(tmp_path / "raw.png")
+    storage.write_bytes(raw_url, encode_label(raw))
+    batch = {"id": np.asarray([records[0].id], dtype=object), "path": np.asarray([records[0].path], dtype=object),
+             "label_refined": np.asarray([refined_url], dtype=object),
+             "label_raw": np.asarray([raw_url], dtype=object)}
+    reader = ImageReader(storage, "/", 10**8, 10**7)
+    side = max(refined.shape)  # a canvas the label's own size: no resampling
+    out = LoadTrainPairs(reader, canvas=side, batch_size=8, unlabelled="disagreement")(batch)
+    h, w = out["valid"][0]
+    label = out["label"][0, :h, :w]
+    changed = (raw != refined) & (refined != IGNORE_ID)
+    assert changed.any() and np.array_equal(label == UNLABELLED, changed)
+    assert np.array_equal(label[~changed], refined[~changed])
+    plain = LoadTrainPairs(reader, canvas=side, batch_size=8)(batch)
+    assert np.array_equal(plain["label"][0, :h, :w], refined)
+
+
 def test_cosine_schedule():
     assert cosine_factor(0, 10) == 1.0
     assert cosine_factor(5, 10) == pytest.approx(0.5)
