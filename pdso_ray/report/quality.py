@@ -202,9 +202,19 @@ def image_diagnostics(r: Report) -> str:
     ax.set_xticks(x, [STEP_NAMES[k] for k in steps], rotation=20, ha="right", fontsize=8)
     ax.set(ylim=(0, 1.02), ylabel="score")
     ax.legend(fontsize=8)
-    return (f'<p class="note">{esc(_DIAGNOSTIC_NOTE)}</p>'
+    return (f'<p class="note">{esc(_DIAGNOSTIC_NOTE)}</p>' + _rules(r)
             + table(["step", "purity", "NMI", "Hungarian accuracy", "images"], rows)
             + r.figure(fig, "image_diagnostics.png", "image-level purity, NMI and accuracy per step"))
+
+
+def _rules(r: Report) -> str:
+    """One line naming the denoising profile and the rules that decide these steps."""
+    if r.cfg is None:
+        return ""
+    d, p = r.cfg.denoise, r.cfg.purify
+    rules = (f"DFF {'on' if d.dff else 'off'}, h on {d.h_rows}, backbone blocks tuned {d.finetune_blocks}, "
+             f"k-means #2/#3 in the {d.space} space from {p.init}, CSD rules {'on' if p.filter else 'off'}")
+    return f"<p>Rules: <code>denoise.profile: {esc(d.profile)}</code> ({esc(rules)}; docs/method.md §3).</p>"
 
 
 # ---- pseudo labels on validation -------------------------------------------------------------------

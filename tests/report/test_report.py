@@ -256,6 +256,8 @@ def test_report_of_a_full_run(dataset, tmp_path):
     assert "<td>refined pseudo labels (spo, sigma = 0.8)</td><td>55.5</td>" in ablation
     assert "k-means #1 0.600 → S1 (small loss under f) 0.700" in ablation and "never reads" in ablation
     assert "<td>purified (kept) set</td><td>0.85</td>" in found["Image-level diagnostics (train images)"]
+    assert ("<code>denoise.profile: anchored</code> (DFF on, h on all, backbone blocks tuned 0, k-means #2/#3 "
+            "in the embedding space from prototypes, CSD rules on") in found["Image-level diagnostics (train images)"]
     gains = found["Pseudo labels on validation: largest gains and losses from refinement"]
     assert "raw 40.00, refined 55.50" in gains and "n00000001" in gains  # the legend names wnids
     assert "<td>train/n00000002/broken_7</td>" in found["Rejected images"]
