@@ -187,6 +187,15 @@ def column_names(storage: Storage, folder: str) -> list[str]:
         return pq.read_schema(f).names
 
 
+def id_order(storage: Storage, files: Sequence[str]) -> np.ndarray:
+    """The rows of ``files`` (in file order) sorted by their ``id``: an int64 permutation of the
+    global row numbers. Where a stage draws random rows by position (k-means starts), drawing
+    positions in this order picks the same images however the rows arrived in the files."""
+    ids = pa.chunked_array([c for t in iter_row_groups(storage, list(files), ["id"]) for c in t.column("id").chunks],
+                           pa.string())
+    return pc.sort_indices(ids).to_numpy().astype(np.int64)
+
+
 def column_values(storage: Storage, folder: str, column: str) -> np.ndarray | None:
     """One column of a Parquet folder as a numpy array (files in order); None when the folder
     holds no Parquet or its files lack the column."""

@@ -100,6 +100,7 @@ def kmeans(
     progress: bool = True,
     on_iteration: Callable[[int, int, float], None] | None = None,
     subset: np.ndarray | None = None,
+    row_order: np.ndarray | None = None,
 ) -> KMeansResult:
     """Lloyd k-means (squared L2) of the rows of ``x``, faiss-style, over shard actors.
 
@@ -111,8 +112,10 @@ def kmeans(
     n-long bool mask; e.g. the images that survived purification), further cut to a random
     k * ``max_points_per_centroid`` of them when there are more (faiss does this by default with
     256; None: never). Assignments, counts and objective always cover every row of ``x``.
-    Deterministic for a seed and the same shards. ``on_iteration(redo, iteration, objective)`` is
-    called after each iteration.
+    Deterministic for a seed and the same shards. ``row_order``: the rows in a canonical order (a
+    permutation of the global row ids, e.g. by image id, :func:`pdso_ray.tables.id_order`); the
+    random starts are drawn as positions in it, so the same data in another row order starts
+    from the same rows. ``on_iteration(redo, iteration, objective)`` is called after each iteration.
     """
     if k < 1:
         raise ValueError(f"k must be >= 1, got {k}")
@@ -127,11 +130,12 @@ def kmeans(
         train = _training_rows(shards.n, k, subset, max_points_per_centroid, seed)
         samples = None if train is None else shards.put_per_shard(km.split_by_offsets(train, shards.sizes))
         n_train = shards.n if train is None else train.size
+        starts = train if row_order is None else _in_order(row_order, train, shards.n)
 
         best: tuple[float, np.ndarray, list[float]] | None = None
         for redo in range(nredo):
             init = km.init_indices(n_train, k, seed, redo)
-            start = shards.rows(init if train is None else train[init])
+            start = shards.rows(init if starts is None else starts[init])
             desc = f"k-means k={k}" + (f" run {redo + 1}/{nredo}" if nredo > 1 else "")
             with tqdm(total=niter, desc=desc, disable=not progress, leave=False) as bar:
 
@@ -156,6 +160,14 @@ def kmeans(
         counts=np.bincount(assignments, minlength=k).astype(np.int64),
         history=history,
     )
+
+
+def _in_order(row_order: np.ndarray, train: np.ndarray | None, n: int) -> np.ndarray:
+    """The training rows (all, or the sorted ids ``train``) in the order of ``row_order``."""
+    row_order = np.asarray(row_order, dtype=np.int64)
+    if row_order.shape != (n,) or not np.array_equal(np.sort(row_order), np.arange(n)):
+        raise ValueError(f"row_order must be a permutation of 0..{n - 1}")
+    return row_order if train is None else row_order[np.isin(row_order, train)]
 
 
 def _training_rows(

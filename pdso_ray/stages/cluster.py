@@ -15,7 +15,7 @@ import numpy as np
 from pdso_ray.config import PipelineConfig
 from pdso_ray.stages.base import Needs, PipelineError, RunContext, Stage, WorkerGroup
 from pdso_ray.stages.diagnostics import image_diagnostics
-from pdso_ray.tables import column_values, parquet_files, save_array, write_aligned
+from pdso_ray.tables import column_values, id_order, parquet_files, save_array, write_aligned
 
 
 class ClusterStage(Stage):
@@ -36,9 +36,10 @@ class ClusterStage(Stage):
         files = parquet_files(storage, ctx.run.features_dir)
         if not files:
             raise PipelineError(f"cluster: no feature files in {ctx.run.features_dir}")
+        # starts drawn by image id: the features stage writes rows in the order they arrive
         result = kmeans(files, cfg.data.classes, niter=cfg.cluster.niter, nredo=cfg.cluster.nredo,
                         seed=cfg.seed_for("cluster"), num_shards=cfg.cluster.num_shards, column="feat",
-                        storage=storage, use_gpu=ctx.cluster_has_gpu)
+                        storage=storage, use_gpu=ctx.cluster_has_gpu, row_order=id_order(storage, files))
         save_array(storage, ctx.run.centroids_file(self.name), result.centroids)
         write_aligned(storage, files, ctx.run.stage_dir(self.name),
                       {"cluster": result.assignments.astype(np.int32)})

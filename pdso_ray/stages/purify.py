@@ -29,6 +29,7 @@ from pdso_ray.storage import Storage
 from pdso_ray.tables import (
     arrow_to_vectors,
     column_values,
+    id_order,
     load_array,
     parquet_files,
     read_table,
@@ -120,7 +121,9 @@ class PurifyStage(Stage):
         feature_files = parquet_files(storage, ctx.run.features_dir)
         emb_files = [ctx.run.aligned_file("denoise", u) for u in feature_files]
         seed = cfg.seed_for("purify")
-        common = dict(niter=pc.niter, nredo=pc.nredo, num_shards=None, progress=True)
+        # random starts drawn by image id, as k-means #1's
+        common = dict(niter=pc.niter, nredo=pc.nredo, num_shards=None, progress=True,
+                      row_order=id_order(storage, feature_files) if pc.init == "random" else None)
         with KMeansShards.create(emb_files, cfg.cluster.num_shards, column="emb", storage=storage,
                                  use_gpu=ctx.cluster_has_gpu) as shards:
             if pc.init == "prototypes":

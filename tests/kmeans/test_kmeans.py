@@ -112,6 +112,25 @@ def test_subset_trains_on_its_rows_and_assigns_all():
         kmeans(x, 6, subset=np.arange(5))
 
 
+def test_row_order_makes_the_starts_independent_of_how_the_rows_are_ordered():
+    x = _uniform(2000, 8, seed=3)
+    shuffled = np.random.default_rng(1).permutation(2000)  # the same rows, arrived in another order
+    inverse = np.argsort(shuffled)  # x[shuffled] position of each canonical row
+    res = kmeans(x, 7, niter=6, nredo=2, seed=4, row_order=np.arange(2000), progress=False)
+    again = kmeans(x[shuffled], 7, niter=6, nredo=2, seed=4, row_order=inverse, progress=False)
+    np.testing.assert_allclose(again.centroids, res.centroids, rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(again.assignments, res.assignments[shuffled])
+    without = kmeans(x[shuffled], 7, niter=6, nredo=2, seed=4, progress=False)
+    assert not np.allclose(without.centroids, res.centroids)  # plain starts depend on the order
+    # with a subset: its rows in the canonical order
+    idx = np.arange(0, 2000, 3)
+    sub = kmeans(x, 7, niter=6, seed=4, subset=idx, row_order=np.arange(2000), progress=False)
+    sub_again = kmeans(x[shuffled], 7, niter=6, seed=4, subset=inverse[idx], row_order=inverse, progress=False)
+    np.testing.assert_allclose(sub_again.centroids, sub.centroids, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="row_order must be a permutation of 0..1999"):
+        kmeans(x, 7, row_order=np.zeros(2000, dtype=np.int64))
+
+
 @pytest.mark.gpu
 def test_gpu_shard_is_deterministic_and_matches_cpu():
     x = _uniform(40000, 32, seed=9)
