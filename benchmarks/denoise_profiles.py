@@ -42,6 +42,7 @@ VARIANTS = {
     "paper, no backbone tuning": ["denoise.profile=paper", "denoise.finetune_blocks=0"],
     "paper, no CSD": ["denoise.profile=paper", "purify.filter=false"],
     "paper, no SPO": ["denoise.profile=paper", "pseudo_labels.refine.method=none"],
+    "anchored, feature space": ["denoise.profile=anchored", "denoise.space=features", "denoise.prototypes=means"],
     # the fine-tuning loss on the default profile's pseudo labels (issue 22 item 4; --final)
     "ce": [],
     "agmm": ["finetune.loss=agmm"],
