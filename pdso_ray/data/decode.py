@@ -172,6 +172,17 @@ def decode_image(
     return DecodeResult(image=rgb, orig_size=orig_size)
 
 
+def shrink_to(image: np.ndarray, limit: int, side: str = "long", resample: int = Image.BILINEAR) -> np.ndarray:
+    """``image`` (H×W×3 uint8) scaled down, never up, so that its ``side`` (``"long"`` or
+    ``"short"``) is at most ``limit`` px, aspect kept (each side at least 1 px)."""
+    h, w = image.shape[:2]
+    scale = limit / (max(h, w) if side == "long" else min(h, w))
+    if scale >= 1:
+        return image
+    size = (max(1, round(w * scale)), max(1, round(h * scale)))
+    return np.asarray(Image.fromarray(image).resize(size, resample))
+
+
 def resize_square(image: np.ndarray, size: int) -> np.ndarray:
     """HxWx3 uint8 → size×size×3 uint8 (bilinear, antialiased): DINO sees whole images at one size."""
     if image.shape[0] == size and image.shape[1] == size:

@@ -44,6 +44,7 @@ import pyarrow as pa
 
 from pdso_ray.config import PipelineConfig
 from pdso_ray.data.imagenet_s import IGNORE_ID, VALIDATION, decode_gray_png, decode_label, encode_gray_png, encode_label
+from pdso_ray.data.decode import shrink_to
 from pdso_ray.data.ids import LABEL_SUFFIX, png_rel, split_of
 from pdso_ray.data.listing import Rejected
 from pdso_ray.data.members import read_one
@@ -106,18 +107,6 @@ def mask_bits(masks: dict[str, np.ndarray]) -> np.ndarray:
 def mask_from_bits(bits: np.ndarray, name: str) -> np.ndarray:
     """H×W bool: the ``name`` mask of :func:`mask_bits`' output."""
     return (np.asarray(bits) >> MASK_BITS.index(name)) & 1 == 1
-
-
-def resize_short_side(image: np.ndarray, short_side: int) -> np.ndarray:
-    """``image`` (H×W×3 uint8) with its short side brought down to ``short_side`` (never up)."""
-    from PIL import Image
-
-    h, w = image.shape[:2]
-    scale = short_side / min(h, w)
-    if scale >= 1:
-        return image
-    size = (max(1, round(w * scale)), max(1, round(h * scale)))
-    return np.asarray(Image.fromarray(image).resize(size, Image.BILINEAR))
 
 
 def resize_nearest(values: np.ndarray, hw: tuple[int, int]) -> np.ndarray:
@@ -227,7 +216,7 @@ class AttentionStep(BatchStep):
                 categories[unplaced] = nearest_centroid(pooled[unplaced], self.category_centroids)
             patch_masks = []
             for j, i in enumerate(good):
-                small = resize_short_side(images[j].image, self.cfg.lightcluster.refine_short_side)
+                small = shrink_to(images[j].image, self.cfg.lightcluster.refine_short_side, "short")
                 masks = segment_image(features[j], saliency[j], small, self.state, int(categories[j]),
                                       self.params, self.device)
                 patch_masks.append(masks.patch_mask)

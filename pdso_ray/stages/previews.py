@@ -17,6 +17,7 @@ import numpy as np
 from PIL import Image
 
 from pdso_ray.config import PipelineConfig
+from pdso_ray.data.decode import shrink_to
 from pdso_ray.data.imagenet_s import encode_jpeg
 from pdso_ray.method.overlay import colorize, overlay, palette_indices
 from pdso_ray.run_layout import RunLayout
@@ -53,13 +54,7 @@ def _viewable(image) -> np.ndarray:
     resampling). The GPU decode path hands over a torch tensor; it is copied to the host here."""
     if hasattr(image, "cpu"):
         image = image.cpu().numpy()
-    image = np.asarray(image)
-    h, w = image.shape[:2]
-    scale = OVERLAY_MAX_SIDE / max(h, w)
-    if scale >= 1:
-        return image
-    size = (max(1, round(w * scale)), max(1, round(h * scale)))
-    return np.asarray(Image.fromarray(image).resize(size, Image.BOX))
+    return shrink_to(np.asarray(image), OVERLAY_MAX_SIDE, "long", Image.BOX)
 
 
 class PreviewWriter:
