@@ -99,8 +99,9 @@ class LoadTrainPairs(BatchStep):
                                  f"{path} {decoded.orig_size[0]}×{decoded.orig_size[1]}")
             if isinstance(raw_bytes[i], Exception):
                 raise ValueError(f"label {raw_urls[i]} cannot be read: {raw_bytes[i]}")
-            raw = None if raw_bytes[i] is None else decode_label(raw_bytes[i])
-            label = mark_unlabelled(label, raw, self.unlabelled, self.unlabelled_width)
+            if self.unlabelled != "none":  # the default path keeps the label as decoded, no copy
+                raw = None if raw_bytes[i] is None else decode_label(raw_bytes[i])
+                label = mark_unlabelled(label, raw, self.unlabelled, self.unlabelled_width)
             label = resize_label_nearest(label.astype(np.int16), decoded.image.shape[:2])  # DCT-downscaled
             images[i], labels[i], valid[i] = pad_to_canvas(decoded.image, label, s, IGNORE_ID)
         return {"image": images, "label": labels, "valid": valid}
