@@ -33,7 +33,12 @@ import numpy as np
 
 from pdso_ray.data.synthetic import make_demo_dataset
 from pdso_ray.method.cluster_metrics import purity
-from pdso_ray.method.selection import keep_lowest_per_group
+from pdso_ray.method.denoise import small_loss_subset
+from pdso_ray.method.purify import assigned_distances, cluster_means
+from pdso_ray.run_layout import RunLayout
+from pdso_ray.stages.diagnostics import class_codes
+from pdso_ray.storage import Storage
+from pdso_ray.tables import arrow_to_vectors, column_values, read_folder
 
 VARIANTS = {
     "paper": ["denoise.profile=paper"],
@@ -60,31 +65,25 @@ def _slug(name: str) -> str:
     return "".join(c if c.isalnum() else "-" for c in name).strip("-")
 
 
-def kmeans_kept_at_share(run: Path, share: float) -> float:
+def kmeans_kept_at_share(run: RunLayout, share: float) -> float:
     """Purity of plain k-means #1 purified to ``share`` of the images: per cluster the images nearest
     their cluster's mean pooled feature (the features stage's, L2-normalised, what k-means #1 saw)."""
-    import pyarrow.parquet as pq
-
-    feats, labels, truth = [], [], []
-    for f in sorted((run / "features").glob("*.parquet")):
-        table = pq.read_table(f, columns=["id", "feat"])
-        feats.append(np.stack(table.column("feat").to_numpy(zero_copy_only=False)).astype(np.float32))
-        truth += [i.split("/")[1] for i in table.column("id").to_pylist()]
-        labels.append(pq.read_table(run / "cluster" / f.name, columns=["cluster"]).column("cluster").to_numpy())
-    x, y = np.concatenate(feats), np.concatenate(labels).astype(np.int64)
-    x /= np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
-    means = np.stack([x[y == c].mean(0) if (y == c).any() else np.zeros(x.shape[1], np.float32)
-                      for c in range(y.max() + 1)])
-    dist = ((x - means[y]) ** 2).sum(1)
-    sizes = np.bincount(y, minlength=len(means))
-    kept = keep_lowest_per_group(dist, y, np.ceil(share * sizes).astype(np.int64))
-    _, truth_ids = np.unique(truth, return_inverse=True)
-    return purity(y, truth_ids, kept)
+    storage = Storage()
+    features = read_folder(storage, run.features_dir, ["id", "feat"])
+    x = arrow_to_vectors(features.column("feat"))
+    x = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+    y = column_values(storage, run.stage_dir("cluster"), "cluster").astype(np.int64)
+    k = int(y.max()) + 1
+    sums = np.zeros((k, x.shape[1]), dtype=np.float64)
+    np.add.at(sums, y, x)
+    means = cluster_means(sums, np.bincount(y, minlength=k), np.zeros_like(sums))
+    kept = small_loss_subset(assigned_distances(x, means, y), y, k, share)
+    return purity(y, class_codes(features.column("id")), kept)
 
 
 def measure(run: Path) -> dict[str, float | None]:
     """The numbers of one finished run folder (None where a step was not run or scored)."""
-    summary = json.loads((run / "summary.json").read_text())
+    summary = json.loads(Path(RunLayout(str(run)).summary_file).read_text())
     diagnostics = summary.get("diagnostics", {})
     image = diagnostics.get("image", {})
     out: dict[str, float | None] = {}
@@ -93,7 +92,7 @@ def measure(run: Path) -> dict[str, float | None]:
     kept = image.get("purify_kept")
     share = kept["images"] / image["cluster"]["images"] if isinstance(kept, dict) else None
     out["kept_share"] = share
-    out["kmeans_kept_same_share"] = kmeans_kept_at_share(run, share) if share else None
+    out["kmeans_kept_same_share"] = kmeans_kept_at_share(RunLayout(str(run)), share) if share else None
     labels = diagnostics.get("pseudo_labels", {})
     out["raw"] = labels.get("raw", {}).get("mIoU")
     out["refined"] = labels.get("refined", {}).get("mIoU")
@@ -103,9 +102,10 @@ def measure(run: Path) -> dict[str, float | None]:
 
 
 def _finished(out: Path, final: bool) -> bool:
-    if not (out / "summary.json").exists():
+    summary = Path(RunLayout(str(out)).summary_file)
+    if not summary.exists():
         return False
-    diagnostics = json.loads((out / "summary.json").read_text()).get("diagnostics", {})
+    diagnostics = json.loads(summary.read_text()).get("diagnostics", {})
     return bool(diagnostics.get("ablation") if final else diagnostics.get("pseudo_labels"))
 
 
