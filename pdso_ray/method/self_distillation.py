@@ -204,7 +204,9 @@ def random_patch_masks(n: int, grid: int, ratio: tuple[float, float], prob: floa
 # ---- teacher, gradients, optimiser groups ---------------------------------------------------------
 @torch.no_grad()
 def ema_update(teacher: nn.Module, student: nn.Module, momentum: float) -> None:
-    """``θ_t ← m·θ_t + (1-m)·θ_s`` for every parameter (same names and order in both)."""
+    """``θ_t ← m·θ_t + (1-m)·θ_s`` for every parameter and floating-point buffer (same names and
+    order in both); other buffers (BatchNorm's batch counter) are copied. The buffers are a
+    BatchNorm's running statistics: the teacher runs in eval mode and never gathers its own."""
     if not 0 <= momentum <= 1:
         raise ValueError(f"momentum must be in [0, 1], got {momentum}")
     t_params = list(teacher.parameters())
@@ -212,6 +214,12 @@ def ema_update(teacher: nn.Module, student: nn.Module, momentum: float) -> None:
     if len(t_params) != len(s_params):
         raise ValueError(f"teacher has {len(t_params)} parameters, student {len(s_params)}")
     torch._foreach_lerp_(t_params, s_params, 1.0 - momentum)
+    with torch.no_grad():
+        for t_buffer, s_buffer in zip(teacher.buffers(), student.buffers()):
+            if t_buffer.is_floating_point():
+                t_buffer.lerp_(s_buffer, 1.0 - momentum)
+            else:
+                t_buffer.copy_(s_buffer)
 
 
 def clip_gradients(parameters: Iterable[nn.Parameter], max_norm: float) -> torch.Tensor:

@@ -139,6 +139,16 @@ def test_ema_update_moves_teacher_towards_student():
         assert torch.equal(t, s)
 
 
+def test_ema_update_carries_batch_norm_statistics_to_the_eval_mode_teacher():
+    torch.manual_seed(0)
+    student, teacher = nn.BatchNorm1d(3), nn.BatchNorm1d(3).eval()
+    student(torch.randn(64, 3) * 4 + 2)  # train mode: running statistics move
+    ema_update(teacher, student, momentum=0.75)
+    torch.testing.assert_close(teacher.running_mean, 0.25 * student.running_mean)  # from 0
+    torch.testing.assert_close(teacher.running_var, 0.75 * torch.ones(3) + 0.25 * student.running_var)
+    assert teacher.num_batches_tracked == student.num_batches_tracked == 1
+
+
 def test_clip_gradients_is_per_parameter():
     a = nn.Parameter(torch.zeros(2))
     b = nn.Parameter(torch.zeros(2))
