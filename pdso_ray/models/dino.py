@@ -50,6 +50,7 @@ from timm.layers import apply_rot_embed_cat
 from torch import nn
 
 from pdso_ray.models.checkpoints import check_keys, load_state_dict_from_url
+from pdso_ray.models.conv_stem import ConvStemPatchEmbed
 from pdso_ray.storage import Storage
 
 logger = logging.getLogger(__name__)
@@ -116,6 +117,13 @@ DINO_SPECS: dict[str, DinoSpec] = {
     # attention settles on the background and saliency pooling averages it.
     "vit_tiny_reg4": DinoSpec("vit_small_patch8_224", 8,
                               overrides={"embed_dim": 48, "depth": 2, "num_heads": 2, "reg_tokens": 4}),
+    # The same with a convolutional patchify (pdso_ray.models.conv_stem): three stride-2 3×3
+    # convolutions instead of one linear map per 8×8 patch. Same token grid, blocks and attention;
+    # the stem's weights are extra ``patch_embed.proj.N.*`` keys. Trained from scratch it learns
+    # shapes the linear patchify does not (benchmarks/learnability.py).
+    "vit_tiny_convstem_reg4": DinoSpec("vit_small_patch8_224", 8, overrides={
+        "embed_dim": 48, "depth": 2, "num_heads": 2, "reg_tokens": 4,
+        "embed_layer": functools.partial(ConvStemPatchEmbed, stem_width=32)}),
     # Tests: DINOv2 with registers and DINOv3 shrunk the same way, read from files in their
     # official layouts.
     "vit_tiny_patch14_reg4_dinov2_test": DinoSpec(
