@@ -37,7 +37,7 @@ from pdso_ray.method import kmeans_math as km
 from pdso_ray.method.cluster_metrics import nmi, purity
 from pdso_ray.method.colour_stats import COLOUR_STATISTICS
 from pdso_ray.method.features import pooled_feature, saliency_from_attention
-from pdso_ray.models.dino import build_dino, to_model_input
+from pdso_ray.models.dino import DinoBackbone, build_dino, to_model_input
 from pdso_ray.models.loading import seeded_init
 from pdso_ray.storage import Storage
 
@@ -80,6 +80,14 @@ def backbone_features(images: Sequence[np.ndarray], arch: str, checkpoint: str |
     patch tokens pooled by the CLS-attention saliency, as stage ``features`` computes them."""
     with seeded_init(seed):
         model = build_dino(arch, checkpoint, img_size=image_size)
+    return model_features(model, images, image_size)
+
+
+@torch.no_grad()
+def model_features(model: DinoBackbone, images: Sequence[np.ndarray], image_size: int) -> np.ndarray:
+    """N×D float32 image features of ``model`` as it is (train or eval mode) on ``images`` (H×W×3
+    uint8 RGB each) resized to ``image_size`` squared: patch tokens pooled by the CLS-attention
+    saliency, as stage ``features`` computes them."""
     rows = []
     for i in range(0, len(images), BATCH):
         tokens, attention = model(to_model_input(images[i:i + BATCH], image_size))

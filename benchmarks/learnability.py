@@ -33,13 +33,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from benchmarks.image_purity import chance_purity, kmeans_best_of, load_split
+from benchmarks.image_purity import load_split, model_features, scores_of
 from pdso_ray.data.synthetic import make_demo_dataset
-from pdso_ray.method.cluster_metrics import purity
-from pdso_ray.method.features import pooled_feature, saliency_from_attention
 from pdso_ray.method.augment import resize_image_bilinear
 from pdso_ray.method.multicrop import normalize
-from pdso_ray.models.dino import DinoBackbone, create_vit, to_model_input
+from pdso_ray.models.dino import DinoBackbone, create_vit
 
 BATCH = 64
 RESTARTS = 10
@@ -80,28 +78,15 @@ def colour_free_views(batch: torch.Tensor, size: int, generator: torch.Generator
     return grey + (x - grey) * 1.5 * torch.rand(b, 1, 1, 1, generator=generator)
 
 
-@torch.no_grad()
-def transfer_purity(backbone: DinoBackbone, sets: list[tuple[list, np.ndarray]], size: int,
-                    seed: int) -> tuple[float, float]:
-    """Means over ``sets`` of the k-means purity of the pipeline's image feature and of the
-    chance purity of clusters of the same sizes."""
+def transfer_scores(backbone: DinoBackbone, sets: list[tuple[list, np.ndarray]], size: int,
+                    seed: int) -> dict[str, float]:
+    """``{"purity", "chance"}``: means over ``sets`` of the k-means purity of the pipeline's image
+    feature and of the purity of random clusters of the same sizes."""
     backbone.eval()
-    scores, chances = [], []
-    for images, labels in sets:
-        rows = []
-        for i in range(0, len(images), BATCH):
-            tokens, attention = backbone(to_model_input(images[i:i + BATCH], size))
-            rows.append(pooled_feature(tokens, saliency_from_attention(attention)))
-        clusters = kmeans_best_of(torch.cat(rows).numpy(), int(labels.max()) + 1, RESTARTS, seed)
-        scores.append(purity(clusters, labels))
-        chances.append(chance_purity(clusters, labels, seed=seed)[0])
+    scores = [scores_of(model_features(backbone, images, size), labels, int(labels.max()) + 1, RESTARTS, seed)
+              for images, labels in sets]
     backbone.train()
-    return float(np.mean(scores)), float(np.mean(chances))
-
-
-def _scores(backbone: DinoBackbone, sets: list, size: int, seed: int) -> dict[str, float]:
-    score, chance = transfer_purity(backbone, sets, size, seed)
-    return {"purity": score, "chance": chance}
+    return {key: float(np.mean([score[key] for score in scores])) for key in ("purity", "chance")}
 
 
 def probe(arch: str, seed: int, train: tuple[list, np.ndarray], sets: list, args: argparse.Namespace) -> list[dict]:
@@ -118,7 +103,7 @@ def probe(arch: str, seed: int, train: tuple[list, np.ndarray], sets: list, args
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.05)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, args.lr, total_steps=args.steps)
     generator = torch.Generator().manual_seed(seed)
-    rows = [{"step": 0, "loss": float("nan"), **_scores(backbone, sets, size, seed)}]
+    rows = [{"step": 0, "loss": float("nan"), **transfer_scores(backbone, sets, size, seed)}]
     start = time.perf_counter()
     for step in range(1, args.steps + 1):
         index = torch.randint(0, len(images), (BATCH,), generator=generator)
@@ -130,7 +115,7 @@ def probe(arch: str, seed: int, train: tuple[list, np.ndarray], sets: list, args
         optimizer.step()
         schedule.step()
         if step % max(1, args.steps // 4) == 0 or step == args.steps:
-            rows.append({"step": step, "loss": loss.item(), **_scores(backbone, sets, size, seed)})
+            rows.append({"step": step, "loss": loss.item(), **transfer_scores(backbone, sets, size, seed)})
             print(f"{arch} seed {seed} step {step}: loss {loss.item():.3f} transfer purity "
                   f"{rows[-1]['purity']:.3f} ({time.perf_counter() - start:.0f} s)", file=sys.stderr, flush=True)
     return rows
@@ -152,7 +137,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--input-size", type=int, default=64)
     args = parser.parse_args(argv)
     archs = args.arch or ["vit_tiny_reg4", "vit_tiny_convstem_reg4"]
-    torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
     train, sets = world_sets(os.path.abspath(args.workdir), args)
     print(f"train: {len(train[1])} labelled images of {args.train_classes} pretrain-pool classes; evaluated on "
           f"{len(sets)} set(s) of {args.eval_classes} unseen classes")

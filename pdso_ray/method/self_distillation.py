@@ -214,12 +214,11 @@ def ema_update(teacher: nn.Module, student: nn.Module, momentum: float) -> None:
     if len(t_params) != len(s_params):
         raise ValueError(f"teacher has {len(t_params)} parameters, student {len(s_params)}")
     torch._foreach_lerp_(t_params, s_params, 1.0 - momentum)
-    with torch.no_grad():
-        for t_buffer, s_buffer in zip(teacher.buffers(), student.buffers()):
-            if t_buffer.is_floating_point():
-                t_buffer.lerp_(s_buffer, 1.0 - momentum)
-            else:
-                t_buffer.copy_(s_buffer)
+    for t_buffer, s_buffer in zip(teacher.buffers(), student.buffers(), strict=True):
+        if t_buffer.is_floating_point():
+            t_buffer.lerp_(s_buffer, 1.0 - momentum)
+        else:
+            t_buffer.copy_(s_buffer)
 
 
 def clip_gradients(parameters: Iterable[nn.Parameter], max_norm: float) -> torch.Tensor:

@@ -1,16 +1,16 @@
 """A convolutional patchify for small ViTs trained from scratch (Xiao et al. 2021, "Early
 convolutions help transformers see better").
 
-A ViT's patch embedding is one linear map of each P×P patch: every notion of an edge, a corner or
-a stripe inside a patch must be learned from data by that map and the blocks above it. A 2-block
-ViT of width 48 trained on a few thousand images never gets there: on the ``shapes`` world even a
-*supervised* 128-way classifier of that layout stays at chance on unseen classes after 1,000
-steps, where the same ViT with this stem reaches 0.20 image-level k-means purity, 0.26 after 3,000
-(chance 0.16; ``benchmarks/learnability.py``, README "The synthetic worlds"). Replacing the patchify by log2(P) stride-2 3×3 convolutions
-gives the tokens local shape detectors from the start and leaves everything above untouched: the
-same token grid (one token per P×P patch), the same blocks, CLS and register tokens, attention
-maps and checkpoint layout (the stem's weights are ``patch_embed.proj.N.*`` keys beside the
-blocks').
+A ViT's patch embedding is one linear map of each P×P patch: every notion of an edge, a corner or a
+stripe inside a patch must be learned from data by that map and the blocks above it. A 2-block ViT
+of width 48 trained on a few thousand images never gets there: on the ``shapes`` world even a
+*supervised* 128-way classifier of that layout stays at chance on unseen classes after 1,000 steps,
+where the same ViT with this stem reaches 0.20 image-level k-means purity, 0.26 after 3,000 (chance
+0.16; ``benchmarks/learnability.py``, README "The synthetic worlds"). Replacing the patchify by
+log2(P) stride-2 3×3 convolutions gives the tokens local shape detectors from the start and leaves
+everything above untouched: the same token grid (one token per P×P patch), the same blocks, CLS and
+register tokens, attention maps and checkpoint layout (the stem's weights are
+``patch_embed.proj.N.*`` keys beside the blocks').
 
 BatchNorm inside the stem, as in the paper: with GroupNorm, a per-pixel LayerNorm or no
 normalisation the same supervised probe stays at chance after 1,000 steps (loss ln 128), with
