@@ -12,6 +12,10 @@ everything above untouched: the same token grid (one token per P×P patch), the 
 register tokens, attention maps and checkpoint layout (the stem's weights are
 ``patch_embed.proj.N.*`` keys beside the blocks').
 
+The SAM stand-in's encoder uses the same stem (:mod:`pdso_ray.models.sam`, ``SamSpec.stem_width``):
+trained the same way on the same scenes for 1,000 steps, box-prompted mask IoU on held-out
+``shapes``-world scenes is 0.580 with it against 0.509 with the linear patchify.
+
 BatchNorm inside the stem, as in the paper: with GroupNorm, a per-pixel LayerNorm or no
 normalisation the same supervised probe stays at chance after 1,000 steps (loss ln 128), with
 BatchNorm it learns. In eval mode (features, a DINO teacher) it uses running statistics, and a
@@ -44,16 +48,29 @@ class ConvStemPatchEmbed(PatchEmbed):
 
     def __init__(self, *args, stem_width: int = 32, **kwargs):
         super().__init__(*args, **kwargs)
-        patch = self.patch_size[0]
-        if self.patch_size[0] != self.patch_size[1] or patch < 2 or patch & (patch - 1):
-            raise ValueError(f"a convolutional stem needs a square power-of-two patch size, got {self.patch_size}")
-        if stem_width < 1:
-            raise ValueError(f"stem_width must be >= 1, got {stem_width}")
-        layers: list[nn.Module] = []
-        channels_in, width = self.proj.in_channels, stem_width
-        for _ in range(int(math.log2(patch))):
-            layers += [nn.Conv2d(channels_in, width, 3, stride=2, padding=1, bias=False),
-                       nn.BatchNorm2d(width), nn.ReLU(inplace=True)]
-            channels_in, width = width, 2 * width
-        layers.append(nn.Conv2d(channels_in, self.proj.out_channels, 1))
-        self.proj = nn.Sequential(*layers)
+        if self.patch_size[0] != self.patch_size[1]:
+            raise ValueError(f"a convolutional stem needs a square patch size, got {self.patch_size}")
+        self.proj = conv_stem(self.proj.in_channels, self.proj.out_channels, self.patch_size[0], stem_width)
+
+
+def conv_stem(in_channels: int, out_channels: int, patch: int, stem_width: int) -> nn.Sequential:
+    """The stem itself: ``log2(patch)`` blocks of conv 3×3 stride 2 (``stem_width`` channels,
+    doubling each block) → BatchNorm → ReLU, then a 1×1 convolution to ``out_channels``. Maps
+    B×``in_channels``×H×W to B×``out_channels``×H/patch×W/patch, like the ``patch``-strided
+    convolution it replaces (timm's and segment-anything's ``patch_embed.proj``).
+
+    Raises:
+        ValueError: ``patch`` not a power of two ≥ 2, or ``stem_width`` < 1.
+    """
+    if patch < 2 or patch & (patch - 1):
+        raise ValueError(f"a convolutional stem needs a power-of-two patch size, got {patch}")
+    if stem_width < 1:
+        raise ValueError(f"stem_width must be >= 1, got {stem_width}")
+    layers: list[nn.Module] = []
+    channels_in, width = in_channels, stem_width
+    for _ in range(int(math.log2(patch))):
+        layers += [nn.Conv2d(channels_in, width, 3, stride=2, padding=1, bias=False),
+                   nn.BatchNorm2d(width), nn.ReLU(inplace=True)]
+        channels_in, width = width, 2 * width
+    layers.append(nn.Conv2d(channels_in, out_channels, 1))
+    return nn.Sequential(*layers)

@@ -26,6 +26,7 @@ from segment_anything import SamAutomaticMaskGenerator
 from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncoder, Sam, TwoWayTransformer
 from segment_anything.utils.transforms import ResizeLongestSide
 
+from pdso_ray.models.conv_stem import conv_stem
 from pdso_ray.models.checkpoints import check_keys, load_state_dict_from_url
 from pdso_ray.storage import Storage
 
@@ -35,7 +36,12 @@ _DOWNLOAD_HINT = "official SAM checkpoints: https://github.com/facebookresearch/
 @dataclass(frozen=True)
 class SamSpec:
     """Shape of a SAM model. Defaults are those of the official models (segment-anything's
-    ``_build_sam``); ``img_size`` is the native input side of the architecture."""
+    ``_build_sam``); ``img_size`` is the native input side of the architecture.
+
+    ``stem_width`` > 0 replaces the encoder's linear patchify (``image_encoder.patch_embed.proj``,
+    a P×P stride-P convolution) with :func:`~pdso_ray.models.conv_stem.conv_stem` of that first
+    width: same token grid, extra ``image_encoder.patch_embed.proj.N.*`` keys (BatchNorm
+    statistics included). 0 (the official models) keeps the linear patchify."""
 
     encoder_embed_dim: int
     encoder_depth: int
@@ -50,6 +56,7 @@ class SamSpec:
     decoder_mlp_dim: int = 2048
     decoder_num_heads: int = 8
     iou_head_hidden_dim: int = 256
+    stem_width: int = 0
 
 
 SAM_REGISTRY: dict[str, SamSpec] = {
@@ -60,6 +67,13 @@ SAM_REGISTRY: dict[str, SamSpec] = {
     "vit_tiny_test": SamSpec(
         64, 2, 2, (1,), img_size=256, window_size=8, prompt_embed_dim=32,
         decoder_mlp_dim=64, decoder_num_heads=2, iou_head_hidden_dim=32,
+    ),
+    # The SAM stand-in (pdso_ray.standins): the tiny encoder on a convolutional stem, a 64-wide
+    # prompt/decoder; ~0.43 M parameters. On the shapes world's photographs the linear patchify
+    # learns far less from the same training (README, "Stand-in models").
+    "vit_tiny_convstem": SamSpec(
+        64, 2, 2, (1,), img_size=256, window_size=8, prompt_embed_dim=64,
+        decoder_mlp_dim=128, decoder_num_heads=2, iou_head_hidden_dim=64, stem_width=16,
     ),
 }
 
@@ -113,6 +127,8 @@ def build_sam_from_spec(spec: SamSpec) -> Sam:
         pixel_mean=[123.675, 116.28, 103.53],
         pixel_std=[58.395, 57.12, 57.375],
     )
+    if spec.stem_width:
+        sam.image_encoder.patch_embed.proj = conv_stem(3, spec.encoder_embed_dim, spec.patch_size, spec.stem_width)
     return sam.eval()
 
 

@@ -179,3 +179,31 @@ def test_generate_automatic_and_spo_with_the_real_model(checkpoint):
     out = refine_spo(IMAGE, raw, np.ones((96, 128)), RefineContext(3, (5,), params=RefineParams(min_area=10)), pred)
     assert out.label.shape == (96, 128) and set(np.unique(out.label)) <= {0, 3, 5}
     assert out.stats["prompts"] == 2
+
+
+def test_convolutional_stem_keeps_the_token_grid_and_round_trips_its_batch_norm_statistics(tmp_path):
+    torch.manual_seed(0)
+    linear, stem = build_sam("vit_tiny_test", None), build_sam("vit_tiny_convstem", None)
+    x = torch.randn(2, 3, 256, 256)
+    # the same 16×16 token grid (the stand-in's neck is 64 wide, the linear test model's 32)
+    assert linear.image_encoder(x).shape == (2, 32, 16, 16) and stem.image_encoder(x).shape == (2, 64, 16, 16)
+    extra = set(stem.state_dict()) - set(linear.state_dict())
+    assert set(linear.state_dict()) - set(stem.state_dict()) == {
+        "image_encoder.patch_embed.proj.weight", "image_encoder.patch_embed.proj.bias"}
+    assert extra and all(k.startswith("image_encoder.patch_embed.proj.") for k in extra)
+    assert "image_encoder.patch_embed.proj.1.running_mean" in extra
+
+    stem.train()
+    with torch.no_grad():
+        stem.image_encoder(x * 3 + 1)  # moves BatchNorm's running statistics off their defaults
+    stem.eval()
+    url = str(tmp_path / "stem.pth")
+    save_sam_checkpoint(stem, url)
+    loaded = build_sam("vit_tiny_convstem", url)
+    assert not torch.equal(loaded.state_dict()["image_encoder.patch_embed.proj.1.running_mean"], torch.zeros(16))
+    a, b = SamMaskPredictor(stem, device="cpu"), SamMaskPredictor(loaded, device="cpu")
+    a.set_image(IMAGE)
+    b.set_image(IMAGE)
+    for p, q in zip(a.predict(BOXES), b.predict(BOXES)):
+        np.testing.assert_array_equal(p, q)
+    assert build_sam("vit_tiny_convstem", url, img_size=128).image_encoder(x[:, :, :128, :128]).shape == (2, 64, 8, 8)
