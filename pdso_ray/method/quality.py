@@ -12,6 +12,11 @@ A run on images without ground truth has no mIoU to tell it failed. These signal
 - :func:`seed_stability` — the same k-means from another seed, compared with the run's;
 - :func:`border_share` — how many saliency maps peak on the image's border ring (the background).
 
+Where a split has ground truth, one more: :func:`class_agreement` — on the pixels that both the
+matched prediction and the ground truth call foreground, how often the classes agree, against
+chance (Cohen's κ). Masks that find the objects but classes drawn at random score well on every
+label-free signal and still mean nothing.
+
 :func:`quality_warnings` turns them into one line per problem, each naming the likely cause and
 the fix. Conventions: label maps are H×W integer ids, 0 background, 1..C classes,
 :data:`IGNORE_ID` ignored; feature rows are N×D float32.
@@ -40,6 +45,7 @@ MAX_ABSENT_CLASSES = 0.1  # share of the C classes the model may never predict
 MAX_EMPTY_CLUSTERS = 0.1  # share of the C clusters that may hold no image
 MIN_SEED_NMI = 0.5  # NMI of the clustering against the same k-means from another seed
 MAX_BORDER_SHARE = 0.6  # saliency peaks on the border ring (0.44 if peaks fell anywhere)
+MIN_CLASS_KAPPA = 0.2  # Cohen's κ of the matched classes on the shared foreground (0: chance)
 BORDER_RING = 0.125  # the ring: this share of the side along each edge
 
 FIX_WEIGHTS = ("DINO weights that fit the images (models.dino.checkpoint: the official "
@@ -185,6 +191,33 @@ def border_share(peaks: np.ndarray, ring: float = BORDER_RING) -> float:
     return float(on_ring.mean())
 
 
+def class_agreement(confusion: np.ndarray) -> dict[str, float]:
+    """How well the classes of a matched prediction agree with the ground truth where both see an
+    object.
+
+    Args:
+        confusion: ``(C + 1)×(C + 1)`` pixel counts, predicted id × ground-truth id, after the
+            evaluation's matching (``eval/confusion.npy``); row and column 0 are background.
+
+    Returns:
+        ``{"foreground_pixels", "agreement", "chance", "kappa"}`` over the pixels that are
+        foreground in both: the share whose classes agree, the share expected if the predicted
+        class were independent of the true one (from the two class marginals), and Cohen's κ,
+        ``(agreement - chance) / (1 - chance)`` (1: all agree; about 0 at chance; the matching
+        chose the best permutation, so chance-level classes score a little above 0). NaN where
+        no pixel is foreground in both.
+    """
+    shared = np.asarray(confusion, dtype=np.float64)[1:, 1:]
+    n = shared.sum()
+    if n == 0:
+        nan = float("nan")
+        return {"foreground_pixels": 0, "agreement": nan, "chance": nan, "kappa": nan}
+    agree = float(np.trace(shared) / n)
+    chance = float((shared.sum(axis=1) * shared.sum(axis=0)).sum() / n**2)
+    kappa = (agree - chance) / (1 - chance) if chance < 1 else float("nan")
+    return {"foreground_pixels": int(n), "agreement": agree, "chance": chance, "kappa": float(kappa)}
+
+
 # ---- warnings -----------------------------------------------------------------------------------------
 
 
@@ -200,7 +233,8 @@ def quality_warnings(signals: Mapping[str, Any]) -> list[str]:
     and ``pseudo_labels`` (:meth:`LabelSet.summary`), ``agreement`` (``{"median",
     "median_foreground_iou", "images"}``),
     ``clusters`` (:func:`cluster_signals` with ``classes``), ``stability``
-    (:func:`seed_stability`), ``saliency`` (``{"border_share", "images"}``), and the booleans
+    (:func:`seed_stability`), ``saliency`` (``{"border_share", "images"}``), ``classes``
+    (:func:`class_agreement` on the validation split's matched confusion), and the booleans
     ``standins`` (the run used the synthetic stand-in models) and ``ground_truth`` (some split is
     evaluated)."""
     out = []
@@ -259,4 +293,11 @@ def quality_warnings(signals: Mapping[str, Any]) -> list[str]:
         out.append(f"the DINO saliency peaks on the image border in {100 * saliency['border_share']:.0f} % "
                    "of the images: it sits on the background, so the pseudo labels miss the objects; "
                    f"fix: {FIX_WEIGHTS}")
+    classes = _measured(signals, "classes")
+    if classes and classes["foreground_pixels"] and classes["kappa"] < MIN_CLASS_KAPPA:
+        out.append(f"where the model and the ground truth both see an object, their classes agree on "
+                   f"{100 * classes['agreement']:.0f} % of the pixels, against {100 * classes['chance']:.0f} % "
+                   f"by chance (κ {classes['kappa']:.2f}): the masks find objects, the classes mean "
+                   f"little; likely cause: features that do not tell the categories apart (k-means #1 "
+                   f"near chance); fix: {FIX_WEIGHTS}")
     return out

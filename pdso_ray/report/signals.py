@@ -65,6 +65,9 @@ def quality_signals(r: Report) -> str:
          f"NMI {v['nmi']:.2f}, matched agreement {_percent(v['agreement'])} ({v['images']} images)"),
         ("DINO saliency peaks on the border ring", "saliency", lambda v:
          f"{_percent(v['border_share'])} of {v['images']} images (44 % if it peaked anywhere)"),
+        ("classes on the foreground both see (validation, matched)", "classes", lambda v:
+         f"agree on {_percent(v['agreement'])} of {v['foreground_pixels']} pixels, chance "
+         f"{_percent(v['chance'])} (κ {v['kappa']:.2f}; 0: chance, 1: all agree)"),
     )
     rows = [[name, signals[key] if is_not_computed(signals[key]) else read(signals[key])]
             for name, key, read in measured if key in signals]

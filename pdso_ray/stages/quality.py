@@ -3,7 +3,8 @@
 
 Each signal reads a bounded sample, so the cost does not grow with the data set: at most
 :data:`MAX_LABEL_IMAGES` pseudo labels and predictions (spread over the ids by a hash) and the
-first :data:`MAX_FEATURE_ROWS` feature rows. Each is best-effort (:mod:`pdso_ray.measuring`): what
+first :data:`MAX_FEATURE_ROWS` feature rows; the class agreement reads the evaluation's validation
+confusion matrix (``eval/confusion.npy``) when there is one. Each is best-effort (:mod:`pdso_ray.measuring`): what
 cannot be measured is recorded as ``not computed: <reason>`` and the others go on. The result,
 with the warnings :func:`~pdso_ray.method.quality.quality_warnings` draws from it, is written to
 ``report/quality.json``; the report shows it at the top, the CLI prints the warnings last.
@@ -60,6 +61,9 @@ def measure_quality(ctx: RunContext) -> dict[str, Any]:
                                                lambda: _agreement(ctx, predictions, refined))
     if storage.exists(ctx.run.centroids_file("cluster")):
         signals.update(_feature_signals(ctx))
+    if storage.exists(ctx.run.confusion_file):
+        signals["classes"] = best_effort("quality: classes", lambda: quality.class_agreement(
+            load_array(storage, ctx.run.confusion_file)))
     signals["warnings"] = quality.quality_warnings(signals)
     return signals
 

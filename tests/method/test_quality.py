@@ -97,7 +97,28 @@ def _healthy() -> dict:
     return {"standins": False, "ground_truth": False, "pseudo_labels": _labels(), "predictions": _labels(),
             "agreement": {"images": 20, "median": 0.9, "median_foreground_iou": 0.7},
             "clusters": {"classes": 4, "empty": 0, "largest_share": 0.3},
-            "stability": {"nmi": 0.9, "agreement": 0.95}, "saliency": {"images": 20, "border_share": 0.3}}
+            "stability": {"nmi": 0.9, "agreement": 0.95}, "saliency": {"images": 20, "border_share": 0.3},
+            "classes": quality.class_agreement(np.diag([900, 50, 60, 70, 80]))}
+
+
+def test_class_agreement_is_one_on_the_diagonal_and_near_zero_for_independent_classes():
+    perfect = quality.class_agreement(np.diag([900, 50, 60, 70, 80]))
+    assert perfect["foreground_pixels"] == 260 and perfect["agreement"] == 1.0 and perfect["kappa"] == 1.0
+    # the true class of a foreground pixel independent of the predicted one: the product of the marginals
+    rows, cols = np.array([10, 20, 30, 40]), np.array([40, 30, 20, 10])
+    confusion = np.zeros((5, 5), dtype=np.int64)
+    confusion[0, 0] = 1000
+    confusion[1:, 1:] = np.outer(rows, cols)
+    confusion[1:, 0] = 7  # background in the truth, foreground predicted: not in the shared foreground
+    independent = quality.class_agreement(confusion)
+    assert independent["foreground_pixels"] == 100 * 100
+    assert independent["agreement"] == pytest.approx(independent["chance"]) == pytest.approx(0.2)
+    assert independent["kappa"] == pytest.approx(0.0, abs=1e-12)
+    # half the shared pixels right, half spread evenly: chance 1/4, agreement 5/8, κ 1/2
+    half = np.zeros((5, 5))
+    half[1:, 1:] = np.eye(4) * 10 + 10 / 4
+    assert quality.class_agreement(half)["kappa"] == pytest.approx(0.5)
+    assert quality.class_agreement(np.diag([5, 0, 0]))["foreground_pixels"] == 0
 
 
 def test_a_healthy_run_has_no_warning_and_unmeasured_signals_are_skipped():
@@ -113,12 +134,14 @@ def test_a_degenerate_run_gets_a_warning_per_sign_each_with_a_fix():
                    pseudo_labels=_labels(median_foreground=0.02, empty_images=5, empty_share=0.25),
                    agreement={"images": 20, "median": 0.97, "median_foreground_iou": 0.05},
                    clusters={"classes": 4, "empty": 1, "largest_share": 0.8},
-                   stability={"nmi": 0.2, "agreement": 0.4}, saliency={"images": 20, "border_share": 0.8})
+                   stability={"nmi": 0.2, "agreement": 0.4}, saliency={"images": 20, "border_share": 0.8},
+                   classes={"foreground_pixels": 3000, "agreement": 0.27, "chance": 0.17, "kappa": 0.12})
     warnings = quality.quality_warnings(signals)
-    assert len(warnings) == 10
+    assert len(warnings) == 11
     assert all("fix:" in w for w in warnings)
     assert "stand-in" in warnings[0] and "synthetic shapes" in warnings[0]
     assert "predicts background on 19 of 20 images" in warnings[1] and "2.0 %" in warnings[1]
     # with ground truth the stand-ins' warning is left to the mIoU
+    assert "agree on 27 % of the pixels, against 17 % by chance (κ 0.12)" in warnings[-1]
     signals["ground_truth"] = True
-    assert len(quality.quality_warnings(signals)) == 9
+    assert len(quality.quality_warnings(signals)) == 10
