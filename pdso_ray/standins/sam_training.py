@@ -1,10 +1,14 @@
 """Training of the class-agnostic SAM stand-in on synthetic object masks (torch/numpy/scipy only).
 
-Data (:func:`render_scene`): one to ``max_objects`` objects of random synthetic appearance (any
-hue, texture and shape of :mod:`pdso_ray.data.synthetic.hue`, drawn with its ``render_sample``) on
-its backgrounds with their grey clutter; later objects are pasted over earlier ones, so masks are
-the *visible* parts (occlusion); most images go through a JPEG round trip as the demo's files
-do. No class id reaches the model: a target is "the object under this prompt".
+Data (:func:`render_scene`): one to ``max_objects`` objects of one synthetic world pasted over
+each other, so masks are the *visible* parts (occlusion); most images go through a JPEG round trip
+as the demo's files do. Three training scenes in four are of the ``shapes`` world
+(:mod:`pdso_ray.data.synthetic.shapes`: any class of its ``pretrain`` pool, random colours, on a
+crop of a ``pretrain``-pool photograph with no-class clutter), one in four of the ``hue`` world
+(:mod:`pdso_ray.data.synthetic.hue`: any hue, texture and shape, on its backgrounds with their
+grey clutter), which the demo runs on. Held-out ``shapes`` scenes (:func:`heldout_scenes`) come
+from the ``eval`` pool: the measured IoU is on classes and photographs training never saw. No class
+id reaches the model: a target is "the object under this prompt".
 
 Prompts (:func:`sample_box`, :func:`sample_point`): boxes cut from degraded copies of the mask
 (blocky patch-grid masks, eroded or dilated ones: the imperfect raw pseudo labels SPO boxes come
@@ -26,6 +30,7 @@ purpose (training scenes, held-out scenes), and the model's initialisation from
 from __future__ import annotations
 
 import argparse
+import functools
 import io
 import time
 from dataclasses import asdict, dataclass
@@ -38,11 +43,14 @@ from scipy import ndimage
 from segment_anything.modeling import Sam
 from segment_anything.utils.transforms import ResizeLongestSide
 
-from pdso_ray.data.synthetic.hue import render_sample
+from pdso_ray.data.synthetic import hue, shapes
 
-# render_sample's class k of this many classes: hues spaced 1/999 apart and every texture ×
-# shape × period combination, so the stand-in sees appearances well beyond any demo class set.
+# Classes each pool's scenes draw from (the look-alike groups of shapes.class_set, many of them).
+SCENE_CLASSES = 240
+# hue.render_sample's class k of this many classes: hues spaced 1/999 apart and every texture ×
+# shape × period combination.
 STYLE_CLASSES = 999
+WORLDS = ("shapes", "hue")
 TRAIN_STREAM, HELDOUT_STREAM = 0, 1
 PROMPT_KINDS = ("box", "box+point", "point")
 
@@ -70,39 +78,59 @@ def _jpeg(image: np.ndarray, quality: int) -> np.ndarray:
     return np.asarray(Image.open(io.BytesIO(buf.getvalue())).convert("RGB"))
 
 
+@functools.lru_cache(maxsize=None)
+def _scene_classes(pool: str) -> list[shapes.ShapeClass]:
+    return shapes.class_set(SCENE_CLASSES, 0, pool)
+
+
+def _draw_object(rng: np.random.Generator, size: tuple[int, int], world: str, pool: str):
+    """One object of ``world`` on its own background: ``(H×W×3 uint8 image, H×W bool mask)``."""
+    if world == "hue":
+        k = int(rng.integers(1, STYLE_CLASSES + 1))
+        image, label = hue.render_sample(rng, k, STYLE_CLASSES, size, ignore_border=0)
+        return image, label == k
+    classes = _scene_classes(pool)
+    image, label = shapes.render(rng, classes[int(rng.integers(len(classes)))], 1, size, ignore_border=0, pool=pool)
+    return image, label == 1
+
+
 def render_scene(
     rng: np.random.Generator,
     size_range: tuple[int, int] = (64, 160),
     max_objects: int = 3,
     min_area: int = 40,
+    world: str = "shapes",
+    pool: str = "pretrain",
 ) -> Scene:
-    """A random scene: each side in ``size_range`` (inclusive), 1..``max_objects`` objects.
+    """A random scene of ``world`` (``shapes``: ``pool``'s classes on ``pool``'s photographs;
+    ``hue``: any of its appearances): each side in ``size_range`` (inclusive), 1..``max_objects``
+    objects.
 
-    The first object is drawn by ``render_sample`` on the full image (with its background);
-    each further one on a canvas of 35–90 % of the image's sides, pasted at a random place.
-    Objects left with fewer than ``min_area`` visible pixels stay in the image as clutter but
-    are no targets (the first, unoccluded-by-construction object may still be covered).
+    The first object is drawn on the full image (with its background and clutter); each further
+    one on a canvas of 35–90 % of the image's sides, its object pixels pasted at a random place.
+    Objects left with fewer than ``min_area`` visible pixels stay in the image as clutter but are
+    no targets.
     """
+    if world not in WORLDS:
+        raise ValueError(f"unknown world {world!r}; choose one of {WORLDS}")
     h, w = (int(s) for s in rng.integers(size_range[0], size_range[1] + 1, size=2))
-    k = int(rng.integers(1, STYLE_CLASSES + 1))
-    canvas, label = render_sample(rng, k, STYLE_CLASSES, (h, w), ignore_border=0)
+    canvas, first = _draw_object(rng, (h, w), world, pool)
     canvas = canvas.copy()
-    masks = [label == k]
+    masks = [first]
     for _ in range(int(rng.integers(0, max_objects))):
         ph = max(16, int(h * rng.uniform(0.35, 0.9)))
         pw = max(16, int(w * rng.uniform(0.35, 0.9)))
-        k = int(rng.integers(1, STYLE_CLASSES + 1))
-        patch, patch_label = render_sample(rng, k, STYLE_CLASSES, (ph, pw), ignore_border=0)
+        patch, patch_mask = _draw_object(rng, (ph, pw), world, pool)
         y0, x0 = int(rng.integers(0, h - ph + 1)), int(rng.integers(0, w - pw + 1))
         full = np.zeros((h, w), dtype=bool)
-        full[y0:y0 + ph, x0:x0 + pw] = patch_label == k
-        canvas[full] = patch[patch_label == k]
+        full[y0:y0 + ph, x0:x0 + pw] = patch_mask
+        canvas[full] = patch[patch_mask]
         masks = [m & ~full for m in masks] + [full]
     if rng.random() < 0.8:
         canvas = _jpeg(canvas, int(rng.integers(60, 96)))
     masks = [m for m in masks if m.sum() >= min_area]
     if not masks:  # every object buried: draw again from the same stream
-        return render_scene(rng, size_range, max_objects, min_area)
+        return render_scene(rng, size_range, max_objects, min_area, world, pool)
     return Scene(canvas, np.stack(masks))
 
 
@@ -161,10 +189,11 @@ class TrainConfig:
     asset, and the CLI prints them at the start of its log.
 
     ``prompt_mix``: probabilities of an image's prompt kind (box, box + point, point);
-    ``box_noise``: σ of a box coordinate's jitter as a fraction of the box side."""
+    ``box_noise``: σ of a box coordinate's jitter as a fraction of the box side;
+    ``hue_share``: probability that a training scene is of the ``hue`` world (else ``shapes``)."""
 
     seed: int = 0
-    steps: int = 3500
+    steps: int = 3000
     images_per_step: int = 8
     lr: float = 2e-3
     weight_decay: float = 0.05
@@ -176,6 +205,7 @@ class TrainConfig:
     max_objects: int = 3
     box_noise: float = 0.1
     prompt_mix: tuple[float, float, float] = (0.4, 0.35, 0.25)
+    hue_share: float = 0.25
 
 
 def _focal(logits: torch.Tensor, target: torch.Tensor, alpha: float = 0.25, gamma: float = 2.0) -> torch.Tensor:
@@ -304,7 +334,9 @@ def train(model: Sam, cfg: TrainConfig, log_every: int = 100, log=print) -> list
     start, cpu_start = time.perf_counter(), time.process_time()
     for step in range(cfg.steps):
         rng = np.random.default_rng([cfg.seed, TRAIN_STREAM, step])
-        scenes = [render_scene(rng, cfg.size_range, cfg.max_objects) for _ in range(cfg.images_per_step)]
+        scenes = [render_scene(rng, cfg.size_range, cfg.max_objects,
+                               world="hue" if rng.random() < cfg.hue_share else "shapes")
+                  for _ in range(cfg.images_per_step)]
         loss, parts = batch_loss(model, SceneBatch(scenes, rng, cfg, img_size), cfg)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -323,9 +355,11 @@ def train(model: Sam, cfg: TrainConfig, log_every: int = 100, log=print) -> list
 
 
 def heldout_scenes(n: int, seed: int = 0, **scene_kwargs) -> list[Scene]:
-    """``n`` scenes from the held-out stream, which no training run draws from."""
+    """``n`` scenes (of :func:`render_scene`'s ``world``, default ``shapes``) from the held-out
+    stream, which no training run draws from; ``shapes`` scenes of the ``eval`` pool's classes and
+    photographs, none of which training sees."""
     rng = np.random.default_rng([seed, HELDOUT_STREAM])
-    return [render_scene(rng, **scene_kwargs) for _ in range(n)]
+    return [render_scene(rng, pool="eval", **scene_kwargs) for _ in range(n)]
 
 
 # ---- evaluation ------------------------------------------------------------------------------
@@ -412,10 +446,11 @@ def main(argv: list[str] | None = None) -> None:
           flush=True)
     save_sam_checkpoint(model, args.out)
     predictor = SamMaskPredictor(model, device="cpu")
-    scenes = heldout_scenes(100, seed=cfg.seed)
-    for protocol in EVAL_PROTOCOLS:
-        ious = evaluate(predictor, scenes, protocol)
-        print(f"held-out {protocol}: mean IoU {ious.mean():.3f} over {len(ious)} objects", flush=True)
+    for world in WORLDS:
+        scenes = heldout_scenes(100, seed=cfg.seed, world=world)
+        for protocol in EVAL_PROTOCOLS:
+            ious = evaluate(predictor, scenes, protocol)
+            print(f"held-out {world} {protocol}: mean IoU {ious.mean():.3f} over {len(ious)} objects", flush=True)
 
 
 if __name__ == "__main__":
