@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 import torch
 
-from benchmarks.sam_standin import tree_scenes
 from pdso_ray.data.synthetic import make_demo_dataset
 from pdso_ray.models.sam import SamMaskPredictor, build_sam
 from pdso_ray.standins import SAM_ARCH, SAM_ASSET
+from pdso_ray.standins.sam_evaluation import tree_scenes
 from pdso_ray.standins.sam_training import (
     Scene,
     SceneBatch,

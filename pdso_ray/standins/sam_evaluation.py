@@ -1,7 +1,7 @@
 """Box-prompted mask IoU of a SAM checkpoint on held-out scenes of both synthetic worlds and on the
 ground truth of any ImageNet-S tree (another generator's, the demo's).
 
-    python -m benchmarks.sam_standin [--checkpoint pdso_ray/standins/assets/sam_tiny.pth]
+    python -m pdso_ray.standins.sam_evaluation [--checkpoint pdso_ray/standins/assets/sam_tiny.pth]
         [--arch A] [--scenes 100] [--root TREE ...] [--split validation]
 
 What is measured: :func:`pdso_ray.standins.sam_training.evaluate` under the protocols ``box``
@@ -66,7 +66,7 @@ def tree_scenes(root: str, split: str = "validation") -> list[Scene]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.sam_standin", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m pdso_ray.standins.sam_evaluation", description=__doc__.split("\n\n")[0])
     parser.add_argument("--checkpoint", default=SAM_ASSET, help="SAM state dict (path or URL)")
     parser.add_argument("--arch", default=SAM_ARCH)
     parser.add_argument("--scenes", type=int, default=100, help="held-out scenes per synthetic world")
