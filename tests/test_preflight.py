@@ -34,9 +34,10 @@ def dino_file(tmp_path_factory):
 @pytest.fixture(scope="module")
 def sam_file(tmp_path_factory):
     from pdso_ray.models.sam import build_sam, save_sam_checkpoint
+    from pdso_ray.standins import SAM_ARCH  # the demo config's
 
     url = str(tmp_path_factory.mktemp("w") / "sam.pth")
-    save_sam_checkpoint(build_sam("vit_tiny_test", None, img_size=256), url)
+    save_sam_checkpoint(build_sam(SAM_ARCH, None, img_size=256), url)
     return url
 
 
