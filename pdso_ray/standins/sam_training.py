@@ -193,7 +193,7 @@ class TrainConfig:
     ``hue_share``: probability that a training scene is of the ``hue`` world (else ``shapes``)."""
 
     seed: int = 0
-    steps: int = 3000
+    steps: int = 6000
     images_per_step: int = 8
     lr: float = 2e-3
     weight_decay: float = 0.05
