@@ -21,12 +21,11 @@ Printed: per set and protocol the mean and median IoU and the object count.
 from __future__ import annotations
 
 import argparse
-import os
 
 import numpy as np
-from PIL import Image
 from scipy import ndimage
 
+from pdso_ray.data.decode import decode_image
 from pdso_ray.data.imagenet_s import GT_SPLITS, IGNORE_ID, decode_label
 from pdso_ray.models.sam import SamMaskPredictor, build_sam
 from pdso_ray.standins import SAM_ARCH, SAM_ASSET
@@ -37,31 +36,42 @@ PROTOCOLS = ("box", "box_spo", "jittered_box_spo")
 MIN_OBJECT_PIXELS = 40
 
 
-def tree_scenes(root: str, split: str = "validation") -> list[Scene]:
-    """The ``split`` images of the ImageNet-S tree at ``root`` (the ``ImageNetS{C}`` folder) with
-    their objects, in sorted path order.
+def objects(gt: np.ndarray) -> list[np.ndarray]:
+    """The objects of a ground-truth label (H×W ids, 0 background, IGNORE_ID ignored): per class,
+    each connected part (8-connected after closing 2 px gaps) of at least
+    :data:`MIN_OBJECT_PIXELS` pixels, as an H×W bool mask of that class's pixels in the part."""
+    masks = []
+    for k in np.unique(gt[(gt > 0) & (gt != IGNORE_ID)]):
+        pixels = gt == k
+        parts, n = ndimage.label(ndimage.binary_closing(pixels, iterations=2), structure=np.ones((3, 3)))
+        masks += [m for m in (pixels & (parts == i) for i in range(1, n + 1)) if m.sum() >= MIN_OBJECT_PIXELS]
+    return masks
+
+
+def tree_scenes(root: str, split: str = "validation", storage: Storage | None = None) -> list[Scene]:
+    """The ``split`` images of the ImageNet-S tree at ``root`` (the ``ImageNetS{C}`` folder, any
+    URL) with their :func:`objects`, in sorted path order; images decode as the official tools
+    read them (no EXIF rotation).
 
     Returns:
         Scenes with ``masks`` the objects (K ≥ 1; images without one are skipped) and ``valid``
         the pixels outside the ignore band.
+
+    Raises:
+        ValueError: an unknown split, or an image that does not decode (named).
     """
     if split not in GT_SPLITS:
         raise ValueError(f"split must be one of {sorted(GT_SPLITS)}, got {split!r}")
-    tree = root
-    storage = Storage()
+    storage = storage or Storage()
     scenes = []
-    for wnid in sorted(os.listdir(os.path.join(tree, split))):
-        for name in sorted(os.listdir(os.path.join(tree, split, wnid))):
-            gt_path = os.path.join(tree, GT_SPLITS[split], wnid, name.rsplit(".", 1)[0] + ".png")
-            gt = decode_label(storage.read_bytes(gt_path))
-            image = np.asarray(Image.open(os.path.join(tree, split, wnid, name)).convert("RGB"))
-            masks = []
-            for k in np.unique(gt[(gt > 0) & (gt != IGNORE_ID)]):
-                pixels = gt == k
-                parts, n = ndimage.label(ndimage.binary_closing(pixels, iterations=2), structure=np.ones((3, 3)))
-                masks += [m for m in (pixels & (parts == i) for i in range(1, n + 1)) if m.sum() >= MIN_OBJECT_PIXELS]
-            if masks:
-                scenes.append(Scene(image, np.stack(masks), gt != IGNORE_ID))
+    for rel, url in sorted(storage.list_relative(storage.join(root, split)).items()):
+        decoded = decode_image(storage.read_bytes(url), exif_transpose=False)
+        if decoded.image is None:
+            raise ValueError(f"{url}: {decoded.reason}")
+        gt = decode_label(storage.read_bytes(storage.join(root, GT_SPLITS[split], rel.rsplit(".", 1)[0] + ".png")))
+        masks = objects(gt)
+        if masks:
+            scenes.append(Scene(decoded.image, np.stack(masks), gt != IGNORE_ID))
     return scenes
 
 
