@@ -14,7 +14,7 @@ from PIL import Image
 from pdso_ray.method.metrics import resize_nearest
 from pdso_ray.method.overlay import class_colors, colorize, overlay
 
-__all__ = ["PANEL_SIDE", "class_colors", "colorize", "fit_panel", "label_grid", "overlay"]
+__all__ = ["PANEL_SIDE", "class_colors", "colorize", "fit_panel", "label_grid", "overlay", "printable"]
 
 PANEL_SIDE = 240  # px: the longer side of an image or label panel before plotting
 
@@ -29,8 +29,15 @@ def fit_panel(panel: np.ndarray, side: int) -> np.ndarray:
     return colorize(resize_nearest(panel, size))
 
 
+def printable(text: str) -> str:
+    """``text`` with control and other unprintable characters written as Python escapes
+    (``"bad\\x07name"``): image names come from users' files, and a font has no glyph for them."""
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text)
+
+
 def label_grid(rows: list[tuple[str, list[np.ndarray | None]]], titles: list[str]) -> Figure:
-    """One row per image, ``[image (HxWx3), label (HxW), ...]``, None drawn as "missing".
+    """One row per image, ``[image (HxWx3), label (HxW), ...]``, None drawn as "missing"; the
+    row's name (an image id) shown with :func:`printable`.
 
     The panels are pasted into one mosaic (PANEL_SIDE square cells) shown by a single axes at
     one screen pixel per mosaic pixel: a subplot per panel costs ~0.1 s each to lay out.
@@ -43,7 +50,7 @@ def label_grid(rows: list[tuple[str, list[np.ndarray | None]]], titles: list[str
     ax = fig.add_axes((margin / (w + margin), 0, w / (w + margin), h / (h + margin)))
     for i, (name, panels) in enumerate(rows):
         y = i * (cell + gap) + gap // 2
-        ax.text(-6, y + cell / 2, name, rotation=90, ha="right", va="center", fontsize=7)
+        ax.text(-6, y + cell / 2, printable(name), rotation=90, ha="right", va="center", fontsize=7)
         for j, panel in enumerate(panels):
             x = j * (cell + gap) + gap // 2
             if panel is None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import re
+import warnings
 
 import numpy as np
 import pyarrow as pa
@@ -191,6 +192,19 @@ def test_class_colors_are_fixed_and_distinct():
     label = np.array([[0, 3], [IGNORE_ID, 5000]])
     rgb = colorize(label)
     assert rgb[0, 1].tolist() == lut[3].tolist() and rgb[1, 1].tolist() == [128, 128, 128]
+
+
+def test_image_names_with_control_characters_are_drawn_as_escapes():
+    from pdso_ray.report.figures import label_grid, printable
+
+    assert printable("n01/bad\x07name\tx") == "n01/bad\\x07name\\tx"
+    assert printable("n01/été_0") == "n01/été_0"  # printable non-ASCII names stay as they are
+    fig = label_grid([("bad\x07name", [np.zeros((4, 4, 3), np.uint8)])], ["image"])
+    drawn = [t.get_text() for t in fig.axes[0].texts]
+    assert "bad\\x07name" in drawn and not any("\x07" in t for t in drawn)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # matplotlib warns of a missing glyph for "\x07"
+        fig.savefig(io.BytesIO(), format="png")
 
 
 # ---- report -----------------------------------------------------------------------------------
